@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install inhouse with its test dependencies and run the default test suite.
+# Usage: bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet -e '.[test]'
+ruff check src tests bench
+python -m pytest -q -m "not slow" "$@"

@@ -1,0 +1,55 @@
+"""The HTTP application: every REST protocol adapter mounted on one FastAPI app."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from inhouse import __version__
+from inhouse.core.dataplane import DataPlane
+from inhouse.errors import InvalidRequestError, ModelNotFoundError
+from inhouse.protocols import kserve_rest
+from inhouse.protocols.errors import v2_error_response
+from inhouse.settings import ServerSettings
+
+
+def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(
+        title="inhouse",
+        version=__version__,
+        description="Self-hosted inference server: KServe v2 (REST and gRPC), OpenAI- and "
+        "Anthropic-compatible APIs.",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.dataplane = dataplane
+    app.state.settings = settings
+    app.include_router(kserve_rest.build_router(dataplane, settings.max_request_bytes))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return v2_error_response(ModelNotFoundError(f"No route for {request.method} {request.url.path}."))
+        if exc.status_code == 405:
+            err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.")
+            resp = v2_error_response(err)
+            resp.status_code = 405
+            return resp
+        return v2_error_response(InvalidRequestError(str(exc.detail)))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        return v2_error_response(InvalidRequestError(f"Invalid request: {exc}"))
+
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        return v2_error_response(exc)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unhandled)
+    if settings.gzip_min_bytes > 0:
+        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+    return app

@@ -1,0 +1,112 @@
+"""Backends turn a model folder into something that predicts. Each one lives in its own
+module and is imported only when a model asks for it, so optional engines stay optional."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from inhouse.core.spec import ModelSpec, TensorSpec
+from inhouse.errors import ArtefactIntegrityError, ModelFormatError, ModelSpecError
+
+ArtefactDecryptor = Callable[[bytes, str, ModelSpec], bytes]
+
+
+@dataclass
+class LoadContext:
+    """What a backend may use while loading: artefact access with integrity checks (and, when
+    configured, in-memory decryption) and server-wide options."""
+
+    model_dir: Path
+    version_dir: Path
+    spec: ModelSpec
+    decryptor: ArtefactDecryptor | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def read_artefact(self, relative: str) -> bytes:
+        """Bytes of ``VERSION/relative``, checksum-verified and decrypted in memory if needed.
+        Raises 1004 on a checksum mismatch or failed decryption, 1005 when it is missing."""
+        path = self.version_dir / relative
+        rel_to_model = f"{self.version_dir.name}/{relative}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelSpecError(
+                f"Model '{self.spec.name}' version {self.version_dir.name} has no '{relative}'; "
+                f"put the artefact at {path}."
+            ) from None
+        except OSError as err:
+            raise ModelSpecError(f"Cannot read {path}: {err.strerror}.") from None
+        expected = self.spec.files.sha256.get(rel_to_model)
+        if expected is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise ArtefactIntegrityError(
+                    f"Checksum mismatch for '{rel_to_model}' of model '{self.spec.name}': "
+                    f"model.yaml expects sha256 {expected[:12]}…, the file has {actual[:12]}…. "
+                    "The file is corrupted or was replaced; restore it or update files.sha256."
+                )
+        if self.decryptor is not None:
+            data = self.decryptor(data, rel_to_model, self.spec)
+        return data
+
+
+class LoadedModel(Protocol):
+    """A model version held in memory, ready to predict."""
+
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """Run one (possibly batched) call. Blocking; called off the event loop."""
+        ...
+
+    def close(self) -> None:
+        """Release every resource; the object is not used afterwards."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, ctx: LoadContext) -> LoadedModel: ...
+
+
+_BACKENDS: dict[str, str] = {
+    "onnxruntime": "inhouse.backends.onnx:OnnxBackend",
+}
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register ``module:Class`` as the backend for ``backend: name`` in model.yaml."""
+    _BACKENDS[name] = target
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    target = _BACKENDS.get(name)
+    if target is None:
+        raise ModelFormatError(
+            f"Backend '{name}' is not supported; model.yaml 'backend' must be one of: "
+            f"{', '.join(backend_names())}."
+        )
+    module_name, _, cls_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelFormatError(
+            f"Backend '{name}' needs an optional dependency that is not installed ({err.name}); "
+            f"install it with: pip install 'inhouse[{name}]'."
+        ) from None
+    backend: Backend = getattr(module, cls_name)()
+    return backend

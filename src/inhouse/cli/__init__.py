@@ -1,0 +1,28 @@
+"""The ``inhouse`` command line. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from inhouse import __version__
+from inhouse.cli import models, serve
+
+app = typer.Typer(
+    name="inhouse",
+    help="Self-hosted inference server for private AI deployments.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("serve")(serve.serve)
+app.add_typer(models.app, name="models")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the inhouse version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,71 @@
+"""``inhouse serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from inhouse.logs import configure_logging
+from inhouse.settings import SettingsError, load_settings
+
+log = logging.getLogger("inhouse")
+
+
+def serve(
+    repo: Annotated[Path | None, typer.Option(help="Model repository folder (default: the built-in demo).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Settings file (default: ./inhouse.yaml if present).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
+    http_port: Annotated[int | None, typer.Option(help="REST port [8000].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [50051].")] = None,
+    load: Annotated[str | None, typer.Option(help="Models to load at start: all | none | NAME,NAME.")] = None,
+    poll: Annotated[bool | None, typer.Option("--poll/--no-poll", help="Follow repository changes.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="CA for client certificates (mutual TLS).")] = None,
+    auth: Annotated[bool | None, typer.Option("--auth/--no-auth", help="Require API keys.")] = None,
+    insecure: Annotated[
+        bool | None, typer.Option("--insecure", help="Allow a non-loopback address without auth.")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Key store, audit log and demo repository.")] = None,
+    model_key_file: Annotated[Path | None, typer.Option(help="Key for models encrypted at rest.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error.")] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto | json | text.")] = None,
+) -> None:
+    """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
+    try:
+        settings = load_settings(
+            config, repo=repo, host=host, http_port=http_port, grpc_port=grpc_port, load=load, poll=poll,
+            tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth=auth, insecure=insecure,
+            data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
+        )
+    except SettingsError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    from inhouse.server import InhouseServer, StartupError
+
+    async def _main() -> None:
+        server = InhouseServer(settings)
+        await server.run()
+
+    try:
+        _run(_main())
+    except StartupError as err:
+        log.error(str(err))
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]

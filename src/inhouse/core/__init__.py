@@ -1,0 +1,1 @@
+"""The transport-free core: model specs, repository, manager, data plane."""

@@ -1,0 +1,179 @@
+"""The data plane: the one place every protocol adapter calls. It validates requests against
+the model's tensors, routes them to the right version's scheduler and builds responses.
+Nothing here knows about HTTP or gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from inhouse import __version__
+from inhouse.core.datatypes import v2_datatype
+from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
+from inhouse.core.spec import TensorSpec
+from inhouse.core.types import InferRequest, InferResponse, OutputTensor
+from inhouse.errors import (
+    DatatypeError,
+    InferenceError,
+    InhouseError,
+    InputNameError,
+    InvalidRequestError,
+    ShapeError,
+)
+
+EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy"]
+
+
+@dataclass
+class ServerState:
+    """Readiness as the server sees it (start-up loading done, not shutting down)."""
+
+    started: bool = False
+    shutting_down: bool = False
+    extensions: list[str] = field(default_factory=lambda: list(EXTENSIONS))
+
+
+class DataPlane:
+    def __init__(self, manager: ModelManager, state: ServerState | None = None) -> None:
+        self.manager = manager
+        self.state = state or ServerState()
+
+    # ---- health and metadata --------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.state.started and not self.state.shutting_down
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "inhouse", "version": __version__, "extensions": self.state.extensions}
+
+    def model_ready(self, name: str, version: int | None = None) -> bool:
+        return self.manager.is_ready(name, version)
+
+    def model_metadata(self, name: str, version: int | None = None) -> dict[str, Any]:
+        mv = self.manager.resolve(name, version)
+        model = mv.model
+        if model is None:
+            raise InferenceError(f"Model '{name}' was unloaded while being read; retry.")
+        versions = [str(v.version) for v in self.manager.serving().get(name, [])]
+        return {
+            "name": name,
+            "versions": versions if version is None else [str(mv.version)],
+            "platform": model.platform,
+            "inputs": [_tensor_meta(t) for t in model.inputs],
+            "outputs": [_tensor_meta(t) for t in model.outputs],
+        }
+
+    def model_config(self, name: str, version: int | None = None) -> dict[str, Any]:
+        mv = self.manager.resolve(name, version)
+        cfg = mv.spec.model_dump(mode="json", exclude_none=True)
+        if mv.model is not None:
+            cfg["inputs"] = [t.model_dump(exclude_none=True) for t in mv.model.inputs]
+            cfg["outputs"] = [t.model_dump(exclude_none=True) for t in mv.model.outputs]
+        cfg["version"] = mv.version
+        return cfg
+
+    # ---- repository -----------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = self.manager.index()
+        if ready_only:
+            entries = [e for e in entries if e.state == "READY"]
+        return entries
+
+    async def load_model(self, name: str, overrides: dict[str, Any] | None = None) -> list[ModelVersion]:
+        return await self.manager.load(name, overrides)
+
+    async def unload_model(self, name: str) -> list[ModelVersion]:
+        return await self.manager.unload(name)
+
+    # ---- inference ----------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        with self.manager.use(request.model, request.version) as mv:
+            model = mv.model
+            scheduler = mv.scheduler
+            if model is None or scheduler is None:
+                raise InferenceError(f"Model '{request.model}' was unloaded mid-request; retry.")
+            feed = validate_inputs(request, model.inputs)
+            wanted = validate_outputs(request, model.outputs)
+            results = await scheduler.submit(feed, wanted, priority=request.priority,
+                                             timeout_s=request.timeout_s)
+            return build_response(request, mv.version, results, wanted)
+
+
+def _tensor_meta(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.dtype, "shape": t.shape}
+
+
+def validate_inputs(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    by_name = {t.name: t for t in specs}
+    feed: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise InputNameError(
+                f"Model '{request.model}' has no input '{tensor.name}'; its inputs are "
+                f"{list(by_name)}."
+            )
+        if tensor.name in feed:
+            raise InputNameError(f"Input '{tensor.name}' appears more than once in the request.")
+        if tensor.datatype != spec.dtype:
+            raise DatatypeError(
+                f"Input '{tensor.name}' of model '{request.model}' must be {spec.dtype}, not "
+                f"{tensor.datatype}."
+            )
+        shape = tensor.shape
+        if len(shape) != len(spec.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=False)
+        ):
+            raise ShapeError(
+                f"Input '{tensor.name}' of model '{request.model}' has shape {shape}, which does "
+                f"not match {spec.shape} (-1 is any size)."
+            )
+        feed[tensor.name] = tensor.data
+    missing = [t.name for t in specs if t.name not in feed and not t.optional]
+    if missing:
+        raise InputNameError(f"Model '{request.model}' needs input(s) {missing}, which the request lacks.")
+    return feed
+
+
+def validate_outputs(request: InferRequest, specs: list[TensorSpec]) -> list[str] | None:
+    if not request.outputs:
+        return None
+    known = {t.name for t in specs}
+    names: list[str] = []
+    for out in request.outputs:
+        if out.name not in known:
+            raise InputNameError(
+                f"Model '{request.model}' has no output '{out.name}'; its outputs are {sorted(known)}."
+            )
+        if out.name in names:
+            raise InputNameError(f"Output '{out.name}' is requested more than once.")
+        names.append(out.name)
+    return names
+
+
+def build_response(request: InferRequest, version: int, results: dict[str, np.ndarray],
+                   wanted: list[str] | None) -> InferResponse:
+    outputs: list[OutputTensor] = []
+    order = wanted if wanted is not None else list(results)
+    for name in order:
+        arr = results[name]
+        if not isinstance(arr, np.ndarray):
+            arr = np.asarray(arr)
+        try:
+            datatype = v2_datatype(arr.dtype)
+        except InhouseError:
+            raise InferenceError(f"Model output '{name}' has dtype {arr.dtype}, which v2 cannot carry.") from None
+        outputs.append(OutputTensor(name=name, datatype=datatype, shape=list(arr.shape), data=arr))
+    return InferResponse(model=request.model, version=version, outputs=outputs, id=request.id)
+
+
+def parse_version(version: str | None) -> int | None:
+    if version is None or version == "":
+        return None
+    if not version.isdigit() or int(version) <= 0:
+        raise InvalidRequestError(f"Model version '{version}' is not a positive integer.")
+    return int(version)

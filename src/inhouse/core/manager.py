@@ -1,0 +1,382 @@
+"""Model lifecycle: LOADING → READY → DRAINING → UNLOADED, or FAILED(reason, code).
+
+Loading a new version never interrupts the serving one: the new one is loaded and warmed up
+beside it, traffic switches when it is READY, and the old one drains its in-flight requests
+before it is unloaded. A failed load leaves whatever was serving in place."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
+from inhouse.core.datatypes import numpy_dtype
+from inhouse.core.repository import ModelRepository
+from inhouse.core.scheduler import DirectScheduler, Scheduler
+from inhouse.core.spec import ModelSpec
+from inhouse.errors import InhouseError, ModelLoadError, ModelNotFoundError, ModelNotReadyError
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    DRAINING = "DRAINING"
+    UNLOADED = "UNLOADED"
+    FAILED = "FAILED"
+
+
+SchedulerFactory = Callable[[LoadedModel, ModelSpec], Scheduler]
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    name: str
+    version: int
+    spec: ModelSpec
+    fingerprint: str
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    code: int | None = None
+    model: LoadedModel | None = None
+    scheduler: Scheduler | None = None
+    loaded_at: float = 0.0
+    inflight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+
+@dataclass
+class IndexEntry:
+    name: str
+    version: int | None
+    state: str
+    reason: str = ""
+    code: int | None = None
+
+
+class ModelManager:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        scheduler_factory: SchedulerFactory | None = None,
+        decryptor: ArtefactDecryptor | None = None,
+        backend_options: dict[str, Any] | None = None,
+        drain_timeout_s: float = 30.0,
+        load_workers: int = 2,
+    ) -> None:
+        self.repository = repository
+        self._scheduler_factory = scheduler_factory or (lambda m, s: DirectScheduler(m, s))
+        self._decryptor = decryptor
+        self._backend_options = backend_options or {}
+        self._drain_timeout_s = drain_timeout_s
+        self._serving: dict[str, dict[int, ModelVersion]] = {}
+        self._records: dict[tuple[str, int | None], ModelVersion | IndexEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._loader = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="inhouse-load")
+        self._background: set[asyncio.Task[None]] = set()
+        self._failed_at: dict[str, str] = {}
+        self.listeners: list[Callable[[str, int | None, ModelState], None]] = []
+
+    # ---- request path -------------------------------------------------------------------
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The READY version to serve (the newest, unless one is named)."""
+        table = self._serving.get(name)
+        if not table:
+            self._raise_unavailable(name, version)
+        if version is None:
+            return table[max(table)]
+        mv = table.get(version)
+        if mv is None:
+            raise ModelNotFoundError(
+                f"Model '{name}' has no version {version} serving; serving versions: "
+                f"{sorted(table)}."
+            )
+        return mv
+
+    @contextmanager
+    def use(self, name: str, version: int | None = None) -> Iterator[ModelVersion]:
+        mv = self.resolve(name, version)
+        mv.enter()
+        try:
+            yield mv
+        finally:
+            mv.leave()
+
+    def _raise_unavailable(self, name: str, version: int | None) -> None:
+        try:
+            self.repository.model_dir(name)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(
+                f"Model '{name}' is not in the repository; available: "
+                f"{', '.join(self.repository.model_names()) or 'none'}."
+            ) from None
+        states = [r for (n, _), r in self._records.items() if n == name]
+        loading = [r for r in states if r.state == ModelState.LOADING]
+        failed = [r for r in states if r.state == ModelState.FAILED]
+        if loading:
+            raise ModelNotReadyError(f"Model '{name}' is still loading; retry shortly.",
+                                     headers={"Retry-After": "1"})
+        if failed:
+            raise ModelNotReadyError(
+                f"Model '{name}' failed to load: {failed[-1].reason}", details={"cause_code": failed[-1].code}
+            )
+        raise ModelNotReadyError(
+            f"Model '{name}' is not loaded; load it with POST /v2/repository/models/{name}/load "
+            f"or 'inhouse models load {name}'."
+        )
+
+    def is_ready(self, name: str, version: int | None = None) -> bool:
+        table = self._serving.get(name)
+        return bool(table) and (version is None or version in table)
+
+    def serving(self) -> dict[str, list[ModelVersion]]:
+        return {n: [t[v] for v in sorted(t, reverse=True)] for n, t in self._serving.items() if t}
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _notify(self, name: str, version: int | None, state: ModelState) -> None:
+        for cb in self.listeners:
+            try:
+                cb(name, version, state)
+            except Exception:  # a listener must never break the lifecycle
+                log.exception("model state listener failed")
+
+    async def load(self, name: str, overrides: dict[str, Any] | None = None) -> list[ModelVersion]:
+        """Load (or reload) a model per its version policy. Raises the load error; whatever
+        was serving before keeps serving."""
+        async with self._lock(name):
+            try:
+                spec = self.repository.read_spec(name, overrides)
+                wanted = self.repository.select_versions(spec)
+            except InhouseError as err:
+                if not isinstance(err, ModelNotFoundError):
+                    self._records[(name, None)] = IndexEntry(name, None, ModelState.FAILED, err.message, err.code)
+                    self._notify(name, None, ModelState.FAILED)
+                raise
+            self._records.pop((name, None), None)
+            current = self._serving.get(name, {})
+            force = overrides is not None
+            new_table: dict[int, ModelVersion] = {}
+            fresh: list[ModelVersion] = []
+            try:
+                for v in wanted:
+                    fp = self.repository.fingerprint(name, v)
+                    old = current.get(v)
+                    if old is not None and old.fingerprint == fp and not force:
+                        new_table[v] = old
+                        continue
+                    mv = ModelVersion(name, v, spec, fp)
+                    self._records[(name, v)] = mv
+                    self._notify(name, v, ModelState.LOADING)
+                    fresh.append(mv)
+                    await self._load_version(mv)
+                    new_table[v] = mv
+            except InhouseError:
+                for mv in fresh:
+                    if mv.state == ModelState.READY:
+                        await self._close_version(mv, ModelState.UNLOADED, "load of a sibling version failed")
+                    if (name, mv.version) in self._records and mv.state != ModelState.FAILED:
+                        self._records[(name, mv.version)] = current.get(mv.version) or mv
+                raise
+            self._serving[name] = new_table
+            for v, old in current.items():
+                if new_table.get(v) is not old:
+                    self._spawn(self._retire(old))
+            return [new_table[v] for v in wanted]
+
+    async def _load_version(self, mv: ModelVersion) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        log.info("loading model", extra={"model": mv.name, "version": mv.version})
+        try:
+            model = await loop.run_in_executor(self._loader, self._load_blocking, mv)
+        except InhouseError as err:
+            mv.state, mv.reason, mv.code = ModelState.FAILED, err.message, err.code
+            log.error("model load failed", extra={"model": mv.name, "version": mv.version,
+                                                 "code": err.code, "reason": err.message})
+            self._notify(mv.name, mv.version, ModelState.FAILED)
+            raise
+        except MemoryError:
+            from inhouse.errors import OutOfMemoryError
+            err2 = OutOfMemoryError(f"Out of memory while loading model '{mv.name}' version {mv.version}.")
+            mv.state, mv.reason, mv.code = ModelState.FAILED, err2.message, err2.code
+            self._notify(mv.name, mv.version, ModelState.FAILED)
+            raise err2 from None
+        except Exception as exc:
+            log.exception("unexpected error loading model")
+            err3 = ModelLoadError(f"Loading model '{mv.name}' version {mv.version} failed: "
+                                  f"{type(exc).__name__}: {exc}")
+            mv.state, mv.reason, mv.code = ModelState.FAILED, err3.message, err3.code
+            self._notify(mv.name, mv.version, ModelState.FAILED)
+            raise err3 from None
+        mv.model = model
+        mv.scheduler = self._scheduler_factory(model, mv.spec)
+        mv.state, mv.reason, mv.code = ModelState.READY, "", None
+        mv.loaded_at = time.time()
+        log.info("model ready", extra={"model": mv.name, "version": mv.version,
+                                       "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
+        self._notify(mv.name, mv.version, ModelState.READY)
+
+    def _load_blocking(self, mv: ModelVersion) -> LoadedModel:
+        backend = get_backend(mv.spec.backend)
+        model_dir = self.repository.root / mv.name
+        ctx = LoadContext(model_dir=model_dir, version_dir=model_dir / str(mv.version), spec=mv.spec,
+                          decryptor=self._decryptor, options=self._backend_options)
+        model = backend.load(ctx)
+        try:
+            warmup(model, mv.spec)
+        except BaseException:
+            model.close()
+            raise
+        return model
+
+    async def unload(self, name: str) -> list[ModelVersion]:
+        async with self._lock(name):
+            table = self._serving.pop(name, None)
+            if not table:
+                self.repository.model_dir(name)  # unknown name → 1002 not found
+                raise ModelNotReadyError(f"Model '{name}' is not loaded, so there is nothing to unload.")
+            versions = list(table.values())
+            await asyncio.gather(*(self._retire(mv) for mv in versions))
+            return versions
+
+    async def _retire(self, mv: ModelVersion) -> None:
+        mv.state = ModelState.DRAINING
+        self._notify(mv.name, mv.version, ModelState.DRAINING)
+        try:
+            await asyncio.wait_for(mv.drained(), self._drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain timed out; unloading with requests in flight",
+                        extra={"model": mv.name, "version": mv.version})
+        await self._close_version(mv, ModelState.UNLOADED, "unloaded")
+
+    async def _close_version(self, mv: ModelVersion, state: ModelState, reason: str) -> None:
+        if mv.scheduler is not None:
+            await mv.scheduler.close()
+        model, mv.model, mv.scheduler = mv.model, None, None
+        if model is not None:
+            await asyncio.get_running_loop().run_in_executor(self._loader, model.close)
+        mv.state, mv.reason = state, reason
+        if self._records.get((mv.name, mv.version)) is mv:
+            self._records[(mv.name, mv.version)] = IndexEntry(mv.name, mv.version, state, reason)
+        self._notify(mv.name, mv.version, state)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait until background retirements finish (tests and shutdown use this)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def load_many(self, names: list[str]) -> dict[str, InhouseError | None]:
+        results: dict[str, InhouseError | None] = {}
+        for n in names:
+            try:
+                await self.load(n)
+                results[n] = None
+            except InhouseError as err:
+                results[n] = err
+        return results
+
+    async def reconcile(self) -> None:
+        """Bring the serving set in line with the repository (used by polling): load new models,
+        reload changed versions, unload removed ones."""
+        on_disk = set(self.repository.model_names())
+        for name in sorted(set(self._serving) - on_disk):
+            log.info("model removed from repository; unloading", extra={"model": name})
+            with suppress(InhouseError):
+                await self.unload(name)
+            self._records = {k: v for k, v in self._records.items() if k[0] != name}
+        for name in sorted(on_disk):
+            try:
+                spec = self.repository.read_spec(name)
+                wanted = self.repository.select_versions(spec)
+                table = self._serving.get(name, {})
+                changed = set(wanted) != set(table) or any(
+                    table[v].fingerprint != self.repository.fingerprint(name, v) for v in wanted
+                )
+            except InhouseError:
+                changed = True
+            fp = self.repository.model_fingerprint(name)
+            if not changed or self._failed_at.get(name) == fp:
+                continue  # unchanged, or unchanged since its last failed load
+            try:
+                await self.load(name)
+                self._failed_at.pop(name, None)
+            except InhouseError as err:
+                self._failed_at[name] = fp
+                log.error("reload from repository failed", extra={"model": name, "code": err.code})
+
+    def index(self) -> list[IndexEntry]:
+        entries: dict[tuple[str, int | None], IndexEntry] = {}
+        for name in self.repository.model_names():
+            entries[(name, None)] = IndexEntry(name, None, ModelState.UNLOADED, "not loaded")
+        for key, rec in self._records.items():
+            entries.pop((key[0], None), None)
+            if isinstance(rec, ModelVersion):
+                entries[key] = IndexEntry(rec.name, rec.version, rec.state, rec.reason, rec.code)
+            else:
+                entries[key] = rec
+        for name, table in self._serving.items():
+            entries.pop((name, None), None)
+            for v, mv in table.items():
+                entries[(name, v)] = IndexEntry(name, v, mv.state, mv.reason, mv.code)
+        return sorted(entries.values(), key=lambda e: (e.name, -(e.version or 0)))
+
+    async def close(self) -> None:
+        for name in list(self._serving):
+            with suppress(InhouseError):
+                await self.unload(name)
+        await self.settle()
+        self._loader.shutdown(wait=False)
+
+
+def synthetic_inputs(model: LoadedModel, batch: int = 1) -> dict[str, np.ndarray]:
+    """Inputs shaped like the model's, for warm-up: dynamic dims become ``batch`` / 1."""
+    out: dict[str, np.ndarray] = {}
+    for t in model.inputs:
+        shape = [d if d > 0 else (batch if i == 0 else 1) for i, d in enumerate(t.shape)]
+        dtype = numpy_dtype(t.dtype)
+        arr = np.full(shape, b"warmup", dtype=object) if t.dtype == "BYTES" else np.zeros(shape, dtype=dtype)
+        out[t.name] = arr
+    return out
+
+
+def warmup(model: LoadedModel, spec: ModelSpec) -> None:
+    """Run the spec's warm-up samples so the first real request does not pay for lazy init."""
+    if spec.warmup.samples <= 0:
+        return
+    sample = synthetic_inputs(model)
+    for _ in range(spec.warmup.samples):
+        model.predict(sample, None)

@@ -1,0 +1,260 @@
+"""The model spec (``model.yaml``): parsing, validation with user-facing messages, defaults."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from inhouse.core.datatypes import DATATYPES
+from inhouse.errors import ModelSpecError
+
+SPEC_FILENAMES = ("model.yaml", "model_spec.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: str = Field(description="KServe v2 datatype: " + ", ".join(DATATYPES))
+    shape: list[int] = Field(description="-1 marks a dynamic dimension")
+    pad_value: float | int | None = Field(
+        default=None, description="If set, variable-length inputs are padded with it to batch together"
+    )
+    optional: bool = False
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            up = v.upper()
+            aliases = {"FLOAT32": "FP32", "FLOAT": "FP32", "FLOAT16": "FP16", "FLOAT64": "FP64",
+                       "DOUBLE": "FP64", "STRING": "BYTES", "TYPE_FP32": "FP32"}
+            up = aliases.get(up, up)
+            if up not in DATATYPES:
+                raise ValueError(f"'{v}' is not a datatype; write one of {', '.join(DATATYPES)}")
+            return up
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError("dimensions must be positive integers, or -1 for a dynamic dimension")
+        return v
+
+
+class BatchingSpec(_Strict):
+    max_batch_size: int = Field(default=0, ge=0, description="0 disables dynamic batching")
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    max_queue_size: int = Field(default=1024, ge=1)
+    default_timeout_ms: float | None = Field(default=None, gt=0)
+    priority_levels: int = Field(default=1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _preferred(self) -> BatchingSpec:
+        bad = [b for b in self.preferred_batch_sizes if b < 1 or (self.max_batch_size and b > self.max_batch_size)]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes {bad} must lie between 1 and max_batch_size")
+        return self
+
+
+class InstancesSpec(_Strict):
+    count: int = Field(default=1, ge=1, le=64)
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|gpu(:\d+)?|npu(:\d+)?|auto)$")
+
+
+class VersionPolicy(_Strict):
+    policy: Literal["latest", "all", "specific"] = "latest"
+    keep: int = Field(default=1, ge=1, description="with policy latest: how many newest versions serve")
+    versions: list[int] = Field(default_factory=list, description="with policy specific")
+
+    @model_validator(mode="after")
+    def _specific(self) -> VersionPolicy:
+        if self.policy == "specific" and not self.versions:
+            raise ValueError("policy 'specific' needs a list, e.g. versions: [1, 3]")
+        return self
+
+
+class WarmupSpec(_Strict):
+    samples: int = Field(default=0, ge=0, le=1024)
+    file: str | None = Field(default=None, description="an .npz of sample inputs, relative to the model folder")
+
+
+class FilesSpec(_Strict):
+    sha256: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: dict[str, str]) -> dict[str, str]:
+        for path, digest in v.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ValueError(f"checksum for '{path}' must be 64 hex characters (sha256)")
+        return {k: d.lower() for k, d in v.items()}
+
+
+class EncryptionSpec(_Strict):
+    key_id: str = "default"
+
+
+class ProviderSpec(_Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OnnxRuntimeSpec(_Strict):
+    providers: list[ProviderSpec | str] = Field(default_factory=list)
+    intra_op_threads: int = Field(default=0, ge=0)
+    inter_op_threads: int = Field(default=0, ge=0)
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    spinning: bool | None = Field(default=None, description="onnxruntime worker-thread spin-waiting")
+    file: str = Field(default="model.onnx", description="artefact name inside the version folder")
+
+    def provider_list(self) -> list[ProviderSpec]:
+        return [ProviderSpec(name=p) if isinstance(p, str) else p for p in self.providers]
+
+
+class ModelSpec(BaseModel):
+    """Everything inhouse needs to serve one model. Unknown keys are rejected with a suggestion,
+    except under ``parameters`` (free-form, passed to the backend) and the sections owned by
+    optional backends, which they validate themselves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    backend: str = "onnxruntime"
+    task: Literal["tensor", "embedding", "classification", "chat", "generate"] = "tensor"
+    description: str = ""
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    instances: InstancesSpec = Field(default_factory=InstancesSpec)
+    versions: VersionPolicy = Field(default_factory=VersionPolicy)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    files: FilesSpec = Field(default_factory=FilesSpec)
+    encryption: EncryptionSpec | None = None
+    onnxruntime: OnnxRuntimeSpec = Field(default_factory=OnnxRuntimeSpec)
+    labels: list[str] | None = Field(default=None, description="class names, for classification models")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelSpec:
+        for kind in ("inputs", "outputs"):
+            tensors = getattr(self, kind) or []
+            names = [t.name for t in tensors]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind} names must be unique; {dupes} appear more than once")
+        return self
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names valid at the parent of ``loc``, for "did you mean" suggestions."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = _model_in(ann)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            known = _known_fields(ModelSpec, loc)
+            guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean '{guess[0]}'?" if guess else f"valid keys here: {', '.join(known)}"
+            lines.append(f"{path}: unknown key; {hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path or '(top level)'}: {msg}")
+    return f"{source} is invalid: " + "; ".join(lines)
+
+
+def parse_spec(data: Any, source: str, default_name: str | None = None) -> ModelSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ModelSpecError(f"{source} must be a mapping of keys to values, e.g. 'backend: onnxruntime'.")
+    if default_name is not None and "name" not in data:
+        data = {**data, "name": default_name}
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as err:
+        raise ModelSpecError(format_validation_error(source, err)) from None
+
+
+def find_spec_file(model_dir: Path) -> Path | None:
+    for fn in SPEC_FILENAMES:
+        p = model_dir / fn
+        if p.is_file():
+            return p
+    return None
+
+
+def load_spec_file(model_dir: Path, overrides: dict[str, Any] | None = None) -> ModelSpec:
+    """Read a model folder's spec. A folder with no spec file gets defaults (ONNX, I/O from
+    the graph) so a bare ``NAME/1/model.onnx`` serves as is."""
+    path = find_spec_file(model_dir)
+    data: Any = {}
+    source = str(model_dir / SPEC_FILENAMES[0])
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ModelSpecError(f"{source} is not valid YAML{where}: {getattr(err, 'problem', err)}.") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ModelSpecError(f"{source} cannot be read: {err}.") from None
+    if overrides:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ModelSpecError(f"{source} must be a mapping of keys to values.")
+        data = _deep_merge(data, overrides)
+        source += " (with load-time overrides)"
+    spec = parse_spec(data, source, default_name=model_dir.name)
+    if spec.name != model_dir.name:
+        raise ModelSpecError(
+            f"{source}: name '{spec.name}' differs from its folder '{model_dir.name}'; "
+            "rename one so they match."
+        )
+    return spec
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,153 @@
+"""Domain errors. Every error inhouse reports has a stable code, an HTTP status and a gRPC
+status name; protocol adapters map them once at the edge (see ``protocols/errors.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InhouseError(Exception):
+    """Base of every error a client may see. ``message`` is a full sentence telling the user
+    what went wrong and what to do about it."""
+
+    code: ClassVar[int] = 9000
+    http_status: ClassVar[int] = 500
+    grpc_status: ClassVar[str] = "INTERNAL"
+    openai_type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+# 1xxx: models and artefacts
+class ModelFormatError(InhouseError):
+    code, http_status, grpc_status = 1001, 422, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class ModelNotFoundError(InhouseError):
+    code, http_status, grpc_status = 1002, 404, "NOT_FOUND"
+    openai_type = "not_found_error"
+
+
+class ModelNotReadyError(InhouseError):
+    code, http_status, grpc_status = 1002, 503, "UNAVAILABLE"
+    openai_type = "server_error"
+
+
+class OutOfMemoryError(InhouseError):
+    code, http_status, grpc_status = 1003, 507, "RESOURCE_EXHAUSTED"
+
+
+class ArtefactIntegrityError(InhouseError):
+    code, http_status, grpc_status = 1004, 422, "DATA_LOSS"
+    openai_type = "invalid_request_error"
+
+
+class ModelSpecError(InhouseError):
+    """A model.yaml that does not validate, or a model folder that cannot be served as is."""
+
+    code, http_status, grpc_status = 1005, 422, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class ModelLoadError(InhouseError):
+    """A load that failed for a reason the backend could not classify more precisely."""
+
+    code, http_status, grpc_status = 1006, 500, "INTERNAL"
+
+
+# 2xxx: requests
+class InvalidRequestError(InhouseError):
+    code, http_status, grpc_status = 2001, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class InputNameError(InhouseError):
+    """Missing, unknown or duplicated input / requested output."""
+
+    code, http_status, grpc_status = 2002, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(InhouseError):
+    code, http_status, grpc_status = 2013, 413, "RESOURCE_EXHAUSTED"
+    openai_type = "invalid_request_error"
+
+
+class ShapeError(InhouseError):
+    code, http_status, grpc_status = 2005, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class DatatypeError(InhouseError):
+    code, http_status, grpc_status = 2006, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class InferenceError(InhouseError):
+    """The backend failed while running a valid request."""
+
+    code, http_status, grpc_status = 2010, 500, "INTERNAL"
+
+
+# 3xxx: scheduling
+class QueueFullError(InhouseError):
+    code, http_status, grpc_status = 3001, 429, "RESOURCE_EXHAUSTED"
+    openai_type = "rate_limit_error"
+
+
+class DeadlineExceededError(InhouseError):
+    code, http_status, grpc_status = 3002, 504, "DEADLINE_EXCEEDED"
+    openai_type = "timeout_error"
+
+
+class CancelledError(InhouseError):
+    code, http_status, grpc_status = 3003, 499, "CANCELLED"
+
+
+# 4xxx: access
+class UnauthenticatedError(InhouseError):
+    code, http_status, grpc_status = 4001, 401, "UNAUTHENTICATED"
+    openai_type = "authentication_error"
+
+
+class ForbiddenError(InhouseError):
+    code, http_status, grpc_status = 4003, 403, "PERMISSION_DENIED"
+    openai_type = "permission_error"
+
+
+class RateLimitedError(InhouseError):
+    code, http_status, grpc_status = 4029, 429, "RESOURCE_EXHAUSTED"
+    openai_type = "rate_limit_error"
+
+
+# 5xxx: policy
+class PolicyBlockedError(InhouseError):
+    code, http_status, grpc_status = 5001, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class InternalError(InhouseError):
+    """An unexpected failure. The message never carries internals; the request id does."""
+
+    code, http_status, grpc_status = 9000, 500, "INTERNAL"
+
+
+def error_table() -> list[tuple[int, str, int, str]]:
+    """(code, class name, HTTP status, gRPC status) for every error class, for docs and tests."""
+    rows: list[tuple[int, str, int, str]] = []
+    stack: list[type[InhouseError]] = [InhouseError]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls is not InhouseError:
+            rows.append((cls.code, cls.__name__, cls.http_status, cls.grpc_status))
+    return sorted(rows)

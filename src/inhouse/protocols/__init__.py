@@ -1,0 +1,1 @@
+"""Protocol adapters: wire formats in, ``DataPlane`` calls, wire formats out."""

@@ -1,0 +1,49 @@
+"""Reading request bodies safely: a size limit enforced while streaming, and the request
+compression tritonclient may use (gzip / deflate), decompressed under the same limit."""
+
+from __future__ import annotations
+
+import zlib
+
+from starlette.requests import Request
+
+from inhouse.errors import InvalidRequestError, PayloadTooLargeError
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"Request body is larger than the server's limit of {limit} bytes "
+        "(max_request_bytes); send a smaller request or raise the limit."
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise _too_large(limit)
+        except ValueError:
+            raise InvalidRequestError("Content-Length header is not a number.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("identity", ""):
+        return body
+    if encoding in ("gzip", "deflate"):
+        wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(body, limit + 1)
+        except zlib.error:
+            raise InvalidRequestError(f"Request body is not valid {encoding} data.") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise _too_large(limit)
+        return out
+    raise InvalidRequestError(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none.")

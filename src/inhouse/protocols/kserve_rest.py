@@ -1,0 +1,194 @@
+"""KServe Open Inference Protocol v2 over REST, with the model-repository extension.
+Routes parse, call the data plane, and render; nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from inhouse.core.dataplane import DataPlane, parse_version
+from inhouse.core.manager import IndexEntry
+from inhouse.errors import InvalidRequestError
+from inhouse.protocols.errors import v2_error_response
+from inhouse.protocols.http_body import read_body
+from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
+
+_TENSOR_SCHEMA = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8",
+                                                 "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
+        "parameters": {"type": "object"},
+        "data": {"description": "row-major flat or nested list"},
+    },
+}
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": {"type": "object", "description": "priority, timeout (µs), timeout_ms, "
+                               "binary_data_output"},
+                "inputs": {"type": "array", "items": _TENSOR_SCHEMA, "minItems": 1},
+                "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+            },
+        }}},
+    },
+}
+_LOAD_DOC: dict[str, Any] = {
+    "requestBody": {"required": False, "content": {"application/json": {"schema": {
+        "type": "object",
+        "properties": {"parameters": {"type": "object", "properties": {
+            "config": {"type": "string", "description": "JSON object merged over model.yaml for this load"}}}},
+    }}}},
+}
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def _index_doc(e: IndexEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": e.name, "state": str(e.state), "reason": e.reason}
+    if e.version is not None:
+        doc["version"] = str(e.version)
+    if e.code is not None:
+        doc["code"] = e.code
+    return doc
+
+
+def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
+    router = APIRouter(tags=["KServe v2"])
+
+    async def optional_json(request: Request) -> dict[str, Any]:
+        body = await read_body(request, max_request_bytes)
+        if not body.strip():
+            return {}
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as err:
+            raise InvalidRequestError(f"Request body is not valid JSON: {err}.") from None
+        if not isinstance(doc, dict):
+            raise InvalidRequestError("Request body must be a JSON object.")
+        return doc
+
+    @router.get("/v2", summary="Server metadata")
+    async def server_metadata() -> Response:
+        return _json(dataplane.server_metadata())
+
+    @router.get("/v2/health/live", summary="Liveness")
+    async def health_live() -> Response:
+        return _json({"live": True})
+
+    @router.get("/v2/health/ready", summary="Readiness")
+    async def health_ready() -> Response:
+        ready = dataplane.ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    @router.get("/v2/models/{model}", summary="Model metadata")
+    @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+    async def model_metadata(model: str, version: str | None = None) -> Response:
+        try:
+            return _json(dataplane.model_metadata(model, parse_version(version)))
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.get("/v2/models/{model}/ready", summary="Model readiness")
+    @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+    async def model_ready(model: str, version: str | None = None) -> Response:
+        try:
+            v = parse_version(version)
+            ready = dataplane.model_ready(model, v)
+            if not ready:
+                dataplane.manager.repository.model_dir(model)  # unknown → 404
+            return _json({"name": model, "ready": ready}, 200 if ready else 503)
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.get("/v2/models/{model}/config", summary="Effective model spec")
+    @router.get("/v2/models/{model}/versions/{version}/config", summary="Effective model spec of a version")
+    async def model_config(model: str, version: str | None = None) -> Response:
+        try:
+            return _json(dataplane.model_config(model, parse_version(version)))
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=_INFER_DOC)
+    @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference on a version",
+                 openapi_extra=_INFER_DOC)
+    async def infer(request: Request, model: str, version: str | None = None) -> Response:
+        try:
+            body = await read_body(request, max_request_bytes)
+            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
+            header_priority = request.headers.get("inhouse-priority")
+            if header_priority is not None and req.priority is None:
+                if not header_priority.isdigit():
+                    raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
+                req.priority = int(header_priority)
+            resp = await dataplane.infer(req)
+            content, headers = render_infer_response(resp, req)
+            return Response(content, headers=headers)
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.post("/v2/repository/index", summary="Repository index")
+    async def repository_index(request: Request) -> Response:
+        try:
+            doc = await optional_json(request)
+            ready_only = bool(doc.get("ready", False))
+            return _json([_index_doc(e) for e in dataplane.repository_index(ready_only)])
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.post("/v2/repository/models/{model}/load", summary="Load or reload a model", openapi_extra=_LOAD_DOC)
+    async def repository_load(request: Request, model: str) -> Response:
+        try:
+            doc = await optional_json(request)
+            params = doc.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidRequestError("'parameters' must be a JSON object.")
+            overrides = None
+            if "config" in params:
+                raw = params["config"]
+                try:
+                    overrides = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+                except orjson.JSONDecodeError as err:
+                    raise InvalidRequestError(f"parameters.config is not valid JSON: {err}.") from None
+                if not isinstance(overrides, dict):
+                    raise InvalidRequestError("parameters.config must be a JSON object.")
+            unknown = [k for k in params if k != "config"]
+            if unknown:
+                raise InvalidRequestError(f"Unsupported load parameter(s) {unknown}; only 'config' is accepted.")
+            versions = await dataplane.load_model(model, overrides)
+            return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "READY"})
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.post("/v2/repository/models/{model}/unload", summary="Unload a model")
+    async def repository_unload(request: Request, model: str) -> Response:
+        try:
+            await optional_json(request)
+            versions = await dataplane.unload_model(model)
+            return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "UNLOADED"})
+        except Exception as exc:
+            return v2_error_response(exc)
+
+    @router.get("/health", summary="Overall health, for humans and load balancers", tags=["health"])
+    async def health() -> Response:
+        serving = {n: [str(v.version) for v in vs] for n, vs in dataplane.manager.serving().items()}
+        ready = dataplane.ready()
+        return _json({"status": "ok" if ready else "starting", "live": True, "ready": ready,
+                      "models": serving}, 200 if ready else 503)
+
+    return router

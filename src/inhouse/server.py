@@ -1,0 +1,201 @@
+"""One inhouse process: the HTTP front end (and, when enabled, gRPC) over one data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Generator
+from pathlib import Path
+
+import uvicorn
+
+from inhouse.app import build_app
+from inhouse.core.dataplane import DataPlane, ServerState
+from inhouse.core.manager import ModelManager
+from inhouse.core.repository import ModelRepository
+from inhouse.errors import InhouseError
+from inhouse.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our own event loop: signals are ours to handle, not uvicorn's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_socket(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise StartupError(
+            f"Cannot listen for {what} on {host}:{port}: {err.strerror}. Another process may use the "
+            f"port; stop it or choose another port (--{what.lower()}-port)."
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+# Hooks that other front ends (gRPC) register to start and stop beside HTTP.
+FrontEnd = Callable[["InhouseServer"], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+class InhouseServer:
+    def __init__(self, settings: ServerSettings, repo_path: Path | None = None) -> None:
+        self.settings = settings
+        if repo_path is None:
+            if settings.repo is not None:
+                repo_path = settings.repo
+            else:
+                from inhouse.demo import ensure_demo_repository
+
+                repo_path = ensure_demo_repository(settings.data_dir)
+        if not repo_path.is_dir():
+            raise StartupError(f"Model repository {repo_path} does not exist or is not a folder.")
+        self.repository = ModelRepository(repo_path)
+        self.manager = ModelManager(
+            self.repository,
+            backend_options={"onnx_spinning": settings.onnx_spinning},
+            drain_timeout_s=settings.drain_timeout_s,
+        )
+        self.state = ServerState()
+        self.dataplane = DataPlane(self.manager, self.state)
+        self.app = build_app(self.dataplane, settings)
+        self.http_port: int = settings.http_port
+        self.front_ends: list[FrontEnd] = []
+        self._uvicorn: _EmbeddedUvicorn | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stoppers: list[Callable[[], Awaitable[None]]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def http_url(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://{host}:{self.http_port}"
+
+    async def start(self) -> None:
+        """Bind, start serving (live, not yet ready), load the start-up models, become ready."""
+        sock = bind_socket(self.settings.host, self.settings.http_port, "HTTP")
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="off",
+            timeout_keep_alive=30, server_header=False, date_header=False,
+            **self._uvicorn_tls(),
+        )
+        self._uvicorn = _EmbeddedUvicorn(config)
+        self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock])))
+        while not self._uvicorn.started:
+            if self._tasks[0].done():
+                self._tasks[0].result()
+                raise StartupError("The HTTP server stopped during start-up.")
+            await asyncio.sleep(0.01)
+        for front_end in self.front_ends:
+            self._stoppers.append(await front_end(self))
+        log.info("listening", extra={"url": self.http_url, "repository": str(self.repository.root)})
+        await self._initial_load()
+        self.state.started = True
+        if self.settings.poll:
+            self._tasks.append(asyncio.create_task(self._poll()))
+        log.info("ready", extra={"models": sorted(self.manager.serving())})
+
+    def _uvicorn_tls(self) -> dict[str, object]:
+        s = self.settings
+        if not s.tls_cert:
+            return {}
+        import ssl
+
+        return {
+            "ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key) if s.tls_key else None,
+            "ssl_ca_certs": str(s.tls_client_ca) if s.tls_client_ca else None,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if s.tls_client_ca else ssl.CERT_NONE,
+        }
+
+    async def _initial_load(self) -> None:
+        names = self.settings.load_names()
+        if names == "none":
+            return
+        available = self.repository.model_names()
+        if names == "all":
+            names = available
+        else:
+            unknown = [n for n in names if n not in available]
+            if unknown:
+                raise StartupError(
+                    f"--load names {unknown}, which are not in {self.repository.root} "
+                    f"(models there: {', '.join(available) or 'none'})."
+                )
+        results = await self.manager.load_many(list(names))
+        for name, err in results.items():
+            if err is not None:
+                log.error("model failed to load; the server keeps serving the others",
+                          extra={"model": name, "code": err.code, "reason": err.message})
+
+    async def _poll(self) -> None:
+        """Reconcile with the repository whenever it changes (watchfiles), and at least every
+        poll interval (network filesystems do not always deliver change events)."""
+        import watchfiles
+
+        interval = self.settings.poll_interval_s
+        stop = asyncio.Event()
+        watcher = watchfiles.awatch(self.repository.root, stop_event=stop, debounce=200,
+                                    rust_timeout=int(interval * 1000), yield_on_timeout=True,
+                                    recursive=True)
+        try:
+            async for _ in watcher:
+                try:
+                    await self.manager.reconcile()
+                except InhouseError as err:
+                    log.error("repository poll failed", extra={"code": err.code, "reason": err.message})
+                except Exception:
+                    log.exception("repository poll failed")
+        finally:
+            stop.set()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        self.state.shutting_down = True
+        for stopper in reversed(self._stoppers):
+            with contextlib.suppress(Exception):
+                await stopper()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        for t in self._tasks[1:]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.manager.close()
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Start, serve until asked to stop (SIGINT / SIGTERM), stop gracefully."""
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self.wait_stopped()
+        finally:
+            await self.stop()

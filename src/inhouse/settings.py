@@ -1,0 +1,117 @@
+"""Server settings, read once (CLI flags > ``INHOUSE_*`` environment > ``inhouse.yaml`` >
+defaults) and then passed down. Nothing else in inhouse reads the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = "inhouse.yaml"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("inhouse", appauthor=False))
+
+
+class GrpcSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_workers: int = Field(default=16, ge=1)
+    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    keepalive_time_s: float = Field(default=60.0, gt=0)
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INHOUSE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    repo: Path | None = Field(default=None, description="model repository; the demo repository if unset")
+    load: str = Field(default="all", description="'all', 'none' or a comma-separated list of models")
+    poll: bool = False
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    # TLS (both transports)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # access control
+    auth: bool = False
+    insecure: bool = False
+    model_key_file: Path | None = None
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def load_names(self) -> list[str] | Literal["all", "none"]:
+        value = self.load.strip()
+        if value in ("all", "none", ""):
+            return "none" if value in ("none", "") else "all"
+        return [n.strip() for n in value.split(",") if n.strip()]
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message says which and why."""
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Build the settings. ``overrides`` are CLI flags the user actually gave."""
+    if config is None:
+        env_cfg = os.environ.get("INHOUSE_CONFIG")
+        if env_cfg:
+            config = Path(env_cfg)
+        elif Path(DEFAULT_CONFIG_FILE).is_file():
+            config = Path(DEFAULT_CONFIG_FILE)
+    if config is not None and not config.is_file():
+        raise SettingsError(f"Config file {config} does not exist.")
+    cls: type[ServerSettings] = ServerSettings
+    if config is not None:
+        cls = type("ServerSettingsFromFile", (ServerSettings,), {
+            "model_config": SettingsConfigDict(**{**ServerSettings.model_config, "yaml_file": config}),
+        })
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        where = f" (from {config}, INHOUSE_* environment or flags)" if config else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
+            f"{'unknown setting' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in err.errors()
+        )
+        raise SettingsError(f"Invalid settings{where}: {problems}.") from None
+    except Exception as err:  # a YAML syntax error surfaces from the yaml source
+        raise SettingsError(f"Cannot read settings from {config}: {err}") from None
