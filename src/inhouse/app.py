@@ -29,6 +29,10 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     app.state.dataplane = dataplane
     app.state.settings = settings
     app.include_router(kserve_rest.build_router(dataplane, settings.max_request_bytes))
+    # LLM routes (issue 5):
+
+    # metrics route (issue 7):
+
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -52,4 +56,6 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(Exception, unhandled)
     if settings.gzip_min_bytes > 0:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+    # security middleware (issue 6), outermost, added last:
+
     return app

@@ -76,6 +76,12 @@ class InhouseServer:
         self.app = build_app(self.dataplane, settings)
         self.http_port: int = settings.http_port
         self.front_ends: list[FrontEnd] = []
+        # gRPC front end (issue 3):
+
+        # security components (issue 6):
+
+        # metrics / tracing (issue 7):
+
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Callable[[], Awaitable[None]]] = []

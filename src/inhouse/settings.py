@@ -63,6 +63,16 @@ class ServerSettings(BaseSettings):
     model_key_file: Path | None = None
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
 
+    # ---- scheduling (issue 4) ----
+
+    # ---- LLM serving (issue 5) ----
+
+    # ---- security (issue 6) ----
+
+    # ---- observability (issue 7) ----
+
+    # ---- tooling / deployment (issue 8) ----
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -16,6 +16,14 @@ app = typer.Typer(
 )
 app.command("serve")(serve.serve)
 app.add_typer(models.app, name="models")
+# ---- command groups added by other modules register below, one line each ----
+
+# security (issue 6):
+
+# observability (issue 7):
+
+# tooling (issue 8):
+
 
 
 @app.command("version")
