@@ -121,6 +121,16 @@ class OnnxRuntimeSpec(_Strict):
         return [ProviderSpec(name=p) if isinstance(p, str) else p for p in self.providers]
 
 
+class EngineSpec(_Strict):
+    """Generation engine limits (``backend: transformers``, task chat/generate)."""
+
+    max_num_seqs: int = Field(default=16, ge=1, le=1024)
+    max_num_batched_tokens: int = Field(default=4096, ge=16)
+    prefix_caching: bool = True
+    kv_cache_bytes: int | None = Field(default=None, ge=1, description="KV cache budget on CPU")
+    gpu_memory_fraction: float = Field(default=0.85, gt=0, le=1)
+
+
 class ModelSpec(BaseModel):
     """Everything inhouse needs to serve one model. Unknown keys are rejected with a suggestion,
     except under ``parameters`` (free-form, passed to the backend) and the sections owned by
@@ -142,6 +152,18 @@ class ModelSpec(BaseModel):
     encryption: EncryptionSpec | None = None
     onnxruntime: OnnxRuntimeSpec = Field(default_factory=OnnxRuntimeSpec)
     labels: list[str] | None = Field(default=None, description="class names, for classification models")
+    # ---- transformers backend: encoders and causal LMs ----
+    source: str | None = Field(default=None, description="a local Hugging Face folder (absolute, or "
+                               "relative to the version folder); never downloaded")
+    served_names: list[str] = Field(default_factory=list, description="extra names clients may use")
+    max_model_len: int | None = Field(default=None, ge=16)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    chat_template: str | None = Field(default=None, description="Jinja template overriding the tokenizer's")
+    tool_call_parser: str | None = Field(default=None, description="hermes | llama3_json | mistral")
+    reasoning_parser: str | None = Field(default=None, description="think_tags")
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    engine: EngineSpec = Field(default_factory=EngineSpec)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -1,0 +1,1 @@
+"""LLM serving: the generation engine and the contract the OpenAI / Anthropic adapters use."""
