@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -e '.[test]'
-ruff check src tests bench
+ruff check .
 python -m pytest -q -m "not slow" "$@"

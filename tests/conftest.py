@@ -15,9 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from inhouse.server import InhouseServer  # noqa: E402
-from inhouse.settings import load_settings  # noqa: E402
-from models import add_model, identity_model, mlp_model, write_model  # noqa: E402
+from inhouse.server import InhouseServer
+from inhouse.settings import load_settings
+from models import add_model, identity_model, mlp_model, write_model
 
 
 class RunningServer:
