@@ -32,6 +32,9 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     # LLM routes (issue 5):
 
     # metrics route (issue 7):
+    from inhouse.observability.endpoint import build_metrics_router
+
+    app.include_router(build_metrics_router())
 
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -39,10 +39,24 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class RequestContextFilter(logging.Filter):
+    """Adds the current request's id and trace id to every record logged while serving it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from inhouse.observability.context import current
+
+        ctx = current()
+        if ctx is not None and not hasattr(record, "request_id"):
+            record.request_id = ctx.request_id
+            record.trace_id = ctx.trace_id
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.addFilter(RequestContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

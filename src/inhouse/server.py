@@ -81,6 +81,10 @@ class InhouseServer:
         # security components (issue 6):
 
         # metrics / tracing (issue 7):
+        from inhouse.observability.setup import Observability
+
+        self.observability = Observability(settings, self.manager, self.dataplane, self.app)
+        self.front_ends.append(self.observability.front_end)
 
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []

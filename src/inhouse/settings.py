@@ -70,6 +70,14 @@ class ServerSettings(BaseSettings):
     # ---- security (issue 6) ----
 
     # ---- observability (issue 7) ----
+    metrics_port: int | None = Field(default=None, ge=0, le=65535,
+                                     description="also serve /metrics on this port (e.g. 9091)")
+    metrics_host: str | None = Field(default=None, description="address of the metrics port (default: host)")
+    access_log: bool = Field(default=True, description="one log line per HTTP / gRPC request")
+    log_client_address: bool = Field(default=False, description="put the client IP in access logs")
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP collector, e.g. http://otel:4318")
+    otel_service_name: str = "inhouse"
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
     # ---- tooling / deployment (issue 8) ----
 

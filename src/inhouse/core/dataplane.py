@@ -4,6 +4,7 @@ Nothing here knows about HTTP or gRPC."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from inhouse import __version__
 from inhouse.core.datatypes import v2_datatype
 from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
+from inhouse.core.recorders import InferObserver
 from inhouse.core.spec import TensorSpec
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
 from inhouse.errors import (
@@ -39,6 +41,7 @@ class DataPlane:
     def __init__(self, manager: ModelManager, state: ServerState | None = None) -> None:
         self.manager = manager
         self.state = state or ServerState()
+        self.observer: InferObserver | None = None  # metrics (set by the server when enabled)
 
     # ---- health and metadata --------------------------------------------------------------
     def live(self) -> bool:
@@ -91,6 +94,25 @@ class DataPlane:
 
     # ---- inference ----------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        observer = self.observer
+        if observer is None:
+            return await self._infer(request)
+        start = time.perf_counter()
+        try:
+            response = await self._infer(request)
+        except BaseException as exc:
+            observer.infer_failed(request.model, request.version, exc, time.perf_counter() - start)
+            raise
+        observer.infer_done(request.model, response.version, time.perf_counter() - start)
+        return response
+
+    def infer_rejected(self, model: str, error: BaseException) -> None:
+        """A request for ``model`` that failed before reaching ``infer`` (malformed body, bad
+        version): protocol adapters report it so it is counted like any other failed request."""
+        if self.observer is not None:
+            self.observer.infer_failed(model, None, error, None)
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         with self.manager.use(request.model, request.version) as mv:
             model = mv.model
             scheduler = mv.scheduler

@@ -20,6 +20,7 @@ import numpy as np
 
 from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
+from inhouse.core.recorders import NULL_RECORDERS, Recorders, SchedulerRecorder
 from inhouse.core.repository import ModelRepository
 from inhouse.core.scheduler import DirectScheduler, Scheduler
 from inhouse.core.spec import ModelSpec
@@ -36,7 +37,7 @@ class ModelState(enum.StrEnum):
     FAILED = "FAILED"
 
 
-SchedulerFactory = Callable[[LoadedModel, ModelSpec], Scheduler]
+SchedulerFactory = Callable[[LoadedModel, ModelSpec, SchedulerRecorder], Scheduler]
 
 
 @dataclass(eq=False)
@@ -91,7 +92,7 @@ class ModelManager:
         load_workers: int = 2,
     ) -> None:
         self.repository = repository
-        self._scheduler_factory = scheduler_factory or (lambda m, s: DirectScheduler(m, s))
+        self._scheduler_factory = scheduler_factory or (lambda m, s, r: DirectScheduler(m, s, recorder=r))
         self._decryptor = decryptor
         self._backend_options = backend_options or {}
         self._drain_timeout_s = drain_timeout_s
@@ -102,6 +103,8 @@ class ModelManager:
         self._background: set[asyncio.Task[None]] = set()
         self._failed_at: dict[str, str] = {}
         self.listeners: list[Callable[[str, int | None, ModelState], None]] = []
+        # metrics recorders handed to each version's scheduler / engine (observability sets it)
+        self.recorders: Recorders = NULL_RECORDERS
 
     # ---- request path -------------------------------------------------------------------
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
@@ -238,7 +241,7 @@ class ModelManager:
             self._notify(mv.name, mv.version, ModelState.FAILED)
             raise err3 from None
         mv.model = model
-        mv.scheduler = self._scheduler_factory(model, mv.spec)
+        mv.scheduler = self._scheduler_factory(model, mv.spec, self.recorders.scheduler(mv.name, mv.version))
         mv.state, mv.reason, mv.code = ModelState.READY, "", None
         mv.loaded_at = time.time()
         log.info("model ready", extra={"model": mv.name, "version": mv.version,

@@ -4,6 +4,7 @@ backend call on the model's instance threads, with a bounded queue and deadlines
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from inhouse.backends import LoadedModel
+from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import DeadlineExceededError, QueueFullError
 
@@ -31,8 +33,10 @@ class Scheduler(Protocol):
 class DirectScheduler:
     """One backend call per request, at most ``instances.count`` at a time."""
 
-    def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic) -> None:
+    def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
+                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER) -> None:
         self._model = model
+        self._recorder = recorder
         self._spec = spec
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=spec.instances.count,
@@ -60,7 +64,9 @@ class DirectScheduler:
         self._pending += 1
         loop = asyncio.get_running_loop()
         try:
-            fut = loop.run_in_executor(self._executor, self._run, inputs, outputs, deadline)
+            # run in the request's context, so recorders can attribute queue / compute time to it
+            fut = loop.run_in_executor(self._executor, contextvars.copy_context().run, self._run, inputs,
+                                       outputs, deadline, self._clock())
             if deadline is None:
                 return await fut
             try:
@@ -74,14 +80,17 @@ class DirectScheduler:
             self._pending -= 1
 
     def _run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None,
-             deadline: float | None) -> dict[str, np.ndarray]:
+             deadline: float | None, submitted: float) -> dict[str, np.ndarray]:
         start = self._clock()
+        self._recorder.observe_queue(start - submitted)
         if deadline is not None and start > deadline:
             raise DeadlineExceededError(
                 f"Request to model '{self._spec.name}' waited past its deadline and was not run."
             )
         result = self._model.predict(inputs, outputs)
-        self._ema_s = 0.9 * self._ema_s + 0.1 * (self._clock() - start)
+        took = self._clock() - start
+        self._recorder.observe_compute(took, 1)
+        self._ema_s = 0.9 * self._ema_s + 0.1 * took
         return result
 
     async def close(self) -> None:

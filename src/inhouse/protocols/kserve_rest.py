@@ -129,13 +129,17 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
                  openapi_extra=_INFER_DOC)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
         try:
-            body = await read_body(request, max_request_bytes)
-            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
-            header_priority = request.headers.get("inhouse-priority")
-            if header_priority is not None and req.priority is None:
-                if not header_priority.isdigit():
-                    raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
-                req.priority = int(header_priority)
+            try:
+                body = await read_body(request, max_request_bytes)
+                req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
+                header_priority = request.headers.get("inhouse-priority")
+                if header_priority is not None and req.priority is None:
+                    if not header_priority.isdigit():
+                        raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
+                    req.priority = int(header_priority)
+            except Exception as exc:
+                dataplane.infer_rejected(model, exc)
+                raise
             resp = await dataplane.infer(req)
             content, headers = render_infer_response(resp, req)
             return Response(content, headers=headers)

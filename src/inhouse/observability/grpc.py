@@ -1,0 +1,133 @@
+"""A grpc.aio server interceptor: the ``grpc_server_*`` metrics users know from
+go-grpc-prometheus / py-grpc-prometheus, the request context (``traceparent`` and
+``x-request-id`` metadata) and one access-log line per RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from inhouse.observability.context import activate, deactivate, new_context
+from inhouse.observability.metrics import GrpcMetrics
+
+access_log = logging.getLogger("inhouse.access")
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service or "unknown", name or "unknown"
+
+
+def _code_name(context: Any, raised: BaseException | None) -> str:
+    code = None
+    try:
+        code = context.code()
+    except Exception:  # older grpc.aio contexts
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for sc in grpc.StatusCode:
+            if sc.value[0] == code:
+                return sc.name
+    if raised is None:
+        return "OK"
+    return "CANCELLED" if isinstance(raised, asyncio.CancelledError) else "UNKNOWN"
+
+
+class GrpcObservabilityInterceptor(aio.ServerInterceptor):
+    def __init__(self, metrics: GrpcMetrics, *, access_log_enabled: bool = True) -> None:
+        self.metrics = metrics
+        self._log = access_log_enabled
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method, "unary", metadata),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method, "server_stream", metadata),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method, "client_stream", metadata),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, method, "bidi_stream", metadata),
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+    def _begin(self, method: str, kind: str, metadata: dict[str, Any]) -> tuple[Any, tuple[str, str, str]]:
+        service, name = _split(method)
+        labels = (kind, service, name)
+        self.metrics.started.labels(*labels).inc()
+        ctx = new_context(metadata.get("traceparent"), metadata.get("x-request-id"), time.time_ns())
+        return ctx, labels
+
+    def _finish(self, ctx: Any, labels: tuple[str, str, str], method: str, context: Any,
+                raised: BaseException | None, start: float) -> None:
+        seconds = time.perf_counter() - start
+        code = _code_name(context, raised)
+        self.metrics.handled.labels(*labels, code).inc()
+        self.metrics.seconds.labels(*labels).observe(seconds)
+        if self._log:
+            level = logging.WARNING if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS") else logging.INFO
+            if access_log.isEnabledFor(level):
+                extra: dict[str, Any] = {"request_id": ctx.request_id, "trace_id": ctx.trace_id, "rpc": method,
+                                         "grpc_code": code, "latency_ms": round(seconds * 1000, 3)}
+                if ctx.model is not None:
+                    extra["model"], extra["version"] = ctx.model, ctx.version
+                if ctx.code is not None:
+                    extra["code"] = ctx.code
+                access_log.log(level, "rpc", extra=extra)
+
+    def _unary(self, behavior: Any, method: str, kind: str, metadata: dict[str, Any]) -> Any:
+        async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
+            ctx, labels = self._begin(method, kind, metadata)
+            token, start, raised = activate(ctx), time.perf_counter(), None
+            with contextlib.suppress(Exception):  # returning the trace context is best effort
+                context.set_trailing_metadata((("traceparent", ctx.traceparent()), ("x-request-id", ctx.request_id)))
+            try:
+                return await behavior(request, context)
+            except BaseException as err:
+                raised = err
+                raise
+            finally:
+                with contextlib.suppress(ValueError):  # a generator closed from another context
+                    deactivate(token)
+                self._finish(ctx, labels, method, context, raised, start)
+
+        return wrapped
+
+    def _streaming(self, behavior: Any, method: str, kind: str, metadata: dict[str, Any]) -> Any:
+        async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            ctx, labels = self._begin(method, kind, metadata)
+            token, start, raised = activate(ctx), time.perf_counter(), None
+            sent = self.metrics.msg_sent.labels(*labels)
+            try:
+                async for item in behavior(request, context):
+                    sent.inc()
+                    yield item
+            except BaseException as err:
+                raised = err
+                raise
+            finally:
+                with contextlib.suppress(ValueError):  # a generator closed from another context
+                    deactivate(token)
+                self._finish(ctx, labels, method, context, raised, start)
+
+        return wrapped
