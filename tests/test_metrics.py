@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import httpx
@@ -69,7 +70,7 @@ def test_counts_and_histograms_move_with_traffic(server: RunningServer) -> None:
     buckets = sorted((float(dict(k)["le"]), v) for k, v in after["model_inference_latency_seconds_bucket"].items()
                      if dict(k)["model"] == "add" and dict(k)["version"] == "1")
     assert buckets[0][0] == 0.0001 and buckets[-1][0] == float("inf")
-    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
     # HTTP-level metrics use the route template, never the raw path
     assert delta("inhouse_http_requests_total", route="/v2/models/{model}/infer", status="200") == 5
     assert delta("inhouse_http_requests_total", route="/v2/models/{model}/infer", status="400") == 2

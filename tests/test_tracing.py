@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,7 +77,7 @@ def test_request_spans_follow_the_callers_trace(tmp_path: Path, collector: tuple
         assert server_span.start_time_unix_nano <= child.start_time_unix_nano <= child.end_time_unix_nano
         assert child.end_time_unix_nano <= server_span.end_time_unix_nano
     ordered = [by_name[n] for n in phases]
-    assert all(x.end_time_unix_nano <= y.start_time_unix_nano + 1000 for x, y in zip(ordered, ordered[1:], strict=False))
+    assert all(x.end_time_unix_nano <= y.start_time_unix_nano + 1000 for x, y in itertools.pairwise(ordered))
     assert {a.key: a.value.int_value for a in by_name["compute"].attributes}["inhouse.batch_size"] == 1
 
 
