@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import models, serve
+from inhouse.cli import doctor, models, serve
 
 app = typer.Typer(
     name="inhouse",
@@ -21,6 +21,7 @@ app.add_typer(models.app, name="models")
 # security (issue 6):
 
 # observability (issue 7):
+app.command("doctor")(doctor.doctor)
 
 # tooling (issue 8):
 

@@ -57,6 +57,9 @@ def serve(
     except StartupError as err:
         log.error(str(err))
         typer.echo(f"error: {err}", err=True)
+        from inhouse.cli.doctor import diagnose
+
+        diagnose(settings)  # the same findings and fixes as `inhouse doctor`
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
