@@ -63,7 +63,8 @@ def test_broken_repository_lists_every_problem_with_a_fix(tmp_path: Path) -> Non
     errors = {f["check"]: f for f in findings if f["severity"] == "error"}
     assert "max_batch_sise" in errors["model typo"]["finding"] and "max_batch_size" in errors["model typo"]["finding"]
     assert "[1004]" in errors["model tampered"]["finding"] and "restore" in errors["model tampered"]["fix"]
-    assert "tensorrt" in errors["model gpu-only"]["finding"].lower() and "onnxruntime" in errors["model gpu-only"]["fix"]
+    gpu_only = errors["model gpu-only"]
+    assert "tensorrt" in gpu_only["finding"].lower() and "onnxruntime" in gpu_only["fix"]
     assert "other.onnx" in errors["model renamed"]["finding"]
     assert "does not load" in errors["model garbage"]["finding"]
     assert f":{port}" in errors["ports"]["finding"] and "--http-port" in errors["ports"]["fix"]
@@ -137,8 +138,9 @@ def test_table_output_and_serve_startup_diagnosis(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo), "--http-port",
-                               str(port), "--grpc-port", "0", "--data-dir", str(tmp_path / "data"), "--load", "none"],
+        cli = [sys.executable, "-c", "from inhouse.cli import main; main()"]
+        proc = subprocess.run([*cli, "serve", "--repo", str(repo), "--http-port", str(port), "--grpc-port", "0",
+                               "--data-dir", str(tmp_path / "data"), "--load", "none"],
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"Cannot listen for HTTP on 127.0.0.1:{port}" in proc.stderr
