@@ -11,10 +11,10 @@ import logging
 import time
 from typing import Any
 
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
+from inhouse.observability.fast import CounterChild, FastCounter, FastHistogram, HistogramChild
 from inhouse.observability.metrics import LATENCY_BUCKETS, Metrics
 from inhouse.observability.tracing import Tracer
 
@@ -25,12 +25,12 @@ _ERROR_CODE = b"inhouse-error-code"
 
 class HttpMetrics:
     def __init__(self, metrics: Metrics) -> None:
-        self.requests = Counter("inhouse_http_requests", "HTTP requests by route and status.",
+        self.requests = FastCounter("inhouse_http_requests", "HTTP requests by route and status.",
                                 ["method", "route", "status"], registry=metrics.registry)
-        self.duration = Histogram("inhouse_http_request_duration_seconds",
+        self.duration = FastHistogram("inhouse_http_request_duration_seconds",
                                   "HTTP request time, from the request line to the last response byte.",
                                   ["route"], buckets=LATENCY_BUCKETS, registry=metrics.registry)
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)

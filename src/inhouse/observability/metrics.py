@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 
 from inhouse.core.manager import ModelState
 from inhouse.core.recorders import LLMRecorder, SchedulerRecorder
 from inhouse.errors import InhouseError, ModelNotFoundError
 from inhouse.observability.context import current
+from inhouse.observability.fast import CounterChild, FastCounter, FastHistogram, HistogramChild
 
 # From a 100 µs tabular model to a 2-minute generation.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -53,16 +53,16 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         mv = ["model", "version"]
-        self.requests = Counter("inhouse_inference_requests", "Inference requests by outcome and error code.",
+        self.requests = FastCounter("inhouse_inference_requests", "Inference requests by outcome and error code.",
                                 [*mv, "outcome", "code"], registry=r)
-        self.latency = Histogram("model_inference_latency_seconds",
+        self.latency = FastHistogram("model_inference_latency_seconds",
                                  "Total time of an inference request inside the server (validation, queue, "
                                  "compute, response building).", mv, buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("inhouse_queue_duration_seconds", "Time a request waited for a model instance.",
+        self.queue = FastHistogram("inhouse_queue_duration_seconds", "Time a request waited for a model instance.",
                                mv, buckets=LATENCY_BUCKETS, registry=r)
-        self.compute = Histogram("inhouse_compute_duration_seconds", "Time of one backend call (one batch).",
+        self.compute = FastHistogram("inhouse_compute_duration_seconds", "Time of one backend call (one batch).",
                                  mv, buckets=LATENCY_BUCKETS, registry=r)
-        self.batch = Histogram("inhouse_batch_size", "Requests served by one backend call.", mv,
+        self.batch = FastHistogram("inhouse_batch_size", "Requests served by one backend call.", mv,
                                buckets=BATCH_BUCKETS, registry=r)
         self.load = Histogram("inhouse_model_load_duration_seconds",
                               "Time from LOADING to READY or FAILED, warm-up included.", ["model"],
@@ -72,17 +72,17 @@ class Metrics:
                                 buckets=LOAD_BUCKETS, registry=r)
         self.load_failures = Counter("inhouse_model_load_failures", "Model loads that ended FAILED.",
                                      ["model", "code"], registry=r)
-        self.prompt_tokens = Counter("inhouse_llm_prompt_tokens", "Prompt tokens processed.", mv, registry=r)
-        self.completion_tokens = Counter("inhouse_llm_completion_tokens", "Tokens generated.", mv, registry=r)
-        self.ttft = Histogram("inhouse_llm_time_to_first_token_seconds", "Time to the first generated token.",
+        self.prompt_tokens = FastCounter("inhouse_llm_prompt_tokens", "Prompt tokens processed.", mv, registry=r)
+        self.completion_tokens = FastCounter("inhouse_llm_completion_tokens", "Tokens generated.", mv, registry=r)
+        self.ttft = FastHistogram("inhouse_llm_time_to_first_token_seconds", "Time to the first generated token.",
                               mv, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("inhouse_llm_inter_token_latency_seconds", "Time between generated tokens.",
+        self.itl = FastHistogram("inhouse_llm_inter_token_latency_seconds", "Time between generated tokens.",
                              mv, buckets=TOKEN_BUCKETS, registry=r)
         self.kv_cache = Gauge("inhouse_llm_kv_cache_usage_ratio", "Fraction of the KV cache in use.", mv,
                               registry=r)
-        self.prefix_queries = Counter("inhouse_llm_prefix_cache_queried_tokens",
+        self.prefix_queries = FastCounter("inhouse_llm_prefix_cache_queried_tokens",
                                       "Prompt tokens looked up in the prefix cache.", mv, registry=r)
-        self.prefix_hits = Counter("inhouse_llm_prefix_cache_hit_tokens",
+        self.prefix_hits = FastCounter("inhouse_llm_prefix_cache_hit_tokens",
                                    "Prompt tokens found in the prefix cache.", mv, registry=r)
         self.grpc = GrpcMetrics(r)
         self._per_version: dict[tuple[str, int], _VersionMetrics] = {}
@@ -135,10 +135,9 @@ class Metrics:
                        self.completion_tokens, self.ttft, self.itl, self.kv_cache, self.prefix_queries,
                        self.prefix_hits):
             _remove(metric, model, label)
-        # prometheus_client has no public way to list a metric's children
-        for key in list(self.requests._metrics):
+        for key in self.requests.label_sets():
             if key[0] == model and key[1] == label:
-                _remove(self.requests, *key)
+                self.requests.remove(*key)
 
 
 class GrpcMetrics:
@@ -146,16 +145,16 @@ class GrpcMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_type", "grpc_service", "grpc_method"]
-        self.started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
-        self.handled = Counter("grpc_server_handled", "RPCs completed on the server, by status code.",
+        self.started = FastCounter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
+        self.handled = FastCounter("grpc_server_handled", "RPCs completed on the server, by status code.",
                                [*labels, "grpc_code"], registry=registry)
-        self.seconds = Histogram("grpc_server_handling_seconds", "RPC handling time until the status is sent.",
+        self.seconds = FastHistogram("grpc_server_handling_seconds", "RPC handling time until the status is sent.",
                                  labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.msg_sent = Counter("grpc_server_msg_sent", "Stream messages sent by the server.", labels,
+        self.msg_sent = FastCounter("grpc_server_msg_sent", "Stream messages sent by the server.", labels,
                                 registry=registry)
 
 
-def _remove(metric: MetricWrapperBase, *labels: str) -> None:
+def _remove(metric: FastHistogram | FastCounter | Gauge, *labels: str) -> None:
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
 
@@ -164,11 +163,11 @@ def _remove(metric: MetricWrapperBase, *labels: str) -> None:
 class _VersionMetrics:
     """Pre-resolved children for one model version: no label lookups on the hot path."""
 
-    ok: Counter
-    latency: Histogram
-    queue: Histogram
-    compute: Histogram
-    batch: Histogram
+    ok: CounterChild
+    latency: HistogramChild
+    queue: HistogramChild
+    compute: HistogramChild
+    batch: HistogramChild
 
     def __init__(self, m: Metrics, model: str, version: str) -> None:
         self.ok = m.requests.labels(model, version, "success", "ok")
