@@ -34,6 +34,13 @@ def serve(
     model_key_file: Annotated[Path | None, typer.Option(help="Key for models encrypted at rest.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error.")] = None,
     log_format: Annotated[str | None, typer.Option(help="auto | json | text.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Also serve /metrics on this port (e.g. 9091).")] = None,
+    access_log: Annotated[
+        bool | None, typer.Option("--access-log/--no-access-log", help="One log line per request.")
+    ] = None,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option(help="Export traces over OTLP/HTTP to this collector (needs the otel extra).")
+    ] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
@@ -41,6 +48,7 @@ def serve(
             config, repo=repo, host=host, http_port=http_port, grpc_port=grpc_port, load=load, poll=poll,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth=auth, insecure=insecure,
             data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
+            metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)

@@ -42,9 +42,13 @@ class Observability:
         dataplane.observer = RequestObserver(self.metrics)
         self.tracer: Tracer | None = None
         if settings.otlp_endpoint:
-            from inhouse.observability.tracing import Tracer
+            from inhouse.observability.tracing import Tracer, TracingUnavailableError
+            from inhouse.server import StartupError
 
-            self.tracer = Tracer(settings.otlp_endpoint, settings.otel_service_name, settings.trace_sample_ratio)
+            try:
+                self.tracer = Tracer(settings.otlp_endpoint, settings.otel_service_name, settings.trace_sample_ratio)
+            except TracingUnavailableError as err:
+                raise StartupError(str(err)) from None
         self.http_metrics = HttpMetrics(self.metrics)
         app.state.metrics_registry = self.registry
         # added after build_app: outermost, so even requests the security layer rejects are logged
