@@ -85,6 +85,10 @@ class InhouseServer:
 
         self.observability = Observability(settings, self.manager, self.dataplane, self.app)
         self.front_ends.append(self.observability.front_end)
+        # outermost gRPC interceptor (metrics, trace context, access log) once the gRPC front end exists
+        grpc_interceptors = getattr(self, "grpc_interceptors", None)
+        if grpc_interceptors is not None:
+            grpc_interceptors.insert(0, self.observability.grpc_interceptor())
 
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []

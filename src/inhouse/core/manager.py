@@ -20,7 +20,7 @@ import numpy as np
 
 from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
-from inhouse.core.recorders import NULL_RECORDERS, Recorders, SchedulerRecorder
+from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorder
 from inhouse.core.repository import ModelRepository
 from inhouse.core.scheduler import DirectScheduler, Scheduler
 from inhouse.core.spec import ModelSpec
@@ -37,7 +37,7 @@ class ModelState(enum.StrEnum):
     FAILED = "FAILED"
 
 
-SchedulerFactory = Callable[[LoadedModel, ModelSpec, SchedulerRecorder], Scheduler]
+SchedulerFactory = Callable[[LoadedModel, ModelSpec], Scheduler]
 
 
 @dataclass(eq=False)
@@ -92,7 +92,7 @@ class ModelManager:
         load_workers: int = 2,
     ) -> None:
         self.repository = repository
-        self._scheduler_factory = scheduler_factory or (lambda m, s, r: DirectScheduler(m, s, recorder=r))
+        self._scheduler_factory = scheduler_factory or (lambda m, s: DirectScheduler(m, s))
         self._decryptor = decryptor
         self._backend_options = backend_options or {}
         self._drain_timeout_s = drain_timeout_s
@@ -241,7 +241,8 @@ class ModelManager:
             self._notify(mv.name, mv.version, ModelState.FAILED)
             raise err3 from None
         mv.model = model
-        mv.scheduler = self._scheduler_factory(model, mv.spec, self.recorders.scheduler(mv.name, mv.version))
+        mv.scheduler = self._scheduler_factory(model, mv.spec)
+        attach_recorder(mv.scheduler, self.recorders.scheduler(mv.name, mv.version))
         mv.state, mv.reason, mv.code = ModelState.READY, "", None
         mv.loaded_at = time.time()
         log.info("model ready", extra={"model": mv.name, "version": mv.version,

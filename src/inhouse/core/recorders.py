@@ -4,7 +4,7 @@ method call, so an uninstrumented server pays nothing else."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class SchedulerRecorder(Protocol):
@@ -90,3 +90,11 @@ class NullRecorders:
 
 
 NULL_RECORDERS = NullRecorders()
+
+
+def attach_recorder(scheduler: Any, recorder: SchedulerRecorder) -> None:
+    """Give a scheduler its recorder if it takes one (``set_recorder``); schedulers that do not
+    simply go unmeasured."""
+    setter = getattr(scheduler, "set_recorder", None)
+    if callable(setter):
+        setter(recorder)

@@ -50,6 +50,10 @@ class DirectScheduler:
     def queue_depth(self) -> int:
         return self._pending
 
+    def set_recorder(self, recorder: SchedulerRecorder) -> None:
+        """Metrics for this model version: queue and compute time, batch sizes."""
+        self._recorder = recorder
+
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, *,
                      priority: int | None = None, timeout_s: float | None = None) -> dict[str, np.ndarray]:
         if self._pending >= self._max_pending:
