@@ -76,6 +76,23 @@ def test_counts_and_histograms_move_with_traffic(server: RunningServer) -> None:
     assert delta("inhouse_http_requests_total", route="/v2/models/{model}/infer", status="400") == 2
 
 
+def test_client_chosen_values_do_not_become_labels(server: RunningServer) -> None:
+    with server.client() as c:
+        for i, method in enumerate(("PROPFIND", "PURGE", "MKCOL")):  # methods the HTTP parser accepts
+            c.request(method, "/v2/health/live")
+            c.get(f"/random/path/{i}")
+            c.post(f"/v2/models/made-up-{i}/infer", json=_add_body())
+        s = scrape(c)
+    labels = [dict(k) for name in ("inhouse_http_requests_total", "inhouse_inference_requests_total")
+              for k in s[name]]
+    values = {v for ls in labels for v in ls.values()}
+    assert not values & {"PROPFIND", "PURGE", "MKCOL"}
+    assert not any(v.startswith("made-up") or "/random/" in v for v in values)
+    assert value(s, "inhouse_http_requests_total", method="OTHER") == 3
+    assert value(s, "inhouse_http_requests_total", route="unmatched", status="404") == 3
+    assert value(s, "inhouse_inference_requests_total", model="_unknown") == 3
+
+
 def test_state_queue_and_process_gauges(server: RunningServer) -> None:
     with server.client() as c:
         s = scrape(c)

@@ -42,6 +42,15 @@ class HttpMetrics:
         pair[1].observe(seconds)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def method_of(scope: Scope) -> str:
+    """The HTTP method as a label value: clients may send any token, labels must stay bounded."""
+    method: str = scope["method"]
+    return method if method in _METHODS else "OTHER"
+
+
 def route_of(scope: Scope) -> str:
     """The matched route template (bounded label values), never the raw path."""
     route = scope.get("route")
@@ -94,7 +103,7 @@ class ObservabilityMiddleware:
             seconds = time.perf_counter() - start
             route = route_of(scope)
             if self._metrics is not None:
-                self._metrics.observe(scope["method"], route, status, seconds)
+                self._metrics.observe(method_of(scope), route, status, seconds)
             if span is not None and self._tracer is not None:
                 self._tracer.end_request(span, ctx, route, status)
             if self._log:
