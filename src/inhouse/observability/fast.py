@@ -59,7 +59,7 @@ class _Family(Collector, Generic[C]):
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         self._children: dict[tuple[str, ...], C] = {}
         self._lock = threading.Lock()
-        self._make = make
+        self._make: Callable[[], C] = make
         if registry is not None:
             registry.register(self)
 
@@ -92,7 +92,7 @@ class FastHistogram(_Family[HistogramChild]):
         fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
             children = list(self._children.items())
-        edges = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        edges = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         for values, child in children:
             counts, total = child.snapshot()
             cumulative, running = [], 0

@@ -31,17 +31,17 @@ def _code_name(context: Any, raised: BaseException | None) -> str:
     except Exception:  # older grpc.aio contexts
         code = None
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     if isinstance(code, int):
         for sc in grpc.StatusCode:
             if sc.value[0] == code:
-                return sc.name
+                return str(sc.name)
     if raised is None:
         return "OK"
     return "CANCELLED" if isinstance(raised, asyncio.CancelledError) else "UNKNOWN"
 
 
-class GrpcObservabilityInterceptor(aio.ServerInterceptor):
+class GrpcObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: GrpcMetrics, *, access_log_enabled: bool = True) -> None:
         self.metrics = metrics
         self._log = access_log_enabled
