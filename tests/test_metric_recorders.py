@@ -80,3 +80,29 @@ def test_unloaded_versions_are_forgotten() -> None:
     assert ("inhouse_inference_requests_total", "2") in names
     assert ("inhouse_inference_requests_total", "1") not in names
     assert ("model_inference_latency_seconds_count", "1") not in names
+
+
+def test_models_that_take_an_llm_recorder_get_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from conftest import run_server
+    from inhouse.backends import register_backend
+
+    register_backend("test-tokens", "token_backend:TokenCountingBackend")
+    mdir = tmp_path / "models" / "counter"
+    (mdir / "1").mkdir(parents=True)
+    (mdir / "model.yaml").write_text(yaml.safe_dump({"name": "counter", "backend": "test-tokens",
+                                                     "warmup": {"samples": 0}}))
+    with run_server(tmp_path / "models") as srv, srv.client() as c:
+        r = c.post("/v2/models/counter/infer", json={"inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": ["hello", "abc"]}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["data"] == [5, 3]
+        text = c.get("/metrics").text
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    lv = frozenset({("model", "counter"), ("version", "1")})
+    assert samples[("inhouse_llm_prompt_tokens_total", lv)] == 8
+    assert samples[("inhouse_llm_completion_tokens_total", lv)] == 2
+    assert samples[("inhouse_llm_time_to_first_token_seconds_count", lv)] == 1
+    assert samples[("inhouse_llm_kv_cache_usage_ratio", lv)] == 0.5

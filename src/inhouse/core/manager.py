@@ -20,7 +20,7 @@ import numpy as np
 
 from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
-from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorder
+from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository
 from inhouse.core.scheduler import DirectScheduler, Scheduler
 from inhouse.core.spec import ModelSpec
@@ -242,7 +242,7 @@ class ModelManager:
             raise err3 from None
         mv.model = model
         mv.scheduler = self._scheduler_factory(model, mv.spec)
-        attach_recorder(mv.scheduler, self.recorders.scheduler(mv.name, mv.version))
+        attach_recorders(self.recorders, mv.name, mv.version, mv.scheduler, model)
         mv.state, mv.reason, mv.code = ModelState.READY, "", None
         mv.loaded_at = time.time()
         log.info("model ready", extra={"model": mv.name, "version": mv.version,

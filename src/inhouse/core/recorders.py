@@ -11,7 +11,10 @@ class SchedulerRecorder(Protocol):
     """Called by a scheduler / batcher for one model version."""
 
     def observe_queue(self, seconds: float) -> None:
-        """A request waited ``seconds`` between submission and the start of its backend call."""
+        """A request waited ``seconds`` between submission and the start of its backend call.
+        Called once per request. Called inside the request's context (a batcher keeps
+        ``contextvars.copy_context()`` per queued request and calls ``ctx.run(...)``), the time
+        also lands in that request's access-log line and trace."""
 
     def observe_compute(self, seconds: float, batch_size: int = 1) -> None:
         """One backend call that served ``batch_size`` requests took ``seconds``."""
@@ -92,9 +95,14 @@ class NullRecorders:
 NULL_RECORDERS = NullRecorders()
 
 
-def attach_recorder(scheduler: Any, recorder: SchedulerRecorder) -> None:
-    """Give a scheduler its recorder if it takes one (``set_recorder``); schedulers that do not
+def attach_recorders(recorders: Recorders, model_name: str, version: int, scheduler: Any, model: Any) -> None:
+    """Give a version's scheduler and loaded model their recorders, where they take one:
+    a scheduler / batcher through ``set_recorder(SchedulerRecorder)``, a generation engine
+    (the loaded model) through ``set_llm_recorder(LLMRecorder)``. Parts without the method
     simply go unmeasured."""
-    setter = getattr(scheduler, "set_recorder", None)
-    if callable(setter):
-        setter(recorder)
+    set_scheduler = getattr(scheduler, "set_recorder", None)
+    if callable(set_scheduler):
+        set_scheduler(recorders.scheduler(model_name, version))
+    set_llm = getattr(model, "set_llm_recorder", None)
+    if callable(set_llm):
+        set_llm(recorders.llm(model_name, version))
