@@ -27,6 +27,8 @@ class RunningServer:
         self.server = server
         self.loop = loop
         self.url = server.http_url
+        self.grpc_port = server.grpc_port
+        self.grpc_target = server.grpc_target  # "127.0.0.1:PORT", or None when gRPC is off
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         """Run a coroutine on the server's loop (e.g. manager calls) and return its result."""
@@ -38,7 +40,7 @@ class RunningServer:
 
 @contextmanager
 def run_server(repo: Path, **settings: Any) -> Iterator[RunningServer]:
-    """Start a real server (REST on a free port; gRPC too when the front end exists)."""
+    """Start a real server (REST and gRPC on free ports)."""
     settings.setdefault("http_port", 0)
     settings.setdefault("grpc_port", 0)
     settings.setdefault("data_dir", repo.parent / "data")

@@ -113,6 +113,13 @@ class CancelledError(InhouseError):
     code, http_status, grpc_status = 3003, 499, "CANCELLED"
 
 
+class ConcurrencyLimitError(InhouseError):
+    """More calls at once than the transport's configured limit (grpc.max_concurrent_rpcs)."""
+
+    code, http_status, grpc_status = 3004, 429, "RESOURCE_EXHAUSTED"
+    openai_type = "rate_limit_error"
+
+
 # 4xxx: access
 class UnauthenticatedError(InhouseError):
     code, http_status, grpc_status = 4001, 401, "UNAUTHENTICATED"

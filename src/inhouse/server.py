@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -17,6 +18,7 @@ from inhouse.core.manager import ModelManager
 from inhouse.core.repository import ModelRepository
 from inhouse.errors import InhouseError
 from inhouse.settings import ServerSettings
+from inhouse.tls import TlsConfigError, TlsMaterial, load_tls, server_context
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,16 @@ class InhouseServer:
         self.app = build_app(self.dataplane, settings)
         self.http_port: int = settings.http_port
         self.front_ends: list[FrontEnd] = []
-        # gRPC front end (issue 3):
+        # gRPC front end and TLS for both transports (issue 3):
+        try:
+            self.tls: TlsMaterial | None = load_tls(settings)
+        except TlsConfigError as err:
+            raise StartupError(str(err)) from None
+        self.grpc_port: int | None = None
+        # grpc.aio.ServerInterceptor instances, outermost first (auth, audit, …)
+        self.grpc_interceptors: list[Any] = []
+        if settings.grpc.enabled:
+            self._add_grpc_front_end()
 
         # security components (issue 6):
 
@@ -95,6 +106,27 @@ class InhouseServer:
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._stopped = asyncio.Event()
 
+    def _add_grpc_front_end(self) -> None:
+        try:
+            from inhouse.grpc_server import start_grpc
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith(("grpc", "google")):
+                raise
+            log.warning("gRPC is off: its packages are not installed (pip install 'inhouse[grpc]'), "
+                        "or set grpc.enabled: false to silence this", extra={"missing": err.name})
+            return
+        self.front_ends.append(start_grpc)
+
+    @property
+    def grpc_target(self) -> str | None:
+        """host:port for gRPC clients, once the gRPC front end listens."""
+        if self.grpc_port is None:
+            return None
+        host = self.settings.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
     @property
     def http_url(self) -> str:
         host = self.settings.host
@@ -112,6 +144,9 @@ class InhouseServer:
             timeout_keep_alive=30, server_header=False, date_header=False,
             **self._uvicorn_tls(),
         )
+        if self.tls is not None:
+            config.load()
+            config.ssl = server_context(self.tls)  # our context: TLS >= 1.2, client certs verified
         self._uvicorn = _EmbeddedUvicorn(config)
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock])))
         while not self._uvicorn.started:
@@ -119,8 +154,12 @@ class InhouseServer:
                 self._tasks[0].result()
                 raise StartupError("The HTTP server stopped during start-up.")
             await asyncio.sleep(0.01)
-        for front_end in self.front_ends:
-            self._stoppers.append(await front_end(self))
+        try:
+            for front_end in self.front_ends:
+                self._stoppers.append(await front_end(self))
+        except BaseException:
+            await self.stop()
+            raise
         log.info("listening", extra={"url": self.http_url, "repository": str(self.repository.root)})
         await self._initial_load()
         self.state.started = True
@@ -129,15 +168,15 @@ class InhouseServer:
         log.info("ready", extra={"models": sorted(self.manager.serving())})
 
     def _uvicorn_tls(self) -> dict[str, object]:
-        s = self.settings
-        if not s.tls_cert:
+        tls = self.tls
+        if tls is None:
             return {}
         import ssl
 
         return {
-            "ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key) if s.tls_key else None,
-            "ssl_ca_certs": str(s.tls_client_ca) if s.tls_client_ca else None,
-            "ssl_cert_reqs": ssl.CERT_REQUIRED if s.tls_client_ca else ssl.CERT_NONE,
+            "ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path),
+            "ssl_ca_certs": str(tls.client_ca_path) if tls.client_ca_path else None,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.mutual else ssl.CERT_NONE,
         }
 
     async def _initial_load(self) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
 
 from inhouse.errors import InhouseError, InternalError
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,16 @@ def v2_error_response(exc: BaseException) -> Response:
     err = as_inhouse_error(exc)
     return Response(orjson.dumps({"error": str(err)}), status_code=err.http_status,
                     media_type="application/json", headers=_headers(err))
+
+
+def grpc_error(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The gRPC status, details (``[code] message``) and trailing metadata (our code under
+    ``inhouse-error-code``, plus hints such as ``retry-after``) for any exception."""
+    import grpc
+
+    err = as_inhouse_error(exc)
+    metadata = ((ERROR_CODE_HEADER, str(err.code)), *((k.lower(), v) for k, v in err.headers.items()))
+    return grpc.StatusCode[err.grpc_status], str(err), metadata
 
 
 def openai_error_body(err: InhouseError) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""A gRPC server interceptor that caps concurrent calls (``grpc.max_concurrent_rpcs``). A call
+over the cap is refused at once with RESOURCE_EXHAUSTED and code 3004 rather than queued, so
+clients back off instead of piling up. Health checks and reflection are never refused."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from inhouse.errors import ConcurrencyLimitError
+from inhouse.protocols.errors import grpc_error
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, limit: int, exempt: tuple[str, ...] = EXEMPT_PREFIXES) -> None:
+        self.limit = limit
+        self.active = 0
+        self._exempt = exempt
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._exempt):
+            return handler
+        return self._wrap(handler)
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
+        if self.active >= self.limit:
+            code, details, metadata = grpc_error(ConcurrencyLimitError(
+                f"The server is already handling its limit of {self.limit} concurrent gRPC calls "
+                "(grpc.max_concurrent_rpcs); retry shortly.", headers={"retry-after": "1"}))
+            await context.abort(code, details, trailing_metadata=metadata)
+        self.active += 1
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await self._enter(context)
+                try:
+                    return await inner_uu(request, context)
+                finally:
+                    self.active -= 1
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await self._enter(context)
+                try:
+                    return await inner_su(requests, context)
+                finally:
+                    self.active -= 1
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
+        inner_stream = handler.unary_stream or handler.stream_stream
+        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler)
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._enter(context)
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            finally:
+                self.active -= 1
+        return make(streaming, **codec)
