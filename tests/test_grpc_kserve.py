@@ -1,0 +1,194 @@
+"""KServe v2 over gRPC against a real server, with tritonclient's gRPC client (and, for typed
+contents, tritonclient's own generated stubs on a plain grpc channel)."""
+
+from __future__ import annotations
+
+import json
+import queue
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+from tritonclient.grpc import service_pb2 as tpb
+from tritonclient.grpc import service_pb2_grpc as tpb_grpc
+from tritonclient.utils import InferenceServerException
+
+from conftest import RunningServer
+from inhouse.protocols.proto import grpc_service_pb2 as ours
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Any:
+    c = tgrpc.InferenceServerClient(server.grpc_target)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Any:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield tpb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _inputs(a: np.ndarray, b: np.ndarray) -> list[Any]:
+    xa = tgrpc.InferInput("a", list(a.shape), "FP32")
+    xa.set_data_from_numpy(a)
+    xb = tgrpc.InferInput("b", list(b.shape), "FP32")
+    xb.set_data_from_numpy(b)
+    return [xa, xb]
+
+
+def test_wire_compatible_with_published_proto() -> None:
+    """Every message we declare has the same full name, field names, numbers and types as in
+    tritonclient's generated descriptors of Triton's grpc_service.proto."""
+    service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    triton = tpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == triton.full_name == "inference.GRPCInferenceService"
+    checked = 0
+
+    def compare(mine: Any, theirs: Any) -> None:
+        nonlocal checked
+        assert mine.full_name == theirs.full_name
+        for f in mine.fields:
+            t = theirs.fields_by_name[f.name]
+            assert (f.number, f.type, f.is_repeated) == (t.number, t.type, t.is_repeated), f.full_name
+            if f.message_type is not None:
+                assert f.message_type.full_name == t.message_type.full_name
+            checked += 1
+        for nested in mine.nested_types:
+            compare(nested, theirs.nested_types_by_name[nested.name])
+
+    for method in service.methods:
+        other = triton.methods_by_name[method.name]
+        assert (method.client_streaming, method.server_streaming) == (other.client_streaming, other.server_streaming)
+        compare(method.input_type, other.input_type)
+        compare(method.output_type, other.output_type)
+    assert len(service.methods) == 10 and checked > 60
+
+
+def test_health_metadata(client: Any, server: RunningServer) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta.name == "inhouse" and "model_repository" in meta.extensions
+    assert client.is_model_ready("add") and client.is_model_ready("add", "1")
+    assert not client.is_model_ready("add", "7")
+    m = client.get_model_metadata("add", as_json=True)
+    with server.client() as c:
+        rest = c.get("/v2/models/add").json()
+    assert m["versions"] == ["1"] and m["platform"] == rest["platform"] != ""
+    assert m["inputs"] == [{"name": "a", "datatype": "FP32", "shape": ["-1", "4"]},
+                           {"name": "b", "datatype": "FP32", "shape": ["-1", "4"]}]
+    assert m["outputs"][0]["name"] == "out"
+
+
+def test_infer_raw(client: Any) -> None:
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    r = client.infer("add", _inputs(a, a), request_id="r1", outputs=[tgrpc.InferRequestedOutput("out")])
+    assert r.get_response().id == "r1" and r.get_response().model_version == "1"
+    np.testing.assert_allclose(r.as_numpy("out"), a * 2)
+    assert len(r.get_response().raw_output_contents) == 1
+
+
+def test_infer_bytes_and_int64(client: Any) -> None:
+    x = tgrpc.InferInput("x", [1, 3], "BYTES")
+    x.set_data_from_numpy(np.array([["héllo".encode(), b"", b"z"]], dtype=object))
+    r = client.infer("echo-str", [x])
+    assert r.as_numpy("y").tolist() == [["héllo".encode(), b"", b"z"]]
+    big = np.array([[2**62, -(2**62)]], dtype=np.int64)
+    x = tgrpc.InferInput("x", [1, 2], "INT64")
+    x.set_data_from_numpy(big)
+    np.testing.assert_array_equal(client.infer("echo-i64", [x]).as_numpy("y"), big)
+
+
+def test_infer_typed_contents(stub: Any) -> None:
+    req = tpb.ModelInferRequest(model_name="add", id="t1")
+    for name in ("a", "b"):
+        t = req.inputs.add(name=name, datatype="FP32", shape=[1, 4])
+        t.contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.5])
+    resp = stub.ModelInfer(req)
+    out = np.frombuffer(resp.raw_output_contents[0], np.float32)
+    np.testing.assert_allclose(out, [2, 4, 6, 9])
+    # typed outputs on request
+    req.parameters["binary_data_output"].bool_param = False
+    resp = stub.ModelInfer(req)
+    assert not resp.raw_output_contents
+    assert list(resp.outputs[0].contents.fp32_contents) == [2, 4, 6, 9]
+    # BYTES and INT64 typed
+    req = tpb.ModelInferRequest(model_name="echo-str")
+    req.inputs.add(name="x", datatype="BYTES", shape=[1, 2]).contents.bytes_contents.extend([b"a", b"bc"])
+    req.parameters["binary_data_output"].bool_param = False
+    assert list(stub.ModelInfer(req).outputs[0].contents.bytes_contents) == [b"a", b"bc"]
+    req = tpb.ModelInferRequest(model_name="echo-i64")
+    req.inputs.add(name="x", datatype="INT64", shape=[1, 2]).contents.int64_contents.extend([2**62, -5])
+    resp = stub.ModelInfer(req)
+    assert np.frombuffer(resp.raw_output_contents[0], np.int64).tolist() == [2**62, -5]
+
+
+def test_priority_and_timeout_parameters(client: Any) -> None:
+    a = np.ones((1, 4), np.float32)
+    r = client.infer("add", _inputs(a, a), priority=1, timeout=5_000_000)  # µs, as Triton
+    np.testing.assert_allclose(r.as_numpy("out"), a * 2)
+    r = client.infer("add", _inputs(a, a), client_timeout=10)  # a gRPC deadline
+    np.testing.assert_allclose(r.as_numpy("out"), a * 2)
+
+
+def test_repository_index_load_unload(client: Any, server: RunningServer) -> None:
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {"name": "add", "version": "1", "state": "READY"} in index
+    client.unload_model("add")
+    assert not client.is_model_ready("add")
+    states = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert states["add"] == "UNLOADED"
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("add", _inputs(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32)))
+    assert err.value.status() == "StatusCode.UNAVAILABLE" and "[1002]" in err.value.message()
+    # load with a spec override (JSON merged over model.yaml), as REST's parameters.config
+    client.load_model("add", config=json.dumps({"description": "loaded over gRPC"}))
+    assert client.is_model_ready("add")
+    with server.client() as c:
+        assert c.get("/v2/models/add/config").json()["description"] == "loaded over gRPC"
+    ready = client.get_model_repository_index(as_json=True)["models"]
+    assert all(m.get("state") == "READY" for m in ready if m["name"] == "add")
+
+
+def test_repository_ready_filter(stub: Any) -> None:
+    stub.RepositoryModelUnload(tpb.RepositoryModelUnloadRequest(model_name="mlp"))
+    names = {m.name for m in stub.RepositoryIndex(tpb.RepositoryIndexRequest(ready=True)).models}
+    assert "mlp" not in names and "add" in names
+    everything = {m.name for m in stub.RepositoryIndex(tpb.RepositoryIndexRequest()).models}
+    assert "mlp" in everything
+
+
+def test_stream_infer(client: Any) -> None:
+    results: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        a = np.arange(4, dtype=np.float32).reshape(1, 4)
+        for i in range(5):
+            client.async_stream_infer("add", _inputs(a + i, a), request_id=str(i))
+        client.async_stream_infer("nope", _inputs(a, a), request_id="bad")  # the stream survives it
+        client.async_stream_infer("add", _inputs(a, a), request_id="after")
+        got: dict[str, Any] = {}
+        errors = []
+        for _ in range(7):
+            result, error = results.get(timeout=30)
+            if error is not None:
+                errors.append(error)
+            else:
+                got[result.get_response().id] = result.as_numpy("out")
+    finally:
+        client.stop_stream()
+    assert sorted(got) == ["0", "1", "2", "3", "4", "after"]
+    np.testing.assert_allclose(got["3"], a * 2 + 3)
+    assert len(errors) == 1 and "[1002]" in str(errors[0]) and "nope" in str(errors[0])
+
+
+def test_metadata_for_unknown_model_is_not_found(client: Any) -> None:
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("nope")
+    assert err.value.status() == "StatusCode.NOT_FOUND" and "[1002]" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        client.is_model_ready("nope")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
