@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import serialization
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -111,10 +112,16 @@ def test_tls_versions(repo: Path, pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing-cert", "mismatch", "ca-without-cert", "key-only", "bad-ca",
-                                  "missing-ca"])
+                                  "missing-ca", "encrypted-key", "not-pem"])
 def test_misconfiguration_fails_at_start(repo: Path, pki: Pki, case: str, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    locked = tmp_path / "locked.key"
+    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), None)
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"secret")))
+    der = tmp_path / "server.der"
+    der.write_bytes(b"\x30\x82binary")
     settings, expected = {
         "missing-cert": ({"tls_cert": tmp_path / "nope.crt", "tls_key": pki.server.key},
                          "nope.crt (--tls-cert) does not exist"),
@@ -125,6 +132,8 @@ def test_misconfiguration_fails_at_start(repo: Path, pki: Pki, case: str, tmp_pa
                    "client CA file"),
         "missing-ca": ({"tls_cert": pki.server.cert, "tls_key": pki.server.key, "tls_client_ca": tmp_path / "x"},
                        "(--tls-client-ca) does not exist"),
+        "encrypted-key": ({"tls_cert": pki.server.cert, "tls_key": locked}, "is encrypted"),
+        "not-pem": ({"tls_cert": der, "tls_key": pki.server.key}, "is not PEM"),
     }[case]
     with pytest.raises(StartupError) as err, run_server(repo, **settings):
         pass
