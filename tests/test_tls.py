@@ -10,10 +10,10 @@ import warnings
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives import serialization
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+from cryptography.hazmat.primitives import serialization
 from tritonclient.utils import InferenceServerException
 
 from certs import Pki, make_pki
