@@ -3,6 +3,7 @@ server stays up. Also health checking, reflection and the concurrency limit, wit
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 
 from conftest import RunningServer, run_server
+from inhouse.server import StartupError
 from models import add_model, sleep_model, write_model
 
 
@@ -234,3 +236,20 @@ def test_reflection(channel: grpc.Channel) -> None:
     infer = svc.methods_by_name["ModelInfer"].input_type
     assert infer.fields_by_name["raw_input_contents"].number == 7
     assert pool.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest").fields_by_name["service"].number == 1
+
+
+def test_grpc_port_in_use_fails_at_start(repo: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError) as err, run_server(repo, grpc_port=port, load="none"):
+            pass
+    assert f"Cannot listen for gRPC on 127.0.0.1:{port}" in str(err.value) and "--grpc-port" in str(err.value)
+
+
+def test_grpc_can_be_turned_off(repo: Path) -> None:
+    with run_server(repo, grpc={"enabled": False}, load="none") as srv:
+        assert srv.grpc_target is None and srv.grpc_port is None
+        with srv.client() as c:
+            assert c.get("/v2/health/live").status_code == 200

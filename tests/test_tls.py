@@ -138,3 +138,15 @@ def test_misconfiguration_fails_at_start(repo: Path, pki: Pki, case: str, tmp_pa
     with pytest.raises(StartupError) as err, run_server(repo, **settings):
         pass
     assert expected in str(err.value)
+
+
+def test_cli_reports_tls_misconfiguration(repo: Path, pki: Pki, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from inhouse.cli import app
+
+    result = CliRunner().invoke(app, [
+        "serve", "--repo", str(repo), "--http-port", "0", "--grpc-port", "0", "--data-dir", str(tmp_path / "d"),
+        "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.client.key), "--tls-client-ca", str(pki.ca.cert)])
+    assert result.exit_code == 1
+    assert "does not match the certificate" in result.output
