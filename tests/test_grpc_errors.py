@@ -12,8 +12,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 
@@ -53,6 +55,10 @@ def _fails(call: Any, status: grpc.StatusCode, code: str, *words: str) -> grpc.R
     assert _code(err) == code and err.details().startswith(f"[{code}] "), err.details()
     for w in words:
         assert w in err.details()
+    rich = rpc_status.from_call(err)  # the standard rich error model carries the code too
+    assert rich is not None and rich.message == err.details()
+    info = error_details_pb2.ErrorInfo()
+    assert rich.details[0].Unpack(info) and info.domain == "inhouse" and info.metadata["code"] == code
     return err
 
 
@@ -194,6 +200,8 @@ def test_concurrency_limit(server_factory: Any, repo: Path) -> None:
         err = _fails(lambda: stub.ServerLive(tpb.ServerLiveRequest()), grpc.StatusCode.RESOURCE_EXHAUSTED, "3004",
                      "max_concurrent_rpcs")
         assert dict(err.trailing_metadata())["retry-after"] == "1"
+        retry = error_details_pb2.RetryInfo()
+        assert rpc_status.from_call(err).details[1].Unpack(retry) and retry.retry_delay.seconds == 1
         # health checks are never refused
         health = health_pb2_grpc.HealthStub(ch)
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING

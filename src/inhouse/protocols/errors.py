@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ERROR_CODE_HEADER = "inhouse-error-code"
+ERROR_DOMAIN = "inhouse"
 
 
 def as_inhouse_error(exc: BaseException) -> InhouseError:
@@ -39,14 +40,38 @@ def v2_error_response(exc: BaseException) -> Response:
                     media_type="application/json", headers=_headers(err))
 
 
-def grpc_error(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """The gRPC status, details (``[code] message``) and trailing metadata (our code under
-    ``inhouse-error-code``, plus hints such as ``retry-after``) for any exception."""
+def grpc_error(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """The gRPC status, details (``[code] message``) and trailing metadata for any exception:
+    our code under ``inhouse-error-code``, hints such as ``retry-after``, and the standard
+    rich error model (``grpc-status-details-bin``: google.rpc.Status with an ErrorInfo whose
+    metadata holds the code, and a RetryInfo when the client should retry)."""
     import grpc
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
 
     err = as_inhouse_error(exc)
-    metadata = ((ERROR_CODE_HEADER, str(err.code)), *((k.lower(), v) for k, v in err.headers.items()))
-    return grpc.StatusCode[err.grpc_status], str(err), metadata
+    status = grpc.StatusCode[err.grpc_status]
+    details: list[Any] = [error_details_pb2.ErrorInfo(
+        reason=_snake(type(err).__name__), domain=ERROR_DOMAIN, metadata={"code": str(err.code)})]
+    retry_after = {k.lower(): v for k, v in err.headers.items()}.get("retry-after", "")
+    if retry_after.isdigit():
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(retry_after))))
+    packed = []
+    for d in details:
+        any_msg = any_pb2.Any()
+        any_msg.Pack(d)
+        packed.append(any_msg)
+    rich = status_pb2.Status(code=status.value[0], message=str(err), details=packed)
+    metadata: tuple[tuple[str, str | bytes], ...] = (
+        (ERROR_CODE_HEADER, str(err.code)), *((k.lower(), v) for k, v in err.headers.items()),
+        ("grpc-status-details-bin", rich.SerializeToString()),
+    )
+    return status, str(err), metadata
+
+
+def _snake(name: str) -> str:
+    """ShapeError → SHAPE_ERROR (google.rpc.ErrorInfo.reason style)."""
+    return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
 
 
 def openai_error_body(err: InhouseError) -> dict[str, Any]:
