@@ -261,3 +261,15 @@ def test_grpc_can_be_turned_off(repo: Path) -> None:
         assert srv.grpc_target is None and srv.grpc_port is None
         with srv.client() as c:
             assert c.get("/v2/health/live").status_code == 200
+
+
+def test_stream_burst_beyond_window(stub: Any) -> None:
+    """More requests than the stream's in-flight window (64): all answered, once each."""
+    def burst() -> Any:
+        for i in range(300):
+            req = _add_request()
+            req.id = str(i)
+            yield req
+
+    ids = [r.infer_response.id for r in stub.ModelStreamInfer(burst(), timeout=120) if not r.error_message]
+    assert sorted(ids, key=int) == [str(i) for i in range(300)]

@@ -118,9 +118,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Requests run concurrently (up to ``stream_window``); responses are written as they
-        complete. A failed request yields ``error_message`` and the stream goes on; a client
-        that half-closes gets every pending response, then the end of the stream."""
+        """Requests run concurrently; responses are written as they complete. At most
+        ``stream_window`` requests are running or waiting to be sent at once, so a client that
+        does not read its responses is not read from either (HTTP/2 flow control does the
+        rest). A failed request yields ``error_message`` and the stream goes on; a client that
+        half-closes gets every pending response, then the end of the stream."""
         done = object()
         results: asyncio.Queue[Any] = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)
@@ -137,8 +139,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name,
                                                          model_version=msg.model_version, id=msg.id),
                 )
-            finally:
-                window.release()
             results.put_nowait(out)
 
         async def read() -> None:
@@ -157,6 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (item := await results.get()) is not done:
                 yield item
+                window.release()  # only once sent: a client that stops reading stops being read
             await reader
         except Exception as exc:
             await abort(context, exc)
