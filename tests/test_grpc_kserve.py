@@ -192,3 +192,19 @@ def test_metadata_for_unknown_model_is_not_found(client: Any) -> None:
     with pytest.raises(InferenceServerException) as err:
         client.is_model_ready("nope")
     assert err.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_grpc_calls_show_in_metrics(client: Any, server: RunningServer) -> None:
+    """The observability interceptor sits on the real gRPC front end (server.grpc_interceptors)."""
+    a = np.ones((1, 4), np.float32)
+    client.infer("add", _inputs(a, a))
+    with pytest.raises(InferenceServerException):
+        client.infer("nope", _inputs(a, a))
+    with server.client() as c:
+        text = c.get("/metrics").text
+    ok = [line for line in text.splitlines() if line.startswith("grpc_server_handled_total{")
+          and 'grpc_method="ModelInfer"' in line and 'grpc_code="OK"' in line]
+    missing = [line for line in text.splitlines() if line.startswith("grpc_server_handled_total{")
+               and 'grpc_method="ModelInfer"' in line and 'grpc_code="NOT_FOUND"' in line]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
+    assert missing and float(missing[0].rsplit(" ", 1)[1]) >= 1
