@@ -9,7 +9,8 @@ another (raw calls/s and p50). Server: ``inhouse serve`` in a subprocess; the lo
 the same pre-built ``ModelInferRequest`` with ``raw_input_contents`` (what tritonclient and
 perf_analyzer send) and reading ``raw_output_contents``. Reported per point: requests/s,
 p50 / p99 latency, ``ratio_to_raw`` (server requests/s ÷ raw calls/s) and ``p50_minus_raw_ms``
-(what the transport, data plane and scheduling add to one call).
+(what the transport, data plane and scheduling add to one call), and the server process's
+CPU time per request (steadier than requests/s on a shared machine).
 
 Models, built with onnx.helper and random weights (no download):
 * ``mlp`` (overhead-bound): FP32 [batch, 32] → 64 → 2, softmax.
@@ -100,8 +101,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def serve(repo: Path) -> Iterator[str]:
+def serve(repo: Path) -> Iterator[tuple[str, int]]:
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "INHOUSE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(
@@ -123,13 +131,14 @@ def serve(repo: Path) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("inhouse serve did not become ready")
                 time.sleep(0.2)
-        yield target
+        yield target, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-async def load(target: str, request: Any, concurrency: int, seconds: float, warmup: float) -> dict[str, float]:
+async def load(target: str, request: Any, concurrency: int, seconds: float, warmup: float,
+               server_pid: int) -> dict[str, float]:
     async with grpc.aio.insecure_channel(target) as ch:
         infer = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer
         lat: list[float] = []
@@ -142,17 +151,23 @@ async def load(target: str, request: Any, concurrency: int, seconds: float, warm
                 if measuring:
                     lat.append(time.perf_counter() - now)
 
+        cpu: list[float] = []
+
         async def clock() -> None:
             nonlocal measuring
             await asyncio.sleep(warmup)
             measuring = True
+            cpu.append(process_cpu_s(server_pid))
+            await asyncio.sleep(seconds)
+            cpu.append(process_cpu_s(server_pid))
 
         t_clock = asyncio.create_task(clock())
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         await t_clock
     lat.sort()
     return {"rps": len(lat) / seconds, "p50_ms": lat[len(lat) // 2] * 1e3,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3}
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+            "server_cpu_us_per_req": (cpu[1] - cpu[0]) / max(len(lat), 1) * 1e6}
 
 
 def main() -> None:
@@ -176,7 +191,7 @@ def main() -> None:
             (repo / name / "1" / "model.onnx").write_bytes(onnx_bytes)
             (repo / name / "model.yaml").write_text(yaml.safe_dump({"name": name, "backend": "onnxruntime"}))
             built[name] = (onnx_bytes, np.random.default_rng(2).standard_normal((1, width)).astype(np.float32))
-        with serve(repo) as target:
+        with serve(repo) as (target, server_pid):
             for name in names:
                 onnx_bytes, x = built[name]
                 raw = raw_reference(onnx_bytes, x, args.duration)
@@ -186,7 +201,7 @@ def main() -> None:
                 req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
                 req.raw_input_contents.append(x.tobytes())
                 for c in levels:
-                    r = asyncio.run(load(target, req, c, args.duration, args.warmup))
+                    r = asyncio.run(load(target, req, c, args.duration, args.warmup, server_pid))
                     row = {"model": name, "transport": "grpc", "concurrency": c,
                            **{k: round(v, 3) for k, v in r.items()},
                            "raw_rps": round(raw["rps"], 1), "raw_p50_ms": round(raw["p50_ms"], 4),
@@ -195,7 +210,8 @@ def main() -> None:
                     results.append(row)
                     print(f"{name:6} grpc c={c:<3} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
                           f"p99 {r['p99_ms']:.3f} ms  ratio_to_raw {row['ratio_to_raw']:.3f}  "
-                          f"p50-raw {row['p50_minus_raw_ms']:.3f} ms", flush=True)
+                          f"p50-raw {row['p50_minus_raw_ms']:.3f} ms  "
+                          f"server CPU {r['server_cpu_us_per_req']:.0f} us/req", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
