@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,9 @@ from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_ba
 from inhouse.core.datatypes import numpy_dtype
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository
-from inhouse.core.scheduler import DirectScheduler, Scheduler
+from inhouse.core.scheduler import DynamicBatcher, Scheduler
 from inhouse.core.spec import ModelSpec
-from inhouse.errors import InhouseError, ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from inhouse.errors import InhouseError, ModelLoadError, ModelNotFoundError, ModelNotReadyError, ModelSpecError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ModelManager:
         load_workers: int = 2,
     ) -> None:
         self.repository = repository
-        self._scheduler_factory = scheduler_factory or (lambda m, s: DirectScheduler(m, s))
+        self._scheduler_factory = scheduler_factory or (lambda m, s: DynamicBatcher(m, s))
         self._decryptor = decryptor
         self._backend_options = backend_options or {}
         self._drain_timeout_s = drain_timeout_s
@@ -220,7 +221,7 @@ class ModelManager:
         started = time.perf_counter()
         log.info("loading model", extra={"model": mv.name, "version": mv.version})
         try:
-            model = await loop.run_in_executor(self._loader, self._load_blocking, mv)
+            model, scheduler = await loop.run_in_executor(self._loader, self._load_blocking, mv)
         except InhouseError as err:
             mv.state, mv.reason, mv.code = ModelState.FAILED, err.message, err.code
             log.error("model load failed", extra={"model": mv.name, "version": mv.version,
@@ -241,26 +242,26 @@ class ModelManager:
             self._notify(mv.name, mv.version, ModelState.FAILED)
             raise err3 from None
         mv.model = model
-        mv.scheduler = self._scheduler_factory(model, mv.spec)
-        attach_recorders(self.recorders, mv.name, mv.version, mv.scheduler, model)
+        mv.scheduler = scheduler
         mv.state, mv.reason, mv.code = ModelState.READY, "", None
         mv.loaded_at = time.time()
         log.info("model ready", extra={"model": mv.name, "version": mv.version,
                                        "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
         self._notify(mv.name, mv.version, ModelState.READY)
 
-    def _load_blocking(self, mv: ModelVersion) -> LoadedModel:
+    def _load_blocking(self, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
         backend = get_backend(mv.spec.backend)
         model_dir = self.repository.root / mv.name
         ctx = LoadContext(model_dir=model_dir, version_dir=model_dir / str(mv.version), spec=mv.spec,
                           decryptor=self._decryptor, options=self._backend_options)
         model = backend.load(ctx)
         try:
-            warmup(model, mv.spec)
+            warmup(model, mv.spec, model_dir)
+            scheduler = self._scheduler_factory(model, mv.spec)
         except BaseException:
             model.close()
             raise
-        return model
+        return model, scheduler
 
     async def unload(self, name: str) -> list[ModelVersion]:
         async with self._lock(name):
@@ -377,10 +378,59 @@ def synthetic_inputs(model: LoadedModel, batch: int = 1) -> dict[str, np.ndarray
     return out
 
 
-def warmup(model: LoadedModel, spec: ModelSpec) -> None:
-    """Run the spec's warm-up samples so the first real request does not pay for lazy init."""
-    if spec.warmup.samples <= 0:
-        return
-    sample = synthetic_inputs(model)
-    for _ in range(spec.warmup.samples):
+def warmup_samples(model: LoadedModel, spec: ModelSpec, model_dir: Path) -> list[dict[str, np.ndarray]]:
+    """The warm-up calls to make: the user's ``warmup.file`` (.npz, one array per input name,
+    used as one request) or synthetic zeros at batch 1 and at each preferred batch size."""
+    cfg = spec.warmup
+    if cfg.file:
+        return [_load_npz(model, spec, model_dir / cfg.file)] * max(1, cfg.samples)
+    if cfg.samples <= 0:
+        return []
+    sizes = [1]
+    if spec.batching.max_batch_size > 0 and model.inputs and all(t.shape and t.shape[0] == -1
+                                                                 for t in model.inputs):
+        sizes += [b for b in spec.batching.preferred_batch_sizes if b > 1]
+    return [synthetic_inputs(model, sizes[i % len(sizes)]) for i in range(max(cfg.samples, len(sizes)))]
+
+
+def _load_npz(model: LoadedModel, spec: ModelSpec, path: Path) -> dict[str, np.ndarray]:
+    where = f"warmup.file of model '{spec.name}' ({path})"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise ModelSpecError(f"The {where} does not exist; create it with numpy.savez or remove warmup.file.") from None
+    except (OSError, ValueError) as err:
+        raise ModelSpecError(f"The {where} is not a readable .npz file: {err}.") from None
+    names = {t.name for t in model.inputs}
+    unknown = sorted(set(arrays) - names)
+    missing = sorted(t.name for t in model.inputs if t.name not in arrays and not t.optional)
+    if unknown or missing:
+        raise ModelSpecError(
+            f"The {where} must hold one array per model input {sorted(names)}; "
+            f"{'unknown: ' + str(unknown) if unknown else ''}{' ' if unknown and missing else ''}"
+            f"{'missing: ' + str(missing) if missing else ''}."
+        )
+    for t in model.inputs:
+        arr = arrays.get(t.name)
+        if arr is None:
+            continue
+        if t.dtype == "BYTES":
+            if arr.dtype.kind not in ("U", "S"):
+                raise ModelSpecError(f"The {where}: input '{t.name}' is BYTES, so the array must hold text.")
+            arrays[t.name] = np.vectorize(lambda x: x.encode() if isinstance(x, str) else x,
+                                          otypes=[object])(arr)
+        elif arr.dtype != numpy_dtype(t.dtype):
+            raise ModelSpecError(f"The {where}: input '{t.name}' must be {t.dtype} "
+                                 f"({numpy_dtype(t.dtype)}), not {arr.dtype}.")
+        if arr.ndim != len(t.shape) or any(w != -1 and g != w for g, w in zip(arr.shape, t.shape, strict=False)):
+            raise ModelSpecError(f"The {where}: input '{t.name}' has shape {list(arr.shape)}, which does not "
+                                 f"match {t.shape}.")
+    return arrays
+
+
+def warmup(model: LoadedModel, spec: ModelSpec, model_dir: Path) -> None:
+    """Run the warm-up calls so the first real request does not pay for lazy initialisation
+    (memory arenas, kernel selection); the model turns READY only after them."""
+    for sample in warmup_samples(model, spec, model_dir):
         model.predict(sample, None)

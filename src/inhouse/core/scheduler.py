@@ -1,23 +1,45 @@
-"""How requests reach a loaded model. ``DirectScheduler`` runs each request as its own
-backend call on the model's instance threads, with a bounded queue and deadlines."""
+"""How requests reach a loaded model: ``DynamicBatcher`` owns a model's priority queue, its
+clock, the requests' deadlines and N instance threads. Batch assembly itself lives in
+``batching.py``; this module is the concurrency around it.
+
+The hot path is: ``submit`` queues the request and asks for a dispatch at the end of the
+current event-loop iteration (so requests that arrive together leave together); a free
+instance thread joins the batch, runs the model, splits the outputs and hands all results
+back to the loop with one wake-up."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import logging
+import math
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from inhouse.backends import LoadedModel
-from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
+from inhouse.core.batching import DONE, QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
 from inhouse.core.spec import ModelSpec
-from inhouse.errors import DeadlineExceededError, QueueFullError
+from inhouse.errors import (
+    DatatypeError,
+    DeadlineExceededError,
+    InferenceError,
+    InhouseError,
+    InputNameError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    QueueFullError,
+    ShapeError,
+)
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 
 
 class Scheduler(Protocol):
@@ -30,25 +52,79 @@ class Scheduler(Protocol):
     async def close(self) -> None: ...
 
 
-class DirectScheduler:
-    """One backend call per request, at most ``instances.count`` at a time."""
+@dataclass
+class SchedulerStats:
+    """Counters for tests, metrics and the bench (requests counts one per submitted chunk)."""
+
+    submitted: int = 0
+    executed: int = 0
+    batches: int = 0
+    batched_rows: int = 0
+    rejected: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+
+class _Instance:
+    """One worker thread running batches on the model. Instances share the loaded model
+    (onnxruntime sessions are safe to run from several threads)."""
+
+    def __init__(self, index: int, name: str, run: Callable[[_Instance, Batch], None]) -> None:
+        self.index = index
+        self.busy = False
+        self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._run = run
+        self._thread = threading.Thread(target=self._loop, name=f"inhouse-{name}-{index}", daemon=True)
+        self._thread.start()
+
+    def send(self, batch: Batch | None) -> None:
+        self._inbox.put(batch)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._inbox.get()
+            if batch is None:
+                return
+            self._run(self, batch)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class DynamicBatcher:
+    """Per-model dynamic batcher with priorities, a bounded queue, deadlines and N instances.
+
+    ``max_batch_size: 0`` turns batching off: every request is its own backend call, but the
+    queue, priorities, deadlines and instances work the same."""
 
     def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
                  recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER) -> None:
         self._model = model
         self._recorder = recorder
         self._spec = spec
+        self._name = spec.name
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=spec.instances.count,
-                                            thread_name_prefix=f"inhouse-{spec.name}")
-        self._pending = 0
-        self._max_pending = spec.batching.max_queue_size + spec.instances.count
-        default = spec.batching.default_timeout_ms
-        self._default_timeout = default / 1000 if default else None
-        self._ema_s = 0.001
+        self._cfg = spec.batching
+        self._layout = TensorLayout(spec.name, model.inputs, model.outputs, self._cfg.max_batch_size > 0)
+        self._queue = BatchQueue(self._cfg)
+        self._default_timeout = self._cfg.default_timeout_ms / 1000 if self._cfg.default_timeout_ms else None
+        self._default_priority = self._cfg.priority_levels - 1
+        self._instances = [_Instance(i, spec.name, self._execute) for i in range(spec.instances.count)]
+        self._idle: list[_Instance] = list(self._instances)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._running = 0
+        self._seq = 0
+        self._closed = False
+        self._ema_batch_s = 0.001
+        self.stats = SchedulerStats()
 
+    # ---- public ---------------------------------------------------------------------------
     def queue_depth(self) -> int:
-        return self._pending
+        return len(self._queue)
 
     def set_recorder(self, recorder: SchedulerRecorder) -> None:
         """Metrics for this model version: queue and compute time, batch sizes."""
@@ -56,46 +132,226 @@ class DirectScheduler:
 
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, *,
                      priority: int | None = None, timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        if self._pending >= self._max_pending:
-            retry = max(1, round(self._pending * self._ema_s / self._spec.instances.count))
-            raise QueueFullError(
-                f"Model '{self._spec.name}' has {self._pending} requests waiting, its queue limit "
-                f"(batching.max_queue_size); retry after about {retry} s.",
-                headers={"Retry-After": str(retry)},
-            )
+        if self._closed:
+            raise ModelNotReadyError(f"Model '{self._name}' is unloading; retry.")
+        level = self._level(priority)
+        rows, key = self._layout.rows_and_key(inputs, outputs)
         timeout = timeout_s if timeout_s is not None else self._default_timeout
-        deadline = self._clock() + timeout if timeout is not None else None
-        self._pending += 1
-        loop = asyncio.get_running_loop()
-        try:
-            # run in the request's context, so recorders can attribute queue / compute time to it
-            fut = loop.run_in_executor(self._executor, contextvars.copy_context().run, self._run, inputs,
-                                       outputs, deadline, self._clock())
-            if deadline is None:
-                return await fut
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - self._clock()))
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"Request to model '{self._spec.name}' exceeded its {timeout * 1000:.0f} ms "
-                    "deadline; raise the request 'timeout' or batching.default_timeout_ms."
-                ) from None
-        finally:
-            self._pending -= 1
-
-    def _run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None,
-             deadline: float | None, submitted: float) -> dict[str, np.ndarray]:
-        start = self._clock()
-        self._recorder.observe_queue(start - submitted)
-        if deadline is not None and start > deadline:
-            raise DeadlineExceededError(
-                f"Request to model '{self._spec.name}' waited past its deadline and was not run."
-            )
-        result = self._model.predict(inputs, outputs)
-        took = self._clock() - start
-        self._recorder.observe_compute(took, 1)
-        self._ema_s = 0.9 * self._ema_s + 0.1 * took
-        return result
+        now = self._clock()
+        deadline = now + timeout if timeout is not None else None
+        max_rows = self._cfg.max_batch_size
+        if max_rows and rows > max_rows:
+            return await self._submit_chunked(inputs, outputs, rows, key, level, now, deadline, timeout)
+        self._admit(1)
+        p = Pending(inputs, outputs, rows, key, level, now, deadline)
+        return await self._wait(self._enqueue(p), p, timeout)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Fail what is still queued, let running batches finish, stop the instance threads."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for p in self._queue.drain():
+            self._fail(p, ModelNotReadyError(f"Model '{self._name}' was unloaded before the request ran; retry."))
+        for inst in self._instances:
+            inst.send(None)
+        loop = asyncio.get_running_loop()
+        for inst in self._instances:
+            await loop.run_in_executor(None, inst.join, 30.0)
+
+    # ---- admission --------------------------------------------------------------------------
+    def _level(self, priority: int | None) -> int:
+        if priority is None:
+            return self._default_priority
+        if priority >= self._cfg.priority_levels:
+            raise InvalidRequestError(
+                f"Priority {priority} is out of range for model '{self._name}', which has "
+                f"{self._cfg.priority_levels} priority level(s): use 0 (first) to "
+                f"{self._cfg.priority_levels - 1}."
+            )
+        return priority
+
+    def _admit(self, n: int) -> None:
+        depth = len(self._queue)
+        if depth + n > self._cfg.max_queue_size:
+            self.stats.rejected += 1
+            per_batch = max(1, self._cfg.max_batch_size)
+            wait_s = depth / per_batch * self._ema_batch_s / len(self._instances)
+            retry = max(1, math.ceil(wait_s))
+            raise QueueFullError(
+                f"Model '{self._name}' has {depth} requests queued, its limit (batching.max_queue_size "
+                f"{self._cfg.max_queue_size}); retry after about {retry} s.",
+                headers={"Retry-After": str(retry)},
+            )
+
+    def _enqueue(self, p: Pending) -> asyncio.Future[dict[str, np.ndarray]]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        p.future = fut
+        self._seq += 1
+        p.seq = self._seq
+        if p.deadline is not None:
+            p.timer = loop.call_at(loop.time() + (p.deadline - p.enqueued), self._expire, p)
+        self._queue.push(p)
+        self.stats.submitted += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    async def _wait(self, fut: asyncio.Future[dict[str, np.ndarray]], p: Pending,
+                    budget_s: float | None) -> dict[str, np.ndarray]:
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # the caller went away (client disconnect): a queued request never runs
+            if p.state == QUEUED:
+                self._queue.discard(p)
+                self.stats.cancelled += 1
+            if p.timer is not None:
+                p.timer.cancel()
+            raise
+        except DeadlineExceededError:
+            raise DeadlineExceededError(
+                f"Request to model '{self._name}' exceeded its {budget_s * 1000 if budget_s else 0:.0f} ms "
+                "deadline; raise the request's 'timeout' parameter or batching.default_timeout_ms."
+            ) from None
+
+    async def _submit_chunked(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, rows: int,
+                              key: object, level: int, now: float, deadline: float | None,
+                              budget_s: float | None) -> dict[str, np.ndarray]:
+        """A request larger than max_batch_size runs as chunks; outputs are joined in order."""
+        size = self._cfg.max_batch_size
+        starts = range(0, rows, size)
+        self._admit(len(starts))
+        chunks = [Pending({k: v[s:s + size] for k, v in inputs.items()}, outputs, min(size, rows - s), key,
+                          level, now, deadline) for s in starts]
+        futures = [self._enqueue(p) for p in chunks]
+        waits = [asyncio.ensure_future(self._wait(f, p, budget_s)) for f, p in zip(futures, chunks, strict=True)]
+        try:
+            parts = await asyncio.gather(*waits)
+        except BaseException:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            raise
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+
+    # ---- dispatch (event loop) -------------------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._idle and not self._closed:
+            now = self._clock()
+            nxt = self._queue.next_batch(now, hold=self._running > 0)
+            if nxt is None:
+                return
+            if isinstance(nxt, float):
+                self._arm(nxt - now)
+                return
+            for p in nxt.expired:
+                self._expire(p)
+            if not nxt.requests:
+                continue
+            inst = self._idle.pop(0)
+            inst.busy = True
+            self._running += 1
+            inst.send(nxt)
+
+    def _arm(self, delay_s: float) -> None:
+        if self._loop is None:
+            return
+        at = self._loop.time() + max(0.0, delay_s)
+        if self._timer is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._flush()
+
+    def _expire(self, p: Pending) -> None:
+        """A deadline passed: a queued request is dropped (never runs); a running one is
+        answered now and its result discarded when it arrives."""
+        if p.state == DONE and (p.future is None or p.future.done()):
+            return
+        self._queue.discard(p)
+        p.state = DONE
+        self.stats.expired += 1
+        self._fail(p, DeadlineExceededError(f"Request to model '{self._name}' exceeded its deadline."))
+
+    def _fail(self, p: Pending, err: BaseException) -> None:
+        p.state = DONE
+        if p.timer is not None:
+            p.timer.cancel()
+        if p.future is not None and not p.future.done():
+            p.future.set_exception(err)
+
+    # ---- execution (instance threads) ------------------------------------------------------
+    def _execute(self, inst: _Instance, batch: Batch) -> None:
+        start = time.perf_counter()
+        requests = batch.requests
+        results: list[dict[str, np.ndarray] | BaseException]
+        try:
+            results = list(self._run_batch(requests))
+        except InhouseError as err:
+            if len(requests) > 1 and isinstance(err, _INPUT_ERRORS):
+                results = [self._run_alone(p) for p in requests]  # isolate the offending request
+            else:
+                results = [err] * len(requests)
+        except MemoryError:
+            from inhouse.errors import OutOfMemoryError
+
+            results = [OutOfMemoryError(f"Out of memory running model '{self._name}'; lower "
+                                        "batching.max_batch_size or send smaller requests.")] * len(requests)
+        except Exception as exc:
+            log.exception("model call failed", extra={"model": self._name})
+            results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
+        elapsed = time.perf_counter() - start
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed)
+
+    def _run_batch(self, requests: list[Pending]) -> list[dict[str, np.ndarray]]:
+        feed, lengths = self._layout.join(requests)
+        out = self._model.predict(feed, requests[0].outputs)
+        return self._layout.split(requests, out, lengths)
+
+    def _run_alone(self, p: Pending) -> dict[str, np.ndarray] | BaseException:
+        try:
+            return self._model.predict(p.inputs, p.outputs)
+        except BaseException as err:
+            return err if isinstance(err, InhouseError) else InferenceError(
+                f"Model '{self._name}' failed: {type(err).__name__}.")
+
+    def _complete(self, inst: _Instance, batch: Batch, results: list[dict[str, np.ndarray] | BaseException],
+                  elapsed: float) -> None:
+        inst.busy = False
+        self._idle.append(inst)
+        self._running -= 1
+        self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
+        st = self.stats
+        st.batches += 1
+        st.batched_rows += batch.rows
+        st.executed += len(batch.requests)
+        for p, res in zip(batch.requests, results, strict=True):
+            if p.timer is not None:
+                p.timer.cancel()
+            p.state = DONE
+            fut = p.future
+            if fut is None or fut.done():
+                continue
+            if isinstance(res, BaseException):
+                st.failed += 1
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+        self._flush()
+
+
+__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "Scheduler", "SchedulerStats"]

@@ -3,11 +3,16 @@ compression tritonclient may use (gzip / deflate), decompressed under the same l
 
 from __future__ import annotations
 
+import asyncio
 import zlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from inhouse.errors import InvalidRequestError, PayloadTooLargeError
+from inhouse.errors import CancelledError, InvalidRequestError, PayloadTooLargeError
+
+T = TypeVar("T")
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:
@@ -47,3 +52,33 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(limit)
         return out
     raise InvalidRequestError(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none.")
+
+
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` in the current task, cancelling it if the client disconnects first, so a
+    queued inference request never runs for nobody. Call only after the body was read: the
+    server's ``receive`` then blocks until the connection closes."""
+    task = asyncio.current_task()
+    if task is None:
+        return await work
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+                return
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise CancelledError("The client closed the connection; the request was cancelled.") from None
+    finally:
+        watcher.cancel()

@@ -14,7 +14,7 @@ from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.errors import v2_error_response
-from inhouse.protocols.http_body import read_body
+from inhouse.protocols.http_body import cancel_on_disconnect, read_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 
 _TENSOR_SCHEMA = {
@@ -129,18 +129,14 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
                  openapi_extra=_INFER_DOC)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
         try:
-            try:
-                body = await read_body(request, max_request_bytes)
-                req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
-                header_priority = request.headers.get("inhouse-priority")
-                if header_priority is not None and req.priority is None:
-                    if not header_priority.isdigit():
-                        raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
-                    req.priority = int(header_priority)
-            except Exception as exc:
-                dataplane.infer_rejected(model, exc)
-                raise
-            resp = await dataplane.infer(req)
+            body = await read_body(request, max_request_bytes)
+            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
+            header_priority = request.headers.get("inhouse-priority")
+            if header_priority is not None and req.priority is None:
+                if not header_priority.isdigit():
+                    raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
+                req.priority = int(header_priority)
+            resp = await cancel_on_disconnect(request, dataplane.infer(req))
             content, headers = render_infer_response(resp, req)
             return Response(content, headers=headers)
         except Exception as exc:

@@ -1,0 +1,150 @@
+"""Deterministic tests of batch assembly: the queue and its leave rule driven by a fake clock,
+and joining / padding / splitting tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inhouse.core.batching import QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.spec import BatchingSpec, TensorSpec
+from inhouse.errors import InferenceError, ModelSpecError, ShapeError
+
+
+def _p(rows: int = 1, *, key: object = "k", priority: int = 0, t: float = 0.0,
+       deadline: float | None = None, tag: int = 0) -> Pending:
+    x = np.full((rows, 2), tag, np.float32)
+    return Pending({"x": x}, None, rows, key, priority, t, deadline)
+
+
+def _queue(**kw: object) -> BatchQueue:
+    cfg = {"max_batch_size": 8, "max_queue_delay_ms": 10.0, "priority_levels": 2, **kw}
+    return BatchQueue(BatchingSpec.model_validate(cfg))
+
+
+def test_waits_for_company_only_while_busy() -> None:
+    q = _queue()
+    q.push(_p(t=0.0))
+    # an idle model does not hold a lone request back
+    assert isinstance(q.next_batch(0.0, hold=False), Batch)
+    q.push(_p(priority=1, t=1.0))
+    # while other work runs it waits until the oldest request is max_queue_delay old
+    assert q.next_batch(1.001, hold=True) == pytest.approx(1.010)
+    q.push(_p(priority=1, t=1.004))
+    b = q.next_batch(1.010, hold=True)
+    assert isinstance(b, Batch) and b.rows == 2 and len(q) == 0
+
+
+def test_full_batch_and_preferred_sizes_leave_at_once() -> None:
+    q = _queue(preferred_batch_sizes=[4])
+    for i in range(3):
+        q.push(_p(priority=1, t=0.0, tag=i))
+    assert isinstance(q.next_batch(0.0, hold=True), float)
+    q.push(_p(priority=1, t=0.0))
+    b = q.next_batch(0.0, hold=True)
+    assert isinstance(b, Batch) and b.rows == 4
+    q2 = _queue()
+    for _ in range(10):
+        q2.push(_p(priority=1))
+    b = q2.next_batch(0.0, hold=True)
+    assert isinstance(b, Batch) and b.rows == 8 and len(q2) == 2
+
+
+def test_priority_zero_goes_first_and_skips_the_delay() -> None:
+    q = _queue()
+    low = [_p(priority=1, t=0.0, tag=i) for i in range(3)]
+    for p in low:
+        q.push(p)
+    high = _p(priority=0, t=0.5, tag=99)
+    q.push(high)
+    b = q.next_batch(0.5, hold=True)
+    assert isinstance(b, Batch)
+    assert b.requests[0] is high and b.requests[1:] == low  # same key: the low ones ride along
+
+
+def test_incompatible_requests_do_not_share_a_batch() -> None:
+    q = _queue()
+    a, b, c = _p(key="a", priority=1), _p(key="b", priority=1), _p(key="a", priority=1)
+    for p in (a, b, c):
+        q.push(p)
+    first = q.next_batch(1.0, hold=False)
+    assert isinstance(first, Batch) and first.requests == [a, c]
+    second = q.next_batch(1.0, hold=False)
+    assert isinstance(second, Batch) and second.requests == [b]
+    assert q.next_batch(1.0, hold=False) is None
+
+
+def test_expired_requests_are_dropped_never_batched() -> None:
+    q = _queue()
+    stale = _p(priority=1, t=0.0, deadline=0.005)
+    fresh = _p(priority=1, t=0.0)
+    q.push(stale)
+    q.push(fresh)
+    b = q.next_batch(0.006, hold=False)
+    assert isinstance(b, Batch) and b.requests == [fresh] and b.expired == [stale]
+    assert fresh.state == RUNNING and stale.state != QUEUED and len(q) == 0
+
+
+def test_discarded_requests_are_skipped() -> None:
+    q = _queue()
+    gone, kept = _p(priority=1), _p(priority=1)
+    q.push(gone)
+    q.push(kept)
+    q.discard(gone)
+    assert len(q) == 1
+    b = q.next_batch(0.0, hold=False)
+    assert isinstance(b, Batch) and b.requests == [kept]
+
+
+def test_batching_off_runs_one_request_per_call_by_priority() -> None:
+    q = _queue(max_batch_size=0)
+    a, b = _p(priority=1), _p(priority=0)
+    q.push(a)
+    q.push(b)
+    first = q.next_batch(0.0, hold=True)
+    assert isinstance(first, Batch) and first.requests == [b]
+
+
+def _layout(pad: bool = True) -> TensorLayout:
+    ins = [TensorSpec(name="ids", dtype="INT64", shape=[-1, -1], pad_value=0 if pad else None),
+           TensorSpec(name="f", dtype="FP32", shape=[-1, 3])]
+    outs = [TensorSpec(name="seq", dtype="FP32", shape=[-1, -1]), TensorSpec(name="pooled", dtype="FP32",
+                                                                            shape=[-1, 3])]
+    return TensorLayout("m", ins, outs, batching=True)
+
+
+def test_padding_joins_variable_lengths_and_slices_outputs_back() -> None:
+    lay = _layout()
+    reqs = []
+    for rows, length in ((1, 3), (2, 5)):
+        inputs = {"ids": np.arange(rows * length, dtype=np.int64).reshape(rows, length) + 1,
+                  "f": np.ones((rows, 3), np.float32)}
+        r, key = lay.rows_and_key(inputs, None)
+        reqs.append(Pending(inputs, None, r, key, 0, 0.0, None))
+    assert reqs[0].key == reqs[1].key  # the padded dimension does not split batches
+    feed, lengths = lay.join(reqs)
+    assert feed["ids"].shape == (3, 5) and feed["ids"][0].tolist() == [1, 2, 3, 0, 0]
+    results = {"seq": feed["ids"].astype(np.float32) * 2, "pooled": feed["f"] * 3}
+    parts = lay.split(reqs, results, lengths)
+    for req, part in zip(reqs, parts, strict=True):
+        np.testing.assert_array_equal(part["seq"], req.inputs["ids"] * 2)
+        np.testing.assert_array_equal(part["pooled"], req.inputs["f"] * 3)
+
+
+def test_without_pad_value_lengths_split_batches() -> None:
+    lay = _layout(pad=False)
+    k1 = lay.rows_and_key({"ids": np.zeros((1, 3), np.int64), "f": np.zeros((1, 3), np.float32)}, None)[1]
+    k2 = lay.rows_and_key({"ids": np.zeros((1, 4), np.int64), "f": np.zeros((1, 3), np.float32)}, None)[1]
+    assert k1 != k2
+
+
+def test_layout_errors() -> None:
+    lay = _layout()
+    with pytest.raises(ShapeError, match="disagree on the batch size"):
+        lay.rows_and_key({"ids": np.zeros((2, 3), np.int64), "f": np.zeros((1, 3), np.float32)}, None)
+    with pytest.raises(ModelSpecError, match="dynamic first"):
+        TensorLayout("m", [TensorSpec(name="x", dtype="FP32", shape=[1, 3])], [], batching=True)
+    reqs = [Pending({"ids": np.zeros((1, 2), np.int64), "f": np.zeros((1, 3), np.float32)}, None, 1, "k", 0,
+                    0.0, None) for _ in range(2)]
+    with pytest.raises(InferenceError, match="one row per input row"):
+        lay.split(reqs, {"pooled": np.zeros((3, 3), np.float32)}, {})
