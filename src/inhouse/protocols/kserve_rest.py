@@ -3,12 +3,14 @@ Routes parse, call the data plane, and render; nothing else."""
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
@@ -66,6 +68,71 @@ def _index_doc(e: IndexEntry) -> dict[str, Any]:
     if e.code is not None:
         doc["code"] = e.code
     return doc
+
+
+async def infer_response(dataplane: DataPlane, request: Request, model: str, version: str | None,
+                         max_request_bytes: int) -> Response:
+    """POST /v2/models/{model}[/versions/{version}]/infer."""
+    try:
+        body = await read_body(request, max_request_bytes)
+        req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
+        header_priority = request.headers.get("inhouse-priority")
+        if header_priority is not None and req.priority is None:
+            if not header_priority.isdigit():
+                raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
+            req.priority = int(header_priority)
+        resp = await cancel_on_disconnect(request, dataplane.infer(req))
+        content, headers = render_infer_response(resp, req)
+        return Response(content, headers=headers)
+    except Exception as exc:
+        return v2_error_response(exc)
+
+
+class InferFastPath:
+    """Plain ASGI middleware answering v2 infer requests without the web framework's routing,
+    dependency solving and exception layers (they cost more than a small model does). It is
+    added innermost, so every middleware outside it — compression, security, metrics — still
+    applies. Every other request passes through to the framework."""
+
+    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_request_bytes: int, gzip_min_bytes: int) -> None:
+        self.app = app
+        self.dataplane = dataplane
+        self.max_request_bytes = max_request_bytes
+        self.gzip_min_bytes = gzip_min_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = _infer_target(scope["path"])
+            if target is not None:
+                request = Request(scope, receive)
+                response = await infer_response(self.dataplane, request, target[0], target[1],
+                                                self.max_request_bytes)
+                if 0 < self.gzip_min_bytes <= len(response.body) and "gzip" in request.headers.get(
+                        "accept-encoding", ""):
+                    response = _gzipped(response)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _gzipped(response: Response) -> Response:
+    headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+    headers["content-encoding"] = "gzip"
+    headers["vary"] = "Accept-Encoding"
+    return Response(gzip.compress(bytes(response.body), compresslevel=6), status_code=response.status_code,
+                    headers=headers)
+
+
+def _infer_target(path: str) -> tuple[str, str | None] | None:
+    """(model, version) of an infer path, or None for any other path."""
+    if not path.startswith("/v2/models/") or not path.endswith("/infer"):
+        return None
+    parts = path[11:-6].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    return None
 
 
 def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
@@ -128,19 +195,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference on a version",
                  openapi_extra=_INFER_DOC)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
-        try:
-            body = await read_body(request, max_request_bytes)
-            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
-            header_priority = request.headers.get("inhouse-priority")
-            if header_priority is not None and req.priority is None:
-                if not header_priority.isdigit():
-                    raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
-                req.priority = int(header_priority)
-            resp = await cancel_on_disconnect(request, dataplane.infer(req))
-            content, headers = render_infer_response(resp, req)
-            return Response(content, headers=headers)
-        except Exception as exc:
-            return v2_error_response(exc)
+        return await infer_response(dataplane, request, model, version, max_request_bytes)
 
     @router.post("/v2/repository/index", summary="Repository index")
     async def repository_index(request: Request) -> Response:

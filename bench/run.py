@@ -1,0 +1,256 @@
+"""inhouse benchmarks: the server against raw in-process onnxruntime, measured in one run.
+
+    python bench/run.py                       # both scenarios, REST, spinning off
+    python bench/run.py --scenario mlp --duration 5
+    python bench/run.py --scenario encoder --spinning off,on --concurrency 1,8,32
+    python bench/run.py --transport rest,grpc # once bench/grpc_transport.py exists
+
+Scenarios
+* ``encoder`` (compute-bound): the BERT-like encoder at sequence 128. Reference: raw
+  onnxruntime throughput at its best batch size and its batch-1 latency. Server: batching off
+  (the foundation baseline) and on, at each concurrency.
+* ``mlp`` (overhead-bound): the 32-feature MLP. Reference: one direct in-process call.
+  Server: batching on and off at concurrency 64 and 1.
+
+The server runs as a subprocess (``inhouse serve``); the load generator (``loadgen.py``) is
+another process. Results print as a table and go to ``bench/results/<time>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from models import encoder_inputs, encoder_model, mlp_inputs, mlp_model, write  # noqa: E402
+
+V2_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+
+
+# ---- reference: raw onnxruntime in this process ---------------------------------------------
+def session(model: bytes, spinning: bool, threads: int = 0) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def time_calls(sess: ort.InferenceSession, feed: dict[str, np.ndarray], seconds: float,
+               min_calls: int = 3) -> list[float]:
+    sess.run(None, feed)
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < min_calls:
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def raw_encoder(spinning: bool, seconds: float, batches: list[int]) -> dict[str, Any]:
+    sess = session(encoder_model(), spinning)
+    per_batch = {}
+    for b in batches:
+        t = time_calls(sess, encoder_inputs(b), seconds)
+        per_batch[b] = {"seq_per_s": round(b / statistics.median(t), 2), "p50_ms": round(statistics.median(t) * 1e3, 3)}
+    best = max(per_batch, key=lambda b: per_batch[b]["seq_per_s"])
+    return {"per_batch": per_batch, "best_batch": best, "best_seq_per_s": per_batch[best]["seq_per_s"],
+            "batch1_p50_ms": per_batch[1]["p50_ms"]}
+
+
+def raw_mlp(seconds: float) -> dict[str, Any]:
+    sess = session(mlp_model(), spinning=False, threads=1)
+    t1 = time_calls(sess, mlp_inputs(1), seconds)
+    t64 = time_calls(sess, mlp_inputs(64), seconds)
+    return {"call_p50_us": round(statistics.median(t1) * 1e6, 2),
+            "batch1_rps": round(1 / statistics.median(t1)), "batch64_rows_per_s": round(64 / statistics.median(t64))}
+
+
+# ---- the server and the load generator ------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    http, grpc = free_port(), free_port()
+    env = {**os.environ, **(extra_env or {})}
+    cmd = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--log-level", "warning",
+           "--data-dir", str(repo.parent / "data")]
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        end = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError("the server did not become ready")
+            time.sleep(0.2)
+        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def payload_file(feed: dict[str, np.ndarray], folder: Path, name: str) -> Path:
+    """The request as a v2 JSON header plus binary tensor data (as perf_analyzer sends it)."""
+    inputs, blob = [], b""
+    for k, v in feed.items():
+        raw = np.ascontiguousarray(v).tobytes()
+        inputs.append({"name": k, "datatype": V2_TYPES[v.dtype], "shape": list(v.shape),
+                       "parameters": {"binary_data_size": len(raw)}})
+        blob += raw
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"header": {"inputs": inputs, "parameters": {"binary_data_output": True}},
+                                "binary_hex": blob.hex(), "feed": {k: v.tolist() for k, v in feed.items()}}))
+    return path
+
+
+def load(url: str, model: str, payload: Path, transport: str, concurrency: int, duration: float,
+         warmup: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--model", model, "--payload", str(payload),
+           "--transport", transport, "-c", str(concurrency), "-d", str(duration), "--warmup", str(warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-500:]}
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for spin in args.spinning:
+        raw = raw_encoder(spin, args.raw_seconds, [1, 4, 8, 16, 32])
+        print(f"\nencoder, spinning {'on' if spin else 'off'}: raw onnxruntime {raw['per_batch']}", flush=True)
+        repo = work / f"enc-{spin}" / "models"
+        repo.mkdir(parents=True)
+        model = encoder_model()
+        ort_cfg = {"spinning": spin}
+        write(repo, "enc", model, {"onnxruntime": ort_cfg, "warmup": {"samples": 2}})
+        write(repo, "enc-batch", model, {
+            "onnxruntime": ort_cfg, "warmup": {"samples": 2},
+            "batching": {"max_batch_size": args.encoder_max_batch, "max_queue_delay_ms": 1,
+                         "max_queue_size": 2048, "priority_levels": 2}})
+        payload = payload_file(encoder_inputs(1), work, f"enc-{spin}")
+        rows = []
+        with serve(repo) as urls:
+            for transport in transports:
+                for model_name in ("enc", "enc-batch"):
+                    for c in args.concurrency:
+                        r = load(urls[transport], model_name, payload, transport, c, args.duration, args.warmup)
+                        r.update(model=model_name, batching=model_name.endswith("batch"))
+                        if "rps" in r:
+                            r["ratio_to_raw_best"] = round(r["rps"] / raw["best_seq_per_s"], 3)
+                            r["p50_minus_raw_batch1_ms"] = round(r["p50_ms"] - raw["batch1_p50_ms"], 3)
+                        rows.append(r)
+                        print(_row(r), flush=True)
+        out["spinning_on" if spin else "spinning_off"] = {"raw": raw, "server": rows}
+    return out
+
+
+def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) -> dict[str, Any]:
+    raw = raw_mlp(args.raw_seconds)
+    print(f"\nmlp: raw onnxruntime {raw}", flush=True)
+    repo = work / "mlp" / "models"
+    repo.mkdir(parents=True)
+    model = mlp_model()
+    cfg = {"onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8}}
+    write(repo, "mlp", model, cfg)
+    write(repo, "mlp-batch", model, {**cfg, "batching": {
+        "max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
+        "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}})
+    payload = payload_file(mlp_inputs(1), work, "mlp")
+    rows = []
+    with serve(repo) as urls:
+        for transport in transports:
+            for model_name in ("mlp-batch", "mlp"):
+                for c in (64, 1):
+                    r = load(urls[transport], model_name, payload, transport, c, args.duration, args.warmup)
+                    r.update(model=model_name, batching=model_name.endswith("batch"))
+                    if "p50_ms" in r:
+                        r["added_p50_us"] = round(r["p50_ms"] * 1000 - raw["call_p50_us"], 1)
+                        r["added_p99_us"] = round(r["p99_ms"] * 1000 - raw["call_p50_us"], 1)
+                    rows.append(r)
+                    print(_row(r), flush=True)
+    summary = {}
+    for transport in transports:
+        on = next((r for r in rows if r.get("transport") == transport and r["batching"] and r["concurrency"] == 64), {})
+        off = next((r for r in rows if r.get("transport") == transport and not r["batching"]
+                    and r["concurrency"] == 64), {})
+        if on.get("rps") and off.get("rps"):
+            summary[f"{transport}_batching_speedup_c64"] = round(on["rps"] / off["rps"], 2)
+    print(f"mlp summary: {summary}", flush=True)
+    return {"raw": raw, "server": rows, "summary": summary}
+
+
+def _row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"  {r.get('model')}: ERROR {r['error']}"
+    extra = {k: r[k] for k in ("ratio_to_raw_best", "p50_minus_raw_batch1_ms", "added_p50_us", "added_p99_us")
+             if k in r}
+    return (f"  {r['transport']:5} {r['model']:10} c={r['concurrency']:<3} rps={r['rps']:<9} p50={r['p50_ms']}ms "
+            f"p99={r['p99_ms']}ms errors={r['errors']} {extra}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", default="all", choices=["all", "encoder", "mlp"])
+    p.add_argument("--transport", default="rest", help="comma-separated: rest, grpc")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    p.add_argument("--raw-seconds", type=float, default=3.0, help="seconds per raw onnxruntime point")
+    p.add_argument("--concurrency", default="1,8,32", help="encoder concurrency levels")
+    p.add_argument("--encoder-max-batch", type=int, default=32)
+    p.add_argument("--spinning", default="off", help="encoder: off, on or off,on")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.spinning = [s.strip() == "on" for s in args.spinning.split(",")]
+    transports = [t.strip() for t in args.transport.split(",")]
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                                           "onnxruntime": ort.__version__}, "args": vars(args) | {"out": None}}
+    with tempfile.TemporaryDirectory(prefix="inhouse-bench-") as tmp:
+        work = Path(tmp)
+        if args.scenario in ("all", "mlp"):
+            results["mlp"] = mlp_scenario(args, work, transports)
+        if args.scenario in ("all", "encoder"):
+            results["encoder"] = encoder_scenario(args, work, transports)
+    out = args.out or HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
