@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,8 @@ class Result:
     p90_ms: float
     p99_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
+    server_cpu_us_per_req: float | None = None
+    loadgen_cpu_us_per_req: float | None = None
 
 
 def summarize(transport: str, concurrency: int, seconds: float, latencies: list[float], errors: int,
@@ -145,18 +148,54 @@ def rest_request(url: str, model: str, payload: dict[str, object]) -> bytes:
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + header + blob
 
 
+class CpuMeter:
+    """CPU seconds the server process and this process spend during the measured window:
+    under a contended machine, CPU per request is steadier than requests per second."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.pid = server_pid
+        self.marks: list[tuple[float, float]] = []
+
+    def _server_cpu(self) -> float:
+        if self.pid is None:
+            return 0.0
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def mark(self) -> None:
+        self.marks.append((self._server_cpu(), time.process_time()))
+
+    def apply(self, result: Result) -> Result:
+        if len(self.marks) == 2 and result.requests:
+            (s0, l0), (s1, l1) = self.marks
+            if self.pid is not None:
+                result.server_cpu_us_per_req = round((s1 - s0) / result.requests * 1e6, 1)
+            result.loadgen_cpu_us_per_req = round((l1 - l0) / result.requests * 1e6, 1)
+        return result
+
+
+def schedule_cpu_marks(args: argparse.Namespace) -> CpuMeter:
+    meter = CpuMeter(args.server_pid)
+    loop = asyncio.get_running_loop()
+    loop.call_later(args.warmup, meter.mark)
+    loop.call_later(args.warmup + args.duration, meter.mark)
+    return meter
+
+
 async def run_rest(args: argparse.Namespace, payload: dict[str, object]) -> Result:
     u = urlparse(args.url)
     request = rest_request(args.url, args.model, payload)
     start = time.perf_counter()
     gen = _RestLoad(start + args.warmup, start + args.warmup + args.duration)
     loop = asyncio.get_running_loop()
+    meter = schedule_cpu_marks(args)
     conns = [await loop.create_connection(lambda: _Conn(request, gen), u.hostname, u.port)
              for _ in range(args.concurrency)]
     await asyncio.wait_for(gen.finished, args.warmup + args.duration + 60)
     for transport, _ in conns:
         transport.close()
-    return summarize("rest", args.concurrency, args.duration, gen.latencies, gen.errors, gen.statuses)
+    return meter.apply(summarize("rest", args.concurrency, args.duration, gen.latencies, gen.errors, gen.statuses))
 
 
 TRANSPORTS: dict[str, Callable[[argparse.Namespace, dict[str, object]], Awaitable[Result]]] = {"rest": run_rest}
@@ -171,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-c", "--concurrency", type=int, default=1)
     p.add_argument("-d", "--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--server-pid", type=int, default=None, help="report the server's CPU time per request")
     args = p.parse_args(argv)
     if args.transport not in TRANSPORTS:
         try:

@@ -113,7 +113,7 @@ def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[
             if time.monotonic() > end:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.2)
-        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}"}
+        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
     finally:
         proc.terminate()
         try:
@@ -136,10 +136,11 @@ def payload_file(feed: dict[str, np.ndarray], folder: Path, name: str) -> Path:
     return path
 
 
-def load(url: str, model: str, payload: Path, transport: str, concurrency: int, duration: float,
+def load(urls: dict[str, str], model: str, payload: Path, transport: str, concurrency: int, duration: float,
          warmup: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--model", model, "--payload", str(payload),
-           "--transport", transport, "-c", str(concurrency), "-d", str(duration), "--warmup", str(warmup)]
+    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", urls[transport], "--model", model,
+           "--payload", str(payload), "--transport", transport, "-c", str(concurrency), "-d", str(duration),
+           "--warmup", str(warmup), "--server-pid", urls["pid"]]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-500:]}
@@ -168,7 +169,7 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
             for transport in transports:
                 for model_name in ("enc", "enc-batch"):
                     for c in args.concurrency:
-                        r = load(urls[transport], model_name, payload, transport, c, args.duration, args.warmup)
+                        r = load(urls, model_name, payload, transport, c, args.duration, args.warmup)
                         r.update(model=model_name, batching=model_name.endswith("batch"))
                         if "rps" in r:
                             r["ratio_to_raw_best"] = round(r["rps"] / raw["best_seq_per_s"], 3)
@@ -196,7 +197,7 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
         for transport in transports:
             for model_name in ("mlp-batch", "mlp"):
                 for c in (64, 1):
-                    r = load(urls[transport], model_name, payload, transport, c, args.duration, args.warmup)
+                    r = load(urls, model_name, payload, transport, c, args.duration, args.warmup)
                     r.update(model=model_name, batching=model_name.endswith("batch"))
                     if "p50_ms" in r:
                         r["added_p50_us"] = round(r["p50_ms"] * 1000 - raw["call_p50_us"], 1)
@@ -220,7 +221,8 @@ def _row(r: dict[str, Any]) -> str:
     extra = {k: r[k] for k in ("ratio_to_raw_best", "p50_minus_raw_batch1_ms", "added_p50_us", "added_p99_us")
              if k in r}
     return (f"  {r['transport']:5} {r['model']:10} c={r['concurrency']:<3} rps={r['rps']:<9} p50={r['p50_ms']}ms "
-            f"p99={r['p99_ms']}ms errors={r['errors']} {extra}")
+            f"p99={r['p99_ms']}ms errors={r['errors']} server_cpu/req={r.get('server_cpu_us_per_req')}us "
+            f"loadgen_cpu/req={r.get('loadgen_cpu_us_per_req')}us {extra}")
 
 
 def main() -> None:

@@ -62,38 +62,50 @@ async def read_body(request: Request, limit: int) -> bytes:
     raise InvalidRequestError(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none.")
 
 
-async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T], *,
-                               grace_s: float = 0.002) -> T:
-    """Await ``work`` in the current task, cancelling it if the client disconnects first, so a
-    queued inference request never runs for nobody. Call only after the body was read: the
-    server's ``receive`` then blocks until the connection closes. The watcher starts only
-    after ``grace_s``, so requests answered faster than that cost no extra task."""
+class _DisconnectWatch:
+    """Cancels ``task`` when the client goes away; started only for slow requests."""
+
+    __slots__ = ("gone", "request", "task", "timer", "watcher")
+
+    def __init__(self, request: Request, task: asyncio.Task[Any], grace_s: float) -> None:
+        self.request = request
+        self.task = task
+        self.gone = False
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(grace_s, self._start)
+
+    def _start(self) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                self.task.cancel()
+                return
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T], *, grace_s: float = 0.05) -> T:
+    """Await ``work`` in the current task, cancelling it if the client disconnects first, so
+    queued inference never runs for nobody. Call only after the body was read: the server's
+    ``receive`` then blocks until the connection closes. Watching starts after ``grace_s``:
+    requests answered sooner cost no extra task."""
     task = asyncio.current_task()
     if task is None:
         return await work
-    loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"gone": False, "watcher": None}
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                state["gone"] = True
-                task.cancel()
-                return
-
-    def start() -> None:
-        state["watcher"] = loop.create_task(watch())
-
-    timer = loop.call_later(grace_s, start)
+    watch = _DisconnectWatch(request, task, grace_s)
     try:
         return await work
     except asyncio.CancelledError:
-        if not state["gone"]:
+        if not watch.gone:
             raise
         task.uncancel()
         raise CancelledError("The client closed the connection; the request was cancelled.") from None
     finally:
-        timer.cancel()
-        if state["watcher"] is not None:
-            state["watcher"].cancel()
+        watch.stop()
