@@ -153,15 +153,17 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
     out: dict[str, Any] = {}
     for spin in args.spinning:
         raw = raw_encoder(spin, args.raw_seconds, [1, 4, 8, 16, 32])
-        print(f"\nencoder, spinning {'on' if spin else 'off'}: raw onnxruntime {raw['per_batch']}", flush=True)
+        print(f"\nencoder, spinning {'on' if spin else 'off'}: raw onnxruntime {raw['per_batch']}, best batch "
+              f"{raw['best_batch']}", flush=True)
         repo = work / f"enc-{spin}" / "models"
         repo.mkdir(parents=True)
         model = encoder_model()
         ort_cfg = {"spinning": spin}
         write(repo, "enc", model, {"onnxruntime": ort_cfg, "warmup": {"samples": 2}})
+        max_batch = args.encoder_max_batch or raw["best_batch"]
         write(repo, "enc-batch", model, {
             "onnxruntime": ort_cfg, "warmup": {"samples": 2},
-            "batching": {"max_batch_size": args.encoder_max_batch, "max_queue_delay_ms": 1,
+            "batching": {"max_batch_size": max_batch, "max_queue_delay_ms": 1,
                          "max_queue_size": 2048, "priority_levels": 2}})
         payload = payload_file(encoder_inputs(1), work, f"enc-{spin}")
         rows = []
@@ -176,7 +178,7 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
                             r["p50_minus_raw_batch1_ms"] = round(r["p50_ms"] - raw["batch1_p50_ms"], 3)
                         rows.append(r)
                         print(_row(r), flush=True)
-        out["spinning_on" if spin else "spinning_off"] = {"raw": raw, "server": rows}
+        out["spinning_on" if spin else "spinning_off"] = {"raw": raw, "max_batch_size": max_batch, "server": rows}
     return out
 
 
@@ -233,7 +235,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     p.add_argument("--raw-seconds", type=float, default=3.0, help="seconds per raw onnxruntime point")
     p.add_argument("--concurrency", default="1,8,32", help="encoder concurrency levels")
-    p.add_argument("--encoder-max-batch", type=int, default=32)
+    p.add_argument("--encoder-max-batch", type=int, default=0,
+                   help="batching.max_batch_size of the batched encoder; 0 = raw onnxruntime's best batch size")
     p.add_argument("--spinning", default="off", help="encoder: off, on or off,on")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
