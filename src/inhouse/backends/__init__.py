@@ -58,7 +58,10 @@ class LoadContext:
 
 
 class LoadedModel(Protocol):
-    """A model version held in memory, ready to predict."""
+    """A model version held in memory, ready to predict. A model may also set a class
+    attribute ``inline_safe = True`` when its ``predict`` never blocks on other Python threads:
+    the scheduler then runs calls it measured as very cheap on the event loop, sparing the
+    thread hand-off."""
 
     platform: str
     inputs: list[TensorSpec]

@@ -129,6 +129,9 @@ def _dims(shape: Any) -> list[int]:
 
 class OnnxModel:
     platform = "onnxruntime_onnx"
+    # run() releases the GIL and never blocks on Python code: a call the scheduler measured as
+    # cheap may run on the event loop itself
+    inline_safe = True
 
     def __init__(self, session: ort.InferenceSession, inputs: list[TensorSpec],
                  outputs: list[TensorSpec]) -> None:

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
+# Calls this cheap (moving average) run on the event loop instead of an instance thread: a
+# thread hand-off and the wake-up back cost more than the model. At most a burst of them runs
+# before other work on the loop gets its turn.
+_INLINE_MAX_S = 250e-6
+_INLINE_BURST = 8
 
 
 class Scheduler(Protocol):
@@ -64,6 +69,7 @@ class SchedulerStats:
     expired: int = 0
     cancelled: int = 0
     failed: int = 0
+    inline_batches: int = 0
 
 
 class _Instance:
@@ -120,6 +126,9 @@ class DynamicBatcher:
         self._seq = 0
         self._closed = False
         self._ema_batch_s = 0.001
+        self._ema_rows = 1.0
+        # pure-Python backends may hold the GIL or block; only native engines run inline
+        self._inline_ok = getattr(model, "inline_safe", False)
         self.stats = SchedulerStats()
 
     # ---- public ---------------------------------------------------------------------------
@@ -242,6 +251,7 @@ class DynamicBatcher:
     # ---- dispatch (event loop) -------------------------------------------------------------
     def _flush(self) -> None:
         self._flush_scheduled = False
+        inline_runs = 0
         while self._idle and not self._closed:
             now = self._clock()
             nxt = self._queue.next_batch(now, hold=self._running > 0)
@@ -254,10 +264,26 @@ class DynamicBatcher:
                 self._expire(p)
             if not nxt.requests:
                 continue
+            if self._inline(nxt):
+                # a call cheaper than two thread hand-offs runs right here on the event loop
+                results, elapsed = self._compute(nxt)
+                self._finish(nxt, results, elapsed)
+                self.stats.inline_batches += 1
+                inline_runs += 1
+                if inline_runs >= _INLINE_BURST and len(self._queue):
+                    self._flush_scheduled = True  # let the loop breathe between bursts
+                    if self._loop is not None:
+                        self._loop.call_soon(self._flush)
+                    return
+                continue
             inst = self._idle.pop(0)
             inst.busy = True
             self._running += 1
             inst.send(nxt)
+
+    def _inline(self, batch: Batch) -> bool:
+        return (self._inline_ok and self._ema_batch_s < _INLINE_MAX_S and self._running == 0
+                and batch.rows <= max(8.0, 2 * self._ema_rows))
 
     def _arm(self, delay_s: float) -> None:
         if self._loop is None:
@@ -294,6 +320,12 @@ class DynamicBatcher:
 
     # ---- execution (instance threads) ------------------------------------------------------
     def _execute(self, inst: _Instance, batch: Batch) -> None:
+        results, elapsed = self._compute(batch)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed)
+
+    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float]:
         start = time.perf_counter()
         requests = batch.requests
         results: list[dict[str, np.ndarray] | BaseException]
@@ -312,10 +344,7 @@ class DynamicBatcher:
         except Exception as exc:
             log.exception("model call failed", extra={"model": self._name})
             results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
-        elapsed = time.perf_counter() - start
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed)
+        return results, time.perf_counter() - start
 
     def _run_batch(self, requests: list[Pending]) -> list[dict[str, np.ndarray]]:
         feed, lengths = self._layout.join(requests)
@@ -334,7 +363,12 @@ class DynamicBatcher:
         inst.busy = False
         self._idle.append(inst)
         self._running -= 1
+        self._finish(batch, results, elapsed)
+        self._flush()
+
+    def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
+        self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
         st = self.stats
         st.batches += 1
         st.batched_rows += batch.rows
@@ -351,7 +385,6 @@ class DynamicBatcher:
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
-        self._flush()
 
 
 __all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "Scheduler", "SchedulerStats"]
