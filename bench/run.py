@@ -148,6 +148,36 @@ def load(urls: dict[str, str], model: str, payload: Path, transport: str, concur
     return result
 
 
+def measure(args: argparse.Namespace, urls: dict[str, str], payload: Path,
+            points: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Every (transport, model, concurrency) point, ``--rounds`` times interleaved (so drifting
+    load on a shared machine hits every point alike); per point the median of the rounds."""
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {pt: [] for pt in points}
+    for rnd in range(args.rounds):
+        for transport, model_name, c in points:
+            r = load(urls, model_name, payload, transport, c, args.duration, args.warmup)
+            runs[(transport, model_name, c)].append(r)
+            if args.rounds > 1:
+                print(f"  round {rnd + 1}: {transport} {model_name} c={c} rps={r.get('rps')} p50={r.get('p50_ms')}",
+                      flush=True)
+    rows = []
+    for (transport, model_name, c), results in runs.items():
+        ok = [r for r in results if "rps" in r and r["requests"]]
+        if not ok:
+            rows.append({**results[-1], "transport": transport, "model": model_name, "concurrency": c,
+                         "batching": model_name.endswith("batch")})
+            continue
+        row = dict(ok[0])
+        for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_us_per_req", "loadgen_cpu_us_per_req"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                row[key] = round(statistics.median(values), 3)
+        row.update(model=model_name, batching=model_name.endswith("batch"), rounds=len(ok),
+                   errors=sum(r["errors"] for r in ok), requests=sum(r["requests"] for r in ok))
+        rows.append(row)
+    return rows
+
+
 # ---- scenarios -------------------------------------------------------------------------------
 def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -166,18 +196,14 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
             "batching": {"max_batch_size": max_batch, "max_queue_delay_ms": 1,
                          "max_queue_size": 2048, "priority_levels": 2}})
         payload = payload_file(encoder_inputs(1), work, f"enc-{spin}")
-        rows = []
+        points = [(t, m, c) for t in transports for m in ("enc", "enc-batch") for c in args.concurrency]
         with serve(repo) as urls:
-            for transport in transports:
-                for model_name in ("enc", "enc-batch"):
-                    for c in args.concurrency:
-                        r = load(urls, model_name, payload, transport, c, args.duration, args.warmup)
-                        r.update(model=model_name, batching=model_name.endswith("batch"))
-                        if "rps" in r:
-                            r["ratio_to_raw_best"] = round(r["rps"] / raw["best_seq_per_s"], 3)
-                            r["p50_minus_raw_batch1_ms"] = round(r["p50_ms"] - raw["batch1_p50_ms"], 3)
-                        rows.append(r)
-                        print(_row(r), flush=True)
+            rows = measure(args, urls, payload, points)
+        for r in rows:
+            if "rps" in r:
+                r["ratio_to_raw_best"] = round(r["rps"] / raw["best_seq_per_s"], 3)
+                r["p50_minus_raw_batch1_ms"] = round(r["p50_ms"] - raw["batch1_p50_ms"], 3)
+            print(_row(r), flush=True)
         out["spinning_on" if spin else "spinning_off"] = {"raw": raw, "max_batch_size": max_batch, "server": rows}
     return out
 
@@ -194,18 +220,14 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
         "max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
         "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}})
     payload = payload_file(mlp_inputs(1), work, "mlp")
-    rows = []
+    points = [(t, m, c) for t in transports for m in ("mlp-batch", "mlp") for c in (64, 1)]
     with serve(repo) as urls:
-        for transport in transports:
-            for model_name in ("mlp-batch", "mlp"):
-                for c in (64, 1):
-                    r = load(urls, model_name, payload, transport, c, args.duration, args.warmup)
-                    r.update(model=model_name, batching=model_name.endswith("batch"))
-                    if "p50_ms" in r:
-                        r["added_p50_us"] = round(r["p50_ms"] * 1000 - raw["call_p50_us"], 1)
-                        r["added_p99_us"] = round(r["p99_ms"] * 1000 - raw["call_p50_us"], 1)
-                    rows.append(r)
-                    print(_row(r), flush=True)
+        rows = measure(args, urls, payload, points)
+    for r in rows:
+        if "p50_ms" in r:
+            r["added_p50_us"] = round(r["p50_ms"] * 1000 - raw["call_p50_us"], 1)
+            r["added_p99_us"] = round(r["p99_ms"] * 1000 - raw["call_p50_us"], 1)
+        print(_row(r), flush=True)
     summary = {}
     for transport in transports:
         on = next((r for r in rows if r.get("transport") == transport and r["batching"] and r["concurrency"] == 64), {})
@@ -238,6 +260,7 @@ def main() -> None:
     p.add_argument("--encoder-max-batch", type=int, default=0,
                    help="batching.max_batch_size of the batched encoder; 0 = raw onnxruntime's best batch size")
     p.add_argument("--spinning", default="off", help="encoder: off, on or off,on")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every point, interleaved; report medians")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
