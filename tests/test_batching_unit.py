@@ -148,3 +148,42 @@ def test_layout_errors() -> None:
                     0.0, None) for _ in range(2)]
     with pytest.raises(InferenceError, match="one row per input row"):
         lay.split(reqs, {"pooled": np.zeros((3, 3), np.float32)}, {})
+
+
+# ---- the DynamicBatcher itself, on a fake clock ---------------------------------------------------
+async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None:
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gate_backend import Gate, GateModel
+    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.spec import ModelSpec
+    from inhouse.errors import DeadlineExceededError
+
+    now = [1000.0]
+    gate = Gate()
+    spec = ModelSpec.model_validate({"name": "g", "backend": "gate", "batching": {"max_batch_size": 4}})
+    batcher = DynamicBatcher(GateModel(gate), spec, clock=lambda: now[0])
+    gate.open.clear()
+    x = np.zeros((1, 2), np.float32)
+    blocker = asyncio.ensure_future(batcher.submit({"x": x}, None))
+    await asyncio.to_thread(gate.entered.acquire, True, 10)
+    # queued behind the blocker with a one-hour budget on the fake clock (the loop timer stays far away)
+    late = asyncio.ensure_future(batcher.submit({"x": x + 7}, None, timeout_s=3600))
+    ok = asyncio.ensure_future(batcher.submit({"x": x + 8}, None))
+    await asyncio.sleep(0)
+    assert batcher.queue_depth() == 2
+    now[0] += 7200  # two hours pass on the batcher's clock while the model is busy
+    gate.open.set()
+    await blocker
+    assert (await ok)["y"][0, 0] == 16
+    try:
+        await late
+        raise AssertionError("an expired request ran")
+    except DeadlineExceededError:
+        pass
+    assert 7.0 not in gate.executed_ids()  # dropped at batch assembly, never executed
+    assert batcher.stats.expired == 1 and batcher.stats.executed == 2
+    await batcher.close()

@@ -172,7 +172,7 @@ class DynamicBatcher:
     def _level(self, priority: int | None) -> int:
         if priority is None:
             return self._default_priority
-        if priority >= self._cfg.priority_levels:
+        if priority < 0 or priority >= self._cfg.priority_levels:
             raise InvalidRequestError(
                 f"Priority {priority} is out of range for model '{self._name}', which has "
                 f"{self._cfg.priority_levels} priority level(s): use 0 (first) to "
