@@ -54,33 +54,37 @@ def session(model: bytes, spinning: bool, threads: int = 0) -> ort.InferenceSess
 
 
 def time_calls(sess: ort.InferenceSession, feed: dict[str, np.ndarray], seconds: float,
-               min_calls: int = 3) -> list[float]:
+               min_calls: int = 3) -> tuple[list[float], float]:
+    """Wall time of each call, and the CPU seconds (all threads) per call."""
     sess.run(None, feed)
     times: list[float] = []
+    cpu0 = time.process_time()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < min_calls:
         t0 = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, (time.process_time() - cpu0) / len(times)
 
 
 def raw_encoder(spinning: bool, seconds: float, batches: list[int]) -> dict[str, Any]:
     sess = session(encoder_model(), spinning)
     per_batch = {}
     for b in batches:
-        t = time_calls(sess, encoder_inputs(b), seconds)
-        per_batch[b] = {"seq_per_s": round(b / statistics.median(t), 2), "p50_ms": round(statistics.median(t) * 1e3, 3)}
+        t, cpu = time_calls(sess, encoder_inputs(b), seconds)
+        per_batch[b] = {"seq_per_s": round(b / statistics.median(t), 2), "p50_ms": round(statistics.median(t) * 1e3, 3),
+                        "cpu_ms_per_seq": round(cpu / b * 1e3, 2)}
     best = max(per_batch, key=lambda b: per_batch[b]["seq_per_s"])
     return {"per_batch": per_batch, "best_batch": best, "best_seq_per_s": per_batch[best]["seq_per_s"],
-            "batch1_p50_ms": per_batch[1]["p50_ms"]}
+            "batch1_p50_ms": per_batch[1]["p50_ms"],
+            "min_cpu_ms_per_seq": min(v["cpu_ms_per_seq"] for v in per_batch.values())}
 
 
 def raw_mlp(seconds: float) -> dict[str, Any]:
     sess = session(mlp_model(), spinning=False, threads=1)
-    t1 = time_calls(sess, mlp_inputs(1), seconds)
-    t64 = time_calls(sess, mlp_inputs(64), seconds)
-    return {"call_p50_us": round(statistics.median(t1) * 1e6, 2),
+    t1, cpu1 = time_calls(sess, mlp_inputs(1), seconds)
+    t64, _ = time_calls(sess, mlp_inputs(64), seconds)
+    return {"call_p50_us": round(statistics.median(t1) * 1e6, 2), "call_cpu_us": round(cpu1 * 1e6, 2),
             "batch1_rps": round(1 / statistics.median(t1)), "batch64_rows_per_s": round(64 / statistics.median(t64))}
 
 
@@ -203,6 +207,10 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
             if "rps" in r:
                 r["ratio_to_raw_best"] = round(r["rps"] / raw["best_seq_per_s"], 3)
                 r["p50_minus_raw_batch1_ms"] = round(r["p50_ms"] - raw["batch1_p50_ms"], 3)
+                if r.get("server_cpu_us_per_req"):
+                    # CPU per request against raw onnxruntime's best CPU per sequence: steadier than
+                    # requests/s on a shared machine
+                    r["cpu_efficiency_vs_raw"] = round(raw["min_cpu_ms_per_seq"] * 1e3 / r["server_cpu_us_per_req"], 3)
             print(_row(r), flush=True)
         out["spinning_on" if spin else "spinning_off"] = {"raw": raw, "max_batch_size": max_batch, "server": rows}
     return out
@@ -242,7 +250,8 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"  {r.get('model')}: ERROR {r['error']}"
-    extra = {k: r[k] for k in ("ratio_to_raw_best", "p50_minus_raw_batch1_ms", "added_p50_us", "added_p99_us")
+    extra = {k: r[k] for k in ("ratio_to_raw_best", "cpu_efficiency_vs_raw", "p50_minus_raw_batch1_ms",
+                               "added_p50_us", "added_p99_us")
              if k in r}
     return (f"  {r['transport']:5} {r['model']:10} c={r['concurrency']:<3} rps={r['rps']:<9} p50={r['p50_ms']}ms "
             f"p99={r['p99_ms']}ms errors={r['errors']} server_cpu/req={r.get('server_cpu_us_per_req')}us "
