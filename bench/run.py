@@ -236,6 +236,9 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
             r["added_p50_us"] = round(r["p50_ms"] * 1000 - raw["call_p50_us"], 1)
             r["added_p99_us"] = round(r["p99_ms"] * 1000 - raw["call_p50_us"], 1)
         print(_row(r), flush=True)
+    floor = http_floor(args, payload) if "rest" in transports else {}
+    if floor:
+        print(f"  http floor (bare uvicorn app, c=64 / c=1): {floor}", flush=True)
     summary = {}
     for transport in transports:
         on = next((r for r in rows if r.get("transport") == transport and r["batching"] and r["concurrency"] == 64), {})
@@ -243,8 +246,35 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
                     and r["concurrency"] == 64), {})
         if on.get("rps") and off.get("rps"):
             summary[f"{transport}_batching_speedup_c64"] = round(on["rps"] / off["rps"], 2)
+    on_rest = next((r for r in rows if r.get("transport") == "rest" and r["batching"] and r["concurrency"] == 64), {})
+    if floor.get("c64", {}).get("rps") and on_rest.get("rps"):
+        summary["rest_batching_c64_vs_http_floor"] = round(on_rest["rps"] / floor["c64"]["rps"], 3)
     print(f"mlp summary: {summary}", flush=True)
-    return {"raw": raw, "server": rows, "summary": summary}
+    return {"raw": raw, "server": rows, "http_floor": floor, "summary": summary}
+
+
+def http_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
+    """The same load against a bare uvicorn app: the ceiling of any server on this HTTP stack."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "floor_app.py"), str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > end:
+                    return {}
+                time.sleep(0.1)
+        urls = {"rest": url, "pid": str(proc.pid)}
+        rows = measure(args, urls, payload, [("rest", "floor", 64), ("rest", "floor", 1)])
+        keep = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")
+        return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _row(r: dict[str, Any]) -> str:
