@@ -44,6 +44,7 @@ _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 # thread hand-off and the wake-up back cost more than the model. At most a burst of them runs
 # before other work on the loop gets its turn.
 _INLINE_MAX_S = 250e-6
+_INLINE_MAX_WALL_S = 1e-3
 _INLINE_BURST = 8
 
 
@@ -125,7 +126,8 @@ class DynamicBatcher:
         self._running = 0
         self._seq = 0
         self._closed = False
-        self._ema_batch_s = 0.001
+        self._ema_batch_s = 0.001  # wall time per call: queue-wait estimates (Retry-After)
+        self._ema_cpu_s = 0.001  # CPU time of the calling thread per call: the inline decision
         self._ema_rows = 1.0
         # pure-Python backends may hold the GIL or block; only native engines run inline
         self._inline_ok = getattr(model, "inline_safe", False)
@@ -266,8 +268,8 @@ class DynamicBatcher:
                 continue
             if self._inline(nxt):
                 # a call cheaper than two thread hand-offs runs right here on the event loop
-                results, elapsed = self._compute(nxt)
-                self._finish(nxt, results, elapsed)
+                results, elapsed, cpu = self._compute(nxt)
+                self._finish(nxt, results, elapsed, cpu)
                 self.stats.inline_batches += 1
                 inline_runs += 1
                 if inline_runs >= _INLINE_BURST and len(self._queue):
@@ -282,7 +284,10 @@ class DynamicBatcher:
             inst.send(nxt)
 
     def _inline(self, batch: Batch) -> bool:
-        return (self._inline_ok and self._ema_batch_s < _INLINE_MAX_S and self._running == 0
+        # CPU time decides (preemption on a busy machine does not count); the wall-time bound
+        # keeps calls that wait on a device (GPU) off the loop
+        return (self._inline_ok and self._ema_cpu_s < _INLINE_MAX_S and self._ema_batch_s < _INLINE_MAX_WALL_S
+                and self._running == 0
                 and batch.rows <= max(8.0, 2 * self._ema_rows))
 
     def _arm(self, delay_s: float) -> None:
@@ -320,13 +325,13 @@ class DynamicBatcher:
 
     # ---- execution (instance threads) ------------------------------------------------------
     def _execute(self, inst: _Instance, batch: Batch) -> None:
-        results, elapsed = self._compute(batch)
+        results, elapsed, cpu = self._compute(batch)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed)
+            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, cpu)
 
-    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float]:
-        start = time.perf_counter()
+    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float, float]:
+        start, cpu_start = time.perf_counter(), time.thread_time()
         requests = batch.requests
         results: list[dict[str, np.ndarray] | BaseException]
         try:
@@ -344,7 +349,8 @@ class DynamicBatcher:
         except Exception as exc:
             log.exception("model call failed", extra={"model": self._name})
             results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
-        return results, time.perf_counter() - start
+        # thread CPU time is not inflated when the machine preempts us, unlike wall time
+        return results, time.perf_counter() - start, time.thread_time() - cpu_start
 
     def _run_batch(self, requests: list[Pending]) -> list[dict[str, np.ndarray]]:
         feed, lengths = self._layout.join(requests)
@@ -359,15 +365,17 @@ class DynamicBatcher:
                 f"Model '{self._name}' failed: {type(err).__name__}.")
 
     def _complete(self, inst: _Instance, batch: Batch, results: list[dict[str, np.ndarray] | BaseException],
-                  elapsed: float) -> None:
+                  elapsed: float, cpu: float) -> None:
         inst.busy = False
         self._idle.append(inst)
         self._running -= 1
-        self._finish(batch, results, elapsed)
+        self._finish(batch, results, elapsed, cpu)
         self._flush()
 
-    def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float) -> None:
+    def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float,
+                cpu: float) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
+        self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * cpu
         self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
         st = self.stats
         st.batches += 1
