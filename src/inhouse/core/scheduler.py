@@ -5,7 +5,8 @@ clock, the requests' deadlines and N instance threads. Batch assembly itself liv
 The hot path is: ``submit`` queues the request and asks for a dispatch at the end of the
 current event-loop iteration (so requests that arrive together leave together); a free
 instance thread joins the batch, runs the model, splits the outputs and hands all results
-back to the loop with one wake-up."""
+back to the loop with one wake-up. Batches measured as cheaper than that hand-off run on the
+loop itself."""
 
 from __future__ import annotations
 
