@@ -271,7 +271,7 @@ def test_full_queue_answers_429_at_once_and_loses_nothing(gate_repo: Path) -> No
                 took = time.perf_counter() - t0
                 assert r.status_code == 429 and r.headers["inhouse-error-code"] == "3001"
                 assert int(r.headers["retry-after"]) >= 1 and "max_queue_size" in r.json()["error"]
-                assert took < 1.0
+                assert took < 2.0  # at once: no waiting for the queue to move
                 assert c.get("/v2/health/ready").status_code == 200  # the server stays responsive
             gate.open.set()
             assert [f.result(10).status_code for f in [blocker, *queued]] == [200] * 4
