@@ -62,7 +62,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     # scheduling hot path (issue 4): v2 infer answered before the framework's routing and generic
     # compression (it compresses itself); the security middleware added below still wraps it.
     app.add_middleware(kserve_rest.InferFastPath, dataplane=dataplane, max_request_bytes=settings.max_request_bytes,
-                       gzip_min_bytes=settings.gzip_min_bytes)
+                       gzip_min_bytes=settings.gzip_min_bytes, routes=kserve_rest.infer_routes(app.routes))
     # security middleware (issue 6), outermost, added last:
 
     return app

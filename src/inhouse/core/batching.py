@@ -6,6 +6,7 @@ tests drive it with a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Pending:
     state: int = QUEUED
     timer: asyncio.TimerHandle | None = None
     seq: int = 0
+    ctx: contextvars.Context | None = None  # the request's context, for metrics recorders
 
 
 @dataclass(slots=True)

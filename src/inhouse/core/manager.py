@@ -243,6 +243,7 @@ class ModelManager:
             raise err3 from None
         mv.model = model
         mv.scheduler = scheduler
+        attach_recorders(self.recorders, mv.name, mv.version, mv.scheduler, model)
         mv.state, mv.reason, mv.code = ModelState.READY, "", None
         mv.loaded_at = time.time()
         log.info("model ready", extra={"model": mv.name, "version": mv.version,

@@ -11,6 +11,7 @@ loop itself."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import queue
@@ -24,6 +25,7 @@ import numpy as np
 
 from inhouse.backends import LoadedModel
 from inhouse.core.batching import DONE, QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import (
     DatatypeError,
@@ -109,7 +111,6 @@ class DynamicBatcher:
     def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
                  recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER) -> None:
         self._model = model
-        self._recorder = recorder
         self._spec = spec
         self._name = spec.name
         self._clock = clock
@@ -133,14 +134,18 @@ class DynamicBatcher:
         # pure-Python backends may hold the GIL or block; only native engines run inline
         self._inline_ok = getattr(model, "inline_safe", False)
         self.stats = SchedulerStats()
+        self._recorder = recorder
+        self._record = recorder is not NULL_SCHEDULER_RECORDER
 
     # ---- public ---------------------------------------------------------------------------
     def queue_depth(self) -> int:
         return len(self._queue)
 
     def set_recorder(self, recorder: SchedulerRecorder) -> None:
-        """Metrics for this model version: queue and compute time, batch sizes."""
+        """Metrics for this model version: queue time per request (in the request's context),
+        compute time and size per batch."""
         self._recorder = recorder
+        self._record = recorder is not NULL_SCHEDULER_RECORDER
 
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, *,
                      priority: int | None = None, timeout_s: float | None = None) -> dict[str, np.ndarray]:
@@ -206,6 +211,8 @@ class DynamicBatcher:
         p.seq = self._seq
         if p.deadline is not None:
             p.timer = loop.call_at(loop.time() + (p.deadline - p.enqueued), self._expire, p)
+        if self._record:
+            p.ctx = contextvars.copy_context()
         self._queue.push(p)
         self.stats.submitted += 1
         if not self._flush_scheduled:
@@ -267,6 +274,8 @@ class DynamicBatcher:
                 self._expire(p)
             if not nxt.requests:
                 continue
+            if self._record:
+                self._record_queue(nxt, now)
             if self._inline(nxt):
                 # a call cheaper than two thread hand-offs runs right here on the event loop
                 results, elapsed, cpu = self._compute(nxt)
@@ -283,6 +292,14 @@ class DynamicBatcher:
             inst.busy = True
             self._running += 1
             inst.send(nxt)
+
+    def _record_queue(self, batch: Batch, now: float) -> None:
+        observe = self._recorder.observe_queue
+        for p in batch.requests:
+            if p.ctx is not None:
+                p.ctx.run(observe, now - p.enqueued)
+            else:
+                observe(now - p.enqueued)
 
     def _inline(self, batch: Batch) -> bool:
         # CPU time decides (preemption on a busy machine does not count); the wall-time bound
@@ -377,6 +394,12 @@ class DynamicBatcher:
                 cpu: float) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * cpu
+        if self._record:  # once per backend call, in the context of the batch's first request
+            first = batch.requests[0].ctx if batch.requests else None
+            if first is not None:
+                first.run(self._recorder.observe_compute, elapsed, len(batch.requests))
+            else:
+                self._recorder.observe_compute(elapsed, len(batch.requests))
         self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
         st = self.stats
         st.batches += 1

@@ -4,6 +4,7 @@ Routes parse, call the data plane, and render; nothing else."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -74,13 +75,17 @@ async def infer_response(dataplane: DataPlane, request: Request, model: str, ver
                          max_request_bytes: int) -> Response:
     """POST /v2/models/{model}[/versions/{version}]/infer."""
     try:
-        body = await read_body(request, max_request_bytes)
-        req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
-        header_priority = request.headers.get("inhouse-priority")
-        if header_priority is not None and req.priority is None:
-            if not header_priority.isdigit():
-                raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
-            req.priority = int(header_priority)
+        try:
+            body = await read_body(request, max_request_bytes)
+            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
+            header_priority = request.headers.get("inhouse-priority")
+            if header_priority is not None and req.priority is None:
+                if not header_priority.isdigit():
+                    raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
+                req.priority = int(header_priority)
+        except Exception as exc:
+            dataplane.infer_rejected(model, exc)
+            raise
         resp = await cancel_on_disconnect(request, dataplane.infer(req))
         content, headers = render_infer_response(resp, req)
         return Response(content, headers=headers)
@@ -94,16 +99,26 @@ class InferFastPath:
     added innermost, so every middleware outside it — compression, security, metrics — still
     applies. Every other request passes through to the framework."""
 
-    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_request_bytes: int, gzip_min_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_request_bytes: int, gzip_min_bytes: int,
+                 routes: Sequence[Any] = ()) -> None:
         self.app = app
         self.dataplane = dataplane
         self.max_request_bytes = max_request_bytes
         self.gzip_min_bytes = gzip_min_bytes
+        # the framework's own route objects, set in the scope as its router would (access logs
+        # and metrics label requests by route template)
+        self._routes = {getattr(r, "path", ""): r for r in routes}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             target = _infer_target(scope["path"])
             if target is not None:
+                template = INFER_PATH if target[1] is None else INFER_VERSION_PATH
+                route = self._routes.get(template)
+                if route is not None:
+                    scope["route"] = route
+                scope["path_params"] = {"model": target[0]} if target[1] is None else {
+                    "model": target[0], "version": target[1]}
                 request = Request(scope, receive)
                 response = await infer_response(self.dataplane, request, target[0], target[1],
                                                 self.max_request_bytes)
@@ -121,6 +136,23 @@ def _gzipped(response: Response) -> Response:
     headers["vary"] = "Accept-Encoding"
     return Response(gzip.compress(bytes(response.body), compresslevel=6), status_code=response.status_code,
                     headers=headers)
+
+
+INFER_PATH = "/v2/models/{model}/infer"
+INFER_VERSION_PATH = "/v2/models/{model}/versions/{version}/infer"
+
+
+def infer_routes(routes: Sequence[Any]) -> list[Any]:
+    """The framework's route objects for the two v2 infer paths (looking inside included
+    routers, which FastAPI wraps)."""
+    found: list[Any] = []
+    for r in routes:
+        if getattr(r, "path", None) in (INFER_PATH, INFER_VERSION_PATH):
+            found.append(r)
+        inner = getattr(getattr(r, "original_router", None), "routes", None) or getattr(r, "routes", None)
+        if inner and inner is not routes:
+            found.extend(infer_routes(inner))
+    return found
 
 
 def _infer_target(path: str) -> tuple[str, str | None] | None:
@@ -191,8 +223,8 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         except Exception as exc:
             return v2_error_response(exc)
 
-    @router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=_INFER_DOC)
-    @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference on a version",
+    @router.post(INFER_PATH, summary="Inference", openapi_extra=_INFER_DOC)
+    @router.post(INFER_VERSION_PATH, summary="Inference on a version",
                  openapi_extra=_INFER_DOC)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
         return await infer_response(dataplane, request, model, version, max_request_bytes)
