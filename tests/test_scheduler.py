@@ -187,9 +187,14 @@ def test_request_larger_than_max_batch_is_chunked(batch_server: RunningServer) -
 def test_bad_priority_and_header_priority(batch_server: RunningServer) -> None:
     x = {"name": "features", "datatype": "FP32", "shape": [1, 32], "data": [0.0] * 32}
     with batch_server.client() as c:
-        r = c.post("/v2/models/mlp-b/infer", json={"inputs": [x], "parameters": {"priority": 5}})
+        r = c.post("/v2/models/mlp-b/infer", json={"inputs": [x], "parameters": {"priority": -1}})
         assert r.status_code == 400 and r.headers["inhouse-error-code"] == "2001"
-        assert "priority level" in r.json()["error"]
+        assert "priority" in r.json()["error"]
+        # beyond the model's levels: served at the lowest level, as Triton does
+        r = c.post("/v2/models/mlp-b/infer", json={"inputs": [x], "parameters": {"priority": 5}})
+        assert r.status_code == 200
+        r = c.post("/v2/models/mlp-b/infer", json={"inputs": [x]}, headers={"Inhouse-Priority": "x"})
+        assert r.status_code == 400 and r.headers["inhouse-error-code"] == "2001"
         r = c.post("/v2/models/mlp-b/infer", json={"inputs": [x]}, headers={"Inhouse-Priority": "0"})
         assert r.status_code == 200
 

@@ -178,15 +178,15 @@ class DynamicBatcher:
 
     # ---- admission --------------------------------------------------------------------------
     def _level(self, priority: int | None) -> int:
+        """0 is served first. A priority beyond the model's levels counts as the lowest (the
+        default), as Triton treats out-of-range priorities, so clients that always send one work
+        with every model."""
         if priority is None:
             return self._default_priority
-        if priority < 0 or priority >= self._cfg.priority_levels:
-            raise InvalidRequestError(
-                f"Priority {priority} is out of range for model '{self._name}', which has "
-                f"{self._cfg.priority_levels} priority level(s): use 0 (first) to "
-                f"{self._cfg.priority_levels - 1}."
-            )
-        return priority
+        if priority < 0:
+            raise InvalidRequestError(f"Priority {priority} is negative; use 0 (first) to "
+                                      f"{self._cfg.priority_levels - 1} for model '{self._name}'.")
+        return min(priority, self._default_priority)
 
     def _admit(self, n: int) -> None:
         depth = len(self._queue)
