@@ -107,6 +107,8 @@ def array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> np
         arr = np.asarray(data)
     except ValueError:
         raise ShapeError(f"Input '{name}' has ragged nested data; send a flat list instead.") from None
+    if arr.dtype.kind == "f" and dtype.kind in ("i", "u") and dtype.itemsize == 8:
+        arr = _big_integers(name, datatype, dtype, data, arr)
     if arr.dtype == object or arr.dtype.kind in ("U", "S"):
         raise DatatypeError(
             f"Input '{name}' is {datatype}, so its data must be numbers"
@@ -131,6 +133,18 @@ def array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> np
         if arr.min() < info.min or arr.max() > info.max:
             raise DatatypeError(f"Input '{name}' holds values out of range for {datatype}.")
     return typed
+
+
+def _big_integers(name: str, datatype: str, dtype: np.dtype[Any], data: Any, as_float: np.ndarray) -> np.ndarray:
+    """numpy turns integers beyond int64 (e.g. UINT64 values ≥ 2**63) into float64, losing
+    precision; read them exactly when every element really is an integer."""
+    flat = _flatten(data) if isinstance(data, list) else [data]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        return as_float  # genuine floats: the caller reports them
+    try:
+        return np.array(flat, dtype=dtype).reshape(as_float.shape)
+    except OverflowError:
+        raise DatatypeError(f"Input '{name}' holds values out of range for {datatype}.") from None
 
 
 def array_from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memoryview) -> np.ndarray:
