@@ -83,20 +83,36 @@ def resolve_providers(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
+# "/onnxruntime_src/…/file.h:46 void ns::Func(args…) " — where in onnxruntime, not what went wrong
+_ORT_SOURCE = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ .*?\)\s+(?=[A-Z])")
+_CORRUPT = re.compile(r"(INVALID_PROTOBUF|protobuf parsing failed|No graph was found)", re.I)
+
+
+def _short_ort_message(text: str) -> str:
+    """The part of an onnxruntime message a user can act on: no status prefix, no C++ location."""
+    msg = text.strip().splitlines()[0] if text.strip() else ""
+    msg = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", msg)).strip()
+    return msg[:400].rstrip(". ")
+
+
 def map_ort_error(err: Exception, what: str) -> InhouseError:
     """Turn an onnxruntime exception into the most specific inhouse error we can find."""
     text = str(err)
-    short = text.strip().splitlines()[0][:400] if text.strip() else type(err).__name__
+    short = _short_ort_message(text) or type(err).__name__
     if _OOM.search(text):
         return OutOfMemoryError(f"Out of memory while {what}: {short}. Free memory, lower "
                                 "max_batch_size or instances.count, or use a smaller model.")
     name = type(err).__name__
-    if name in ("InvalidProtobuf", "InvalidGraph", "NotImplemented") or (
-        name == "Fail" and _OPSET.search(text)
-    ) or "ModelProto" in text or "protobuf parsing failed" in text.lower():
+    if name == "InvalidProtobuf" or _CORRUPT.search(_ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text))):
         return ModelFormatError(
-            f"onnxruntime {ort.__version__} cannot load this model while {what}: {short}. "
-            "Re-export it with an opset this runtime supports, or check the file is a complete ONNX model."
+            f"The file is not a readable ONNX model while {what} ({short}); it is truncated, corrupted "
+            "or not ONNX at all. Copy the complete .onnx file again or re-export it."
+        )
+    if name in ("InvalidGraph", "NotImplemented") or (name == "Fail" and _OPSET.search(text)):
+        return ModelFormatError(
+            f"onnxruntime {ort.__version__} cannot run this model while {what}: {short}. "
+            "Re-export it with an opset and IR version this runtime supports, or upgrade onnxruntime."
         )
     if name == "InvalidArgument":
         low = text.lower()
@@ -105,7 +121,7 @@ def map_ort_error(err: Exception, what: str) -> InhouseError:
         if "invalid input name" in low or "invalid output name" in low:
             return InputNameError(f"onnxruntime rejected a name while {what}: {short}")
         return ShapeError(f"onnxruntime rejected an input while {what}: {short}")
-    if name in ("Fail", "RuntimeException", "EPFail", "EngineError", "InvalidGraph"):
+    if name in ("Fail", "RuntimeException", "EPFail", "EngineError"):
         return InferenceError(f"onnxruntime failed while {what}: {short}")
     return ModelLoadError(f"onnxruntime failed while {what}: {short}")
 

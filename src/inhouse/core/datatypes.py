@@ -112,7 +112,7 @@ def array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> np
     if arr.dtype == object or arr.dtype.kind in ("U", "S"):
         raise DatatypeError(
             f"Input '{name}' is {datatype}, so its data must be numbers"
-            f"{' or booleans' if datatype == 'BOOL' else ''}; got text or mixed values."
+            f"{' or booleans' if datatype == 'BOOL' else ''}; got text, null or mixed values."
         )
     if datatype == "BOOL" and arr.dtype.kind not in ("b",) and arr.size:
         if arr.dtype.kind not in ("i", "u") or not np.isin(arr, (0, 1)).all():
