@@ -21,6 +21,7 @@ import numpy as np
 
 from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
+from inhouse.core.memory import pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository
 from inhouse.core.scheduler import DynamicBatcher, Scheduler
@@ -93,6 +94,7 @@ class ModelManager:
         load_workers: int = 2,
     ) -> None:
         self.repository = repository
+        pin_mmap_threshold()  # so that unloading a model gives its memory back (see memory.py)
         self._scheduler_factory = scheduler_factory or (lambda m, s: DynamicBatcher(m, s))
         self._decryptor = decryptor
         self._backend_options = backend_options or {}
@@ -355,7 +357,9 @@ class ModelManager:
             else:
                 entries[key] = rec
         for name, table in self._serving.items():
-            entries.pop((name, None), None)
+            model_entry = entries.get((name, None))
+            if model_entry is not None and model_entry.state != ModelState.FAILED:
+                entries.pop((name, None))  # a failed reload stays visible beside the serving versions
             for v, mv in table.items():
                 entries[(name, v)] = IndexEntry(name, v, mv.state, mv.reason, mv.code)
         return sorted(entries.values(), key=lambda e: (e.name, -(e.version or 0)))

@@ -25,3 +25,21 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+
+
+@cache
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
+    """Serve every allocation of ``threshold`` bytes or more with its own mmap.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed, so after the
+    first unload a model's buffers land in the heap, where they stay mapped after the next
+    unload: RSS would grow by a model's size instead of returning to where it was. A fixed
+    threshold turns that dynamic behaviour off; buffers this large are model weights and
+    artefacts, not per-request tensors, so the extra mmap calls cost nothing that matters."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)

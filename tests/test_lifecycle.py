@@ -1,0 +1,223 @@
+"""Model lifecycle against a real server: version switching under load, failed loads, version
+policies, repository polling, and memory really released on unload."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from conftest import run_server
+from inhouse.core.manager import ModelState
+from models import add_model, mlp_model, sleep_model, write_model
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _slow_request(batch: int) -> tuple[bytes, dict[str, str]]:
+    """A binary v2 request for the sleep model: big enough to keep a version busy."""
+    x = np.full((batch, 512), 0.01, np.float32)
+    header = (f'{{"inputs": [{{"name": "x", "shape": [{batch}, 512], "datatype": "FP32", '
+              f'"parameters": {{"binary_data_size": {x.nbytes}}}}}], '
+              '"outputs": [{"name": "y", "parameters": {"binary_data": true}}]}').encode()
+    return header + x.tobytes(), {"inference-header-content-length": str(len(header))}
+
+
+def _index(c: httpx.Client) -> dict[tuple[str, str | None], dict[str, Any]]:
+    return {(e["name"], e.get("version")): e for e in c.post("/v2/repository/index").json()}
+
+
+def _add(c: httpx.Client, version: str | None = None) -> httpx.Response:
+    path = "/v2/models/add" + (f"/versions/{version}" if version else "") + "/infer"
+    return c.post(path, json={"inputs": [
+        {"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]},
+        {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]})
+
+
+def test_version_switch_under_load(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_model(repo, "slow", sleep_model(), {"instances": {"count": 2}}, version=1)
+    with run_server(repo) as srv, srv.client(timeout=120) as c:
+        body, headers = _slow_request(4096)
+        slow_result: dict[str, Any] = {}
+
+        def run_slow() -> None:
+            with srv.client(timeout=120) as c2:
+                slow_result["r"] = c2.post("/v2/models/slow/infer", content=body, headers=headers)
+
+        v1 = srv.server.manager.resolve("slow")
+        events: list[tuple[int | None, ModelState, int]] = []
+        srv.server.manager.listeners.append(lambda _n, v, state: events.append((v, state, v1.inflight)))
+        t = threading.Thread(target=run_slow)
+        t.start()
+        _wait_for(lambda: v1.inflight > 0, what="the slow request to start on v1")
+        write_model(repo, "slow", sleep_model(), version=2)
+        r = c.post("/v2/repository/models/slow/load")
+        assert r.status_code == 200 and r.json()["versions"] == ["2"], r.text
+        # traffic switched: new requests go to v2 while v1 still finishes its request
+        small, small_headers = _slow_request(1)
+        r2 = c.post("/v2/models/slow/infer", content=small, headers=small_headers)
+        assert r2.status_code == 200
+        t.join(120)
+        r1 = slow_result["r"]
+        assert r1.status_code == 200, r1.text
+        n = int(r1.headers["inference-header-content-length"])
+        assert b'"model_version":"1"' in r1.content[:n]
+        assert b'"model_version":"2"' in r2.content[:int(r2.headers["inference-header-content-length"])]
+        srv.call(srv.server.manager.settle())
+        # v2 became READY while the request on v1 was still in flight; v1 drained, then unloaded
+        ready2 = next(i for i, e in enumerate(events) if e[:2] == (2, ModelState.READY))
+        draining1 = next(i for i, e in enumerate(events) if e[:2] == (1, ModelState.DRAINING))
+        unloaded1 = next(i for i, e in enumerate(events) if e[:2] == (1, ModelState.UNLOADED))
+        assert ready2 < draining1 < unloaded1, events
+        assert events[ready2][2] == 1, "the v1 request should still be in flight when v2 turns READY"
+        assert events[unloaded1][2] == 0
+        idx = _index(c)
+        assert idx[("slow", "2")]["state"] == "READY" and idx[("slow", "1")]["state"] == "UNLOADED"
+        assert v1.model is None and v1.scheduler is None
+
+
+def test_failed_new_version_keeps_old_serving(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_model(repo, "add", add_model(), version=1)
+    with run_server(repo) as srv, srv.client() as c:
+        assert _add(c).json()["model_version"] == "1"
+        write_model(repo, "add", add_model()[:150], version=2)  # truncated
+        r = c.post("/v2/repository/models/add/load")
+        assert r.status_code == 422 and r.headers["inhouse-error-code"] == "1001", r.text
+        r = _add(c)
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
+        idx = _index(c)
+        assert idx[("add", "1")]["state"] == "READY"
+        failed = idx[("add", "2")]
+        assert failed["state"] == "FAILED" and failed["code"] == 1001
+        assert "not a readable ONNX model" in failed["reason"]
+        assert not c.get("/v2/models/add/versions/2/ready").json()["ready"]
+        # fixing the file and loading again switches to v2
+        write_model(repo, "add", add_model(scale=3.0), version=2)
+        assert c.post("/v2/repository/models/add/load").status_code == 200
+        r = _add(c)
+        assert r.json()["model_version"] == "2" and r.json()["outputs"][0]["data"] == [3.0] * 4
+        srv.call(srv.server.manager.settle())
+        idx = _index(c)
+        assert idx[("add", "2")]["state"] == "READY" and idx[("add", "1")]["state"] == "UNLOADED"
+        # a broken model.yaml on reload: the model keeps serving, the index shows why
+        (repo / "add" / "model.yaml").write_text("name: add\nbatching: {max_batch_sise: 2}\n")
+        r = c.post("/v2/repository/models/add/load")
+        assert r.status_code == 422 and r.headers["inhouse-error-code"] == "1005"
+        assert _add(c).status_code == 200
+        assert "max_batch_sise" in _index(c)[("add", None)]["reason"]
+
+
+@pytest.mark.parametrize(("policy", "serving"), [
+    ({"policy": "latest"}, ["3"]),
+    ({"policy": "latest", "keep": 2}, ["3", "2"]),
+    ({"policy": "all"}, ["3", "2", "1"]),
+    ({"policy": "specific", "versions": [1, 3]}, ["3", "1"]),
+])
+def test_version_policies(tmp_path: Path, policy: dict[str, Any], serving: list[str]) -> None:
+    repo = tmp_path / "models"
+    for v in (1, 2, 3):
+        write_model(repo, "add", add_model(scale=float(v)), {"versions": policy}, version=v)
+    with run_server(repo) as srv, srv.client() as c:
+        assert c.get("/v2/models/add").json()["versions"] == serving
+        for v in ("1", "2", "3"):
+            r = _add(c, v)
+            if v in serving:
+                assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [float(v)] * 4
+            else:
+                assert r.status_code == 404 and r.headers["inhouse-error-code"] == "1002"
+        assert _add(c).json()["model_version"] == serving[0]  # no version: the newest serving one
+
+
+
+def test_specific_policy_naming_missing_version(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_model(repo, "add", add_model(), {"versions": {"policy": "specific", "versions": [1, 5]}})
+    write_model(repo, "mlp", mlp_model())
+    with run_server(repo) as srv, srv.client() as c:
+        entry = _index(c)[("add", None)]
+        assert entry["state"] == "FAILED" and entry["code"] == 1005 and "[5]" in entry["reason"]
+        assert c.get("/v2/models/mlp/ready").status_code == 200
+
+
+
+def _place(repo: Path, name: str, onnx_bytes: bytes, version: int = 1) -> None:
+    """Write a model folder elsewhere and move it in, as a deployment tool would."""
+    staging = repo.parent / f".staging-{name}-{version}"
+    write_model(staging, name, onnx_bytes, version=version)
+    target = repo / name
+    if target.exists():
+        shutil.move(str(staging / name / str(version)), str(target / str(version)))
+    else:
+        shutil.move(str(staging / name), str(target))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def test_polling_follows_the_repository(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_model(repo, "add", add_model())
+    with run_server(repo, poll=True, poll_interval_s=0.3) as srv, srv.client() as c:
+        assert _add(c).json()["outputs"][0]["data"] == [1.0] * 4
+        # a new model appears → loaded
+        _place(repo, "mlp", mlp_model())
+        _wait_for(lambda: c.get("/v2/models/mlp/ready").status_code == 200, what="mlp to be loaded")
+        # a version's file changes → reloaded
+        time.sleep(0.05)  # a distinct mtime even on coarse-grained filesystems
+        tmp = repo / "add" / "1" / "model.onnx.tmp"
+        tmp.write_bytes(add_model(scale=5.0))
+        tmp.replace(repo / "add" / "1" / "model.onnx")
+        _wait_for(lambda: _add(c).json()["outputs"][0]["data"] == [5.0] * 4, what="add v1 to reload")
+        # a new version → traffic switches to it
+        _place(repo, "add", add_model(scale=7.0), version=2)
+        _wait_for(lambda: _add(c).json().get("model_version") == "2", what="add v2")
+        assert _add(c).json()["outputs"][0]["data"] == [7.0] * 4
+        # a broken model appears → FAILED in the index, the rest keep serving
+        (repo / "broken").mkdir()
+        (repo / "broken" / "model.yaml").write_text("name: broken\n")
+        _wait_for(lambda: _index(c).get(("broken", None), {}).get("state") == "FAILED", what="broken FAILED")
+        # a model folder is removed → unloaded
+        shutil.rmtree(repo / "mlp")
+        _wait_for(lambda: c.get("/v2/models/mlp/ready").status_code == 404, what="mlp to be unloaded")
+        assert ("mlp", "1") not in _index(c) and _add(c).status_code == 200
+
+
+def _rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def test_unload_releases_memory(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    # 16 MB of weights: a leak of one copy, let alone one per cycle, would be obvious
+    write_model(repo, "big", mlp_model(features=1024, hidden=4096, classes=8))
+    weights = 1024 * 4096 * 4
+    body = {"inputs": [{"name": "features", "shape": [1, 1024], "datatype": "FP32", "data": [0.1] * 1024}]}
+    with run_server(repo, load="none") as srv, srv.client() as c:
+        samples = []
+        for _ in range(20):
+            assert c.post("/v2/repository/models/big/load").status_code == 200
+            assert c.post("/v2/models/big/infer", json=body).status_code == 200
+            assert c.post("/v2/repository/models/big/unload").status_code == 200
+            srv.call(srv.server.manager.settle())
+            samples.append(_rss())
+        growth = samples[-1] - samples[0]
+        # one retained copy would be 16 MB, 20 leaked copies 320 MB; allow allocator noise
+        assert growth < weights // 4, f"RSS grew by {growth / 1e6:.1f} MB over 20 cycles: {samples}"
