@@ -15,7 +15,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-DEMO_FORMAT = 1
+DEMO_FORMAT = 2
 ONNX_OPSETS = {"": 17, "ai.onnx.ml": 3}
 
 
@@ -100,7 +100,7 @@ def build_demo_models(repo: Path) -> None:
     diab = load_diabetes()
     reg = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(diab.data, diab.target)
     onx = to_onnx(reg, initial_types=[("features", FloatTensorType([None, diab.data.shape[1]]))],
-                  target_opset=ONNX_OPSETS)
+                  final_types=[("progression", FloatTensorType([None, 1]))], target_opset=ONNX_OPSETS)
     _write_model(repo, "diabetes", onx.SerializeToString(), {
         "task": "tensor",
         "description": "Disease progression one year after baseline from 10 normalised measurements "

@@ -116,6 +116,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServerSetting
             config = Path(DEFAULT_CONFIG_FILE)
     if config is not None and not config.is_file():
         raise SettingsError(f"Config file {config} does not exist.")
+    if config is not None:
+        _check_yaml(config)
     cls: type[ServerSettings] = ServerSettings
     if config is not None:
         cls = type("ServerSettingsFromFile", (ServerSettings,), {
@@ -133,3 +135,21 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServerSetting
         raise SettingsError(f"Invalid settings{where}: {problems}.") from None
     except Exception as err:  # a YAML syntax error surfaces from the yaml source
         raise SettingsError(f"Cannot read settings from {config}: {err}") from None
+
+
+def _check_yaml(config: Path) -> None:
+    """A settings file that is not a YAML mapping gets a one-line error naming the spot."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SettingsError(f"Settings file {config} is not valid YAML{where}: "
+                            f"{getattr(err, 'problem', None) or 'syntax error'}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"Cannot read settings file {config}: {err}.") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise SettingsError(f"Settings file {config} must be a mapping of setting names to values, "
+                            "e.g. 'http_port: 8000'.")

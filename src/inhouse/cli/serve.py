@@ -63,7 +63,6 @@ def serve(
     try:
         _run(_main())
     except StartupError as err:
-        log.error(str(err))
         typer.echo(f"error: {err}", err=True)
         from inhouse.cli.doctor import diagnose
 
