@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import RunningServer, run_server
-from models import add_model, mlp_model, write_model
+from models import add_model, identity_model, mlp_model, write_model
 
 LIMIT = 8192
 
@@ -44,6 +44,7 @@ def bad_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root.mkdir()
     write_model(root, "add", add_model(), checksum=True)
     write_model(root, "mlp", mlp_model())
+    write_model(root, "echo-str", identity_model(TensorProto.STRING))
     (root / "no-versions").mkdir()
     (root / "no-versions" / "model.yaml").write_text("backend: onnxruntime\n")
     write_model(root, "typo", mlp_model(), {"batching": {"max_batch_sise": 8}})
@@ -160,6 +161,18 @@ def test_data_length_not_matching_shape(c: httpx.Client) -> None:
     r = c.post("/v2/models/add/infer", content=header.replace(b"12", b"16") + b"\0" * 12,
                headers={"inference-header-content-length": str(len(header))})
     _expect(r, 400, 2005, "only 12 remain")
+    # a huge BYTES shape with a few bytes of data: refused before anything is allocated
+    header = (b'{"inputs": [{"name": "x", "shape": [1000000, 1000000], "datatype": "BYTES", '
+              b'"parameters": {"binary_data_size": 9}}]}')
+    r = c.post("/v2/models/echo-str/infer", content=header + b"\x05\0\0\0hello",
+               headers={"inference-header-content-length": str(len(header))})
+    _expect(r, 400, 2005, "too few")
+    r = c.post("/v2/models/echo-str/infer", json={"inputs": [
+        {"name": "x", "shape": [1, 3], "datatype": "BYTES", "data": ["a", "b"]}]})
+    _expect(r, 400, 2005, "2 elements")
+    r = c.post("/v2/models/echo-str/infer", json={"inputs": [
+        {"name": "x", "shape": [1, 2], "datatype": "BYTES", "data": ["a", 5]}]})
+    _expect(r, 400, 2006, "must be strings")
     # header length pointing past the body
     r = c.post("/v2/models/add/infer", content=header, headers={"inference-header-content-length": "99999"})
     _expect(r, 400, 2001, "Inference-Header-Content-Length")

@@ -221,3 +221,16 @@ def test_unload_releases_memory(tmp_path: Path) -> None:
         growth = samples[-1] - samples[0]
         # one retained copy would be 16 MB, 20 leaked copies 320 MB; allow allocator noise
         assert growth < weights // 4, f"RSS grew by {growth / 1e6:.1f} MB over 20 cycles: {samples}"
+
+
+def test_start_up_load_modes(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_model(repo, "add", add_model())
+    write_model(repo, "mlp", mlp_model())
+    with run_server(repo, load="mlp") as srv, srv.client() as c:
+        assert c.get("/v2/models/mlp/ready").status_code == 200
+        assert c.get("/v2/models/add/ready").status_code == 503
+        assert _index(c)[("add", None)]["state"] == "UNLOADED"
+    with run_server(repo, load="none") as srv, srv.client() as c:
+        assert c.get("/v2/health/ready").status_code == 200
+        assert all(e["state"] == "UNLOADED" for e in _index(c).values())

@@ -163,6 +163,11 @@ def array_from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memo
 
 
 def deserialize_bytes(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
+    if count * 4 > len(raw):  # every element carries a 4-byte length; check before allocating
+        raise ShapeError(
+            f"Input '{name}' has {len(raw)} bytes of BYTES data, too few for the {count} "
+            "length-prefixed elements its shape needs."
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     pos, i, end = 0, 0, len(view)
