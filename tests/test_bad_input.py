@@ -38,6 +38,16 @@ def _unknown_op_model() -> bytes:
     return m.SerializeToString()
 
 
+def _alloc_model() -> bytes:
+    """y = zeros(shape): the request decides how much memory the model asks for."""
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "m"])
+    m = helper.make_model(helper.make_graph([helper.make_node("ConstantOfShape", ["shape"], ["y"])], "g",
+                                            [shape], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
 @pytest.fixture(scope="module")
 def bad_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bad") / "models"
@@ -45,6 +55,7 @@ def bad_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(root, "add", add_model(), checksum=True)
     write_model(root, "mlp", mlp_model())
     write_model(root, "echo-str", identity_model(TensorProto.STRING))
+    write_model(root, "alloc", _alloc_model())
     (root / "no-versions").mkdir()
     (root / "no-versions" / "model.yaml").write_text("backend: onnxruntime\n")
     write_model(root, "typo", mlp_model(), {"batching": {"max_batch_sise": 8}})
@@ -218,6 +229,19 @@ def test_body_over_size_limit(c: httpx.Client) -> None:
     _expect(c.post("/v2/models/add/infer", content=b"not gzip", headers={"content-encoding": "gzip"}),
             400, 2001, "gzip")
     _expect(c.post("/v2/models/add/infer", content=b"{}", headers={"content-encoding": "br"}), 400, 2001)
+
+
+def test_out_of_memory_while_running(c: httpx.Client) -> None:
+    ok = c.post("/v2/models/alloc/infer", json={"inputs": [
+        {"name": "shape", "shape": [2], "datatype": "INT64", "data": [2, 3]}]})
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"] == [2, 3]
+    # 4 * 10**18 bytes: beyond any address space, so the allocation fails whatever the overcommit policy
+    r = c.post("/v2/models/alloc/infer", json={"inputs": [
+        {"name": "shape", "shape": [2], "datatype": "INT64", "data": [10**9, 10**9]}]})
+    msg = _expect(r, 507, 1003, "Out of memory", "Failed to allocate memory")
+    assert "onnxruntime_src" not in msg
+    assert c.post("/v2/models/alloc/infer", json={"inputs": [
+        {"name": "shape", "shape": [2], "datatype": "INT64", "data": [1, 1]}]}).status_code == 200
 
 
 # ---- model folders and artefacts --------------------------------------------------------

@@ -168,6 +168,10 @@ def test_repository_index_load_unload(triton_server: RunningServer,
     with pytest.raises(InferenceServerException, match=r"1005.*batching\.max_batch_sise"):
         client.load_model("mlp", config=json.dumps({"batching": {"max_batch_sise": 4}}))
     assert client.is_model_ready("mlp")
+    assert client.get_model_config("mlp")["description"] == "overridden"
+    # a plain load goes back to model.yaml as it is on disk
+    client.load_model("mlp")
+    assert client.get_model_config("mlp")["description"] == ""
     with pytest.raises(InferenceServerException, match="1002"):
         client.load_model("no-such-model")
     client.unload_model("mlp", unload_dependents=True)

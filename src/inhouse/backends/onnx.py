@@ -85,7 +85,7 @@ def resolve_providers(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
 # "/onnxruntime_src/…/file.h:46 void ns::Func(args…) " — where in onnxruntime, not what went wrong
-_ORT_SOURCE = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ .*?\)\s+(?=[A-Z])")
+_ORT_SOURCE = re.compile(r"\S+\.(?:h|cc|cpp):\d+ .*?\)\s+(?=[A-Z])")
 _CORRUPT = re.compile(r"(INVALID_PROTOBUF|protobuf parsing failed|No graph was found)", re.I)
 
 

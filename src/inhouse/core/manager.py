@@ -196,7 +196,7 @@ class ModelManager:
                 for v in wanted:
                     fp = self.repository.fingerprint(name, v)
                     old = current.get(v)
-                    if old is not None and old.fingerprint == fp and not force:
+                    if old is not None and old.fingerprint == fp and old.spec == spec and not force:
                         new_table[v] = old
                         continue
                     mv = ModelVersion(name, v, spec, fp)
