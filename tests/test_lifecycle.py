@@ -209,6 +209,13 @@ def test_polling_follows_the_repository(tmp_path: Path) -> None:
         (repo / "broken").mkdir()
         (repo / "broken" / "model.yaml").write_text("name: broken\n")
         _wait_for(lambda: _index(c).get(("broken", None), {}).get("state") == "FAILED", what="broken FAILED")
+        # an explicit unload sticks while the files stay as they are...
+        assert c.post("/v2/repository/models/mlp/unload").status_code == 200
+        time.sleep(1.0)  # three poll intervals
+        assert c.get("/v2/models/mlp/ready").status_code == 503
+        # ...and new files for it are deployed, so it serves again
+        _place(repo, "mlp", mlp_model(seed=4), version=2)
+        _wait_for(lambda: c.get("/v2/models/mlp/versions/2/ready").status_code == 200, what="mlp v2")
         # a model folder is removed → unloaded
         shutil.rmtree(repo / "mlp")
         _wait_for(lambda: c.get("/v2/models/mlp/ready").status_code == 404, what="mlp to be unloaded")
@@ -243,10 +250,13 @@ def test_start_up_load_modes(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     write_model(repo, "add", add_model())
     write_model(repo, "mlp", mlp_model())
-    with run_server(repo, load="mlp") as srv, srv.client() as c:
+    with run_server(repo, load="mlp", poll=True, poll_interval_s=0.2) as srv, srv.client() as c:
+        time.sleep(0.6)  # polling must not load what --load left out
         assert c.get("/v2/models/mlp/ready").status_code == 200
         assert c.get("/v2/models/add/ready").status_code == 503
         assert _index(c)[("add", None)]["state"] == "UNLOADED"
+        _place(repo, "new", add_model())  # but a model that appears later is loaded
+        _wait_for(lambda: c.get("/v2/models/new/ready").status_code == 200, what="new model")
     with run_server(repo, load="none") as srv, srv.client() as c:
         assert c.get("/v2/health/ready").status_code == 200
         assert all(e["state"] == "UNLOADED" for e in _index(c).values())

@@ -181,9 +181,10 @@ class InhouseServer:
 
     async def _initial_load(self) -> None:
         names = self.settings.load_names()
-        if names == "none":
-            return
         available = self.repository.model_names()
+        if names == "none":
+            self.manager.park(available)
+            return
         if names == "all":
             names = available
         else:
@@ -193,6 +194,7 @@ class InhouseServer:
                     f"--load names {unknown}, which are not in {self.repository.root} "
                     f"(models there: {', '.join(available) or 'none'})."
                 )
+        self.manager.park([n for n in available if n not in names])  # --poll leaves these alone
         results = await self.manager.load_many(list(names))
         for name, err in results.items():
             if err is not None:

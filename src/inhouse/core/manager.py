@@ -105,6 +105,9 @@ class ModelManager:
         self._loader = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="inhouse-load")
         self._background: set[asyncio.Task[None]] = set()
         self._failed_at: dict[str, str] = {}
+        # models deliberately not serving (unloaded, or left out at start-up), with the files'
+        # fingerprint at that moment: polling leaves them alone until their files change
+        self._parked: dict[str, str] = {}
         self.listeners: list[Callable[[str, int | None, ModelState], None]] = []
         # metrics recorders handed to each version's scheduler / engine (observability sets it)
         self.recorders: Recorders = NULL_RECORDERS
@@ -188,6 +191,7 @@ class ModelManager:
                     self._notify(name, None, ModelState.FAILED)
                 raise
             self._records.pop((name, None), None)
+            self._parked.pop(name, None)
             current = self._serving.get(name, {})
             force = overrides is not None
             new_table: dict[int, ModelVersion] = {}
@@ -273,8 +277,15 @@ class ModelManager:
                 self.repository.model_dir(name)  # unknown name → 1002 not found
                 raise ModelNotReadyError(f"Model '{name}' is not loaded, so there is nothing to unload.")
             versions = list(table.values())
+            self.park([name])
             await asyncio.gather(*(self._retire(mv) for mv in versions))
             return versions
+
+    def park(self, names: list[str]) -> None:
+        """Mark models as deliberately not serving: repository polling will not load them
+        again unless their files change (or they are loaded explicitly)."""
+        for name in names:
+            self._parked[name] = self.repository.model_fingerprint(name)
 
     async def _retire(self, mv: ModelVersion) -> None:
         mv.state = ModelState.DRAINING
@@ -326,7 +337,11 @@ class ModelManager:
             with suppress(InhouseError):
                 await self.unload(name)
             self._records = {k: v for k, v in self._records.items() if k[0] != name}
+        self._parked = {n: fp for n, fp in self._parked.items() if n in on_disk}
         for name in sorted(on_disk):
+            parked = self._parked.get(name)
+            if parked is not None and parked == self.repository.model_fingerprint(name):
+                continue  # unloaded on purpose and unchanged since
             try:
                 spec = self.repository.read_spec(name)
                 wanted = self.repository.select_versions(spec)
