@@ -41,3 +41,25 @@ def test_spec_name_must_match_folder(tmp_path: Path) -> None:
         assert entry["state"] == "FAILED" and entry["code"] == 1005
         assert "name 'two' differs from its folder 'one'" in entry["reason"]
         assert c.get("/v2/models/mlp/ready").status_code == 200
+
+
+def test_onnxruntime_session_options_are_applied(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    repo = tmp_path / "models"
+    write_model(repo, "tuned", mlp_model(), {"onnxruntime": {
+        "providers": [{"name": "cpu", "options": {}}], "intra_op_threads": 1, "inter_op_threads": 2,
+        "graph_optimization_level": "basic", "execution_mode": "parallel"}})
+    write_model(repo, "plain", mlp_model())
+    with run_server(repo) as srv, srv.client() as c:
+        session = srv.server.manager.resolve("tuned").model.session  # type: ignore[union-attr]
+        opts = session.get_session_options()
+        assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 2
+        assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        assert opts.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+        assert session.get_providers() == ["CPUExecutionProvider"]
+        plain = srv.server.manager.resolve("plain").model.session.get_session_options()  # type: ignore[union-attr]
+        assert plain.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        r = c.post("/v2/models/tuned/infer", json={"inputs": [
+            {"name": "features", "shape": [1, 32], "datatype": "FP32", "data": [0.0] * 32}]})
+        assert r.json()["outputs"][0]["data"] == [0.5, 0.5]
