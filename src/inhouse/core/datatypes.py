@@ -205,7 +205,7 @@ def raw_bytes(arr: np.ndarray) -> bytes | memoryview:
     a = np.ascontiguousarray(arr)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return memoryview(a).cast("B")
+    return memoryview(a.data).cast("B")
 
 
 def json_data(arr: np.ndarray) -> Any:

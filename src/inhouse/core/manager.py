@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -137,7 +137,7 @@ class ModelManager:
         finally:
             mv.leave()
 
-    def _raise_unavailable(self, name: str, version: int | None) -> None:
+    def _raise_unavailable(self, name: str, version: int | None) -> NoReturn:
         try:
             self.repository.model_dir(name)
         except ModelNotFoundError:
@@ -162,7 +162,7 @@ class ModelManager:
 
     def is_ready(self, name: str, version: int | None = None) -> bool:
         table = self._serving.get(name)
-        return bool(table) and (version is None or version in table)
+        return bool(table) and (version is None or version in (table or {}))
 
     def serving(self) -> dict[str, list[ModelVersion]]:
         return {n: [t[v] for v in sorted(t, reverse=True)] for n, t in self._serving.items() if t}
