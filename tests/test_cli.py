@@ -63,6 +63,24 @@ def test_models_errors(server: RunningServer, tmp_path: Path) -> None:
         port = s.getsockname()[1]
     r = runner.invoke(app, ["models", "list", "--url", f"http://127.0.0.1:{port}", "--timeout", "5"])
     assert r.exit_code == 1 and "Cannot reach the inhouse server" in r.output
+    # --config overrides model.yaml for one load: inline JSON or @FILE
+    r = runner.invoke(app, ["models", "load", "mlp", "--url", server.url, "--config", '{"description": "tuned"}'])
+    assert r.exit_code == 0, r.output
+    with server.client() as c:
+        assert c.get("/v2/models/mlp/config").json()["description"] == "tuned"
+    override = tmp_path / "override.yaml"
+    override.write_text("warmup:\n  samples: 3\n")
+    r = runner.invoke(app, ["models", "load", "mlp", "--url", server.url, "--config", f"@{override}"])
+    assert r.exit_code == 0, r.output
+    with server.client() as c:
+        assert c.get("/v2/models/mlp/config").json()["warmup"]["samples"] == 3
+    typo = '{"batching": {"max_batch_sise": 2}}'
+    r = runner.invoke(app, ["models", "load", "mlp", "--url", server.url, "--config", typo])
+    assert r.exit_code == 1 and "[1005]" in r.output and "did you mean 'max_batch_size'" in r.output, r.output
+    r = runner.invoke(app, ["models", "load", "mlp", "--url", server.url, "--config", "[1, 2]"])
+    assert r.exit_code == 1 and "must be a mapping" in r.output
+    r = runner.invoke(app, ["models", "load", "mlp", "--url", server.url, "--config", f"@{tmp_path / 'nope'}"])
+    assert r.exit_code == 1 and "Cannot read" in r.output
     # the URL also comes from the environment
     r = runner.invoke(app, ["models", "list"], env={"INHOUSE_URL": server.url})
     assert r.exit_code == 0 and "add" in r.output
