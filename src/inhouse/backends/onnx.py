@@ -106,7 +106,7 @@ def map_ort_error(err: Exception, what: str) -> InhouseError:
     name = type(err).__name__
     if name == "InvalidProtobuf" or _CORRUPT.search(_ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text))):
         return ModelFormatError(
-            f"The file is not a readable ONNX model while {what} ({short}); it is truncated, corrupted "
+            f"While {what}: the file is not a readable ONNX model ({short}); it is truncated, corrupted "
             "or not ONNX at all. Copy the complete .onnx file again or re-export it."
         )
     if name in ("InvalidGraph", "NotImplemented") or (name == "Fail" and _OPSET.search(text)):

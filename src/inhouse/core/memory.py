@@ -38,8 +38,9 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
     glibc raises its mmap threshold each time a large mmapped block is freed, so after the
     first unload a model's buffers land in the heap, where they stay mapped after the next
     unload: RSS would grow by a model's size instead of returning to where it was. A fixed
-    threshold turns that dynamic behaviour off; buffers this large are model weights and
-    artefacts, not per-request tensors, so the extra mmap calls cost nothing that matters."""
+    threshold turns that dynamic behaviour off. Buffers this large are mostly model weights and
+    artefacts; a request tensor of 4 MiB or more pays one mmap/munmap pair, which is small next
+    to the inference that reads or produces it."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, threshold)
