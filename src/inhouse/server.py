@@ -90,6 +90,22 @@ class InhouseServer:
             self._add_grpc_front_end()
 
         # security components (issue 6):
+        from inhouse.security import serving as security
+
+        exposure = security.exposure_problem(settings)
+        if exposure is not None:
+            raise StartupError(exposure)
+        self.security = self.app.state.security
+        try:
+            self.manager.set_decryptor(security.model_keyring(settings))
+        except security.ModelKeyError as err:
+            raise StartupError(str(err)) from None
+        self.dataplane.allowed_model_dirs = [self.repository.root, *settings.model_dirs]
+        self.front_ends.append(security.security_front_end)
+        if hasattr(self, "grpc_interceptors"):
+            from inhouse.protocols.security_grpc import SecurityInterceptor
+
+            self.grpc_interceptors.append(SecurityInterceptor(self.security))
 
         # metrics / tracing (issue 7):
         from inhouse.observability.setup import Observability

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,6 +68,41 @@ class ServerSettings(BaseSettings):
     # ---- LLM serving (issue 5) ----
 
     # ---- security (issue 6) ----
+    allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "
+                                 "liveness; empty: any address")
+    trusted_proxies: list[str] = Field(default_factory=list, description="proxies whose X-Forwarded-For is believed")
+    rate_limit_ip: str | None = Field(default=None, description="per client address, e.g. 100/s")
+    rate_limit_key: str | None = Field(default=None, description="per API key without its own rate, e.g. 50/s")
+    audit: bool | None = Field(default=None, description="audit log; unset: on when auth is on")
+    audit_payloads: bool = Field(default=False, description="also record (PII-redacted) request bodies")
+    audit_fsync: bool = Field(default=False, description="fsync every audit entry (survives power loss)")
+    audit_retention_days: float | None = Field(default=None, gt=0, description="prune older entries")
+    model_dirs: list[Path] = Field(default_factory=list, description="folders besides the repository that "
+                                   "model artefacts may be read from")
+
+    @field_validator("allow_ips", "trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"'{item}' is not an IP address or CIDR network (e.g. 10.0.0.0/8)") from None
+        return v
+
+    @field_validator("rate_limit_ip", "rate_limit_key")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        if v is not None:
+            from inhouse.security.ratelimit import parse_rate
+
+            parse_rate(v)
+        return v
+
+    def audit_enabled(self) -> bool:
+        return self.auth if self.audit is None else self.audit
 
     # ---- observability (issue 7) ----
     metrics_port: int | None = Field(default=None, ge=0, le=65535,

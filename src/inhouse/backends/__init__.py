@@ -34,6 +34,11 @@ class LoadContext:
         Raises 1004 on a checksum mismatch or failed decryption, 1005 when it is missing."""
         path = self.version_dir / relative
         rel_to_model = f"{self.version_dir.name}/{relative}"
+        if not path.resolve().is_relative_to(self.version_dir.resolve()):
+            raise ModelSpecError(
+                f"Model '{self.spec.name}': artefact '{relative}' lies outside its version folder; name a file "
+                "inside it."
+            )
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ class DataPlane:
         self.manager = manager
         self.state = state or ServerState()
         self.observer: InferObserver | None = None  # metrics (set by the server when enabled)
+        # Folders a load request may point a model's 'source' at (empty: no check).
+        self.allowed_model_dirs: list[Path] = []
 
     # ---- health and metadata --------------------------------------------------------------
     def live(self) -> bool:
@@ -87,6 +90,11 @@ class DataPlane:
         return entries
 
     async def load_model(self, name: str, overrides: dict[str, Any] | None = None) -> list[ModelVersion]:
+        if overrides and "source" in overrides and self.allowed_model_dirs:
+            from inhouse.security.paths import check_model_source
+
+            base = self.manager.repository.model_dir(name)
+            check_model_source(overrides["source"], base, self.allowed_model_dirs)
         return await self.manager.load(name, overrides)
 
     async def unload_model(self, name: str) -> list[ModelVersion]:

@@ -112,6 +112,10 @@ class ModelManager:
         # metrics recorders handed to each version's scheduler / engine (observability sets it)
         self.recorders: Recorders = NULL_RECORDERS
 
+    def set_decryptor(self, decryptor: ArtefactDecryptor | None) -> None:
+        """Decrypt artefacts (in memory) with this from the next load on."""
+        self._decryptor = decryptor
+
     # ---- request path -------------------------------------------------------------------
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """The READY version to serve (the newest, unless one is named)."""

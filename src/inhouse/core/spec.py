@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,34 @@ class EncryptionSpec(_Strict):
     key_id: str = "default"
 
 
+class PolicySpec(_Strict):
+    """Content policy, checked before a request reaches the model (error 5001)."""
+
+    deny_patterns: list[str] = Field(default_factory=list, description="regular expressions; a match blocks")
+    max_input_bytes: int | None = Field(default=None, ge=1, description="request body size limit")
+    allowed_tools: list[str] | None = Field(default=None, description="tool names a request may offer")
+
+    @field_validator("deny_patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"deny pattern {pattern!r} is not a valid regular expression: {err}") from None
+        return v
+
+
+class PiiSpec(_Strict):
+    """PII redaction for this model's traffic (logs and the audit log are always redacted)."""
+
+    inputs: bool = Field(default=False, description="replace PII with placeholders before the model sees it")
+    outputs: Literal["off", "restore", "redact"] = Field(
+        default="restore", description="restore: put the originals back in the answer; redact: mask PII")
+    detectors: list[Literal["email", "cn_id", "phone", "bank_card", "ip"]] = Field(
+        default_factory=lambda: ["email", "cn_id", "phone", "bank_card", "ip"])
+
+
 class ProviderSpec(_Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -150,6 +179,8 @@ class ModelSpec(BaseModel):
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
     files: FilesSpec = Field(default_factory=FilesSpec)
     encryption: EncryptionSpec | None = None
+    policy: PolicySpec | None = None
+    pii: PiiSpec | None = None
     onnxruntime: OnnxRuntimeSpec = Field(default_factory=OnnxRuntimeSpec)
     labels: list[str] | None = Field(default=None, description="class names, for classification models")
     # ---- transformers backend: encoders and causal LMs ----

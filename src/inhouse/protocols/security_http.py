@@ -1,0 +1,371 @@
+"""The HTTP edge of the security layer: a plain ASGI middleware in front of every REST route
+(KServe v2, OpenAI, Anthropic, metrics, docs). It classifies the route, asks the
+:class:`~inhouse.security.gate.SecurityGate` whether the call may proceed, applies the
+model's content policy and PII rules to the request body, and commits the audit entry before
+the response starts. The wire formats it reads are only those needed to find the texts."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inhouse.core.spec import ModelSpec
+from inhouse.errors import InvalidRequestError, PolicyBlockedError
+from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error, openai_error_response, v2_error_response
+from inhouse.protocols.http_body import read_body
+from inhouse.security.gate import Call, SecurityGate, new_request_id
+from inhouse.security.gate import Scope as NeedScope
+from inhouse.security.pii import Redactor, Vault, redact
+from inhouse.security.policy import check_policy
+
+OPEN_PATHS = frozenset({"/v2/health/live", "/health/live"})
+LLM_ROUTES = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
+              "/v1/embeddings": "embeddings", "/v1/messages": "messages",
+              "/v1/messages/count_tokens": "messages.count_tokens", "/v1/responses": "responses"}
+_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/infer|/ready|/config)?/?$")
+_V2_REPO = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)/?$")
+_NOT_TEXT_KEYS = frozenset({"id", "model", "object", "role", "type", "finish_reason", "stop_reason", "name",
+                            "datatype", "model_name", "model_version", "system_fingerprint", "tool_call_id"})
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    action: str
+    scope: NeedScope
+    model: str | None = None
+    version: str | None = None
+    kind: str = "other"  # v2infer | llm | other
+
+
+def classify(method: str, path: str) -> Route:
+    if path in OPEN_PATHS:
+        return Route("health.live", "open")
+    if path in ("/v2/health/ready", "/health", "/health/ready"):
+        return Route("health", "metrics")
+    if path.startswith("/metrics"):
+        return Route("metrics", "metrics")
+    if path == "/v2":
+        return Route("server.metadata", "infer")
+    m = _V2_MODEL.match(path)
+    if m:
+        what = (m.group(3) or "/metadata")[1:]
+        return Route("infer" if what == "infer" else f"model.{what}", "infer", m.group(1), m.group(2),
+                     "v2infer" if what == "infer" and method == "POST" else "other")
+    m = _V2_REPO.match(path)
+    if m:
+        return Route(f"repository.{m.group(2)}", "admin", m.group(1))
+    if path.startswith("/v2/repository"):
+        return Route("repository.index", "admin")
+    action = LLM_ROUTES.get(path.rstrip("/"))
+    if action is not None:
+        return Route(action, "infer", kind="llm" if method == "POST" else "other")
+    if path.startswith("/v1/models"):
+        return Route("models.list", "infer")
+    if path.startswith(("/docs", "/openapi.json", "/redoc")):
+        return Route("docs", "any")
+    return Route("other", "any")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _credential(h: dict[str, str]) -> str | None:
+    auth = h.get("authorization")
+    if auth:
+        kind, _, value = auth.partition(" ")
+        return value.strip() if kind.lower() == "bearer" else None
+    return h.get("x-api-key")
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    # W3C trace context: version-traceid-spanid-flags
+    parts = traceparent.split("-") if traceparent else []
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
+def anthropic_error_response(exc: BaseException) -> Response:
+    err = as_inhouse_error(exc)
+    kind = {"server_error": "api_error", "timeout_error": "api_error"}.get(err.openai_type, err.openai_type)
+    body = {"type": "error", "error": {"type": kind, "message": err.message}}
+    return Response(orjson.dumps(body), status_code=err.http_status, media_type="application/json",
+                    headers={ERROR_CODE_HEADER: str(err.code), **err.headers})
+
+
+def error_response(path: str, exc: BaseException) -> Response:
+    if path.startswith("/v1/messages"):
+        return anthropic_error_response(exc)
+    if path.startswith("/v1/"):
+        return openai_error_response(exc)
+    return v2_error_response(exc)
+
+
+# ---- texts inside request and response bodies --------------------------------------------------
+TextFn = Callable[[str], str]
+
+
+def _map_content(value: Any, fn: TextFn) -> Any:
+    """A message 'content' / 'system' / 'prompt' / 'input': a string, or a list of strings or
+    parts with 'text' (and nested 'content', as in tool results)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            if isinstance(item, dict):
+                if isinstance(item.get("text"), str):
+                    item["text"] = fn(item["text"])
+                if "content" in item:
+                    item["content"] = _map_content(item["content"], fn)
+                out.append(item)
+            else:
+                out.append(_map_content(item, fn))
+        return out
+    return value
+
+
+def map_llm_texts(doc: dict[str, Any], fn: TextFn) -> None:
+    for key in ("system", "prompt", "input", "instructions"):
+        if key in doc:
+            doc[key] = _map_content(doc[key], fn)
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        for msg in messages:
+            if isinstance(msg, dict) and "content" in msg:
+                msg["content"] = _map_content(msg["content"], fn)
+
+
+def llm_tools(doc: dict[str, Any]) -> list[str] | None:
+    tools = doc.get("tools")
+    if not isinstance(tools, list):
+        return None
+    names = []
+    for t in tools:
+        if isinstance(t, dict):
+            fn = t.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else t.get("name")
+            names.append(str(name))
+    return names
+
+
+def _map_nested(value: Any, fn: TextFn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_nested(v, fn) for v in value]
+    return value
+
+
+def map_v2_texts(doc: dict[str, Any], fn: TextFn, key: str = "inputs") -> None:
+    tensors = doc.get(key)
+    if not isinstance(tensors, list):
+        return
+    for t in tensors:
+        if isinstance(t, dict) and t.get("datatype") == "BYTES" and "data" in t:
+            t["data"] = _map_nested(t["data"], fn)
+
+
+def map_all_texts(value: Any, fn: TextFn) -> Any:
+    """Every string value of a response document except identifiers and enum-like fields."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [map_all_texts(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: v if k in _NOT_TEXT_KEYS else map_all_texts(v, fn) for k, v in value.items()}
+    return value
+
+
+# ---- the middleware -----------------------------------------------------------------------------
+class SecurityMiddleware:
+    def __init__(self, app: ASGIApp, gate: SecurityGate, max_request_bytes: int) -> None:
+        self.app = app
+        self.gate = gate
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        route = classify(method, path)
+        if route.scope == "open":
+            await self.app(scope, receive, send)
+            return
+        h = _headers(scope)
+        client = scope.get("client")
+        call = Call(transport="http", action=route.action, scope=route.scope, model=route.model,
+                    version=route.version, peer=client[0] if client else None,
+                    forwarded_for=h.get("x-forwarded-for"), credential=_credential(h),
+                    request_id=new_request_id(h.get(REQUEST_ID_HEADER)), trace_id=_trace_id(h.get("traceparent")))
+        gate = self.gate
+        output_fn: TextFn | None = None
+        try:
+            gate.admit(call)
+            if route.kind != "other":
+                scope, receive, output_fn = await self._inspect(call, route, scope, receive, h)
+        except Exception as exc:
+            err = as_inhouse_error(exc)
+            gate.record(call, err.http_status, err.code, err.message)
+            response = error_response(path, err)
+            response.headers[REQUEST_ID_HEADER] = call.request_id
+            await response(scope, receive, send)
+            return
+        rid = call.request_id.encode("latin-1")
+        held: list[Message] = []
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                code = next((int(v) for k, v in headers if k == b"inhouse-error-code" and v.isdigit()), None)
+                gate.record(call, message["status"], code)
+                headers.append((b"x-request-id", rid))
+                message = {**message, "headers": headers}
+                if output_fn is not None and _is_json_or_sse(headers):
+                    held.append(message)
+                    return
+            elif message["type"] == "http.response.body" and held:
+                await self._send_transformed(message, held, send, output_fn)  # type: ignore[arg-type]
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not call.recorded:
+                gate.record(call, 500, 9000, "the request failed before a response was sent")
+
+    async def _send_transformed(self, message: Message, held: list[Message], send: Send, fn: TextFn) -> None:
+        start = held[0]
+        sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in start["headers"])
+        if sse:
+            if len(held) == 1:
+                start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+                await send(start)
+                held.append({"type": "_sse_buffer", "data": b""})
+            buf = held[1]["data"] + message.get("body", b"")
+            more = message.get("more_body", False)
+            events, _, rest = buf.rpartition(b"\n\n") if more else (buf, b"", b"")
+            held[1]["data"] = rest
+            out = _transform_sse(events + (b"\n\n" if more and events else b""), fn)
+            await send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        held.append(message)
+        if message.get("more_body", False):
+            return
+        body = b"".join(m.get("body", b"") for m in held[1:])
+        with contextlib.suppress(orjson.JSONDecodeError):
+            body = orjson.dumps(map_all_texts(orjson.loads(body), fn))
+        headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _inspect(self, call: Call, route: Route, scope: Scope, receive: Receive,
+                       h: dict[str, str]) -> tuple[Scope, Receive, TextFn | None]:
+        """Read the body when the model's rules (or the key's model list) need it; apply the
+        content policy and input redaction; return the (possibly rewritten) request."""
+        gate = self.gate
+        llm = route.kind == "llm"
+        spec = None if llm else gate.spec_for(route.model)
+        needs_body = llm or gate.settings.audit_payloads or (
+            spec is not None and (spec.policy is not None or spec.pii is not None))
+        if not needs_body:
+            return scope, receive, None
+        body = await read_body(Request(scope, receive), self.max_request_bytes)
+        binary = "inference-header-content-length" in h
+        doc: dict[str, Any] | None = None
+        if not binary:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as err:
+                raise InvalidRequestError(f"Request body is not valid JSON: {err}.") from None
+            if not isinstance(parsed, dict):
+                raise InvalidRequestError("Request body must be a JSON object.")
+            doc = parsed
+        if llm:
+            model = doc.get("model") if doc is not None else None
+            if not isinstance(model, str):
+                raise InvalidRequestError("The request needs a 'model' field naming the model to use.")
+            gate.check_model(call, model)
+            spec = gate.spec_for(model)
+        rewritten = self._apply_rules(call, spec, doc, len(body), binary, llm)
+        if gate.settings.audit_payloads:
+            call.detail["request"] = redact(body[:4096].decode("utf-8", "replace"))
+        output_fn: TextFn | None = None
+        pii = spec.pii if spec is not None else None
+        if rewritten is not None:
+            body = rewritten[0]
+        if pii is not None and pii.outputs == "restore" and rewritten is not None:
+            output_fn = rewritten[1].restore
+        elif pii is not None and pii.outputs == "redact":
+            output_fn = Redactor(pii.detectors).redact
+        drop = {b"content-length", b"content-encoding"} | ({b"accept-encoding"} if output_fn else set())
+        headers = [(k, v) for k, v in scope["headers"] if k not in drop]
+        headers.append((b"content-length", str(len(body)).encode()))
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return {**scope, "headers": headers}, replay, output_fn
+
+    @staticmethod
+    def _apply_rules(call: Call, spec: ModelSpec | None, doc: dict[str, Any] | None, size: int, binary: bool,
+                     llm: bool) -> tuple[bytes, Vault] | None:
+        if spec is None:
+            return None
+        policy, pii = spec.policy, spec.pii
+        if binary and ((policy is not None and policy.deny_patterns) or (pii is not None and pii.inputs)):
+            raise PolicyBlockedError(f"Model '{spec.name}' has text rules (content policy or PII redaction) that "
+                                     "need JSON tensor data; do not use the binary tensor data extension for it.")
+        if policy is not None:
+            texts: list[str] = []
+
+            def collect(s: str) -> str:
+                texts.append(s)
+                return s
+
+            if doc is not None:
+                (map_llm_texts if llm else map_v2_texts)(doc, collect)
+            check_policy(policy, spec.name, size=size, texts=texts,
+                         tools=llm_tools(doc) if llm and doc is not None else None)
+        if pii is None or not pii.inputs or doc is None:
+            return None
+        vault = Vault()
+        redactor = Redactor(pii.detectors)
+        (map_llm_texts if llm else map_v2_texts)(doc, lambda s: redactor.redact(s, vault))
+        if vault.originals:
+            call.detail["pii_redacted"] = len(vault.originals)
+        return orjson.dumps(doc), vault
+
+
+def _is_json_or_sse(headers: list[tuple[bytes, bytes]]) -> bool:
+    ctype = next((v for k, v in headers if k == b"content-type"), b"")
+    return ctype.startswith((b"application/json", b"text/event-stream"))
+
+
+def _transform_sse(data: bytes, fn: TextFn) -> bytes:
+    out = []
+    for line in data.split(b"\n"):
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload and payload != b"[DONE]":
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    line = b"data: " + orjson.dumps(map_all_texts(orjson.loads(payload), fn))
+        out.append(line)
+    return b"\n".join(out)

@@ -1,0 +1,232 @@
+"""The audit log: an append-only SQLite store (WAL) where every entry carries the hash of the
+previous one and an HMAC under a key derived from the server secret.
+
+``verify`` detects any change, deletion, insertion or reordering of entries: the chain links
+each entry to the one before, the HMAC stops an attacker without the secret from re-computing
+it, and a signed *head* record (last sequence number and hash) exposes a removed tail.
+Retention pruning deletes the oldest entries and moves a signed *anchor* (first kept sequence
+number and its predecessor's hash), so the rest still verifies.
+
+An entry is committed before the response that it records is sent. WAL with
+``synchronous=NORMAL`` survives the process being killed (SIGKILL); ``fsync=True``
+(``synchronous=FULL``) also survives power loss, at the cost of one fsync per entry."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from inhouse.security.pii import redact
+from inhouse.security.secret import derive, load_or_create_secret
+
+AUDIT_DB = "audit.sqlite3"
+GENESIS = "0" * 64
+FIELDS = ("seq", "ts", "transport", "key_id", "action", "model", "version", "client_ip", "status", "code",
+          "latency_ms", "request_id", "trace_id", "detail")
+
+_COLUMNS = ", ".join(FIELDS)
+_INSERT = (f"INSERT INTO audit ({_COLUMNS}, prev_hash, hash, mac) "  # noqa: S608 - constant column names
+           f"VALUES ({', '.join('?' * (len(FIELDS) + 3))})")
+_SELECT = f"SELECT {_COLUMNS}, prev_hash, hash, mac FROM audit"  # noqa: S608 - constant column names
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    transport TEXT,
+    key_id TEXT,
+    action TEXT NOT NULL,
+    model TEXT,
+    version TEXT,
+    client_ip TEXT,
+    status INTEGER,
+    code INTEGER,
+    latency_ms REAL,
+    request_id TEXT,
+    trace_id TEXT,
+    detail TEXT,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE TABLE IF NOT EXISTS audit_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL, mac TEXT NOT NULL);
+"""
+
+
+@dataclass(slots=True)
+class AuditEntry:
+    action: str
+    transport: str = "http"
+    key_id: str | None = None
+    model: str | None = None
+    version: str | None = None
+    client_ip: str | None = None
+    status: int | None = None
+    code: int | None = None
+    latency_ms: float | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    detail: dict[str, Any] | None = None
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    entries: int
+    first_seq: int | None
+    last_seq: int | None
+    problems: list[str]
+
+
+def _canonical(row: dict[str, Any]) -> bytes:
+    return orjson.dumps({k: row[k] for k in FIELDS}, option=orjson.OPT_SORT_KEYS)
+
+
+def _chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + _canonical(row)).hexdigest()
+
+
+def _clean_detail(detail: dict[str, Any] | None) -> str | None:
+    if not detail:
+        return None
+    return redact(orjson.dumps(detail, default=str).decode())
+
+
+class AuditLog:
+    def __init__(self, data_dir: Path, secret: bytes | None = None, *, fsync: bool = False,
+                 create: bool = True) -> None:
+        self.path = data_dir / AUDIT_DB
+        if not create and not self.path.exists():
+            raise FileNotFoundError(f"There is no audit log at {self.path}; check --data-dir.")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._key = derive(secret or load_or_create_secret(data_dir, create=create), "audit")
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def _meta(self, name: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT value, mac FROM audit_meta WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        value: dict[str, Any] = orjson.loads(row[0])
+        value["_mac_ok"] = hmac.compare_digest(self._mac(f"{name}|{row[0]}"), row[1])
+        return value
+
+    def _set_meta(self, name: str, value: dict[str, Any]) -> None:
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        self._db.execute("INSERT INTO audit_meta (name, value, mac) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE "
+                         "SET value = excluded.value, mac = excluded.mac", (name, text, self._mac(f"{name}|{text}")))
+
+    # ---- writing --------------------------------------------------------------------------------
+    def append(self, e: AuditEntry) -> int:
+        """Commit one entry (durably, before returning); returns its sequence number."""
+        row: dict[str, Any] = {
+            "ts": e.ts, "transport": e.transport, "key_id": e.key_id, "action": e.action, "model": e.model,
+            "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
+            "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
+            "request_id": e.request_id, "trace_id": e.trace_id, "detail": _clean_detail(e.detail),
+        }
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                head = self._db.execute("SELECT value FROM audit_meta WHERE name = 'head'").fetchone()
+                if head is not None:
+                    h = orjson.loads(head[0])
+                    seq, prev = h["seq"] + 1, h["hash"]
+                else:
+                    seq, prev = 1, GENESIS
+                row["seq"] = seq
+                digest = _chain_hash(prev, row)
+                self._db.execute(_INSERT, (*(row[k] for k in FIELDS), prev, digest, self._mac(digest)))
+                self._set_meta("head", {"seq": seq, "hash": digest})
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return seq
+
+    def prune(self, before_ts: float) -> int:
+        """Delete entries older than ``before_ts``; the rest still verifies. Returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                head = self._meta("head")
+                if head is None:
+                    self._db.execute("ROLLBACK")
+                    return 0
+                row = self._db.execute("SELECT seq, prev_hash FROM audit WHERE ts >= ? ORDER BY seq LIMIT 1",
+                                       (before_ts,)).fetchone()
+                keep_seq, keep_prev = row if row is not None else (head["seq"] + 1, head["hash"])
+                n = self._db.execute("DELETE FROM audit WHERE seq < ?", (keep_seq,)).rowcount
+                if n:
+                    self._set_meta("anchor", {"seq": keep_seq, "prev_hash": keep_prev})
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    # ---- reading --------------------------------------------------------------------------------
+    def entries(self, since_ts: float | None = None) -> Iterator[dict[str, Any]]:
+        sql = _SELECT
+        args: tuple[Any, ...] = ()
+        if since_ts is not None:
+            sql += " WHERE ts >= ?"
+            args = (since_ts,)
+        cols = [*FIELDS, "prev_hash", "hash", "mac"]
+        for r in self._db.execute(sql + " ORDER BY seq", args):
+            yield dict(zip(cols, r, strict=True))
+
+    def verify(self) -> VerifyReport:
+        problems: list[str] = []
+        anchor = self._meta("anchor")
+        head = self._meta("head")
+        if anchor is not None and not anchor["_mac_ok"]:
+            problems.append("the retention anchor was altered (its HMAC does not match)")
+        if head is not None and not head["_mac_ok"]:
+            problems.append("the head record was altered (its HMAC does not match)")
+        expect_seq = anchor["seq"] if anchor else 1
+        prev = anchor["prev_hash"] if anchor else GENESIS
+        count, first, last = 0, None, None
+        for row in self.entries():
+            seq = row["seq"]
+            first = seq if first is None else first
+            if seq != expect_seq:
+                problems.append(f"entry {seq}: expected entry {expect_seq} here (entries removed or reordered)")
+            if row["prev_hash"] != prev:
+                problems.append(f"entry {seq}: does not link to the entry before it")
+            digest = _chain_hash(row["prev_hash"], row)
+            if digest != row["hash"]:
+                problems.append(f"entry {seq}: content was altered (hash mismatch)")
+            if not hmac.compare_digest(self._mac(row["hash"]), str(row["mac"])):
+                problems.append(f"entry {seq}: HMAC does not match (forged or altered)")
+            prev, expect_seq, last = row["hash"], seq + 1, seq
+            count += 1
+        if head is None:
+            if count:
+                problems.append("the head record is missing")
+        elif head["seq"] != expect_seq - 1 or head["hash"] != prev:
+            problems.append(f"the log ends at entry {expect_seq - 1} but the head says {head['seq']} "
+                            "(entries removed from the end)")
+        return VerifyReport(ok=not problems, entries=count, first_seq=first, last_seq=last, problems=problems)

@@ -1,0 +1,155 @@
+"""The one security layer every transport calls: who is calling (API key, client address),
+may they (IP allow-lists, scopes, model lists, expiry, revocation, rate limits), and the audit
+record of what happened. Transport adapters fill a :class:`Call`, call :meth:`SecurityGate.admit`
+before the request goes further and :meth:`SecurityGate.record` before the response is sent."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from inhouse.core.manager import ModelManager
+from inhouse.core.spec import ModelSpec
+from inhouse.errors import ForbiddenError, UnauthenticatedError
+from inhouse.security.audit import AuditEntry, AuditLog
+from inhouse.security.keys import ApiKey, KeyStore
+from inhouse.security.network import ClientAddressResolver, in_networks
+from inhouse.security.ratelimit import RateLimiter
+from inhouse.security.secret import load_or_create_secret
+from inhouse.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["infer", "admin", "metrics", "any", "open"]
+"""What a request needs: one of the key scopes, ``any`` (any valid key) or ``open`` (nothing;
+liveness only: not checked, not audited)."""
+
+
+@dataclass(slots=True)
+class Call:
+    transport: str
+    action: str
+    scope: Scope
+    model: str | None = None
+    version: str | None = None
+    peer: str | None = None
+    forwarded_for: str | None = None
+    credential: str | None = None
+    request_id: str = ""
+    trace_id: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    # filled by admit()
+    client_ip: str | None = None
+    key: ApiKey | None = None
+    recorded: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def new_request_id(given: str | None) -> str:
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+class SecurityGate:
+    def __init__(self, settings: ServerSettings, manager: ModelManager | None = None) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.auth = settings.auth
+        from inhouse.security.keys import parse_networks
+
+        self._allow = parse_networks(settings.allow_ips)
+        self._resolver = ClientAddressResolver(parse_networks(settings.trusted_proxies))
+        self._limiter = RateLimiter()
+        self._rate_ip = settings.rate_limit_ip
+        self._rate_key = settings.rate_limit_key
+        data_dir: Path = settings.data_dir
+        needs_secret = settings.auth or settings.audit_enabled()
+        secret = load_or_create_secret(data_dir) if needs_secret else None
+        self.keys = KeyStore(data_dir, secret) if settings.auth else None
+        self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync) if settings.audit_enabled() else None
+        self.active = bool(self.auth or self.audit or self._allow or self._rate_ip)
+
+    def close(self) -> None:
+        if self.keys is not None:
+            self.keys.close()
+        if self.audit is not None:
+            self.audit.close()
+
+    def spec_for(self, model: str | None) -> ModelSpec | None:
+        """The serving spec of a model (for policy and PII rules), or None when it is not serving."""
+        if model is None or self.manager is None:
+            return None
+        table = self.manager.serving().get(model)
+        return table[-1].spec if table else None
+
+    # ---- admission ------------------------------------------------------------------------------
+    def admit(self, call: Call) -> None:
+        """Raise 4001 / 4003 / 4029 when the call may not proceed; fill in its key and address."""
+        addr = self._resolver.resolve(call.peer, call.forwarded_for)
+        call.client_ip = str(addr) if addr is not None else call.peer
+        if call.scope == "open":
+            return
+        if self._allow and not in_networks(addr, self._allow):
+            raise ForbiddenError(f"Requests from {call.client_ip} are not allowed by this server's IP allow-list.")
+        if self._rate_ip:
+            self._limiter.hit(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
+        if not self.auth or self.keys is None:
+            return
+        key = self._authenticate(self.keys, call.credential)
+        call.key = key
+        if key.allow_ips and not in_networks(addr, key.allow_ips):
+            raise ForbiddenError(f"API key {key.key_id} may not be used from {call.client_ip}.")
+        if call.scope != "any" and call.scope not in key.scopes:
+            raise ForbiddenError(f"API key {key.key_id} lacks the '{call.scope}' scope needed to {call.action} "
+                                 f"(it has: {', '.join(sorted(key.scopes))}).")
+        self.check_model(call, call.model)
+        rate = key.rate or self._rate_key
+        if rate:
+            self._limiter.hit(rate, f"key:{key.key_id}", f"API key {key.key_id}")
+
+    def check_model(self, call: Call, model: str | None) -> None:
+        """Called again by adapters that learn the model only from the request body."""
+        call.model = model or call.model
+        key = call.key
+        if key is not None and key.models is not None and model is not None and model not in key.models:
+            raise ForbiddenError(f"API key {key.key_id} may not use model '{model}'.")
+
+    @staticmethod
+    def _authenticate(keys: KeyStore, credential: str | None) -> ApiKey:
+        if not credential:
+            raise UnauthenticatedError(
+                "This server requires an API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                "(gRPC: 'authorization' metadata).", headers={"WWW-Authenticate": "Bearer"})
+        key = keys.lookup(credential)
+        if key is None:
+            raise UnauthenticatedError("The API key is not valid.", headers={"WWW-Authenticate": "Bearer"})
+        if key.revoked_at is not None:
+            raise UnauthenticatedError(f"API key {key.key_id} has been revoked.",
+                                       headers={"WWW-Authenticate": "Bearer"})
+        if key.expires_at is not None and key.expires_at <= time.time():
+            raise UnauthenticatedError(f"API key {key.key_id} has expired.", headers={"WWW-Authenticate": "Bearer"})
+        return key
+
+    # ---- audit ------------------------------------------------------------------------------------
+    def record(self, call: Call, status: int | None, code: int | None, error: str | None = None) -> None:
+        """Commit the audit entry for a call (once), before its response goes out."""
+        if call.recorded or self.audit is None or call.scope == "open":
+            return
+        call.recorded = True
+        detail = dict(call.detail)
+        if error:
+            detail["error"] = error[:500]
+        self.audit.append(AuditEntry(
+            action=call.action, transport=call.transport, key_id=call.key.key_id if call.key else None,
+            model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,
+            latency_ms=(time.perf_counter() - call.started) * 1000, request_id=call.request_id,
+            trace_id=call.trace_id, detail=detail or None))
+
+    def record_admin(self, action: str, transport: str = "cli", detail: dict[str, Any] | None = None) -> None:
+        if self.audit is not None:
+            self.audit.append(AuditEntry(action=action, transport=transport, detail=detail))

@@ -1,0 +1,89 @@
+"""Security at server start-up: the secure-default exposure rule, the model keyring and the
+audit-retention task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from inhouse.security.crypto import KEY_ENV, Keyring, ModelKeyError, parse_key, read_key_file
+from inhouse.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from inhouse.server import InhouseServer
+
+log = logging.getLogger("inhouse.security")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(settings: ServerSettings) -> str | None:
+    """Why the server must not start as configured (a non-loopback address with no auth), or None.
+    ``--insecure`` overrides it, loudly."""
+    if settings.auth or is_loopback(settings.host):
+        return None
+    if settings.insecure:
+        log.warning("SECURITY WARNING: serving on %s WITHOUT authentication (--insecure). Anyone who can reach "
+                    "this address can run and load models. Use --auth with API keys for anything but a "
+                    "trusted, isolated network.", settings.host)
+        return None
+    return (f"Refusing to listen on {settings.host} without authentication: anyone on the network could use it. "
+            "Start with --auth (create keys with 'inhouse keys create'), listen on 127.0.0.1, or pass --insecure "
+            "if the network is trusted.")
+
+
+def model_keyring(settings: ServerSettings) -> Keyring:
+    """The model keys: --model-key-file and/or INHOUSE_MODEL_KEY. Raises ModelKeyError."""
+    keys = []
+    if settings.model_key_file is not None:
+        keys.append(read_key_file(settings.model_key_file))
+    env = os.environ.get(KEY_ENV)
+    if env:
+        keys.append(parse_key(env, f"${KEY_ENV}"))
+    return Keyring(keys)
+
+
+async def security_front_end(server: InhouseServer) -> Callable[[], Awaitable[None]]:
+    """Prunes the audit log to the retention period (at start, then hourly); closes the stores at stop."""
+    gate = server.security
+    days = server.settings.audit_retention_days
+    task: asyncio.Task[None] | None = None
+    if gate.audit is not None and days:
+        audit = gate.audit
+
+        async def prune_forever() -> None:
+            while True:
+                try:
+                    n = audit.prune(time.time() - days * 86400)
+                    if n:
+                        log.info("audit log pruned", extra={"entries": n, "retention_days": days})
+                except Exception:
+                    log.exception("audit log pruning failed")
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(prune_forever())
+
+    async def stop() -> None:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gate.close()
+
+    return stop
+
+
+__all__ = ["ModelKeyError", "exposure_problem", "is_loopback", "model_keyring", "security_front_end"]
