@@ -19,6 +19,11 @@ app.add_typer(models.app, name="models")
 # ---- command groups added by other modules register below, one line each ----
 
 # security (issue 6):
+from inhouse.cli import security as _security  # noqa: E402
+
+app.add_typer(_security.keys_app, name="keys")
+app.add_typer(_security.audit_app, name="audit")
+app.command("encrypt")(_security.encrypt)
 
 # observability (issue 7):
 app.command("doctor")(doctor.doctor)

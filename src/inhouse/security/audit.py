@@ -166,6 +166,16 @@ class AuditLog:
                 raise
         return seq
 
+    def append_admin(self, action: str, detail: dict[str, Any] | None = None, transport: str = "cli") -> int:
+        """An administrative action taken outside a request (the CLI)."""
+        import getpass
+
+        try:
+            who = getpass.getuser()
+        except (KeyError, OSError):
+            who = None
+        return self.append(AuditEntry(action=action, transport=transport, detail={**(detail or {}), "os_user": who}))
+
     def prune(self, before_ts: float) -> int:
         """Delete entries older than ``before_ts``; the rest still verifies. Returns how many."""
         with self._lock:

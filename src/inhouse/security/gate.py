@@ -149,7 +149,3 @@ class SecurityGate:
             model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,
             latency_ms=(time.perf_counter() - call.started) * 1000, request_id=call.request_id,
             trace_id=call.trace_id, detail=detail or None))
-
-    def record_admin(self, action: str, transport: str = "cli", detail: dict[str, Any] | None = None) -> None:
-        if self.audit is not None:
-            self.audit.append(AuditEntry(action=action, transport=transport, detail=detail))
