@@ -158,6 +158,7 @@ class InhouseServer:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off",
             timeout_keep_alive=30, server_header=False, date_header=False,
+            proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
             **self._uvicorn_tls(),
         )
         if self.tls is not None:
