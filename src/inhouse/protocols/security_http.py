@@ -224,16 +224,30 @@ class SecurityMiddleware:
         rid = call.request_id.encode("latin-1")
         held: list[Message] = []
 
+        error_start: list[Message] = []
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                code = next((int(v) for k, v in headers if k == b"inhouse-error-code" and v.isdigit()), None)
-                gate.record(call, message["status"], code)
                 headers.append((b"x-request-id", rid))
                 message = {**message, "headers": headers}
+                if message["status"] >= 400 and not _is_sse(headers):
+                    error_start.append(message)  # recorded with its message once the body is here
+                    return
+                gate.record(call, message["status"], _error_code(headers))
                 if output_fn is not None and _is_json_or_sse(headers):
                     held.append(message)
                     return
+            elif message["type"] == "http.response.body" and error_start:
+                error_start.append(message)
+                if message.get("more_body", False):
+                    return
+                start, body = error_start[0], b"".join(m.get("body", b"") for m in error_start[1:])
+                gate.record(call, start["status"], _error_code(start["headers"]), _error_message(body))
+                error_start.clear()
+                await send(start)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
             elif message["type"] == "http.response.body" and held:
                 await self._send_transformed(message, held, send, output_fn)  # type: ignore[arg-type]
                 return
@@ -352,6 +366,26 @@ class SecurityMiddleware:
         if vault.originals:
             call.detail["pii_redacted"] = len(vault.originals)
         return orjson.dumps(doc), vault
+
+
+def _error_code(headers: list[tuple[bytes, bytes]]) -> int | None:
+    return next((int(v) for k, v in headers if k == b"inhouse-error-code" and v.isdigit()), None)
+
+
+def _error_message(body: bytes) -> str | None:
+    """The message of an error body in any of our formats (v2, OpenAI, Anthropic)."""
+    try:
+        doc = orjson.loads(body[:65536]) if body else None
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace")
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict):
+        err = err.get("message")
+    return str(err) if err is not None else None
+
+
+def _is_sse(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
 
 def _is_json_or_sse(headers: list[tuple[bytes, bytes]]) -> bool:

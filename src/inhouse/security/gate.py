@@ -6,6 +6,7 @@ before the request goes further and :meth:`SecurityGate.record` before the respo
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,8 +50,13 @@ class Call:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
 def new_request_id(given: str | None) -> str:
-    if given and len(given) <= 128 and given.isprintable():
+    """The caller's request id if it is a plain token (so it cannot smuggle PII or log
+    injection into the audit log), else a fresh one."""
+    if given and _REQUEST_ID.match(given):
         return given
     return uuid.uuid4().hex
 
