@@ -1,0 +1,140 @@
+"""The gRPC security interceptor on a real grpc.aio server with real channels. The service
+behind it is a stand-in speaking the KServe v2 method names with a trivial wire format (the
+inhouse gRPC front end plugs the same interceptor in)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from inhouse.protocols.security_grpc import SecurityInterceptor, classify_grpc, peer_address
+from inhouse.security.audit import AuditLog
+from inhouse.security.gate import SecurityGate
+from inhouse.security.keys import KeyStore
+from inhouse.settings import load_settings
+
+SVC = "inference.GRPCInferenceService"
+
+
+def _req(raw: bytes) -> Any:
+    return SimpleNamespace(model_name=raw.decode())
+
+
+def _resp(obj: Any) -> bytes:
+    return obj if isinstance(obj, bytes) else str(obj).encode()
+
+
+async def _infer(request: Any, context: grpc.aio.ServicerContext) -> str:
+    return f"ok:{request.model_name}"
+
+
+async def _stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[str]:
+    async for r in requests:
+        yield f"ok:{r.model_name}"
+
+
+def _handlers() -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(SVC, {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(_infer, _req, _resp),
+        "ServerLive": grpc.unary_unary_rpc_method_handler(_infer, _req, _resp),
+        "RepositoryModelLoad": grpc.unary_unary_rpc_method_handler(_infer, _req, _resp),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(_stream, _req, _resp),
+    })
+
+
+@pytest.fixture
+async def grpc_target(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str], Path]]:
+    data = tmp_path / "data"
+    store = KeyStore(data)
+    keys = {
+        "infer": store.create("app", ["infer"], models=["add"])[0],
+        "admin": store.create("ops", ["admin"])[0],
+        "expired": store.create("old", ["infer"], expires_at=time.time() - 1)[0],
+        "revoked": store.create("gone", ["infer"])[0],
+        "other_ip": store.create("far", ["infer"], allow_ips=["10.0.0.0/8"])[0],
+    }
+    store.revoke("gone")
+    store.close()
+    gate = SecurityGate(load_settings(None, auth=True, data_dir=data))
+    server = grpc.aio.server(interceptors=[SecurityInterceptor(gate)])
+    server.add_generic_rpc_handlers((_handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", keys, data
+    finally:
+        await server.stop(None)
+        gate.close()
+
+
+async def _call(target: str, method: str, model: str, key: str | None, header: str = "authorization") -> str:
+    md = [] if key is None else [(header, f"Bearer {key}" if header == "authorization" else key)]
+    async with grpc.aio.insecure_channel(target) as ch:
+        fn = ch.unary_unary(f"/{SVC}/{method}", request_serializer=str.encode, response_deserializer=lambda b: b.decode())
+        return str(await fn(model, metadata=md))
+
+
+async def test_grpc_auth_matrix(grpc_target: tuple[str, dict[str, str], Path]) -> None:
+    target, k, data = grpc_target
+    assert await _call(target, "ServerLive", "", None) == "ok:"  # liveness stays open
+    cases = [
+        (None, grpc.StatusCode.UNAUTHENTICATED, "4001"),
+        ("ih_0123456789abcdef_nope", grpc.StatusCode.UNAUTHENTICATED, "4001"),
+        (k["revoked"], grpc.StatusCode.UNAUTHENTICATED, "4001"),
+        (k["expired"], grpc.StatusCode.UNAUTHENTICATED, "4001"),
+        (k["admin"], grpc.StatusCode.PERMISSION_DENIED, "4003"),
+        (k["other_ip"], grpc.StatusCode.PERMISSION_DENIED, "4003"),
+    ]
+    for key, status, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await _call(target, "ModelInfer", "add", key)
+        assert ei.value.code() == status, key
+        assert dict(ei.value.trailing_metadata() or ())["inhouse-error-code"] == code
+    assert await _call(target, "ModelInfer", "add", k["infer"]) == "ok:add"
+    assert await _call(target, "ModelInfer", "add", k["infer"], header="x-api-key") == "ok:add"
+    with pytest.raises(grpc.aio.AioRpcError) as ei:  # wrong model for this key
+        await _call(target, "ModelInfer", "mlp", k["infer"])
+    assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED and "mlp" in (ei.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as ei:  # infer keys may not load models
+        await _call(target, "RepositoryModelLoad", "add", k["infer"])
+    assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await _call(target, "RepositoryModelLoad", "add", k["admin"]) == "ok:add"
+
+    # streaming: every message's model is checked
+    async with grpc.aio.insecure_channel(target) as ch:
+        fn = ch.stream_stream(f"/{SVC}/ModelStreamInfer", request_serializer=str.encode,
+                              response_deserializer=lambda b: b.decode())
+        got = [m async for m in fn(iter(["add", "add"]), metadata=[("authorization", f"Bearer {k['infer']}")])]
+        assert got == ["ok:add", "ok:add"]
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            _ = [m async for m in fn(iter(["add", "mlp"]), metadata=[("authorization", f"Bearer {k['infer']}")])]
+        assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            _ = [m async for m in fn(iter(["add"]))]
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    log = AuditLog(data)
+    rows = list(log.entries())
+    assert log.verify().ok
+    log.close()
+    assert all(r["transport"] == "grpc" for r in rows) and not any(r["action"] == "health.live" for r in rows)
+    assert [(r["status"], r["code"]) for r in rows[:6]] == [(401, 4001)] * 4 + [(403, 4003)] * 2
+    assert rows[6]["status"] == 200 and rows[6]["model"] == "add" and rows[6]["client_ip"] == "127.0.0.1"
+
+
+def test_classify_and_peer() -> None:
+    assert classify_grpc(f"/{SVC}/ServerLive")[1] == "open"
+    assert classify_grpc(f"/{SVC}/RepositoryModelUnload")[1] == "admin"
+    assert classify_grpc(f"/{SVC}/ModelMetadata") == ("model.metadata", "infer", "name")
+    assert classify_grpc("/grpc.health.v1.Health/Check")[1] == "open"
+    assert classify_grpc("/grpc.reflection.v1alpha.ServerReflection/X")[1] == "any"
+    assert peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"
+    assert peer_address("ipv6:[::1]:5555") == "::1"
+    assert peer_address("unix:/tmp/x") is None
