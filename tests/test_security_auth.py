@@ -41,7 +41,7 @@ def make_keys(data_dir: Path) -> dict[str, str]:
 def secured(repo: Path) -> tuple[RunningServer, dict[str, str]]:
     data = repo.parent / "data"
     keys = make_keys(data)
-    with run_server(repo, auth=True, data_dir=data) as srv:
+    with run_server(repo, auth=True, data_dir=data, load="add,mlp") as srv:
         yield srv, keys
 
 
@@ -144,7 +144,7 @@ def test_openai_and_anthropic_routes(secured: tuple[RunningServer, dict[str, str
 def test_refuses_exposed_address_without_auth(repo: Path) -> None:
     with pytest.raises(StartupError, match="without authentication"), run_server(repo, host="0.0.0.0"):
         pass
-    with run_server(repo, host="0.0.0.0", insecure=True) as srv, srv.client() as c:
+    with run_server(repo, host="0.0.0.0", insecure=True, load="add") as srv, srv.client() as c:
         assert c.post("/v2/models/add/infer", json=INFER).status_code == 200
 
 
@@ -153,25 +153,27 @@ def test_rate_limits_per_key_and_ip(repo: Path) -> None:
     store = KeyStore(data)
     slow_key = store.create("slow", ["infer"], rate="3/minute")[0]
     store.close()
-    with run_server(repo, auth=True, data_dir=data) as srv, srv.client(headers={"x-api-key": slow_key}) as c:
+    with run_server(repo, auth=True, data_dir=data, load="add") as srv, \
+            srv.client(headers={"x-api-key": slow_key}) as c:
         codes = [c.post("/v2/models/add/infer", json=INFER).status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
         r = c.post("/v2/models/add/infer", json=INFER)
         assert _code(r) == 4029 and 1 <= int(r.headers["retry-after"]) <= 60
-    with run_server(repo, rate_limit_ip="2/minute") as srv, srv.client() as c:
+    with run_server(repo, rate_limit_ip="2/minute", load="add") as srv, srv.client() as c:
         codes = [c.get("/v2/models/add").status_code for _ in range(3)]
         assert codes == [200, 200, 429]
         assert c.get("/v2/health/live").status_code == 200  # liveness is never limited
 
 
 def test_ip_allow_list_and_trusted_proxies(repo: Path) -> None:
-    with run_server(repo, allow_ips=["10.0.0.0/8"]) as srv, srv.client() as c:
+    with run_server(repo, allow_ips=["10.0.0.0/8"], load="add") as srv, srv.client() as c:
         r = c.get("/v2/models/add")
         assert r.status_code == 403 and _code(r) == 4003
         # an untrusted peer cannot talk its way in with X-Forwarded-For
         assert c.get("/v2/models/add", headers={"x-forwarded-for": "10.1.2.3"}).status_code == 403
         assert c.get("/v2/health/live").status_code == 200
-    with run_server(repo, allow_ips=["10.0.0.0/8"], trusted_proxies=["127.0.0.1/32"]) as srv, srv.client() as c:
+    with run_server(repo, allow_ips=["10.0.0.0/8"], trusted_proxies=["127.0.0.1/32"],
+                                load="add") as srv, srv.client() as c:
         assert c.get("/v2/models/add", headers={"x-forwarded-for": "10.1.2.3"}).status_code == 200
         assert c.get("/v2/models/add", headers={"x-forwarded-for": "10.1.2.3, 192.168.1.1"}).status_code == 403
         assert c.get("/v2/models/add", headers={"x-forwarded-for": "garbage"}).status_code == 403

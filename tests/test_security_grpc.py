@@ -77,7 +77,8 @@ async def grpc_target(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str]
 async def _call(target: str, method: str, model: str, key: str | None, header: str = "authorization") -> str:
     md = [] if key is None else [(header, f"Bearer {key}" if header == "authorization" else key)]
     async with grpc.aio.insecure_channel(target) as ch:
-        fn = ch.unary_unary(f"/{SVC}/{method}", request_serializer=str.encode, response_deserializer=lambda b: b.decode())
+        fn = ch.unary_unary(f"/{SVC}/{method}", request_serializer=str.encode,
+                            response_deserializer=lambda b: b.decode())
         return str(await fn(model, metadata=md))
 
 
