@@ -58,7 +58,6 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL,
     mac TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS audit_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL, mac TEXT NOT NULL);
 """
 
@@ -123,7 +122,7 @@ class AuditLog:
             self._db.close()
 
     def _mac(self, text: str) -> str:
-        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, text.encode(), "sha256").hex()
 
     def _meta(self, name: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT value, mac FROM audit_meta WHERE name = ?", (name,)).fetchone()

@@ -7,7 +7,6 @@ server keeps the records in memory and reloads them whenever another process (th
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -111,7 +110,7 @@ class KeyStore:
             self._db.close()
 
     def _digest(self, presented: str) -> bytes:
-        return hmac.new(self._hash_key, presented.encode(), hashlib.sha256).digest()
+        return hmac.digest(self._hash_key, presented.encode(), "sha256")
 
     # ---- management -------------------------------------------------------------------------
     def create(self, name: str, scopes: Iterable[str], *, models: Iterable[str] | None = None,
