@@ -75,7 +75,7 @@ def test_rest_auth_matrix(secured: tuple[RunningServer, dict[str, str]]) -> None
             assert (r.status_code, _code(r)) == (status, code), (key, r.text)
         ok = c.post("/v2/models/add/infer", json=INFER, headers={"authorization": f"Bearer {k['infer']}"})
         assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [2.0] * 4
-        assert len(ok.headers["x-request-id"]) == 32
+        assert len(ok.headers.get_list("x-request-id")) == 1
         # x-api-key works too; per-key model list
         r = c.post("/v2/models/add/infer", json=INFER, headers={"x-api-key": k["add_only"]})
         assert r.status_code == 200

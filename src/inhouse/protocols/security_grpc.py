@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 
 from inhouse.errors import InhouseError
+from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error
 from inhouse.security.gate import Call, Scope, SecurityGate, new_request_id
 
@@ -88,9 +89,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         gate = self.gate
 
         def new_call(context: grpc.aio.ServicerContext) -> Call:
+            ctx = current_request()  # the observability interceptor's request id and trace, when it runs
             return Call(transport="grpc", action=action, scope=scope, peer=peer_address(context.peer()),
                         forwarded_for=md.get("x-forwarded-for"), credential=_credential(md),
-                        request_id=new_request_id(md.get("x-request-id")))
+                        request_id=ctx.request_id if ctx else new_request_id(md.get("x-request-id")),
+                        trace_id=ctx.trace_id if ctx else None)
 
         async def deny(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             err = as_inhouse_error(exc)

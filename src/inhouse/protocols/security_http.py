@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InvalidRequestError, PolicyBlockedError
+from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error, openai_error_response, v2_error_response
 from inhouse.protocols.http_body import read_body
 from inhouse.security.gate import Call, SecurityGate, new_request_id
@@ -204,10 +205,12 @@ class SecurityMiddleware:
             return
         h = _headers(scope)
         client = scope.get("client")
+        ctx = current_request()  # the observability layer's request id and trace, when it runs
         call = Call(transport="http", action=route.action, scope=route.scope, model=route.model,
                     version=route.version, peer=client[0] if client else None,
                     forwarded_for=h.get("x-forwarded-for"), credential=_credential(h),
-                    request_id=new_request_id(h.get(REQUEST_ID_HEADER)), trace_id=_trace_id(h.get("traceparent")))
+                    request_id=ctx.request_id if ctx else new_request_id(h.get(REQUEST_ID_HEADER)),
+                    trace_id=ctx.trace_id if ctx else _trace_id(h.get("traceparent")))
         gate = self.gate
         output_fn: TextFn | None = None
         try:
@@ -218,10 +221,11 @@ class SecurityMiddleware:
             err = as_inhouse_error(exc)
             gate.record(call, err.http_status, err.code, err.message)
             response = error_response(path, err)
-            response.headers[REQUEST_ID_HEADER] = call.request_id
+            if ctx is None:
+                response.headers[REQUEST_ID_HEADER] = call.request_id
             await response(scope, receive, send)
             return
-        rid = call.request_id.encode("latin-1")
+        echo = [] if ctx is not None else [(REQUEST_ID_HEADER.encode(), call.request_id.encode("latin-1"))]
         held: list[Message] = []
 
         error_start: list[Message] = []
@@ -229,7 +233,7 @@ class SecurityMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", rid))
+                headers.extend(echo)
                 message = {**message, "headers": headers}
                 if message["status"] >= 400 and not _is_sse(headers):
                     error_start.append(message)  # recorded with its message once the body is here

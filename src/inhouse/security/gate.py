@@ -19,6 +19,7 @@ from inhouse.errors import ForbiddenError, UnauthenticatedError
 from inhouse.security.audit import AuditEntry, AuditLog
 from inhouse.security.keys import ApiKey, KeyStore
 from inhouse.security.network import ClientAddressResolver, in_networks
+from inhouse.security.pii import redact
 from inhouse.security.ratelimit import RateLimiter
 from inhouse.security.secret import load_or_create_secret
 from inhouse.settings import ServerSettings
@@ -153,5 +154,6 @@ class SecurityGate:
         self.audit.append(AuditEntry(
             action=call.action, transport=call.transport, key_id=call.key.key_id if call.key else None,
             model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,
-            latency_ms=(time.perf_counter() - call.started) * 1000, request_id=call.request_id,
+            latency_ms=(time.perf_counter() - call.started) * 1000,
+            request_id=call.request_id if _REQUEST_ID.match(call.request_id) else redact(call.request_id),
             trace_id=call.trace_id, detail=detail or None))
