@@ -131,3 +131,18 @@ def test_llm_request_policy_and_tools(tmp_path: Path) -> None:
         assert r.status_code == 400 and r.json()["type"] == "error"
         r = c.post("/v1/chat/completions", json={"messages": []})
         assert r.status_code == 400 and "'model'" in r.json()["error"]["message"]
+
+
+def test_logs_are_redacted() -> None:
+    import logging
+
+    from inhouse.logs import JsonFormatter
+    from inhouse.security.pii import PiiLogFilter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "user %s from 10.1.2.3", ("a@b.com",), None)
+    record.note = "card 4111 1111 1111 1111"
+    record.url = "http://127.0.0.1:8000"
+    assert PiiLogFilter().filter(record)
+    line = JsonFormatter().format(record)
+    assert "a@b.com" not in line and "10.1.2.3" not in line and "4111" not in line
+    assert "[EMAIL]" in line and "[BANK_CARD]" in line and "127.0.0.1:8000" in line

@@ -57,6 +57,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     handler.addFilter(RequestContextFilter())
+    from inhouse.security.pii import PiiLogFilter  # PII never reaches the logs (issue 6)
+
+    handler.addFilter(PiiLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

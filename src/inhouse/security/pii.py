@@ -24,6 +24,9 @@ _INTL_PHONE = re.compile(r"(?<![\w+])(?:\+|00)[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
+# Every detector needs an '@', a run of 7+ digits (spaces, dots, dashes, brackets allowed) or two
+# colons: one cheap search rules out most strings (log lines, ids, paths) before the detectors run.
+_MAYBE = re.compile(r"@|\d[\d\s().+-]{5,}\d|:[0-9A-Fa-f]*:")
 _PLACEHOLDER = re.compile(r"\[(EMAIL|CN_ID|PHONE|BANK_CARD|IP)_(\d{1,6})\]")
 
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
@@ -133,7 +136,7 @@ class Redactor:
     def redact(self, text: str, vault: Vault | None = None) -> str:
         """Replace every detected item: with ``[KIND]`` markers, or with numbered placeholders
         recorded in ``vault``."""
-        if not text:
+        if not text or not _MAYBE.search(text):
             return text
         spans = self.find(text)
         if not spans:
@@ -153,3 +156,26 @@ DEFAULT_REDACTOR = Redactor()
 def redact(text: str) -> str:
     """Irreversible redaction with every detector (for logs and the audit log)."""
     return DEFAULT_REDACTOR.redact(text)
+
+
+class PiiLogFilter:
+    """A logging filter that redacts PII from every record's message and string extras (installed
+    on the server's log handler). Exception tracebacks are left as they are."""
+
+    SAFE_KEYS = frozenset({"client", "url", "host", "request_id", "trace_id", "span_id", "traceparent", "route",
+                           "method", "logger", "model", "version"})
+
+    def filter(self, record: object) -> bool:
+        msg = record.getMessage()  # type: ignore[attr-defined]
+        red = redact(msg)
+        if red is not msg:
+            record.msg, record.args = red, None  # type: ignore[attr-defined]
+        for k, v in list(vars(record).items()):
+            if isinstance(v, str) and k not in self.SAFE_KEYS and k not in _LOG_RECORD_ATTRS:
+                setattr(record, k, redact(v))
+        return True
+
+
+_LOG_RECORD_ATTRS = frozenset({"name", "msg", "levelname", "pathname", "filename", "module", "funcName",
+                               "threadName", "processName", "exc_text", "stack_info", "taskName", "message",
+                               "asctime"})
