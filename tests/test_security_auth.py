@@ -188,3 +188,27 @@ def test_load_source_outside_allowed_dirs_is_refused(server: RunningServer, tmp_
         r = c.post("/v2/repository/models/add/load",
                    json={"parameters": {"config": '{"onnxruntime": {"file": "../../../../etc/passwd"}}'}})
         assert r.status_code == 422 and "outside its version folder" in r.json()["error"]
+
+
+def test_keys_api(secured: tuple[RunningServer, dict[str, str]]) -> None:
+    srv, k = secured
+    with srv.client(headers={"x-api-key": k["admin"]}) as admin:
+        assert admin.get("/v2/security/keys", headers={"x-api-key": k["infer"]}).status_code == 403
+        r = admin.post("/v2/security/keys", json={"name": "ci", "scopes": ["infer"], "models": ["add"],
+                                                  "rate": "10/s"})
+        assert r.status_code == 201, r.text
+        new = r.json()
+        assert new["key"].startswith("ih_") and new["models"] == ["add"] and new["status"] == "active"
+        listed = admin.get("/v2/security/keys").json()
+        assert any(x["key_id"] == new["key_id"] for x in listed)
+        assert not any("key" in x or "digest" in x for x in listed)  # never the keys or their hashes
+        with srv.client(headers={"x-api-key": new["key"]}) as c:
+            assert c.post("/v2/models/add/infer", json=INFER).status_code == 200
+            assert admin.delete(f"/v2/security/keys/{new['key_id']}").json() == {"revoked": [new["key_id"]]}
+            assert c.post("/v2/models/add/infer", json=INFER).status_code == 401
+        for bad in ({"name": "x", "scopes": ["root"]}, {"name": "x", "scopes": ["infer"], "rate": "fast"},
+                    {"name": "x", "scopes": ["infer"], "allow_ips": ["10.0.0.0/99"]}, {"scopes": ["infer"]},
+                    {"name": "x", "scopes": "infer"}, [1, 2]):
+            r = admin.post("/v2/security/keys", json=bad)
+            assert r.status_code == 400 and _code(r) == 2001, (bad, r.text)
+        assert admin.delete("/v2/security/keys/nope").status_code == 404

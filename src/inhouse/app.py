@@ -64,10 +64,12 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     app.add_middleware(kserve_rest.InferFastPath, dataplane=dataplane, max_request_bytes=settings.max_request_bytes,
                        gzip_min_bytes=settings.gzip_min_bytes, routes=kserve_rest.infer_routes(app.routes))
     # security middleware (issue 6), outermost, added last:
+    from inhouse.protocols import security_rest
     from inhouse.protocols.security_http import SecurityMiddleware
     from inhouse.security.gate import SecurityGate
 
     app.state.security = SecurityGate(settings, dataplane.manager)
+    app.include_router(security_rest.build_router(app.state.security, settings.max_request_bytes))
     app.add_middleware(SecurityMiddleware, gate=app.state.security, max_request_bytes=settings.max_request_bytes)
 
     return app

@@ -66,6 +66,9 @@ def classify(method: str, path: str) -> Route:
         return Route(f"repository.{m.group(2)}", "admin", m.group(1))
     if path.startswith("/v2/repository"):
         return Route("repository.index", "admin")
+    if path.startswith("/v2/security/keys"):
+        verb = {"POST": "create", "DELETE": "revoke"}.get(method, "list")
+        return Route(f"keys.{verb}", "admin")
     action = LLM_ROUTES.get(path.rstrip("/"))
     if action is not None:
         return Route(action, "infer", kind="llm" if method == "POST" else "other")
