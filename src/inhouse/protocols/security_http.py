@@ -197,6 +197,9 @@ class SecurityMiddleware:
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self.gate.active:
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -265,6 +268,23 @@ class SecurityMiddleware:
         finally:
             if not call.recorded:
                 gate.record(call, 500, 9000, "the request failed before a response was sent")
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """No WebSocket routes exist today; any future one gets the same admission check."""
+        h = _headers(scope)
+        client = scope.get("client")
+        call = Call(transport="websocket", action="websocket", scope="infer", peer=client[0] if client else None,
+                    forwarded_for=h.get("x-forwarded-for"), credential=_credential(h),
+                    request_id=new_request_id(h.get(REQUEST_ID_HEADER)))
+        try:
+            self.gate.admit(call)
+        except Exception as exc:
+            err = as_inhouse_error(exc)
+            self.gate.record(call, err.http_status, err.code, err.message)
+            await send({"type": "websocket.close", "code": 1008, "reason": str(err)[:120]})
+            return
+        self.gate.record(call, 101, None)
+        await self.app(scope, receive, send)
 
     async def _send_transformed(self, message: Message, held: list[Message], send: Send, fn: TextFn) -> None:
         start = held[0]

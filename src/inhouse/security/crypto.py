@@ -19,7 +19,7 @@ import hmac
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -137,6 +137,20 @@ class Keyring:
                 f"{what} should be encrypted (model.yaml has 'encryption') but is plaintext; it may have been "
                 "replaced. Re-encrypt it with: inhouse encrypt MODEL_DIR --key-file KEY.")
         return data
+
+
+def read_model_file(path: Path, decryptor: Callable[[bytes, str, ModelSpec], bytes] | None,
+                    spec: ModelSpec) -> bytes:
+    """Bytes of any model file a backend reads itself (e.g. a safetensors shard of a Hugging Face
+    folder: ``safetensors.torch.load(read_model_file(...))``), decrypted in memory when it is
+    encrypted. Pass ``LoadContext.decryptor`` and ``LoadContext.spec``."""
+    data = path.read_bytes()
+    if decryptor is not None:
+        return decryptor(data, path.name, spec)
+    if is_encrypted(data):
+        raise ArtefactIntegrityError(f"{path} is encrypted but this server has no model key; start it with "
+                                     "--model-key-file.")
+    return data
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
