@@ -97,7 +97,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
         async def deny(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             err = as_inhouse_error(exc)
-            gate.record(call, err.http_status, err.code, err.message)
+            await gate.record(call, err.http_status, err.code, err.message)
             await context.abort(grpc.StatusCode[err.grpc_status], str(err),
                                 trailing_metadata=((ERROR_CODE_HEADER, str(err.code)),))
 
@@ -110,13 +110,13 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             if call.recorded:
                 return
             if exc is None:
-                gate.record(call, 200, None)
+                await gate.record(call, 200, None)
                 return
             if isinstance(exc, InhouseError):
-                gate.record(call, exc.http_status, exc.code, exc.message)
+                await gate.record(call, exc.http_status, exc.code, exc.message)
                 return
             code = context.code() if hasattr(context, "code") else None
-            gate.record(call, 200 if code in (None, grpc.StatusCode.OK) else 500, None,
+            await gate.record(call, 200 if code in (None, grpc.StatusCode.OK) else 500, None,
                         None if code is None else f"gRPC status {code}")
 
         if handler.unary_unary is not None:
@@ -125,7 +125,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = new_call(context)
                 try:
-                    gate.admit(call)
+                    await gate.admit(call)
                     check_message(call, request)
                 except Exception as exc:
                     await deny(call, context, exc)
@@ -149,7 +149,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 call = new_call(context)
                 try:
-                    gate.admit(call)
+                    await gate.admit(call)
                     check_message(call, request)
                 except Exception as exc:
                     await deny(call, context, exc)
@@ -175,7 +175,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                                     ) -> AsyncIterator[Any]:
                 call = new_call(context)
                 try:
-                    gate.admit(call)
+                    await gate.admit(call)
                 except Exception as exc:
                     await deny(call, context, exc)
                 await finish(call, context, None)
@@ -197,7 +197,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             call = new_call(context)
             try:
-                gate.admit(call)
+                await gate.admit(call)
             except Exception as exc:
                 await deny(call, context, exc)
             try:

@@ -220,12 +220,12 @@ class SecurityMiddleware:
         gate = self.gate
         output_fn: TextFn | None = None
         try:
-            gate.admit(call)
+            await gate.admit(call)
             if route.kind != "other":
                 scope, receive, output_fn = await self._inspect(call, route, scope, receive, h)
         except Exception as exc:
             err = as_inhouse_error(exc)
-            gate.record(call, err.http_status, err.code, err.message)
+            await gate.record(call, err.http_status, err.code, err.message)
             response = error_response(path, err)
             if ctx is None:
                 response.headers[REQUEST_ID_HEADER] = call.request_id
@@ -244,7 +244,7 @@ class SecurityMiddleware:
                 if message["status"] >= 400 and not _is_sse(headers):
                     error_start.append(message)  # recorded with its message once the body is here
                     return
-                gate.record(call, message["status"], _error_code(headers))
+                await gate.record(call, message["status"], _error_code(headers))
                 if output_fn is not None and _is_json_or_sse(headers):
                     held.append(message)
                     return
@@ -253,7 +253,7 @@ class SecurityMiddleware:
                 if message.get("more_body", False):
                     return
                 start, body = error_start[0], b"".join(m.get("body", b"") for m in error_start[1:])
-                gate.record(call, start["status"], _error_code(start["headers"]), _error_message(body))
+                await gate.record(call, start["status"], _error_code(start["headers"]), _error_message(body))
                 error_start.clear()
                 await send(start)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -267,7 +267,7 @@ class SecurityMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             if not call.recorded:
-                gate.record(call, 500, 9000, "the request failed before a response was sent")
+                await gate.record(call, 500, 9000, "the request failed before a response was sent")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """No WebSocket routes exist today; any future one gets the same admission check."""
@@ -277,13 +277,13 @@ class SecurityMiddleware:
                     forwarded_for=h.get("x-forwarded-for"), credential=_credential(h),
                     request_id=new_request_id(h.get(REQUEST_ID_HEADER)))
         try:
-            self.gate.admit(call)
+            await self.gate.admit(call)
         except Exception as exc:
             err = as_inhouse_error(exc)
-            self.gate.record(call, err.http_status, err.code, err.message)
+            await self.gate.record(call, err.http_status, err.code, err.message)
             await send({"type": "websocket.close", "code": 1008, "reason": str(err)[:120]})
             return
-        self.gate.record(call, 101, None)
+        await self.gate.record(call, 101, None)
         await self.app(scope, receive, send)
 
     async def _send_transformed(self, message: Message, held: list[Message], send: Send, fn: TextFn) -> None:

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ import orjson
 
 from inhouse.security.pii import redact
 from inhouse.security.secret import derive, load_or_create_secret
+
+log = logging.getLogger(__name__)
 
 AUDIT_DB = "audit.sqlite3"
 GENESIS = "0" * 64
@@ -140,30 +145,40 @@ class AuditLog:
     # ---- writing --------------------------------------------------------------------------------
     def append(self, e: AuditEntry) -> int:
         """Commit one entry (durably, before returning); returns its sequence number."""
-        row: dict[str, Any] = {
+        return self.append_many([e])[0]
+
+    def append_many(self, entries: list[AuditEntry]) -> list[int]:
+        """Commit several entries in one transaction (group commit); their sequence numbers."""
+        rows = [{
             "ts": e.ts, "transport": e.transport, "key_id": e.key_id, "action": e.action, "model": e.model,
             "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
             "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
             "request_id": e.request_id, "trace_id": e.trace_id, "detail": _clean_detail(e.detail),
-        }
+        } for e in entries]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 head = self._db.execute("SELECT value FROM audit_meta WHERE name = 'head'").fetchone()
                 if head is not None:
                     h = orjson.loads(head[0])
-                    seq, prev = h["seq"] + 1, h["hash"]
+                    seq, prev = h["seq"], h["hash"]
                 else:
-                    seq, prev = 1, GENESIS
-                row["seq"] = seq
-                digest = _chain_hash(prev, row)
-                self._db.execute(_INSERT, (*(row[k] for k in FIELDS), prev, digest, self._mac(digest)))
-                self._set_meta("head", {"seq": seq, "hash": digest})
+                    seq, prev = 0, GENESIS
+                params, seqs = [], []
+                for row in rows:
+                    seq += 1
+                    row["seq"] = seq
+                    digest = _chain_hash(prev, row)
+                    params.append((*(row[k] for k in FIELDS), prev, digest, self._mac(digest)))
+                    seqs.append(seq)
+                    prev = digest
+                self._db.executemany(_INSERT, params)
+                self._set_meta("head", {"seq": seq, "hash": prev})
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return seq
+        return seqs
 
     def append_admin(self, action: str, detail: dict[str, Any] | None = None, transport: str = "cli") -> int:
         """An administrative action taken outside a request (the CLI)."""
@@ -239,3 +254,53 @@ class AuditLog:
             problems.append(f"the log ends at entry {expect_seq - 1} but the head says {head['seq']} "
                             "(entries removed from the end)")
         return VerifyReport(ok=not problems, entries=count, first_seq=first, last_seq=last, problems=problems)
+
+
+class AuditWriter:
+    """Commits entries from a thread of its own, grouping whatever arrived meanwhile into one
+    transaction: the event loop does not wait on SQLite, and under load one commit covers many
+    requests. ``submit`` returns a future that completes once the entry is durable."""
+
+    def __init__(self, log: AuditLog, max_batch: int = 256) -> None:
+        self.log = log
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[AuditEntry, Future[int]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="inhouse-audit", daemon=True)
+        self._thread.start()
+
+    def submit(self, entry: AuditEntry) -> Future[int]:
+        fut: Future[int] = Future()
+        self._queue.put((entry, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                seqs = self.log.append_many([e for e, _ in batch])
+            except BaseException as err:
+                log.error("audit log write failed; the requests it covers get an error", exc_info=err)
+                for _, fut in batch:
+                    fut.set_exception(err)
+            else:
+                for (_, fut), seq in zip(batch, seqs, strict=True):
+                    fut.set_result(seq)
+            if stop:
+                return

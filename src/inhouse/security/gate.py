@@ -5,6 +5,7 @@ before the request goes further and :meth:`SecurityGate.record` before the respo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from inhouse.core.manager import ModelManager
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import ForbiddenError, UnauthenticatedError
-from inhouse.security.audit import AuditEntry, AuditLog
+from inhouse.security.audit import AuditEntry, AuditLog, AuditWriter
 from inhouse.security.keys import ApiKey, KeyStore
 from inhouse.security.network import ClientAddressResolver, in_networks
 from inhouse.security.pii import redact
@@ -79,11 +80,15 @@ class SecurityGate:
         secret = load_or_create_secret(data_dir) if needs_secret else None
         self.keys = KeyStore(data_dir, secret) if settings.auth else None
         self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync) if settings.audit_enabled() else None
+        self._writer = AuditWriter(self.audit) if self.audit is not None else None
         self.active = bool(self.auth or self.audit or self._allow or self._rate_ip)
 
     def close(self) -> None:
         if self.keys is not None:
             self.keys.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self.audit is not None:
             self.audit.close()
 
@@ -95,7 +100,7 @@ class SecurityGate:
         return table[-1].spec if table else None
 
     # ---- admission ------------------------------------------------------------------------------
-    def admit(self, call: Call) -> None:
+    async def admit(self, call: Call) -> None:
         """Raise 4001 / 4003 / 4029 when the call may not proceed; fill in its key and address."""
         addr = self._resolver.resolve(call.peer, call.forwarded_for)
         call.client_ip = str(addr) if addr is not None else call.peer
@@ -104,7 +109,7 @@ class SecurityGate:
         if self._allow and not in_networks(addr, self._allow):
             raise ForbiddenError(f"Requests from {call.client_ip} are not allowed by this server's IP allow-list.")
         if self._rate_ip:
-            self._limiter.hit(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
+            await self._limiter.hit(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
         if not self.auth or self.keys is None:
             return
         key = self._authenticate(self.keys, call.credential)
@@ -117,7 +122,7 @@ class SecurityGate:
         self.check_model(call, call.model)
         rate = key.rate or self._rate_key
         if rate:
-            self._limiter.hit(rate, f"key:{key.key_id}", f"API key {key.key_id}")
+            await self._limiter.hit(rate, f"key:{key.key_id}", f"API key {key.key_id}")
 
     def check_model(self, call: Call, model: str | None) -> None:
         """Called again by adapters that learn the model only from the request body."""
@@ -143,17 +148,19 @@ class SecurityGate:
         return key
 
     # ---- audit ------------------------------------------------------------------------------------
-    def record(self, call: Call, status: int | None, code: int | None, error: str | None = None) -> None:
-        """Commit the audit entry for a call (once), before its response goes out."""
-        if call.recorded or self.audit is None or call.scope == "open":
+    async def record(self, call: Call, status: int | None, code: int | None, error: str | None = None) -> None:
+        """Commit the audit entry for a call (once), before its response goes out. If the audit
+        log cannot be written this raises: the request fails rather than go unrecorded."""
+        writer = self._writer
+        if call.recorded or writer is None or call.scope == "open":
             return
         call.recorded = True
         detail = dict(call.detail)
         if error:
             detail["error"] = error[:500]
-        self.audit.append(AuditEntry(
+        await asyncio.wrap_future(writer.submit(AuditEntry(
             action=call.action, transport=call.transport, key_id=call.key.key_id if call.key else None,
             model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,
             latency_ms=(time.perf_counter() - call.started) * 1000,
             request_id=call.request_id if _REQUEST_ID.match(call.request_id) else redact(call.request_id),
-            trace_id=call.trace_id, detail=detail or None))
+            trace_id=call.trace_id, detail=detail or None)))

@@ -1,5 +1,6 @@
 """Rate limits per API key and per client IP, on the ``limits`` library (sliding-window
-counters in memory: one process per machine is the unit)."""
+counters in memory: one process per machine is the unit). The asyncio flavour of its memory
+storage is used: the threaded one starts a timer thread every few milliseconds under load."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 from functools import lru_cache
 
 import limits
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from inhouse.errors import RateLimitedError
 
@@ -33,12 +34,12 @@ class RateLimiter:
     def __init__(self) -> None:
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
 
-    def hit(self, rate: str, bucket: str, who: str) -> None:
+    async def hit(self, rate: str, bucket: str, who: str) -> None:
         """Count one request for ``bucket``; raise 4029 with Retry-After when over ``rate``."""
         item = parse_rate(rate)
-        if self._limiter.hit(item, bucket):
+        if await self._limiter.hit(item, bucket):
             return
-        reset = self._limiter.get_window_stats(item, bucket).reset_time
+        reset = (await self._limiter.get_window_stats(item, bucket)).reset_time
         retry = max(1, math.ceil(reset - time.time()))
         raise RateLimitedError(
             f"Rate limit {rate} exceeded for {who}; retry after {retry} s.", headers={"Retry-After": str(retry)})
