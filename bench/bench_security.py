@@ -134,15 +134,19 @@ def micro(n: int, tmp: Path) -> None:
     async def send(message: dict) -> None:  # type: ignore[type-arg]
         pass
 
-    async def drive(app: object, headers: list[tuple[bytes, bytes]]) -> float:
+    async def drive(app: object, headers: list[tuple[bytes, bytes]], workers: int = 1) -> tuple[float, float]:
+        """(CPU us, wall us) per request, with ``workers`` concurrent callers."""
         scope = {"type": "http", "method": "POST", "path": "/v2/models/add/infer", "headers": headers,
                  "client": ("127.0.0.1", 5000), "query_string": b""}
-        for _ in range(200):
-            await app(scope, receive, send)  # type: ignore[operator]
-        t = time.process_time()
-        for _ in range(n):
-            await app(scope, receive, send)  # type: ignore[operator]
-        return (time.process_time() - t) / n * 1e6
+
+        async def worker(k: int) -> None:
+            for _ in range(k):
+                await app(scope, receive, send)  # type: ignore[operator]
+
+        await worker(200)
+        t, w = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(n // workers) for _ in range(workers)))
+        return (time.process_time() - t) / n * 1e6, (time.perf_counter() - w) / n * 1e6
 
     repo = make_repo(tmp / "micro-repo", policy=True)
     manager = ModelManager(ModelRepository(repo))
@@ -158,12 +162,15 @@ def micro(n: int, tmp: Path) -> None:
                                  1 << 26)
         on_gate = SecurityGate(load_settings(None, data_dir=data, auth=True, allow_ips=["127.0.0.0/8"]), manager)
         on = SecurityMiddleware(inner, on_gate, 1 << 26)
-        bare = await drive(inner, base)
-        t_off = await drive(off, base)
-        t_on = await drive(on, [*base, (b"authorization", f"Bearer {key}".encode())])
-        print(f"middleware CPU per request (process CPU time, {n} requests): bare app {bare:.1f} us, security off "
-              f"+{t_off - bare:.1f} us, security on (auth + rate limit + allow-list + policy + audit) "
-              f"+{t_on - bare:.1f} us")
+        auth = [*base, (b"authorization", f"Bearer {key}".encode())]
+        for workers in (1, 8):
+            bare = await drive(inner, base, workers)
+            t_off = await drive(off, base, workers)
+            t_on = await drive(on, auth, workers)
+            print(f"middleware per request, {workers} concurrent caller(s), {n} requests: CPU (all threads) / wall "
+                  f"time: bare app {bare[0]:.1f} / {bare[1]:.1f} us; security off +{t_off[0] - bare[0]:.1f} / "
+                  f"+{t_off[1] - bare[1]:.1f} us; security on (auth + rate limit + allow-list + policy + audit) "
+                  f"+{t_on[0] - bare[0]:.1f} / +{t_on[1] - bare[1]:.1f} us", flush=True)
         await manager.close()
 
     asyncio.run(run_all())

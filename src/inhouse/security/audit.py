@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,6 @@ import orjson
 
 from inhouse.security.pii import redact
 from inhouse.security.secret import derive, load_or_create_secret
-
-log = logging.getLogger(__name__)
 
 AUDIT_DB = "audit.sqlite3"
 GENESIS = "0" * 64
@@ -255,52 +250,3 @@ class AuditLog:
                             "(entries removed from the end)")
         return VerifyReport(ok=not problems, entries=count, first_seq=first, last_seq=last, problems=problems)
 
-
-class AuditWriter:
-    """Commits entries from a thread of its own, grouping whatever arrived meanwhile into one
-    transaction: the event loop does not wait on SQLite, and under load one commit covers many
-    requests. ``submit`` returns a future that completes once the entry is durable."""
-
-    def __init__(self, log: AuditLog, max_batch: int = 256) -> None:
-        self.log = log
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[AuditEntry, Future[int]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="inhouse-audit", daemon=True)
-        self._thread.start()
-
-    def submit(self, entry: AuditEntry) -> Future[int]:
-        fut: Future[int] = Future()
-        self._queue.put((entry, fut))
-        return fut
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            try:
-                seqs = self.log.append_many([e for e, _ in batch])
-            except BaseException as err:
-                log.error("audit log write failed; the requests it covers get an error", exc_info=err)
-                for _, fut in batch:
-                    fut.set_exception(err)
-            else:
-                for (_, fut), seq in zip(batch, seqs, strict=True):
-                    fut.set_result(seq)
-            if stop:
-                return
