@@ -212,3 +212,17 @@ def test_keys_api(secured: tuple[RunningServer, dict[str, str]]) -> None:
             r = admin.post("/v2/security/keys", json=bad)
             assert r.status_code == 400 and _code(r) == 2001, (bad, r.text)
         assert admin.delete("/v2/security/keys/nope").status_code == 404
+
+
+def test_route_classification_fails_closed() -> None:
+    from inhouse.protocols.security_http import classify
+
+    assert classify("GET", "/v2/health/live").scope == "open"
+    assert classify("GET", "/v2/health/live/").scope != "open"  # only the exact liveness paths are open
+    r = classify("POST", "/v2/models/m/versions/2/generate_stream")
+    assert (r.scope, r.model, r.version, r.kind) == ("infer", "m", "2", "v2gen")
+    assert classify("POST", "/v2/repository/models/m/load").scope == "admin"
+    assert classify("DELETE", "/v2/security/keys/x").action == "keys.revoke"
+    assert classify("GET", "/v1/models/some/model").scope == "infer"
+    assert classify("POST", "/v1/something-new").scope == "infer"
+    assert classify("GET", "/internal/debug").scope == "admin"  # unknown routes: admins only

@@ -31,7 +31,8 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/health/live"})
 LLM_ROUTES = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
               "/v1/embeddings": "embeddings", "/v1/messages": "messages",
               "/v1/messages/count_tokens": "messages.count_tokens", "/v1/responses": "responses"}
-_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/infer|/ready|/config)?/?$")
+_V2_MODEL = re.compile(
+    r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/infer|/ready|/config|/generate|/generate_stream|/stats)?/?$")
 _V2_REPO = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)/?$")
 _NOT_TEXT_KEYS = frozenset({"id", "model", "object", "role", "type", "finish_reason", "stop_reason", "name",
                             "datatype", "model_name", "model_version", "system_fingerprint", "tool_call_id"})
@@ -59,6 +60,8 @@ def classify(method: str, path: str) -> Route:
     m = _V2_MODEL.match(path)
     if m:
         what = (m.group(3) or "/metadata")[1:]
+        if what.startswith("generate"):
+            return Route(what, "infer", m.group(1), m.group(2), "v2gen" if method == "POST" else "other")
         return Route("infer" if what == "infer" else f"model.{what}", "infer", m.group(1), m.group(2),
                      "v2infer" if what == "infer" and method == "POST" else "other")
     m = _V2_REPO.match(path)
@@ -76,7 +79,9 @@ def classify(method: str, path: str) -> Route:
         return Route("models.list", "infer")
     if path.startswith(("/docs", "/openapi.json", "/redoc")):
         return Route("docs", "any")
-    return Route("other", "any")
+    if path.startswith("/v1/"):
+        return Route("other", "infer")
+    return Route("other", "admin")  # a route this layer does not know: only admins (fail closed)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -176,6 +181,12 @@ def map_v2_texts(doc: dict[str, Any], fn: TextFn, key: str = "inputs") -> None:
     for t in tensors:
         if isinstance(t, dict) and t.get("datatype") == "BYTES" and "data" in t:
             t["data"] = _map_nested(t["data"], fn)
+
+
+def map_v2gen_texts(doc: dict[str, Any], fn: TextFn) -> None:
+    """KServe v2 generate extension: ``text_input``."""
+    if isinstance(doc.get("text_input"), str):
+        doc["text_input"] = fn(doc["text_input"])
 
 
 def map_all_texts(value: Any, fn: TextFn) -> Any:
@@ -340,7 +351,7 @@ class SecurityMiddleware:
                 raise InvalidRequestError("The request needs a 'model' field naming the model to use.")
             gate.check_model(call, model)
             spec = gate.spec_for(model)
-        rewritten = self._apply_rules(call, spec, doc, len(body), binary, llm)
+        rewritten = self._apply_rules(call, spec, doc, len(body), binary, llm, route.kind == "v2gen")
         if gate.settings.audit_payloads:
             call.detail["request"] = redact(body[:4096].decode("utf-8", "replace"))
         output_fn: TextFn | None = None
@@ -367,7 +378,7 @@ class SecurityMiddleware:
 
     @staticmethod
     def _apply_rules(call: Call, spec: ModelSpec | None, doc: dict[str, Any] | None, size: int, binary: bool,
-                     llm: bool) -> tuple[bytes, Vault] | None:
+                     llm: bool, gen: bool = False) -> tuple[bytes, Vault] | None:
         if spec is None:
             return None
         policy, pii = spec.policy, spec.pii
@@ -382,14 +393,14 @@ class SecurityMiddleware:
                 return s
 
             if doc is not None:
-                (map_llm_texts if llm else map_v2_texts)(doc, collect)
+                _mapper(llm, gen)(doc, collect)
             check_policy(policy, spec.name, size=size, texts=texts,
                          tools=llm_tools(doc) if llm and doc is not None else None)
         if pii is None or not pii.inputs or doc is None:
             return None
         vault = Vault()
         redactor = Redactor(pii.detectors)
-        (map_llm_texts if llm else map_v2_texts)(doc, lambda s: redactor.redact(s, vault))
+        _mapper(llm, gen)(doc, lambda s: redactor.redact(s, vault))
         if vault.originals:
             call.detail["pii_redacted"] = len(vault.originals)
         return orjson.dumps(doc), vault
@@ -413,6 +424,10 @@ def _error_message(body: bytes) -> str | None:
 
 def _is_sse(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
+
+def _mapper(llm: bool, gen: bool) -> Callable[[dict[str, Any], TextFn], None]:
+    return map_llm_texts if llm else map_v2gen_texts if gen else map_v2_texts
 
 
 def _is_json_or_sse(headers: list[tuple[bytes, bytes]]) -> bool:
