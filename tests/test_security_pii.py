@@ -146,3 +146,33 @@ def test_logs_are_redacted() -> None:
     line = JsonFormatter().format(record)
     assert "a@b.com" not in line and "10.1.2.3" not in line and "4111" not in line
     assert "[EMAIL]" in line and "[BANK_CARD]" in line and "127.0.0.1:8000" in line
+
+
+def test_streamed_placeholders_are_restored_across_deltas() -> None:
+    import json
+
+    from inhouse.protocols.security_http import SseTexts
+
+    vault = Vault()
+    red = Redactor().redact("call 13800138000 or mail a@b.io", vault)
+    assert red == "call [PHONE_1] or mail [EMAIL_1]"
+    # the model streams its answer in small pieces that cut the placeholders apart
+    pieces = ["Sure: ", "[PH", "ONE", "_1", "] and [", "EMAIL_1]", "."]
+    stream = SseTexts(vault.restore)
+    out = []
+    for i, piece in enumerate(pieces):
+        chunk = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
+            "content": piece}, "finish_reason": "stop" if i == len(pieces) - 1 else None}]}
+        data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        for line in stream.transform(data).split(b"\n"):
+            if line.startswith(b"data: "):
+                out.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+    assert "".join(out) == "Sure: 13800138000 and a@b.io."
+    # Anthropic: text held at the end of a block is flushed in an extra delta before the block stops
+    stream = SseTexts(vault.restore)
+    first = stream.transform(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                             b'"delta":{"type":"text_delta","text":"x [EMAIL"}}\n\n')
+    last = stream.transform(b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n')
+    texts = [json.loads(line[6:]).get("delta", {}).get("text") for line in (first + b"\n" + last).split(b"\n")
+             if line.startswith(b"data: ")]
+    assert texts == ["x ", "[EMAIL", None]

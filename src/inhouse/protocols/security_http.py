@@ -304,12 +304,12 @@ class SecurityMiddleware:
             if len(held) == 1:
                 start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
                 await send(start)
-                held.append({"type": "_sse_buffer", "data": b""})
+                held.append({"type": "_sse_buffer", "data": b"", "state": SseTexts(fn)})
             buf = held[1]["data"] + message.get("body", b"")
             more = message.get("more_body", False)
             events, _, rest = buf.rpartition(b"\n\n") if more else (buf, b"", b"")
             held[1]["data"] = rest
-            out = _transform_sse(events + (b"\n\n" if more and events else b""), fn)
+            out = held[1]["state"].transform(events + (b"\n\n" if more and events else b""))
             await send({"type": "http.response.body", "body": out, "more_body": more})
             return
         held.append(message)
@@ -435,13 +435,66 @@ def _is_json_or_sse(headers: list[tuple[bytes, bytes]]) -> bool:
     return ctype.startswith((b"application/json", b"text/event-stream"))
 
 
-def _transform_sse(data: bytes, fn: TextFn) -> bytes:
-    out = []
-    for line in data.split(b"\n"):
-        if line.startswith(b"data:"):
-            payload = line[5:].strip()
-            if payload and payload != b"[DONE]":
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    line = b"data: " + orjson.dumps(map_all_texts(orjson.loads(payload), fn))
-        out.append(line)
-    return b"\n".join(out)
+_PARTIAL_PLACEHOLDER = re.compile(r"\[[A-Z_]{0,10}\d{0,6}$")
+
+
+class SseTexts:
+    """Rewrites the texts of one server-sent-event stream (OpenAI and Anthropic streaming). A
+    placeholder such as ``[PHONE_1]`` usually arrives split over several token deltas, so a
+    delta that ends in what may be the start of one is held back and joined to the next delta
+    of the same choice / content block before restoring."""
+
+    def __init__(self, fn: TextFn) -> None:
+        self.fn = fn
+        self.held: dict[str, str] = {}
+
+    def text(self, key: str, text: str, final: bool) -> str:
+        text = self.held.pop(key, "") + text
+        if not final:
+            m = _PARTIAL_PLACEHOLDER.search(text)
+            if m:
+                self.held[key] = text[m.start():]
+                text = text[:m.start()]
+        return self.fn(text)
+
+    def _event(self, doc: Any) -> list[Any]:
+        """The event (plus, for Anthropic, a delta event carrying held text before a block ends)."""
+        if not isinstance(doc, dict):
+            return [doc]
+        choices = doc.get("choices")
+        if isinstance(choices, list):  # OpenAI chat / completions chunks
+            for c in choices:
+                if not isinstance(c, dict):
+                    continue
+                key, final = f"c{c.get('index', 0)}", c.get("finish_reason") is not None
+                delta = c.get("delta")
+                if isinstance(delta, dict) and (isinstance(delta.get("content"), str) or (final and key in self.held)):
+                    delta["content"] = self.text(key, delta.get("content") or "", final)
+                elif isinstance(c.get("text"), str):
+                    c["text"] = self.text(key, c["text"], final)
+        kind = doc.get("type")
+        key = f"a{doc.get('index', 0)}"
+        delta = doc.get("delta")
+        if kind == "content_block_delta" and isinstance(delta, dict) and isinstance(delta.get("text"), str):
+            delta["text"] = self.text(key, delta["text"], False)
+        elif kind == "content_block_stop" and key in self.held:
+            flush = {"type": "content_block_delta", "index": doc.get("index", 0),
+                     "delta": {"type": "text_delta", "text": self.text(key, "", True)}}
+            return [flush, map_all_texts(doc, self.fn)]
+        return [map_all_texts(doc, self.fn)]
+
+    def transform(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for block in data.split(b"\n\n"):
+            lines = block.split(b"\n")
+            docs: list[Any] | None = None
+            for i, line in enumerate(lines):
+                payload = line[5:].strip() if line.startswith(b"data:") else b""
+                if payload and payload != b"[DONE]":
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        docs = self._event(orjson.loads(payload))
+                        lines[i] = b"data: " + orjson.dumps(docs[-1])
+            if docs and len(docs) > 1:
+                out.extend(b"event: content_block_delta\ndata: " + orjson.dumps(d) for d in docs[:-1])
+            out.append(b"\n".join(lines))
+        return b"\n\n".join(out)
