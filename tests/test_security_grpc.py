@@ -139,3 +139,51 @@ def test_classify_and_peer() -> None:
     assert peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"
     assert peer_address("ipv6:[::1]:5555") == "::1"
     assert peer_address("unix:/tmp/x") is None
+
+
+def test_real_grpc_front_end(repo: Path) -> None:
+    """The inhouse gRPC front end with --auth, called with tritonclient's gRPC client."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from conftest import run_server
+
+    data = repo.parent / "data"
+    store = KeyStore(data)
+    infer_key = store.create("app", ["infer"], models=["add"])[0]
+    admin_key = store.create("ops", ["admin"])[0]
+    store.close()
+    with run_server(repo, auth=True, data_dir=data, load="add,mlp") as srv:
+        assert srv.grpc_target is not None
+        c = grpcclient.InferenceServerClient(srv.grpc_target)
+        assert c.is_server_live()  # liveness stays open
+        x = np.ones((1, 4), np.float32)
+        inputs = [grpcclient.InferInput("a", [1, 4], "FP32"), grpcclient.InferInput("b", [1, 4], "FP32")]
+        for i in inputs:
+            i.set_data_from_numpy(x)
+        for headers, status in ((None, "StatusCode.UNAUTHENTICATED"),
+                                ({"authorization": "Bearer ih_0123456789abcdef_no"}, "StatusCode.UNAUTHENTICATED"),
+                                ({"authorization": f"Bearer {admin_key}"}, "StatusCode.PERMISSION_DENIED")):
+            with pytest.raises(InferenceServerException) as ei:
+                c.infer("add", inputs, headers=headers)
+            assert ei.value.status() == status, ei.value
+        res = c.infer("add", inputs, headers={"authorization": f"Bearer {infer_key}"})
+        assert res.as_numpy("out").tolist() == [[2.0] * 4]
+        res = c.infer("add", inputs, headers={"x-api-key": infer_key})
+        assert res.as_numpy("out").tolist() == [[2.0] * 4]
+        with pytest.raises(InferenceServerException) as ei:  # model outside the key's list
+            c.get_model_metadata("mlp", headers={"x-api-key": infer_key})
+        assert ei.value.status() == "StatusCode.PERMISSION_DENIED"
+        with pytest.raises(InferenceServerException) as ei:  # infer keys may not unload
+            c.unload_model("mlp", headers={"x-api-key": infer_key})
+        assert ei.value.status() == "StatusCode.PERMISSION_DENIED"
+        c.unload_model("mlp", headers={"x-api-key": admin_key})
+        c.close()
+    log = AuditLog(data)
+    rows = [r for r in log.entries() if r["transport"] == "grpc"]
+    assert log.verify().ok
+    log.close()
+    assert [(r["status"], r["code"]) for r in rows[:3]] == [(401, 4001), (401, 4001), (403, 4003)]
+    assert rows[3]["action"] == "infer" and rows[3]["status"] == 200 and rows[3]["model"] == "add"
+    assert any(r["action"] == "repository.unload" and r["status"] == 200 for r in rows)
