@@ -187,3 +187,30 @@ def test_real_grpc_front_end(repo: Path) -> None:
     assert [(r["status"], r["code"]) for r in rows[:3]] == [(401, 4001), (401, 4001), (403, 4003)]
     assert rows[3]["action"] == "infer" and rows[3]["status"] == 200 and rows[3]["model"] == "add"
     assert any(r["action"] == "repository.unload" and r["status"] == 200 for r in rows)
+
+
+def test_real_grpc_content_policy(tmp_path: Path) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from conftest import run_server
+    from models import identity_model, write_model
+
+    repo = tmp_path / "models"
+    write_model(repo, "guarded", identity_model(8), {"policy": {"deny_patterns": ["(?i)drop table"]}})
+    write_model(repo, "private", identity_model(8), {"pii": {"inputs": True}})
+    with run_server(repo, data_dir=tmp_path / "data") as srv:
+        c = grpcclient.InferenceServerClient(srv.grpc_target)
+
+        def call(model: str, text: str) -> Any:
+            x = grpcclient.InferInput("x", [1, 1], "BYTES")
+            x.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+            return c.infer(model, [x])
+
+        assert call("guarded", "hello").as_numpy("y").tolist() == [[b"hello"]]
+        for model, text in (("guarded", "please DROP TABLE users"), ("private", "hello")):
+            with pytest.raises(InferenceServerException) as ei:
+                call(model, text)
+            assert ei.value.status() == "StatusCode.INVALID_ARGUMENT" and "5001" in str(ei.value), ei.value
+        c.close()

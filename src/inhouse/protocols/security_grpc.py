@@ -11,10 +11,12 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from inhouse.errors import InhouseError
+from inhouse.core.spec import ModelSpec
+from inhouse.errors import InhouseError, PolicyBlockedError
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error
 from inhouse.security.gate import Call, Scope, SecurityGate, new_request_id
+from inhouse.security.policy import check_policy
 
 _SERVICE = "/inference.GRPCInferenceService/"
 _SCOPES: dict[str, tuple[str, Scope]] = {
@@ -70,6 +72,37 @@ def _credential(md: dict[str, str]) -> str | None:
     return md.get("x-api-key")
 
 
+def _bytes_texts(request: Any) -> list[str]:
+    """The BYTES tensor elements of a ModelInferRequest, as text (typed contents and raw)."""
+    texts: list[str] = []
+    raw = list(getattr(request, "raw_input_contents", ()) or ())
+    for i, tensor in enumerate(getattr(request, "inputs", ()) or ()):
+        if getattr(tensor, "datatype", "") != "BYTES":
+            continue
+        texts.extend(b.decode("utf-8", "replace") for b in tensor.contents.bytes_contents)
+        if i < len(raw):
+            blob, pos = raw[i], 0
+            while pos + 4 <= len(blob):
+                n = int.from_bytes(blob[pos:pos + 4], "little")
+                texts.append(blob[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
+                pos += 4 + n
+    return texts
+
+
+def check_infer_rules(spec: ModelSpec | None, request: Any) -> None:
+    """The model's content policy on a gRPC inference request (5001). PII redaction rewrites
+    requests on the HTTP routes only: a model that asks for it refuses gRPC inference rather
+    than let PII reach it."""
+    if spec is None:
+        return
+    if spec.pii is not None and spec.pii.inputs:
+        raise PolicyBlockedError(f"Model '{spec.name}' redacts PII from its inputs, which inhouse does on the HTTP "
+                                 "routes only; call it over REST.")
+    if spec.policy is not None:
+        size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+        check_policy(spec.policy, spec.name, size=size, texts=_bytes_texts(request))
+
+
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, gate: SecurityGate) -> None:
         self.gate = gate
@@ -105,6 +138,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             model = getattr(request, model_field, None) if model_field else None
             if isinstance(model, str) and model:
                 gate.check_model(call, model)
+                if action.startswith("infer"):
+                    check_infer_rules(gate.spec_for(model), request)
 
         async def finish(call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
             if call.recorded:
