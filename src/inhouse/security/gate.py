@@ -78,7 +78,8 @@ class SecurityGate:
         needs_secret = settings.auth or settings.audit_enabled()
         secret = load_or_create_secret(data_dir) if needs_secret else None
         self.keys = KeyStore(data_dir, secret) if settings.auth else None
-        self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync) if settings.audit_enabled() else None
+        self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync, background_checkpoint=True) \
+            if settings.audit_enabled() else None
 
         self.active = bool(self.auth or self.audit or self._allow or self._rate_ip)
 

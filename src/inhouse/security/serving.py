@@ -57,24 +57,29 @@ def model_keyring(settings: ServerSettings) -> Keyring:
 
 
 async def security_front_end(server: InhouseServer) -> Callable[[], Awaitable[None]]:
-    """Prunes the audit log to the retention period (at start, then hourly); closes the stores at stop."""
+    """Checkpoints the audit log's WAL every second and prunes it to the retention period (at
+    start, then hourly), off the request path; closes the stores at stop."""
     gate = server.security
     days = server.settings.audit_retention_days
     task: asyncio.Task[None] | None = None
-    if gate.audit is not None and days:
+    if gate.audit is not None:
         audit = gate.audit
 
-        async def prune_forever() -> None:
+        async def maintain_forever() -> None:
+            next_prune = 0.0
             while True:
                 try:
-                    n = audit.prune(time.time() - days * 86400)
-                    if n:
-                        log.info("audit log pruned", extra={"entries": n, "retention_days": days})
+                    await asyncio.to_thread(audit.checkpoint)
+                    if days and time.monotonic() >= next_prune:
+                        next_prune = time.monotonic() + 3600
+                        n = await asyncio.to_thread(audit.prune, time.time() - days * 86400)
+                        if n:
+                            log.info("audit log pruned", extra={"entries": n, "retention_days": days})
                 except Exception:
-                    log.exception("audit log pruning failed")
-                await asyncio.sleep(3600)
+                    log.exception("audit log maintenance failed")
+                await asyncio.sleep(1.0)
 
-        task = asyncio.create_task(prune_forever())
+        task = asyncio.create_task(maintain_forever())
 
     async def stop() -> None:
         if task is not None:
