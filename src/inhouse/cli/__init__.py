@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import doctor, models, serve
+from inhouse.cli import convert, doctor, models, serve
 
 app = typer.Typer(
     name="inhouse",
@@ -24,6 +24,8 @@ app.add_typer(models.app, name="models")
 app.command("doctor")(doctor.doctor)
 
 # tooling (issue 8):
+app.command("convert")(convert.convert)
+app.command("quantize")(convert.quantize)
 
 
 
