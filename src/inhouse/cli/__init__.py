@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import convert, doctor, models, serve
+from inhouse.cli import chat, convert, doctor, infer, models, serve
 
 app = typer.Typer(
     name="inhouse",
@@ -26,6 +26,8 @@ app.command("doctor")(doctor.doctor)
 # tooling (issue 8):
 app.command("convert")(convert.convert)
 app.command("quantize")(convert.quantize)
+app.command("infer")(infer.infer)
+app.command("chat")(chat.chat)
 
 
 

@@ -63,6 +63,27 @@ def source_artefact(model_dir: Path, version: int | None) -> tuple[int, Path]:
     return version, path
 
 
+def _keep_output_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:
+    """Cast outputs back to their original type where the converter left them in FP16 (it does
+    for some ai.onnx.ml operators), so clients and model.yaml see the same tensors as before."""
+    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    for out in converted.graph.output:
+        elem = want.get(out.name)
+        if elem is None or out.type.tensor_type.elem_type == elem:
+            continue
+        inner = f"{out.name}__fp16"
+        for node in converted.graph.node:
+            for i, name in enumerate(node.output):
+                if name == out.name:
+                    node.output[i] = inner
+            for i, name in enumerate(node.input):
+                if name == out.name:
+                    node.input[i] = inner
+        converted.graph.node.append(onnx.helper.make_node("Cast", [inner], [out.name], to=elem))
+        out.type.tensor_type.elem_type = elem
+    return converted
+
+
 def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
     try:
         model = onnx.load(str(src))
@@ -74,7 +95,7 @@ def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
             converted = float16.convert_float_to_float16(model, keep_io_types=True)
         except Exception as err:
             raise ConversionError(f"FP16 conversion failed: {err}") from None
-        return converted.SerializeToString()
+        return _keep_output_types(model, converted).SerializeToString()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="inhouse-quant-") as tmp:
