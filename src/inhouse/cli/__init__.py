@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import chat, convert, doctor, infer, models, serve
+from inhouse.cli import chat, convert, doctor, infer, models, serve, service
 
 app = typer.Typer(
     name="inhouse",
@@ -28,6 +28,7 @@ app.command("convert")(convert.convert)
 app.command("quantize")(convert.quantize)
 app.command("infer")(infer.infer)
 app.command("chat")(chat.chat)
+app.command("install-service")(service.install_service)
 
 
 
