@@ -142,6 +142,8 @@ class InhouseServer:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off",
             timeout_keep_alive=30, server_header=False, date_header=False,
+            # on stop: no new connections; in-flight requests get drain_timeout_s to finish
+            timeout_graceful_shutdown=self.settings.drain_timeout_s or None,
             **self._uvicorn_tls(),
         )
         if self.tls is not None:

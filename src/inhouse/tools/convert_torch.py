@@ -28,7 +28,9 @@ def load_module(src: Path) -> tuple[Any, str]:
         except Exception as err:
             raise ConversionError(f"{src} is not a torch.export program: {err}") from None
     try:
-        return torch.jit.load(str(src), map_location="cpu").eval(), "script"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript files are still a common export
+            return torch.jit.load(str(src), map_location="cpu").eval(), "script"
     except Exception:  # noqa: S110 - not TorchScript: try a pickled module next
         pass
     try:
