@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trustme
-from conftest import RunningServer, run_server
 from typer.testing import CliRunner
 
+from conftest import RunningServer, run_server
 from inhouse.cli import app
 from inhouse.client import ClientError, InhouseClient
 

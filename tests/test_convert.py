@@ -11,9 +11,9 @@ import joblib
 import numpy as np
 import pytest
 import yaml
-from conftest import run_server
 from typer.testing import CliRunner
 
+from conftest import run_server
 from inhouse.cli import app
 from inhouse.client import InhouseClient
 from inhouse.errors import ConversionError, MissingExtraError, ModelFormatError

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import typer
 import yaml
-from conftest import RunningServer
-from helm_render import Chart, TemplateError, set_values
 from typer.testing import CliRunner
 
+from conftest import RunningServer
+from helm_render import Chart, TemplateError, set_values
 from inhouse.cli import app
 from inhouse.settings import ServerSettings, load_settings
 from inhouse.tools.systemd import ServiceOptions, install, render_unit, serve_command
@@ -222,7 +222,7 @@ def test_chart_everything_on(tmp_path: Path) -> None:
 
 
 def test_chart_refuses_incomplete_values() -> None:
-    with pytest.raises(TemplateError, match="models.pvc"):
+    with pytest.raises(TemplateError, match=r"models\.pvc"):
         Chart(CHART).render({})
     with pytest.raises(TemplateError, match="probeKeySecret"):
         Chart(CHART).render(set_values(["models.pvc=m", "auth.enabled=true"]))

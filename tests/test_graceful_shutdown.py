@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from models import sleep_model, write_model
 
 from inhouse.client import ClientError, InhouseClient
+from models import sleep_model, write_model
 
 
 def _free_port() -> int:

@@ -8,15 +8,15 @@ import joblib
 import numpy as np
 import pytest
 import yaml
-from conftest import run_server
-from models import mlp_model, write_model
 from typer.testing import CliRunner
 
+from conftest import run_server
 from inhouse.cli import app
 from inhouse.client import InhouseClient
 from inhouse.errors import ConversionError, ModelFormatError
 from inhouse.tools.convert import ConvertOptions, convert
 from inhouse.tools.quantize import quantize
+from models import mlp_model, write_model
 
 runner = CliRunner()
 

@@ -134,8 +134,10 @@ class InhouseClient:
         Returns (outputs by name, the response's JSON header)."""
         body, header_len = encode_infer_request(inputs, outputs, parameters)
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+        # Raw tensors hardly compress; gzip would cost more time than it saves on a LAN.
         resp = self._send("POST", path, content=body, headers={
-            "inference-header-content-length": str(header_len), "content-type": "application/octet-stream"})
+            "inference-header-content-length": str(header_len), "content-type": "application/octet-stream",
+            "accept-encoding": "identity"})
         return decode_infer_response(resp.content, resp.headers.get("inference-header-content-length"))
 
     # ---- chat (OpenAI wire format) ----

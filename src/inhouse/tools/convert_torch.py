@@ -117,6 +117,7 @@ def export(model: Any, kind: str, examples: list[ExampleInput], opset: int, *, e
     args = tuple(torch.from_numpy(a) for a in arrays)
     target = model.module() if kind == "exported" and not use_dynamo else model
     buf = io.BytesIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # exporter chatter (optional torchvision ops …)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,9 @@ def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
     if mode == "fp16":
         float16 = require("onnxconverter_common.float16", "quantize")
         try:
-            converted = float16.convert_float_to_float16(model, keep_io_types=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # per-constant range notices
+                converted = float16.convert_float_to_float16(model, keep_io_types=True)
         except Exception as err:
             raise ConversionError(f"FP16 conversion failed: {err}") from None
         return _keep_output_types(model, converted).SerializeToString()
@@ -101,6 +104,9 @@ def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
     with tempfile.TemporaryDirectory(prefix="inhouse-quant-") as tmp:
         pre = Path(tmp) / "in.onnx"
         out = Path(tmp) / "out.onnx"
+        # Exporters record intermediate shapes (value_info) that the quantizer's own shape
+        # inference may contradict (the torch.export exporter does): let it infer them afresh.
+        del model.graph.value_info[:]
         onnx.save(model, str(pre))
         root = logging.getLogger()
         level = root.level
