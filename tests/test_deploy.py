@@ -221,6 +221,15 @@ def test_chart_everything_on(tmp_path: Path) -> None:
     assert load_settings(cfg).log_level == "debug"
 
 
+def test_hpa_metric_is_exported(server: RunningServer) -> None:
+    """The HPA scales on a metric the server really exports."""
+    hpa = _by_kind(Chart(CHART).render(set_values(["models.pvc=m", "autoscaling.enabled=true"])))
+    name = hpa["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    with server.client() as c:
+        text = c.get("/metrics").text
+    assert re.search(rf"^{name}\{{", text, re.M), f"{name} is not in /metrics"
+
+
 def test_chart_refuses_incomplete_values() -> None:
     with pytest.raises(TemplateError, match=r"models\.pvc"):
         Chart(CHART).render({})

@@ -4,6 +4,7 @@ already in flight complete, and it exits cleanly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         else:
             raise AssertionError("server did not become ready")
         rows, one = 1024, 0.0
-        while True:  # a request long enough that four of them are still in flight after a second
+        while True:  # requests long enough that SIGTERM surely arrives while they are in flight
             x = np.random.default_rng(0).standard_normal((rows, 512)).astype(np.float32)
             with InhouseClient(url) as c:
                 t0 = time.perf_counter()
@@ -71,7 +72,16 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         threads = [threading.Thread(target=call) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # all four are sent; the model works through them one by one
+        # SIGTERM once the server holds all four (one running, three queued)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            m = re.search(r'^inhouse_queue_depth\{model="slow"[^}]*\} (\S+)$',
+                          httpx.get(f"{url}/metrics", timeout=5).text, re.M)
+            if m and float(m.group(1)) >= 4:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the four requests never reached the server: {results}")
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(180)

@@ -143,7 +143,7 @@ class InhouseServer:
             self.app, log_config=None, access_log=False, lifespan="off",
             timeout_keep_alive=30, server_header=False, date_header=False,
             # on stop: no new connections; in-flight requests get drain_timeout_s to finish
-            timeout_graceful_shutdown=self.settings.drain_timeout_s or None,
+            timeout_graceful_shutdown=self.settings.drain_timeout_s,
             **self._uvicorn_tls(),
         )
         if self.tls is not None:
