@@ -234,3 +234,27 @@ def test_example_input_grammar() -> None:
         parse_example_input("x=1x2:complex")
     with pytest.raises(ConversionError, match="at least 1"):
         parse_example_input("x=0x2")
+
+
+def test_hugging_face_folder_with_optimum(tmp_path: Path) -> None:
+    """Runs where the convert-hf extra is installed (it needs transformers 4.x, so not beside [llm])."""
+    pytest.importorskip("optimum.exporters.onnx")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    src = tmp_path / "tiny-bert"
+    model.save_pretrained(src)
+    result = convert(src, ConvertOptions(out=tmp_path / "repo" / "tiny-bert", task="text-classification"))
+    assert result.framework == "huggingface"
+    names = [t["name"] for t in result.inputs]
+    assert "input_ids" in names and "attention_mask" in names
+    assert result.outputs[0]["name"] == "logits" and result.outputs[0]["shape"][-1] == 3
+    ids = np.random.default_rng(0).integers(0, 120, (2, 9))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    with run_server(tmp_path / "repo") as srv, InhouseClient(srv.url) as c:
+        got, _ = c.infer("tiny-bert", {k: v for k, v in feed.items() if k in names})
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    np.testing.assert_allclose(got["logits"], expected, atol=1e-4)

@@ -103,8 +103,8 @@ def convert(src: Path, opts: ConvertOptions, step: Step = lambda _: None) -> Con
         onnx_bytes = convert_tf.export(src, opset)
         if opts.verify:
             step("checking the ONNX model against TensorFlow")
-            inputs = _samples_for(onnx_bytes, opts)
-            comparison = compare(convert_tf.reference_outputs(src, inputs), run(session(onnx_bytes), inputs))
+            samples = _samples_for(onnx_bytes, opts)
+            comparison = compare(convert_tf.reference_outputs(src, samples), run(session(onnx_bytes), samples))
     else:
         onnx_bytes = src.read_bytes()
     step("checking that onnxruntime loads the model")

@@ -86,7 +86,7 @@ def export(model: Any, features: int, opset: int) -> bytes:
         raise
     except Exception as err:
         raise ConversionError(f"Converting the {type(model).__name__} failed: {err}") from None
-    return _rename_outputs(onx, is_classifier(model)).SerializeToString()
+    return bytes(_rename_outputs(onx, is_classifier(model)).SerializeToString())
 
 
 def _rename_outputs(onx: Any, classifier: bool) -> Any:

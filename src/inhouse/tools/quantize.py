@@ -98,7 +98,7 @@ def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
                 converted = float16.convert_float_to_float16(model, keep_io_types=True)
         except Exception as err:
             raise ConversionError(f"FP16 conversion failed: {err}") from None
-        return _keep_output_types(model, converted).SerializeToString()
+        return bytes(_keep_output_types(model, converted).SerializeToString())
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="inhouse-quant-") as tmp:

@@ -103,7 +103,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         r, c = ref.astype(np.float64), cand.astype(np.float64)
         diff = float(np.max(np.abs(r - c))) if r.size else 0.0
         top1 = None
-        if r.ndim >= 2 and r.shape[-1] > 1:
+        shape: tuple[int, ...] = tuple(r.shape)
+        if len(shape) >= 2 and shape[-1] > 1:
             top1 = float(np.mean(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
         result.outputs.append(OutputDiff(name, diff, top1))
     return result
