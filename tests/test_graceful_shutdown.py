@@ -72,10 +72,10 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         threads = [threading.Thread(target=call) for _ in range(4)]
         for t in threads:
             t.start()
-        # SIGTERM once the server holds all four (one running, three queued)
+        # SIGTERM once all four are inside the server (one running, the others queued)
         deadline = time.time() + 60
         while time.time() < deadline:
-            m = re.search(r'^inhouse_queue_depth\{model="slow"[^}]*\} (\S+)$',
+            m = re.search(r'^inhouse_inflight_requests\{model="slow"[^}]*\} (\S+)$',
                           httpx.get(f"{url}/metrics", timeout=5).text, re.M)
             if m and float(m.group(1)) >= 4:
                 break
