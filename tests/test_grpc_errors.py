@@ -20,8 +20,9 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 
 from conftest import RunningServer, run_server
+from gate_backend import GATES, Gate
 from inhouse.server import StartupError
-from models import add_model, sleep_model, write_model
+from models import add_model, write_model
 
 
 def _code(err: grpc.RpcError) -> str | None:
@@ -151,38 +152,46 @@ def test_stream_errors_and_half_close(stub: Any) -> None:
 
 
 def test_client_disconnects_mid_call(tmp_path: Path) -> None:
+    # A model the test holds closed, so the calls are surely in flight when the client leaves.
     root = tmp_path / "models"
-    write_model(root, "slow", sleep_model())
+    (root / "held" / "1").mkdir(parents=True)
+    (root / "held" / "model.yaml").write_text("name: held\nbackend: gate\n")
+    GATES["held"] = gate = Gate()
     write_model(root, "add", add_model())
-    with run_server(root, grpc={"max_concurrent_rpcs": 2}) as srv, grpc.insecure_channel(srv.grpc_target) as ch:
-        stub = tpb_grpc.GRPCInferenceServiceStub(ch)
-        slow = tpb.ModelInferRequest(model_name="slow")
-        slow.inputs.add(name="x", datatype="FP32", shape=[2048, 512])
-        slow.raw_input_contents.append(np.ones((2048, 512), np.float32).tobytes())
-        # a unary call whose client gives up, and a stream cancelled with requests in flight
-        futures = [stub.ModelInfer.future(slow) for _ in range(2)]
-        time.sleep(0.3)
-        for f in futures:
-            f.cancel()
-        for f in futures:
-            assert f.cancelled() or f.code() == grpc.StatusCode.CANCELLED
-        stream = stub.ModelStreamInfer(iter([slow, slow]))
-        time.sleep(0.3)
-        stream.cancel()
-        with pytest.raises(grpc.RpcError) as err:
-            list(stream)
-        assert err.value.code() == grpc.StatusCode.CANCELLED
-        # the server is up, and the cancelled calls no longer count against the limit of 2
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                stub.ModelInfer(_add_request(), timeout=30)
-                stub.ModelInfer(_add_request(), timeout=30)
-                break
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    gate.open.clear()
+    try:
+        with run_server(root, grpc={"max_concurrent_rpcs": 2}) as srv, grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = tpb_grpc.GRPCInferenceServiceStub(ch)
+            held = tpb.ModelInferRequest(model_name="held")
+            held.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+            held.raw_input_contents.append(np.ones((1, 2), np.float32).tobytes())
+            # a unary call whose client gives up, and a stream cancelled with requests in flight
+            futures = [stub.ModelInfer.future(held) for _ in range(2)]
+            assert gate.entered.acquire(timeout=10)
+            for f in futures:
+                f.cancel()
+            for f in futures:
+                assert f.cancelled() or f.code() == grpc.StatusCode.CANCELLED
+            stream = stub.ModelStreamInfer(iter([held, held]))
+            time.sleep(0.3)
+            stream.cancel()
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream)
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+            gate.open.set()
+            # the server is up, and the cancelled calls no longer count against the limit of 2
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    stub.ModelInfer(_add_request(), timeout=30)
+                    stub.ModelInfer(_add_request(), timeout=30)
+                    break
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+    finally:
+        gate.open.set()
 
 
 def test_concurrency_limit(server_factory: Any, repo: Path) -> None:

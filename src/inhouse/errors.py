@@ -64,6 +64,20 @@ class ModelLoadError(InhouseError):
     code, http_status, grpc_status = 1006, 500, "INTERNAL"
 
 
+class ConversionError(InhouseError):
+    """A model that ``inhouse convert`` / ``inhouse quantize`` could not convert, or whose
+    converted output does not match the original framework's."""
+
+    code, http_status, grpc_status = 1007, 422, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class MissingExtraError(InhouseError):
+    """An optional feature whose packages are not installed; the message names the extra."""
+
+    code, http_status, grpc_status = 1008, 501, "UNIMPLEMENTED"
+
+
 # 2xxx: requests
 class InvalidRequestError(InhouseError):
     code, http_status, grpc_status = 2001, 400, "INVALID_ARGUMENT"

@@ -159,6 +159,8 @@ class InhouseServer:
             self.app, log_config=None, access_log=False, lifespan="off",
             timeout_keep_alive=30, server_header=False, date_header=False,
             proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
+            # on stop: no new connections; in-flight requests get drain_timeout_s to finish
+            timeout_graceful_shutdown=self.settings.drain_timeout_s,
             **self._uvicorn_tls(),
         )
         if self.tls is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import doctor, models, serve
+from inhouse.cli import chat, convert, doctor, infer, models, serve, service
 
 app = typer.Typer(
     name="inhouse",
@@ -29,6 +29,11 @@ app.command("encrypt")(_security.encrypt)
 app.command("doctor")(doctor.doctor)
 
 # tooling (issue 8):
+app.command("convert")(convert.convert)
+app.command("quantize")(convert.quantize)
+app.command("infer")(infer.infer)
+app.command("chat")(chat.chat)
+app.command("install-service")(service.install_service)
 
 
 

@@ -2,35 +2,42 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
 
-from inhouse.client import ClientError, InhouseClient
+from inhouse.cli.client_options import (
+    ApiKey,
+    CaCert,
+    ClientCert,
+    ClientKey,
+    ConfigFile,
+    Retries,
+    Timeout,
+    TlsVerify,
+    Url,
+    fail,
+    resolve,
+)
+from inhouse.client import ClientError
 
 app = typer.Typer(help="List, load and unload models on a running server.", no_args_is_help=True)
 
-UrlOpt = Annotated[str, typer.Option(help="Server URL.", envvar="INHOUSE_URL")]
-KeyOpt = Annotated[str | None, typer.Option(help="API key.", envvar="INHOUSE_API_KEY")]
-TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the server.")]
-
-
-def _client(url: str, api_key: str | None, timeout: float) -> InhouseClient:
-    return InhouseClient(url, api_key=api_key or os.environ.get("INHOUSE_API_KEY"), timeout=timeout)
-
 
 @app.command("list")
-def list_models(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None, timeout: TimeoutOpt = 30.0) -> None:
+def list_models(url: Url = None, api_key: ApiKey = None, timeout: Timeout = None, retries: Retries = None,
+                ca_cert: CaCert = None, client_cert: ClientCert = None, client_key: ClientKey = None,
+                tls_verify: TlsVerify = None, client_config: ConfigFile = None) -> None:
     """Show every model in the repository with its versions and state."""
+    cfg = resolve(client_config, url=url, api_key=api_key, timeout=timeout, retries=retries, ca_cert=ca_cert,
+                  client_cert=client_cert, client_key=client_key, tls_verify=tls_verify)
     try:
-        with _client(url, api_key, timeout) as c:
+        with cfg.client() as c:
             rows = c.repository_index()
     except ClientError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(err) from None
     typer.echo(f"{'MODEL':<28} {'VERSION':<8} {'STATE':<10} REASON")
     for r in rows:
         typer.echo(f"{r['name']:<28} {r.get('version', '-'):<8} {r['state']:<10} {r.get('reason', '')}")
@@ -57,30 +64,34 @@ def _config_override(value: str | None) -> dict[str, Any] | None:
 
 
 @app.command("load")
-def load(name: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None,
-         timeout: TimeoutOpt = 300.0,
+def load(name: str, url: Url = None, api_key: ApiKey = None, timeout: Timeout = 300.0, retries: Retries = None,
+         ca_cert: CaCert = None, client_cert: ClientCert = None, client_key: ClientKey = None,
+         tls_verify: TlsVerify = None, client_config: ConfigFile = None,
          config: Annotated[str | None, typer.Option(
              help="Keys merged over model.yaml for this load: inline JSON, or @FILE (JSON or YAML).")] = None,
          ) -> None:
     """Load a model (or reload it after its files changed)."""
+    cfg = resolve(client_config, url=url, api_key=api_key, timeout=timeout, retries=retries, ca_cert=ca_cert,
+                  client_cert=client_cert, client_key=client_key, tls_verify=tls_verify)
     try:
         override = _config_override(config)
-        with _client(url, api_key, timeout) as c:
+        with cfg.client() as c:
             res = c.load(name, override)
     except ClientError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"{name}: READY (versions {', '.join(res.get('versions', []))})")
+        raise fail(err) from None
+    typer.echo(f"{name}: READY (versions {', '.join((res or {}).get('versions', []))})")
 
 
 @app.command("unload")
-def unload(name: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None,
-           timeout: TimeoutOpt = 120.0) -> None:
+def unload(name: str, url: Url = None, api_key: ApiKey = None, timeout: Timeout = 120.0, retries: Retries = None,
+           ca_cert: CaCert = None, client_cert: ClientCert = None, client_key: ClientKey = None,
+           tls_verify: TlsVerify = None, client_config: ConfigFile = None) -> None:
     """Unload a model; in-flight requests finish first."""
+    cfg = resolve(client_config, url=url, api_key=api_key, timeout=timeout, retries=retries, ca_cert=ca_cert,
+                  client_cert=client_cert, client_key=client_key, tls_verify=tls_verify)
     try:
-        with _client(url, api_key, timeout) as c:
+        with cfg.client() as c:
             c.unload(name)
     except ClientError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(err) from None
     typer.echo(f"{name}: UNLOADED")
