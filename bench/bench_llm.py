@@ -1,0 +1,187 @@
+"""LLM engine speed against plain ``transformers.generate``, measured in the same run.
+
+Model: a random Llama of ~58 M parameters (hidden 512, 8 layers, 8 heads, vocab 32 000), fp32,
+on CPU by default. Reports (tokens/s, ratios against the references of this run):
+  ref-single    transformers.generate, 1 request (64-token prompt, 128 new tokens, greedy)
+  ref-static16  transformers.generate, 16 such requests in one static batch (the limit)
+  ref-cb16      transformers' own continuous batching (generate_batch), 16 requests, if available
+  engine-single our engine, one stream
+  engine-16     our engine, 16 streams arriving staggered over the first second: aggregate
+                tokens/s, TTFT and inter-token latency p50/p99
+  prefix        TTFT with a shared 8k-token system prompt: cold first request, then later ones
+
+Run:  .venv/bin/python bench/bench_llm.py [--device cpu|cuda] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inhouse.backends import LoadContext
+from inhouse.backends.transformers import TransformersBackend
+from inhouse.core.spec import parse_spec
+from inhouse.llm.types import GenerationRequest, SamplingParams
+
+PROMPT, NEW, STREAMS = 64, 128, 16
+
+
+def build_model(out: Path, *, hidden: int, layers: int, heads: int, vocab: int, max_len: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w0").save_pretrained(str(out))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=max_len, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", file=sys.stderr)
+    model.save_pretrained(str(out))
+    return out
+
+
+def prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def hf_generate(model: Any, batch: list[list[int]], new: int, device: str) -> float:
+    from transformers import GenerationConfig
+
+    ids = torch.tensor(batch, device=device)
+    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    assert out.shape[1] == len(batch[0]) + new
+    return len(batch) * new / dt
+
+
+def hf_continuous_batching(model: Any, batch: list[list[int]], new: int) -> float | None:
+    from transformers import GenerationConfig
+
+    if not hasattr(model, "generate_batch"):
+        return None
+    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           num_blocks=256, block_size=128, max_batch_tokens=512)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate_batch(inputs=batch, generation_config=cfg, progress_bar=False)
+            dt = time.perf_counter() - t0
+    except Exception as err:  # its API moves between releases; report rather than fail the bench
+        print(f"transformers continuous batching unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    n = sum(len(getattr(o, "generated_tokens", []) or []) for o in out.values()) or len(batch) * new
+    return n / dt
+
+
+async def stream(engine: Any, ids: list[int], new: int, delay: float = 0.0) -> dict[str, Any]:
+    await asyncio.sleep(delay)
+    t0 = time.perf_counter()
+    times: list[float] = []
+    n = 0
+    req = GenerationRequest(f"b{delay}", ids, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    cached = 0
+    async for chunk in engine.generate(req):
+        now = time.perf_counter()
+        times += [now] * len(chunk.token_ids)
+        n += len(chunk.token_ids)
+        cached = chunk.cached_tokens
+    return {"start": t0, "end": times[-1], "ttft": times[0] - t0, "itl": [b - a for a, b in itertools.pairwise(times)],
+            "tokens": n, "cached": cached}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] * 1000
+
+
+async def bench_engine(engine: Any, vocab: int, system_len: int) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    await stream(engine, prompts(1, PROMPT, 99, vocab)[0], 8)  # warm
+    single = await stream(engine, prompts(1, PROMPT, 1, vocab)[0], NEW)
+    res["engine_single_tps"] = single["tokens"] / (single["end"] - single["start"])
+    ps = prompts(STREAMS, PROMPT, 2, vocab)
+    runs = await asyncio.gather(*(stream(engine, p, NEW, delay=i / STREAMS) for i, p in enumerate(ps)))
+    t0, t1 = min(r["start"] for r in runs), max(r["end"] for r in runs)
+    res["engine_16_tps"] = sum(r["tokens"] for r in runs) / (t1 - t0)
+    ttft = [r["ttft"] for r in runs]
+    itl = [x for r in runs for x in r["itl"]]
+    res.update(ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+    system = prompts(1, system_len, 3, vocab)[0]
+    turns = prompts(5, 24, 4, vocab)
+    prefix = []
+    for i, turn in enumerate(turns):
+        r = await stream(engine, system + turn, 8)
+        prefix.append({"request": i + 1, "ttft_ms": r["ttft"] * 1000, "cached_tokens": r["cached"]})
+    res["prefix"] = prefix
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="smaller model, for a smoke run")
+    ap.add_argument("--large", action="store_true", help="a larger model (hidden 2048, 16 layers), for GPUs")
+    ap.add_argument("--system-len", type=int, default=8192)
+    ap.add_argument("--no-cb", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    size = dict(hidden=512, layers=8, heads=8, vocab=32000)
+    if args.quick:
+        size = dict(hidden=128, layers=2, heads=4, vocab=4000)
+    if args.large:
+        size = dict(hidden=2048, layers=16, heads=16, vocab=32000)
+    max_len = args.system_len + 512
+    with tempfile.TemporaryDirectory() as tmp:
+        src = build_model(Path(tmp) / "hf", **size, max_len=max_len)
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).to(args.device).eval()
+        hf_generate(hf, prompts(1, PROMPT, 98, size["vocab"]), 8, args.device)  # warm
+        out: dict[str, Any] = {"device": args.device, "model": size}
+        out["ref_single_tps"] = hf_generate(hf, prompts(1, PROMPT, 1, size["vocab"]), NEW, args.device)
+        out["ref_static16_tps"] = hf_generate(hf, prompts(STREAMS, PROMPT, 2, size["vocab"]), NEW, args.device)
+        if not args.no_cb:
+            out["ref_cb16_tps"] = hf_continuous_batching(hf, prompts(STREAMS, PROMPT, 2, size["vocab"]), NEW)
+        del hf
+        vdir = Path(tmp) / "repo" / "bench" / "1"
+        vdir.mkdir(parents=True)
+        spec = parse_spec({"name": "bench", "backend": "transformers", "task": "generate", "source": str(src),
+                           "max_model_len": max_len, "instances": {"device": args.device},
+                           "engine": {"max_num_seqs": STREAMS, "max_num_batched_tokens": 2048}}, "bench")
+        model = TransformersBackend().load(LoadContext(model_dir=vdir.parent, version_dir=vdir, spec=spec))
+        try:
+            out.update(asyncio.run(bench_engine(model.engine, size["vocab"], args.system_len)))
+        finally:
+            model.close()
+    out["ratio_single"] = out["engine_single_tps"] / out["ref_single_tps"]
+    out["ratio_16_vs_static"] = out["engine_16_tps"] / out["ref_static16_tps"]
+    if out.get("ref_cb16_tps"):
+        out["ratio_hf_cb_vs_static"] = out["ref_cb16_tps"] / out["ref_static16_tps"]
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
