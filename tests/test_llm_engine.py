@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from inhouse.backends import LoadContext  # noqa: E402
 from inhouse.backends.transformers import GenerativeModel, TransformersBackend  # noqa: E402
 from inhouse.core.spec import parse_spec  # noqa: E402
-from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError  # noqa: E402
+from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError, QueueFullError  # noqa: E402
 from inhouse.llm.types import GenerationChunk, GenerationRequest, SamplingParams  # noqa: E402
 
 
@@ -254,3 +254,35 @@ def test_load_reports_progress_and_bad_models(llm_models: dict[str, Path], tmp_p
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ModelFormatError, match="supports llama"):
         load(tmp_path / "gpt2", tmp_path / "c")
+
+
+async def test_full_queue_is_rejected_and_priority_admits_first(llama: GenerativeModel) -> None:
+    engine = llama.engine
+    slots = len(engine.cache.slots)
+    ids = prompt(llama, "busy")
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    streams = [engine.generate(GenerationRequest(f"busy{i}", ids, long)) for i in range(slots)]
+    for s in streams:
+        await s.__anext__()  # all slots are decoding now
+    order: list[str] = []
+
+    async def waiter(name: str, priority: int) -> None:
+        req = GenerationRequest(name, ids, SamplingParams(max_tokens=1), priority=priority)
+        async for _ in engine.generate(req):
+            order.append(name)
+
+    old = engine.config.max_waiting
+    engine.config.max_waiting = 2
+    try:
+        low = asyncio.create_task(waiter("low", 0))
+        await asyncio.sleep(0.05)
+        high = asyncio.create_task(waiter("high", 5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError, match="rate limit"):
+            await waiter("rejected", 0)
+    finally:
+        engine.config.max_waiting = old
+        for s in streams:
+            await s.aclose()
+    await asyncio.gather(low, high)
+    assert order == ["high", "low"]

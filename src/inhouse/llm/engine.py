@@ -227,13 +227,24 @@ class Engine:
         while self._inbox:
             kind, seq = self._inbox.popleft()
             if kind == "add":
-                self._waiting.append(seq)
+                self._enqueue(seq)
             elif not seq.finished:
                 self._finish(seq, "cancelled", emit=False)
                 if seq in self._running:
                     self._running.remove(seq)
                 elif seq in self._waiting:
                     self._waiting.remove(seq)
+
+    def _enqueue(self, seq: _Seq) -> None:
+        """FIFO within a priority; a higher ``priority`` is admitted first."""
+        prio = seq.request.priority
+        if not self._waiting or self._waiting[-1].request.priority >= prio:
+            self._waiting.append(seq)
+            return
+        for i, other in enumerate(self._waiting):
+            if other.request.priority < prio:
+                self._waiting.insert(i, seq)
+                return
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < len(self.cache.slots) and self.cache.num_free:
