@@ -2,15 +2,16 @@
 
 Model: a random Llama of ~58 M parameters (hidden 512, 8 layers, 8 heads, vocab 32 000), fp32,
 on CPU by default. Reports (tokens/s, ratios against the references of this run):
-  ref-single    transformers.generate, 1 request (64-token prompt, 128 new tokens, greedy)
-  ref-static16  transformers.generate, 16 such requests in one static batch (the limit)
-  ref-cb16      transformers' own continuous batching (generate_batch), 16 requests, if available
-  engine-single our engine, one stream
-  engine-16     our engine, 16 streams arriving staggered over the first second: aggregate
+  ref_single    transformers.generate, 1 request (64-token prompt, 128 new tokens, greedy)
+  ref_static16  transformers.generate, 16 such requests in one static batch (the limit)
+  engine_single our engine, one stream
+  engine_16     our engine, 16 streams arriving staggered over the first second: aggregate
                 tokens/s, TTFT and inter-token latency p50/p99
+  hf_cb16       transformers' own continuous batching (generate_batch), 16 requests
   prefix        TTFT with a shared 8k-token system prompt: cold first request, then later ones
+References and engine alternate for --rounds rounds; per-round ratios and their medians count.
 
-Run:  .venv/bin/python bench/bench_llm.py [--device cpu|cuda] [--quick] [--json out.json]
+Run:  .venv/bin/python bench/bench_llm.py [--rounds 3] [--device cpu|cuda] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +55,10 @@ def build_model(out: Path, *, hidden: int, layers: int, heads: int, vocab: int, 
     return out
 
 
+def note(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
@@ -79,12 +85,15 @@ def hf_continuous_batching(model: Any, batch: list[list[int]], new: int) -> floa
 
     if not hasattr(model, "generate_batch"):
         return None
-    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0,
-                           num_blocks=256, block_size=128, max_batch_tokens=512)
+    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, pad_token_id=0)
     try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=1024)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model.generate_batch(inputs=batch, generation_config=cfg, progress_bar=False)
+            out = model.generate_batch(inputs=batch, generation_config=cfg, continuous_batching_config=cb,
+                                       progress_bar=False)
             dt = time.perf_counter() - t0
     except Exception as err:  # its API moves between releases; report rather than fail the bench
         print(f"transformers continuous batching unavailable: {type(err).__name__}: {err}", file=sys.stderr)
@@ -114,25 +123,61 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] * 1000
 
 
-async def bench_engine(engine: Any, vocab: int, system_len: int) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    await stream(engine, prompts(1, PROMPT, 99, vocab)[0], 8)  # warm
-    single = await stream(engine, prompts(1, PROMPT, 1, vocab)[0], NEW)
-    res["engine_single_tps"] = single["tokens"] / (single["end"] - single["start"])
+async def engine_single(engine: Any, vocab: int) -> float:
+    r = await stream(engine, prompts(1, PROMPT, 1, vocab)[0], NEW)
+    return float(r["tokens"] / (r["end"] - r["start"]))
+
+
+async def engine_16(engine: Any, vocab: int) -> dict[str, Any]:
     ps = prompts(STREAMS, PROMPT, 2, vocab)
     runs = await asyncio.gather(*(stream(engine, p, NEW, delay=i / STREAMS) for i, p in enumerate(ps)))
     t0, t1 = min(r["start"] for r in runs), max(r["end"] for r in runs)
-    res["engine_16_tps"] = sum(r["tokens"] for r in runs) / (t1 - t0)
     ttft = [r["ttft"] for r in runs]
     itl = [x for r in runs for x in r["itl"]]
-    res.update(ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+    return {"tps": sum(r["tokens"] for r in runs) / (t1 - t0), "ttft_p50_ms": pct(ttft, 50),
+            "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
+
+
+async def prefix_ttft(engine: Any, vocab: int, system_len: int) -> list[dict[str, Any]]:
     system = prompts(1, system_len, 3, vocab)[0]
-    turns = prompts(5, 24, 4, vocab)
-    prefix = []
-    for i, turn in enumerate(turns):
+    out = []
+    for i, turn in enumerate(prompts(5, 24, 4, vocab)):
         r = await stream(engine, system + turn, 8)
-        prefix.append({"request": i + 1, "ttft_ms": r["ttft"] * 1000, "cached_tokens": r["cached"]})
-    res["prefix"] = prefix
+        out.append({"request": i + 1, "ttft_ms": round(r["ttft"] * 1000, 1), "cached_tokens": r["cached"]})
+        note(f"prefix request {i + 1}: ttft {r['ttft'] * 1000:.0f} ms, cached {r['cached']}")
+    return out
+
+
+async def run_rounds(engine: Any, hf: Any, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """Reference and engine alternate, round after round: on a shared, noisy machine the ratio
+    within one round (measured seconds apart) is what counts; the median over rounds is reported."""
+    await stream(engine, prompts(1, PROMPT, 99, vocab)[0], 8)  # warm
+    hf_generate(hf, prompts(1, PROMPT, 98, vocab), 8, args.device)  # warm
+    rounds = []
+    for r in range(args.rounds):
+        row: dict[str, Any] = {"round": r + 1}
+        row["ref_static16_tps"] = hf_generate(hf, prompts(STREAMS, PROMPT, 2, vocab), NEW, args.device)
+        e16 = await engine_16(engine, vocab)
+        row["engine_16_tps"] = e16.pop("tps")
+        row.update(e16)
+        row["ref_single_tps"] = hf_generate(hf, prompts(1, PROMPT, 1, vocab), NEW, args.device)
+        row["engine_single_tps"] = await engine_single(engine, vocab)
+        row["ratio_16_vs_static"] = row["engine_16_tps"] / row["ref_static16_tps"]
+        row["ratio_single"] = row["engine_single_tps"] / row["ref_single_tps"]
+        note(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        rounds.append(row)
+    res: dict[str, Any] = {"rounds": rounds}
+    for key in ("ratio_16_vs_static", "ratio_single", "ref_static16_tps", "engine_16_tps", "ref_single_tps",
+                "engine_single_tps", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
+        res[f"median_{key}"] = statistics.median(r[key] for r in rounds)
+    if not args.no_cb:
+        cb = hf_continuous_batching(hf, prompts(STREAMS, PROMPT, 2, vocab), NEW)
+        ref = hf_generate(hf, prompts(STREAMS, PROMPT, 2, vocab), NEW, args.device)
+        res["hf_cb16_tps"], res["hf_cb16_ref_static16_tps"] = cb, ref
+        res["hf_cb16_ratio_vs_static"] = cb / ref if cb else None
+        note(f"transformers continuous batching: {cb} tok/s vs static {ref:.1f}")
+    if args.system_len:
+        res["prefix"] = await prefix_ttft(engine, vocab, args.system_len)
     return res
 
 
@@ -141,7 +186,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="smaller model, for a smoke run")
     ap.add_argument("--large", action="store_true", help="a larger model (hidden 2048, 16 layers), for GPUs")
-    ap.add_argument("--system-len", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--system-len", type=int, default=8192, help="shared system prompt; 0 skips that part")
     ap.add_argument("--no-cb", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -150,20 +196,13 @@ def main() -> None:
         size = dict(hidden=128, layers=2, heads=4, vocab=4000)
     if args.large:
         size = dict(hidden=2048, layers=16, heads=16, vocab=32000)
-    max_len = args.system_len + 512
+    max_len = max(args.system_len, PROMPT) + 512
     with tempfile.TemporaryDirectory() as tmp:
         src = build_model(Path(tmp) / "hf", **size, max_len=max_len)
         from transformers import AutoModelForCausalLM
 
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).to(args.device).eval()
-        hf_generate(hf, prompts(1, PROMPT, 98, size["vocab"]), 8, args.device)  # warm
-        out: dict[str, Any] = {"device": args.device, "model": size}
-        out["ref_single_tps"] = hf_generate(hf, prompts(1, PROMPT, 1, size["vocab"]), NEW, args.device)
-        out["ref_static16_tps"] = hf_generate(hf, prompts(STREAMS, PROMPT, 2, size["vocab"]), NEW, args.device)
-        if not args.no_cb:
-            out["ref_cb16_tps"] = hf_continuous_batching(hf, prompts(STREAMS, PROMPT, 2, size["vocab"]), NEW)
-        del hf
         vdir = Path(tmp) / "repo" / "bench" / "1"
         vdir.mkdir(parents=True)
         spec = parse_spec({"name": "bench", "backend": "transformers", "task": "generate", "source": str(src),
@@ -171,13 +210,10 @@ def main() -> None:
                            "engine": {"max_num_seqs": STREAMS, "max_num_batched_tokens": 2048}}, "bench")
         model = TransformersBackend().load(LoadContext(model_dir=vdir.parent, version_dir=vdir, spec=spec))
         try:
-            out.update(asyncio.run(bench_engine(model.engine, size["vocab"], args.system_len)))
+            out: dict[str, Any] = {"device": args.device, "model": size, "torch_threads": torch.get_num_threads()}
+            out.update(asyncio.run(run_rounds(model.engine, hf, args, size["vocab"])))
         finally:
             model.close()
-    out["ratio_single"] = out["engine_single_tps"] / out["ref_single_tps"]
-    out["ratio_16_vs_static"] = out["engine_16_tps"] / out["ref_static16_tps"]
-    if out.get("ref_cb16_tps"):
-        out["ratio_hf_cb_vs_static"] = out["ref_cb16_tps"] / out["ref_static16_tps"]
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -228,6 +228,13 @@ async def test_context_limit_error(llama: GenerativeModel) -> None:
     with pytest.raises(InvalidRequestError, match=r"maximum context length is 512 tokens\. However, you requested 600"):
         async for _ in llama.engine.generate(req):
             pass
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(logprobs=99), dict(max_tokens=0)):
+        with pytest.raises(InvalidRequestError):
+            async for _ in llama.engine.generate(GenerationRequest("b", [5, 6], SamplingParams(**bad))):
+                pass
+    with pytest.raises(InvalidRequestError, match="empty"):
+        async for _ in llama.engine.generate(GenerationRequest("e", [], SamplingParams())):
+            pass
     # without max_tokens the sequence may use the rest of the context, then ends with 'length'
     tokens, _, last = await run(llama, [5] * 500, ignore_eos=True)
     assert last.finish_reason == "length" and len(tokens) == 12

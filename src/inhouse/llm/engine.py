@@ -26,7 +26,7 @@ from inhouse.llm.detokenizer import IncrementalDetokenizer
 from inhouse.llm.kv_cache import KVCache
 from inhouse.llm.runner import DecoderRunner, StepRow
 from inhouse.llm.sampler import SamplerState, make_generator, sample
-from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
+from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class Engine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({n} in the messages, {want or 0} in the completion). Please reduce the length "
                 "of the messages or completion.", details={"param": "messages", "code": "context_length_exceeded"})
+        _check_sampling(request.sampling)
         vocab = self._runner.embed.num_embeddings
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -359,3 +360,21 @@ def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
     return GenerationChunk(token_ids=a.token_ids + b.token_ids, text=a.text + b.text, finish_reason=b.finish_reason,
                            prompt_tokens=b.prompt_tokens, completion_tokens=b.completion_tokens,
                            cached_tokens=b.cached_tokens, logprobs=logprobs, stop_string=b.stop_string)
+
+
+def _check_sampling(p: SamplingParams) -> None:
+    problems = []
+    if not (p.temperature >= 0):
+        problems.append(f"temperature must be ≥ 0 (0 is greedy), got {p.temperature}")
+    if not (0 < p.top_p <= 1):
+        problems.append(f"top_p must lie in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        problems.append(f"top_k must be ≥ 0 (0 turns it off), got {p.top_k}")
+    if not (p.repetition_penalty > 0):
+        problems.append(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    if p.logprobs is not None and not 0 <= p.logprobs <= 20:
+        problems.append(f"logprobs must lie in [0, 20], got {p.logprobs}")
+    if any(not isinstance(s, str) for s in p.stop):
+        problems.append("stop must be a list of strings")
+    if problems:
+        raise InvalidRequestError("Invalid sampling parameters: " + "; ".join(problems) + ".")
