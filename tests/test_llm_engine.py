@@ -293,3 +293,13 @@ async def test_full_queue_is_rejected_and_priority_admits_first(llama: Generativ
             await s.aclose()
     await asyncio.gather(low, high)
     assert order == ["high", "low"]
+
+
+async def test_bfloat16_on_cpu(llm_models: dict[str, Path], tmp_path: Path) -> None:
+    model = load(llm_models["llama"], tmp_path, dtype="bfloat16", max_model_len=256)
+    try:
+        assert model._model.dtype == torch.bfloat16 and model.engine.cache.dtype == torch.bfloat16
+        tokens, _, last = await run(model, prompt(model, "hi"), max_tokens=5, ignore_eos=True)
+        assert len(tokens) == 5 and last.finish_reason == "length"
+    finally:
+        model.close()

@@ -183,20 +183,36 @@ class Engine:
 
     def generate_blocking(self, request: GenerationRequest, timeout: float | None = None) -> tuple[list[int], str, str]:
         """Run one request to completion from a non-event-loop thread: (token ids, text, reason)."""
-        done = threading.Event()
-        parts: list[GenerationChunk] = []
+        return self.generate_many_blocking([request], timeout)[0]
 
-        def sink(chunk: GenerationChunk) -> None:
-            parts.append(chunk)
-            if chunk.finish_reason is not None:
-                done.set()
+    def generate_many_blocking(self, requests: Sequence[GenerationRequest],
+                               timeout: float | None = None) -> list[tuple[list[int], str, str]]:
+        """Run requests together (they batch) from a non-event-loop thread."""
+        done = threading.Semaphore(0)
+        parts: list[list[GenerationChunk]] = [[] for _ in requests]
 
-        seq = self.submit(request, sink)
-        if not done.wait(timeout):
-            self.abort(seq)
-            raise InferenceError(f"Generation on model '{self.name}' did not finish in {timeout} s.")
-        ids = [t for c in parts for t in c.token_ids]
-        return ids, "".join(c.text for c in parts), str(parts[-1].finish_reason)
+        def sink_for(i: int) -> Sink:
+            def sink(chunk: GenerationChunk) -> None:
+                parts[i].append(chunk)
+                if chunk.finish_reason is not None:
+                    done.release()
+            return sink
+
+        seqs = []
+        try:
+            for i, r in enumerate(requests):
+                seqs.append(self.submit(r, sink_for(i)))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for _ in requests:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not done.acquire(timeout=left):
+                    raise InferenceError(f"Generation on model '{self.name}' did not finish in {timeout} s.")
+        finally:
+            for seq in seqs:
+                if not seq.finished:
+                    self.abort(seq)
+        return [([t for c in p for t in c.token_ids], "".join(c.text for c in p), str(p[-1].finish_reason))
+                for p in parts]
 
     def load(self) -> dict[str, int]:
         return {"running": sum(not s.finished for s in list(self._running)),
