@@ -98,8 +98,11 @@ def hf_continuous_batching(model: Any, batch: list[list[int]], new: int) -> floa
     except Exception as err:  # its API moves between releases; report rather than fail the bench
         print(f"transformers continuous batching unavailable: {type(err).__name__}: {err}", file=sys.stderr)
         return None
-    n = sum(len(getattr(o, "generated_tokens", []) or []) for o in out.values()) or len(batch) * new
-    return n / dt
+    n = sum(len(o.generated_tokens or []) for o in out.values())
+    errors = {str(o.error) for o in out.values() if o.error}
+    if n < len(batch) * new or errors:
+        note(f"transformers continuous batching produced {n} of {len(batch) * new} tokens; errors: {errors}")
+    return n / dt if n else None
 
 
 async def stream(engine: Any, ids: list[int], new: int, delay: float = 0.0) -> dict[str, Any]:
@@ -189,8 +192,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--system-len", type=int, default=8192, help="shared system prompt; 0 skips that part")
     ap.add_argument("--no-cb", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = dict(hidden=512, layers=8, heads=8, vocab=32000)
     if args.quick:
         size = dict(hidden=128, layers=2, heads=4, vocab=4000)

@@ -60,6 +60,8 @@ class _Seq:
     finished: bool = False
     finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
 
 
 class Engine:
@@ -268,6 +270,7 @@ class Engine:
             seq = self._waiting.popleft()
             hit = self.cache.acquire(seq.tokens)
             seq.slot, seq.computed, seq.cached = hit.slot, hit.cached, hit.cached
+            seq.admitted_at = time.monotonic()
             self.stats["prompt_tokens"] += seq.prompt_len
             self.stats["cached_tokens"] += hit.cached
             self._running.append(seq)
@@ -311,6 +314,8 @@ class Engine:
         self._running = [s for s in self._running if not s.finished]
 
     def _append(self, s: _Seq, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+        if s.generated == 0:
+            s.first_token_at = time.monotonic()
         s.generated += 1
         s.sampler.record(token)
         s.pending_ids.append(token)
