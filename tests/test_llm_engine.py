@@ -303,3 +303,46 @@ async def test_bfloat16_on_cpu(llm_models: dict[str, Path], tmp_path: Path) -> N
         assert len(tokens) == 5 and last.finish_reason == "length"
     finally:
         model.close()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.tokens: list[tuple[int, int]] = []
+        self.ttft: list[float] = []
+        self.itl_tokens = 0
+        self.usage: list[float] = []
+        self.prefix: list[tuple[int, int]] = []
+
+    def observe_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.tokens.append((prompt_tokens, completion_tokens))
+
+    def observe_time_to_first_token(self, seconds: float) -> None:
+        self.ttft.append(seconds)
+
+    def observe_inter_token_latency(self, seconds: float, tokens: int = 1) -> None:
+        assert seconds >= 0
+        self.itl_tokens += tokens
+
+    def set_kv_cache_usage(self, ratio: float) -> None:
+        self.usage.append(ratio)
+
+    def observe_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix.append((queried_tokens, hit_tokens))
+
+
+async def test_llm_recorder_sees_tokens_latency_and_cache(llama: GenerativeModel) -> None:
+    from inhouse.core.recorders import NULL_LLM_RECORDER
+
+    rec = Recorder()
+    llama.set_llm_recorder(rec)
+    ids = prompt(llama, "measure me " * 20)
+    try:
+        await run(llama, ids, max_tokens=6, ignore_eos=True)
+        await run(llama, ids, max_tokens=6, ignore_eos=True)
+    finally:
+        llama.engine.recorder = NULL_LLM_RECORDER
+    assert rec.tokens == [(len(ids), 6), (len(ids), 6)]
+    assert len(rec.ttft) == 2 and all(t > 0 for t in rec.ttft)
+    assert rec.itl_tokens == 10  # every token after each request's first
+    assert rec.prefix[0][0] == len(ids) and rec.prefix[1][1] == len(ids) - 1
+    assert rec.usage and all(0 <= u <= 1 for u in rec.usage) and max(rec.usage) > 0

@@ -18,6 +18,7 @@ import torch
 
 from inhouse.backends import LoadContext
 from inhouse.core.memory import release_freed_memory
+from inhouse.core.recorders import LLMRecorder
 from inhouse.core.spec import ModelSpec, TensorSpec
 from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError, OutOfMemoryError
 from inhouse.llm.embedder import Encoder
@@ -214,6 +215,10 @@ class GenerativeModel:
         log.info("generation engine ready", extra={"model": spec.name, "device": str(device), "dtype": str(dtype),
                                                    "max_num_seqs": slots, "max_model_len": max_len})
         return self
+
+    def set_llm_recorder(self, recorder: LLMRecorder) -> None:
+        """Observability hook (core/recorders.py): tokens, TTFT, inter-token latency, KV usage."""
+        self.engine.recorder = recorder
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
         """v2: each ``text_input`` element is a raw prompt (no chat template); greedy, up to

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from inhouse.core.recorders import NULL_LLM_RECORDER, LLMRecorder
 from inhouse.errors import InferenceError, InvalidRequestError, ModelNotReadyError, QueueFullError
 from inhouse.llm.detokenizer import IncrementalDetokenizer
 from inhouse.llm.kv_cache import KVCache
@@ -62,6 +63,7 @@ class _Seq:
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
     first_token_at: float = 0.0
+    last_emit_at: float = 0.0
 
 
 class Engine:
@@ -86,6 +88,7 @@ class Engine:
         self._ids = itertools.count()
         self._failure: str | None = None
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        self.recorder: LLMRecorder = NULL_LLM_RECORDER
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -271,6 +274,7 @@ class Engine:
             hit = self.cache.acquire(seq.tokens)
             seq.slot, seq.computed, seq.cached = hit.slot, hit.cached, hit.cached
             seq.admitted_at = time.monotonic()
+            self.recorder.observe_prefix_cache(seq.prompt_len, hit.cached)
             self.stats["prompt_tokens"] += seq.prompt_len
             self.stats["cached_tokens"] += hit.cached
             self._running.append(seq)
@@ -315,7 +319,8 @@ class Engine:
 
     def _append(self, s: _Seq, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
         if s.generated == 0:
-            s.first_token_at = time.monotonic()
+            s.first_token_at = s.last_emit_at = time.monotonic()
+            self.recorder.observe_time_to_first_token(s.first_token_at - s.arrival)
         s.generated += 1
         s.sampler.record(token)
         s.pending_ids.append(token)
@@ -353,7 +358,13 @@ class Engine:
                 logprobs=s.pending_logprobs or None if s.request.sampling.logprobs is not None else None,
                 stop_string=s.detok.stop_string if reason == "stop" else None)
             s.pending_ids, s.pending_logprobs = [], []
+            if len(chunk.token_ids) and s.generated > len(chunk.token_ids):
+                now = time.monotonic()
+                self.recorder.observe_inter_token_latency(now - s.last_emit_at, len(chunk.token_ids))
+                s.last_emit_at = now
             self._deliver(s, chunk)
+        used = sum(len(s.tokens) for s in self._running if not s.finished)
+        self.recorder.set_kv_cache_usage(used / (len(self.cache.slots) * self.max_model_len))
 
     def _deliver(self, s: _Seq, chunk: GenerationChunk) -> None:
         try:
@@ -367,6 +378,7 @@ class Engine:
             return
         s.finished, s.finish_reason = True, reason
         if s.slot >= 0:
+            self.recorder.observe_tokens(s.prompt_len, s.generated)
             self.cache.release(s.slot)
         if emit:
             chunk = GenerationChunk(token_ids=s.pending_ids, text=s.detok.flush(final=True), finish_reason=reason,
