@@ -90,11 +90,10 @@ def hf_continuous_batching(model: Any, batch: list[list[int]], new: int) -> floa
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=1024)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = model.generate_batch(inputs=batch, generation_config=cfg, continuous_batching_config=cb,
-                                       progress_bar=False)
-            dt = time.perf_counter() - t0
+        t0 = time.perf_counter()  # not under inference_mode: its worker thread updates tensors in place
+        out = model.generate_batch(inputs=batch, generation_config=cfg, continuous_batching_config=cb,
+                                   progress_bar=False)
+        dt = time.perf_counter() - t0
     except Exception as err:  # its API moves between releases; report rather than fail the bench
         print(f"transformers continuous batching unavailable: {type(err).__name__}: {err}", file=sys.stderr)
         return None
@@ -180,6 +179,13 @@ async def run_rounds(engine: Any, hf: Any, args: argparse.Namespace, vocab: int)
         res["hf_cb16_ratio_vs_static"] = cb / ref if cb else None
         note(f"transformers continuous batching: {cb} tok/s vs static {ref:.1f}")
     if args.system_len:
+        ids = torch.tensor([prompts(1, args.system_len, 3, vocab)[0] + prompts(5, 24, 4, vocab)[0]],
+                           device=args.device)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            hf(ids, logits_to_keep=1)
+            res["ref_cold_prefill_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        note(f"transformers forward of the {ids.shape[1]}-token prompt: {res['ref_cold_prefill_ms']:.0f} ms")
         res["prefix"] = await prefix_ttft(engine, vocab, args.system_len)
     return res
 
