@@ -346,3 +346,25 @@ async def test_llm_recorder_sees_tokens_latency_and_cache(llama: GenerativeModel
     assert rec.itl_tokens == 10  # every token after each request's first
     assert rec.prefix[0][0] == len(ids) and rec.prefix[1][1] == len(ids) - 1
     assert rec.usage and all(0 <= u <= 1 for u in rec.usage) and max(rec.usage) > 0
+
+
+class BrokenConstraint:
+    def allowed_mask(self, vocab_size: int) -> np.ndarray | None:
+        raise RuntimeError("grammar bug")
+
+    def accept(self, token_id: int) -> None:
+        pass
+
+    def is_finished(self) -> bool:
+        return False
+
+
+async def test_a_failing_constraint_ends_only_its_sequence(llama: GenerativeModel) -> None:
+    ids = prompt(llama, "two requests")
+    good = asyncio.create_task(run(llama, ids, max_tokens=8, ignore_eos=True))
+    await asyncio.sleep(0.01)
+    req = GenerationRequest("bad", ids, SamplingParams(max_tokens=8), constraint=BrokenConstraint())
+    chunks = [c async for c in llama.engine.generate(req)]
+    assert chunks[-1].finish_reason == "error"
+    tokens, _, last = await good
+    assert len(tokens) == 8 and last.finish_reason == "length"

@@ -26,7 +26,7 @@ from inhouse.errors import InferenceError, InvalidRequestError, ModelNotReadyErr
 from inhouse.llm.detokenizer import IncrementalDetokenizer
 from inhouse.llm.kv_cache import KVCache
 from inhouse.llm.runner import DecoderRunner, StepRow
-from inhouse.llm.sampler import SamplerState, make_generator, sample
+from inhouse.llm.sampler import Sampled, SamplerState, make_generator, sample
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -312,17 +312,39 @@ class Engine:
             self.cache.slots[s.slot].valid = s.computed
         sampling = [s for s, r in zip(stepped, rows, strict=True) if r.want_logits]
         if sampling:
-            for s, tok in zip(sampling, sample(logits, [s.sampler for s in sampling]), strict=True):
-                self._append(s, tok.token_id, tok.logprob, tok.top)
+            for s, tok in zip(sampling, self._sample(logits, sampling), strict=True):
+                if tok is None:
+                    self._finish(s, "error", emit=False)
+                else:
+                    self._append(s, tok.token_id, tok.logprob, tok.top)
         self._emit()
         self._running = [s for s in self._running if not s.finished]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[Sampled | None]:
+        """Sample every row; a row whose constraint fails ends alone ('error'), not the batch."""
+        try:
+            return list(sample(logits, [s.sampler for s in seqs]))
+        except Exception:
+            out: list[Sampled | None] = []
+            for i, s in enumerate(seqs):
+                try:
+                    out.append(sample(logits[i:i + 1], [s.sampler])[0])
+                except Exception:
+                    log.exception("sampling failed", extra={"model": self.name, "request_id": s.request.request_id})
+                    out.append(None)
+            return out
 
     def _append(self, s: _Seq, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
         if s.generated == 0:
             s.first_token_at = s.last_emit_at = time.monotonic()
             self.recorder.observe_time_to_first_token(s.first_token_at - s.arrival)
         s.generated += 1
-        s.sampler.record(token)
+        try:
+            s.sampler.record(token)
+        except Exception:  # a constraint that cannot advance: this sequence ends, the batch goes on
+            log.exception("constraint rejected a token", extra={"model": self.name})
+            self._finish(s, "error", emit=False)
+            return
         s.pending_ids.append(token)
         self.stats["generated_tokens"] += 1
         if logprob is not None:
