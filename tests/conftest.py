@@ -19,6 +19,8 @@ from inhouse.server import InhouseServer
 from inhouse.settings import load_settings
 from models import add_model, identity_model, mlp_model, write_model
 
+pytest_plugins = ["llm_fixtures"]  # tiny HF models for the LLM tests (torch imported lazily)
+
 
 class RunningServer:
     """A started InhouseServer and the loop it runs on."""

@@ -28,6 +28,7 @@ class LoadContext:
     spec: ModelSpec
     decryptor: ArtefactDecryptor | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[float, str], None] | None = None  # (percent, what) while loading; shown as reason
 
     def read_artefact(self, relative: str) -> bytes:
         """Bytes of ``VERSION/relative``, checksum-verified and decrypted in memory if needed.
@@ -89,6 +90,7 @@ class Backend(Protocol):
 
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "inhouse.backends.onnx:OnnxBackend",
+    "transformers": "inhouse.backends.transformers:TransformersBackend",
 }
 
 

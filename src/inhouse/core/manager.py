@@ -264,7 +264,8 @@ class ModelManager:
         backend = get_backend(mv.spec.backend)
         model_dir = self.repository.root / mv.name
         ctx = LoadContext(model_dir=model_dir, version_dir=model_dir / str(mv.version), spec=mv.spec,
-                          decryptor=self._decryptor, options=self._backend_options)
+                          decryptor=self._decryptor, options=self._backend_options,
+                          progress=lambda pct, what: setattr(mv, "reason", f"{what}: {pct:.0f}%"))
         model = backend.load(ctx)
         try:
             warmup(model, mv.spec, model_dir)

@@ -1,0 +1,294 @@
+"""``backend: transformers`` — Hugging Face models from a local folder (never downloaded).
+
+``task: chat | generate``: a causal LM served by the continuous-batching engine
+(``LoadedModel.engine``). ``task: embedding``: an encoder with the spec's pooling
+(``LoadedModel.embedder``). Both also answer KServe v2 with a BYTES ``text_input``."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from inhouse.backends import LoadContext
+from inhouse.core.memory import release_freed_memory
+from inhouse.core.recorders import LLMRecorder
+from inhouse.core.spec import ModelSpec, TensorSpec
+from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError, OutOfMemoryError
+from inhouse.llm.embedder import Encoder
+from inhouse.llm.engine import Engine, EngineConfig
+from inhouse.llm.kv_cache import KVCache, bytes_per_token
+from inhouse.llm.runner import SUPPORTED_MODEL_TYPES
+from inhouse.llm.types import GenerationRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_CPU_KV_FRACTION = 0.3  # of available RAM, when engine.kv_cache_bytes is not set
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def load(self, ctx: LoadContext) -> GenerativeModel | EncoderModel:
+        spec = ctx.spec
+        if spec.encryption is not None:
+            raise ModelFormatError(f"Model '{spec.name}': encrypted artefacts are not supported by the "
+                                   "transformers backend yet; remove 'encryption' or serve an ONNX export.")
+        source = _source_dir(ctx)
+        progress: Progress = getattr(ctx, "progress", None) or (lambda pct, what: None)
+        device = _device(spec)
+        dtype = _dtype(spec, device)
+        try:
+            _page_in(source, progress)
+            if spec.task in ("chat", "generate"):
+                return GenerativeModel.load(spec, source, device, dtype, progress)
+            if spec.task == "embedding":
+                return EncoderModel.load(spec, source, device, dtype, progress)
+        except torch.OutOfMemoryError:
+            raise OutOfMemoryError(f"Out of GPU memory while loading model '{spec.name}'; free the GPU, "
+                                   "use a smaller dtype or a smaller model.") from None
+        raise ModelSpecError(f"Model '{spec.name}': the transformers backend serves task 'chat', 'generate' "
+                             f"or 'embedding', not '{spec.task}'.")
+
+
+def _source_dir(ctx: LoadContext) -> Path:
+    src = ctx.spec.source
+    path = ctx.version_dir if src is None else Path(src).expanduser()
+    if not path.is_absolute():
+        path = ctx.version_dir / path
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"Model '{ctx.spec.name}': {path} is not a Hugging Face model folder (no config.json); "
+                             "set 'source' in model.yaml to a local folder saved with save_pretrained().")
+    return path
+
+
+def _device(spec: ModelSpec) -> torch.device:
+    d = spec.instances.device
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith(("cuda", "gpu")):
+        if not torch.cuda.is_available():
+            raise ModelFormatError(f"Model '{spec.name}' asks for device '{d}' but PyTorch sees no CUDA GPU; "
+                                   "set instances.device to cpu or auto.")
+        return torch.device(d.replace("gpu", "cuda"))
+    if d.startswith("npu"):
+        raise ModelFormatError(f"Model '{spec.name}': device '{d}' is not supported by the transformers backend.")
+    return torch.device("cpu")
+
+
+def _dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
+
+
+def _page_in(source: Path, progress: Progress) -> None:
+    """Read the weight files once, reporting progress by bytes; the load that follows then
+    maps them from the page cache. For multi-GB models this is where the time goes."""
+    files = [p for p in sorted(source.iterdir()) if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    total = sum(p.stat().st_size for p in files) or 1
+    done, last = 0, -1
+    for p in files:
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                done += len(chunk)
+                pct = int(80 * done / total)
+                if pct != last:
+                    progress(pct, "reading weights")
+                    if pct // 10 != last // 10:
+                        log.info("loading weights", extra={"model": source.name, "percent": pct})
+                    last = pct
+
+
+def _load_tokenizer(source: Path, spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except Exception as err:
+        raise ModelFormatError(f"Model '{spec.name}': cannot load the tokenizer from {source}: {err}") from None
+
+
+def _eos_ids(source: Path, tokenizer: Any, config: Any) -> list[int]:
+    ids: set[int] = set()
+    for v in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update([v] if isinstance(v, int) else (v or []))
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(str(source), local_files_only=True)
+        v = gen.eos_token_id
+        ids.update([v] if isinstance(v, int) else (v or []))
+    except Exception:  # no generation_config.json: the config's and tokenizer's EOS are enough
+        log.debug("no generation_config.json", extra={"model": source.name})
+    return sorted(ids)
+
+
+def _kv_budget(spec: ModelSpec, device: torch.device) -> int:
+    if spec.engine.kv_cache_bytes is not None:
+        return spec.engine.kv_cache_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        return max(0, int(spec.engine.gpu_memory_fraction * total) - used - (256 << 20))
+    return int(psutil.virtual_memory().available * _CPU_KV_FRACTION)
+
+
+class GenerativeModel:
+    """A loaded causal LM: ``engine`` for the OpenAI / Anthropic adapters, ``predict`` for v2."""
+
+    platform = "transformers"
+
+    def __init__(self, spec: ModelSpec, engine: Engine, model: Any) -> None:
+        self.spec = spec
+        self.engine = engine
+        self._model = model
+        self.inputs = [TensorSpec(name="text_input", dtype="BYTES", shape=[-1])]
+        self.outputs = [TensorSpec(name="text_output", dtype="BYTES", shape=[-1])]
+
+    @classmethod
+    def load(cls, spec: ModelSpec, source: Path, device: torch.device, dtype: torch.dtype,
+             progress: Progress) -> GenerativeModel:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+        mtype = getattr(config, "model_type", "?")
+        if mtype not in SUPPORTED_MODEL_TYPES:
+            raise ModelFormatError(f"Model '{spec.name}' is a '{mtype}' model; the generation engine supports "
+                                   f"{', '.join(SUPPORTED_MODEL_TYPES)}. Export other models to ONNX.")
+        tokenizer = _load_tokenizer(source, spec)
+        if spec.task == "chat" and not (spec.chat_template or getattr(tokenizer, "chat_template", None)):
+            raise ModelSpecError(f"Model '{spec.name}' has task 'chat' but its tokenizer has no chat template; "
+                                 "set 'chat_template' in model.yaml or use task 'generate'.")
+        progress(85, "building model")
+        model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True, dtype=dtype)
+        model.to(device).eval()
+        max_len = spec.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 2048)
+        window = getattr(config, "sliding_window", None)
+        if window and (mtype == "mistral" or getattr(config, "use_sliding_window", False)) and max_len > window:
+            log.warning("sliding-window attention is not implemented; limiting max_model_len to the window",
+                        extra={"model": spec.name, "max_model_len": window})
+            max_len = int(window)
+        layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        per_token = bytes_per_token(layers, kv_heads, head_dim, dtype)
+        budget = _kv_budget(spec, device)
+        slots = min(spec.engine.max_num_seqs, budget // (max_len * per_token))
+        if slots < 1:
+            raise OutOfMemoryError(
+                f"Model '{spec.name}': the KV cache budget of {budget >> 20} MiB holds {budget // per_token} tokens, "
+                f"fewer than one sequence of max_model_len {max_len}; lower max_model_len or raise "
+                "engine.kv_cache_bytes / engine.gpu_memory_fraction.")
+        if slots < spec.engine.max_num_seqs:
+            log.warning("KV cache budget limits concurrency",
+                        extra={"model": spec.name, "max_num_seqs": slots, "budget_mib": budget >> 20})
+        cache = KVCache(layers=layers, slots=slots, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
+                        dtype=dtype, device=device, prefix_caching=spec.engine.prefix_caching)
+        engine = Engine(model=model, tokenizer=tokenizer, cache=cache, name=spec.name,
+                        config=EngineConfig(max_model_len=max_len, max_num_seqs=slots,
+                                            max_num_batched_tokens=spec.engine.max_num_batched_tokens,
+                                            max_waiting=spec.batching.max_queue_size),
+                        chat_template=spec.chat_template, eos_token_ids=_eos_ids(source, tokenizer, config))
+        engine.start()
+        self = cls(spec, engine, model)
+        try:
+            progress(95, "warming up")
+            prompt = tokenizer.encode("Hello", add_special_tokens=False) or [0]
+            engine.generate_blocking(GenerationRequest("warmup", prompt, SamplingParams(max_tokens=4, temperature=0,
+                                                                                        ignore_eos=True)),
+                                     timeout=600)
+        except BaseException:
+            self.close()
+            raise
+        log.info("generation engine ready", extra={"model": spec.name, "device": str(device), "dtype": str(dtype),
+                                                   "max_num_seqs": slots, "max_model_len": max_len})
+        return self
+
+    def set_llm_recorder(self, recorder: LLMRecorder) -> None:
+        """Observability hook (core/recorders.py): tokens, TTFT, inter-token latency, KV usage."""
+        self.engine.recorder = recorder
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """v2: each ``text_input`` element is a raw prompt (no chat template); greedy, up to
+        ``parameters.max_tokens`` (default 256) new tokens."""
+        texts = [_text(x) for x in np.asarray(inputs["text_input"]).ravel()]
+        max_tokens = int(self.spec.parameters.get("max_tokens", 256))
+        tok = self.engine.tokenizer
+        requests = []
+        for i, t in enumerate(texts):
+            ids = tok.encode(t, add_special_tokens=False)
+            room = self.engine.max_model_len - len(ids)
+            requests.append(GenerationRequest(f"v2-{i}", ids, SamplingParams(
+                max_tokens=max(1, min(max_tokens, room)), temperature=0)))
+        results = [text for _, text, _ in self.engine.generate_many_blocking(requests, timeout=600)]
+        arr = np.array([r.encode() for r in results], dtype=object).reshape(np.asarray(inputs["text_input"]).shape)
+        return {"text_output": arr}
+
+    def close(self) -> None:
+        self.engine.close()
+        self._model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        release_freed_memory()
+
+
+class EncoderModel:
+    """A loaded encoder: ``embedder`` for /v1/embeddings, ``predict`` for v2."""
+
+    platform = "transformers"
+
+    def __init__(self, spec: ModelSpec, encoder: Encoder) -> None:
+        self.spec = spec
+        self.embedder = encoder
+        self.inputs = [TensorSpec(name="text_input", dtype="BYTES", shape=[-1])]
+        self.outputs = [TensorSpec(name="embedding", dtype="FP32", shape=[-1, encoder.dim])]
+
+    @classmethod
+    def load(cls, spec: ModelSpec, source: Path, device: torch.device, dtype: torch.dtype,
+             progress: Progress) -> EncoderModel:
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+        tokenizer = _load_tokenizer(source, spec)
+        progress(85, "building model")
+        model = AutoModel.from_pretrained(str(source), local_files_only=True, dtype=dtype).to(device).eval()
+        max_len = spec.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 512)
+        encoder = Encoder(model, tokenizer, max_len=max_len, pooling=spec.pooling, normalize=spec.normalize,
+                          name=spec.name)
+        progress(95, "warming up")
+        encoder.embed_blocking(["warm-up"])
+        return cls(spec, encoder)
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        texts = [_text(x) for x in np.asarray(inputs["text_input"]).ravel()]
+        vectors, _ = self.embedder.embed_blocking(texts)
+        return {"embedding": vectors}
+
+    def close(self) -> None:
+        self.embedder.close()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        release_freed_memory()
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, bytes):
+        try:
+            return x.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError("text_input must be UTF-8 text.") from None
+    return str(x)

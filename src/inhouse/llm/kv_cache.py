@@ -1,0 +1,129 @@
+"""The managed KV cache: one slot per concurrent sequence, sized by a memory budget, with prefix
+caching.
+
+Each layer holds K and V as ``[slots, kv_heads, capacity, head_dim]``. A running sequence owns a
+slot; its keys for position ``p`` live at ``[slot, :, p]``, so the decode step reads every
+running sequence as one strided view (no gather, no concatenation) when their slots are
+contiguous. ``capacity`` grows by doubling up to ``max_model_len``, so memory follows the
+longest live sequence; ``slots`` is chosen so that ``slots × max_model_len`` tokens fit the
+budget, which therefore is never exceeded.
+
+A finished sequence's slot keeps its keys and the token ids they belong to. A new sequence whose
+prompt starts with those tokens (an agent resending its system prompt and history) takes the
+slot over and skips that prefix; if the prefix lives in a slot still in use, it is copied."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # ids at positions 0, 1, … (may run ahead of K/V)
+    valid: int = 0  # how many leading positions hold computed K/V
+    in_use: bool = False
+    released_at: float = 0.0
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    slot: int  # the slot the new sequence gets
+    cached: int  # leading prompt tokens whose K/V are already in place
+    copy_from: int | None = None  # copy ``cached`` positions from this (busy) slot first
+
+
+def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class KVCache:
+    def __init__(self, *, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device, prefix_caching: bool = True,
+                 initial_capacity: int = 256) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.max_len, self.dtype, self.device = max_len, dtype, device
+        self.prefix_caching = prefix_caching
+        self.slots = [Slot(i) for i in range(slots)]
+        self.capacity = min(max_len, initial_capacity)
+        self.k = [self._alloc(self.capacity) for _ in range(layers)]
+        self.v = [self._alloc(self.capacity) for _ in range(layers)]
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        return torch.zeros(len(self.slots), self.kv_heads, capacity, self.head_dim, dtype=self.dtype,
+                           device=self.device)
+
+    @property
+    def num_free(self) -> int:
+        return sum(not s.in_use for s in self.slots)
+
+    def ensure_capacity(self, positions: int) -> None:
+        """Make room for positions ``0 .. positions-1`` in every slot."""
+        if positions <= self.capacity:
+            return
+        new_cap = self.capacity
+        while new_cap < positions:
+            new_cap *= 2
+        new_cap = min(new_cap, self.max_len)
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                grown = self._alloc(new_cap)
+                grown[:, :, : self.capacity] = old
+                store[i] = grown
+        self.capacity = new_cap
+
+    def acquire(self, prompt: list[int]) -> PrefixHit:
+        """A free slot for a sequence with this prompt, reusing the longest cached prefix. At
+        least the last prompt token is always left to compute (its logits start decoding)."""
+        free = [s for s in self.slots if not s.in_use]
+        if not free:
+            raise RuntimeError("no free KV cache slot")  # the engine admits only when one is free
+        limit = len(prompt) - 1
+        best_free, best_free_len = None, 0
+        best_busy, best_busy_len = None, 0
+        if self.prefix_caching and limit > 0:
+            arr = np.asarray(prompt[:limit], dtype=np.int64)
+            for s in self.slots:
+                n = _common_prefix(arr, s.tokens, s.valid)
+                if s.in_use and n > best_busy_len:
+                    best_busy, best_busy_len = s, n
+                elif not s.in_use and n > best_free_len:
+                    best_free, best_free_len = s, n
+        if best_free is not None and best_free_len >= best_busy_len:
+            chosen, hit = best_free, PrefixHit(best_free.index, best_free_len)
+        else:
+            # the least recently released slot, preferring empty ones and low indices (contiguity)
+            chosen = min(free, key=lambda s: (bool(s.tokens), s.released_at, s.index))
+            hit = PrefixHit(chosen.index, 0)
+            if best_busy is not None:
+                hit = PrefixHit(chosen.index, best_busy_len, best_busy.index)
+        chosen.in_use = True
+        if hit.copy_from is not None:
+            self._copy(hit.copy_from, chosen.index, hit.cached)
+        chosen.tokens, chosen.valid = prompt, hit.cached
+        return hit
+
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]
+
+    def release(self, slot: int) -> None:
+        """Free a slot; its valid positions stay reusable as a prefix."""
+        s = self.slots[slot]
+        s.in_use = False
+        s.tokens = s.tokens[: s.valid] if self.prefix_caching else []
+        s.valid = len(s.tokens)
+        s.released_at = time.monotonic()
+
+
+def _common_prefix(a: np.ndarray, tokens: list[int], valid: int) -> int:
+    n = min(len(a), valid)
+    if n == 0:
+        return 0
+    eq = a[:n] == np.asarray(tokens[:n], dtype=np.int64)
+    return n if bool(eq.all()) else int(np.argmin(eq))

@@ -1,0 +1,149 @@
+"""One forward step over a mixed batch — decode rows (one new token each) and prefill chunks —
+for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3), reading and writing the slot KV cache.
+
+The weights and the rotary embedding are the Hugging Face modules themselves; only the
+attention bookkeeping is ours. All new tokens of the step run through the projections and MLPs
+as one flat ``[tokens, hidden]`` matrix (no padding); attention runs once for all decode rows
+(a strided view of the cache when their slots are contiguous) and once per prefill chunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from inhouse.llm.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(slots=True)
+class StepRow:
+    slot: int
+    start: int  # position of the first new token
+    tokens: list[int]  # new tokens (1 for decode)
+    want_logits: bool  # logits of the last new token are needed (to sample)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DecoderRunner:
+    def __init__(self, model: Any, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        attn = self.layers[0].self_attn
+        cfg = model.config
+        self.head_dim = int(getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads))
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.device = next(model.parameters()).device
+        self.qk_norm = hasattr(attn, "q_norm")
+
+    @torch.inference_mode()
+    def forward(self, rows: list[StepRow]) -> torch.Tensor:
+        """Run the rows; return float32 logits ``[rows wanting logits, vocab]`` in row order."""
+        dev = self.device
+        flat: list[int] = []
+        pos: list[int] = []
+        slot_of: list[int] = []
+        for r in rows:
+            flat.extend(r.tokens)
+            pos.extend(range(r.start, r.start + len(r.tokens)))
+            slot_of.extend([r.slot] * len(r.tokens))
+        n_tok = len(flat)
+        ids = torch.tensor(flat, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        slots_t = torch.tensor(slot_of, dtype=torch.long, device=dev)
+
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+        offsets = []
+        off = 0
+        for r in rows:
+            offsets.append(off)
+            off += len(r.tokens)
+        decode_plan = self._decode_plan(rows, decode, offsets) if decode else None
+
+        h = self.embed(ids)
+        cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+        attn_out = torch.empty(n_tok, self.n_heads, self.head_dim, dtype=h.dtype, device=dev)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n_tok, self.n_heads, self.head_dim)
+            k = attn.k_proj(x).view(n_tok, self.n_kv, self.head_dim)
+            v = attn.v_proj(x).view(n_tok, self.n_kv, self.head_dim)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.cache.k[li], self.cache.v[li]
+            kc[slots_t, :, positions] = k
+            vc[slots_t, :, positions] = v
+            if decode_plan is not None:
+                self._attend_decode(q, kc, vc, attn_out, decode_plan)
+            for i, r in enumerate(rows):
+                if len(r.tokens) > 1:
+                    self._attend_prefill(q, kc, vc, attn_out, r, offsets[i])
+            h = h + attn.o_proj(attn_out.view(n_tok, self.n_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        want = [offsets[i] + len(r.tokens) - 1 for i, r in enumerate(rows) if r.want_logits]
+        if not want:
+            return torch.empty(0, 0)
+        last = self.norm(h[torch.tensor(want, device=dev)])
+        return self.lm_head(last).float()
+
+    def _decode_plan(self, rows: list[StepRow], decode: list[int], offsets: list[int]) -> dict[str, Any]:
+        dev = self.device
+        slots = [rows[i].slot for i in decode]
+        kv_len = max(rows[i].start for i in decode) + 1
+        lo, hi = min(slots), max(slots) + 1
+        contiguous = hi - lo == len(slots) and slots == sorted(slots)
+        lens = torch.tensor([rows[i].start + 1 for i in decode], device=dev)
+        mask = (torch.arange(kv_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        token_idx = torch.tensor([offsets[i] for i in decode], dtype=torch.long, device=dev)
+        return {"slots": torch.tensor(slots, dtype=torch.long, device=dev), "kv_len": kv_len,
+                "range": (lo, hi) if contiguous else None, "mask": mask, "token_idx": token_idx,
+                "all_full": bool((lens == kv_len).all())}
+
+    def _attend_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor,
+                       plan: dict[str, Any]) -> None:
+        kv_len = plan["kv_len"]
+        if plan["range"] is not None:
+            lo, hi = plan["range"]
+            keys, values = kc[lo:hi, :, :kv_len], vc[lo:hi, :, :kv_len]
+        else:
+            keys, values = kc[plan["slots"], :, :kv_len], vc[plan["slots"], :, :kv_len]
+        qd = q[plan["token_idx"]].unsqueeze(2)  # [B, H, 1, D]
+        mask = None if plan["all_full"] else plan["mask"]
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=self.scaling,
+                                           enable_gqa=self.n_heads != self.n_kv)
+        out[plan["token_idx"]] = o.squeeze(2)
+
+    def _attend_prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor,
+                        r: StepRow, off: int) -> None:
+        n = len(r.tokens)
+        end = r.start + n
+        qp = q[off:off + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        keys, values = kc[r.slot:r.slot + 1, :, :end], vc[r.slot:r.slot + 1, :, :end]
+        if r.start == 0:
+            o = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, scale=self.scaling,
+                                               enable_gqa=self.n_heads != self.n_kv)
+        else:
+            qpos = torch.arange(r.start, end, device=self.device)
+            mask = torch.arange(end, device=self.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=self.n_heads != self.n_kv)
+        out[off:off + n] = o[0].transpose(0, 1)
