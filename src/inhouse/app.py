@@ -12,8 +12,9 @@ from starlette.responses import Response
 from inhouse import __version__
 from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InvalidRequestError, ModelNotFoundError
-from inhouse.protocols import kserve_rest
-from inhouse.protocols.errors import v2_error_response
+from inhouse.llm.service import LLMService
+from inhouse.protocols import anthropic, kserve_rest, openai
+from inhouse.protocols.errors import error_renderer
 from inhouse.settings import ServerSettings
 
 
@@ -30,6 +31,10 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.include_router(kserve_rest.build_router(dataplane, settings.max_request_bytes))
     # LLM routes (issue 5):
+    llm = LLMService(dataplane.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s)
+    app.state.llm = llm
+    app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
+    app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
 
     # metrics route (issue 7):
     from inhouse.observability.endpoint import build_metrics_router
@@ -39,20 +44,21 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        render = error_renderer(request.url.path)
         if exc.status_code == 404:
-            return v2_error_response(ModelNotFoundError(f"No route for {request.method} {request.url.path}."))
+            return render(ModelNotFoundError(f"No route for {request.method} {request.url.path}."))
         if exc.status_code == 405:
             err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.")
-            resp = v2_error_response(err)
+            resp = render(err)
             resp.status_code = 405
             return resp
-        return v2_error_response(InvalidRequestError(str(exc.detail)))
+        return render(InvalidRequestError(str(exc.detail)))
 
     async def validation_error(request: Request, exc: Exception) -> Response:
-        return v2_error_response(InvalidRequestError(f"Invalid request: {exc}"))
+        return error_renderer(request.url.path)(InvalidRequestError(f"Invalid request: {exc}"))
 
     async def unhandled(request: Request, exc: Exception) -> Response:
-        return v2_error_response(exc)
+        return error_renderer(request.url.path)(exc)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

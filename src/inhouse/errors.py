@@ -106,6 +106,13 @@ class DatatypeError(InhouseError):
     openai_type = "invalid_request_error"
 
 
+class ContextLengthError(InhouseError):
+    """Prompt plus requested completion longer than the model's context window (LLMs)."""
+
+    code, http_status, grpc_status = 2030, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
 class InferenceError(InhouseError):
     """The backend failed while running a valid request."""
 

@@ -66,6 +66,11 @@ class ServerSettings(BaseSettings):
     # ---- scheduling (issue 4) ----
 
     # ---- LLM serving (issue 5) ----
+    llm_stream_usage: bool = Field(default=True, description="end every OpenAI stream with a usage chunk, "
+                                   "even when the client did not set stream_options.include_usage")
+    llm_max_pending: int = Field(default=512, ge=1, description="requests per LLM (running and waiting) "
+                                 "before new ones get 429 'rate limit'")
+    llm_timeout_s: float | None = Field(default=None, gt=0, description="deadline for one generation request")
 
     # ---- security (issue 6) ----
     allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -83,3 +84,31 @@ def openai_error_response(exc: BaseException) -> Response:
     err = as_inhouse_error(exc)
     return Response(orjson.dumps(openai_error_body(err)), status_code=err.http_status,
                     media_type="application/json", headers=_headers(err))
+
+
+_ANTHROPIC_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                    "rate_limit_error"}
+
+
+def anthropic_error_body(err: InhouseError) -> dict[str, Any]:
+    """https://docs.anthropic.com/en/api/errors: ``{"type": "error", "error": {type, message}}``."""
+    kind = err.openai_type if err.openai_type in _ANTHROPIC_TYPES else "api_error"
+    if err.http_status == 413:
+        kind = "request_too_large"
+    return {"type": "error", "error": {"type": kind, "message": f"[{err.code}] {err.message}"}}
+
+
+def anthropic_error_response(exc: BaseException) -> Response:
+    err = as_inhouse_error(exc)
+    return Response(orjson.dumps(anthropic_error_body(err)), status_code=err.http_status,
+                    media_type="application/json", headers=_headers(err))
+
+
+def error_renderer(path: str) -> Callable[[BaseException], Response]:
+    """The error format a client of ``path`` understands: Anthropic's on /v1/messages,
+    OpenAI's elsewhere on /v1, KServe v2's everywhere else."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error_response
+    if path.startswith("/v1/") or path == "/v1":
+        return openai_error_response
+    return v2_error_response

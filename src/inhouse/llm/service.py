@@ -1,0 +1,374 @@
+"""LLM serving logic shared by the OpenAI and Anthropic adapters: find the model (by name or
+served alias), build the prompt from the chat template, check the context window, set up
+constrained decoding, run one or more sequences on the engine and turn their text into
+protocol-neutral events. Nothing here knows about HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from inhouse.core.manager import ModelManager, ModelVersion
+from inhouse.errors import (
+    ContextLengthError,
+    DeadlineExceededError,
+    InferenceError,
+    InhouseError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+)
+from inhouse.llm.chat import merge_consecutive
+from inhouse.llm.decoder import CallMode, ChoiceDecoder
+from inhouse.llm.events import Event, Prompt, TextDelta, Usage
+from inhouse.llm.reasoning import get_reasoning_parser
+from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat
+from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
+from inhouse.llm.types import Embedder, GenerationChunk, GenerationRequest, LLMEngine, SamplingParams, TokenConstraint
+
+log = logging.getLogger(__name__)
+
+GENERATIVE_TASKS = ("chat", "generate")
+
+
+@dataclass(slots=True)
+class ServedModel:
+    id: str  # the name clients use
+    model: str  # the repository model behind it
+    task: str
+    created: int
+    max_model_len: int | None
+
+
+class LLMService:
+    def __init__(self, manager: ModelManager, *, max_pending: int = 512, timeout_s: float | None = None) -> None:
+        self._manager = manager
+        self._max_pending = max_pending
+        self._timeout_s = timeout_s
+        self._pending: dict[str, int] = {}
+
+    # ---- models -------------------------------------------------------------------------
+    def served_models(self, tasks: Sequence[str] = ("chat", "generate", "embedding")) -> list[ServedModel]:
+        out: list[ServedModel] = []
+        for name, versions in sorted(self._manager.serving().items()):
+            mv = versions[0]
+            if mv.spec.task not in tasks:
+                continue
+            ids = [name, *[s for s in mv.spec.served_names if s != name]]
+            limit = _max_len(mv)
+            out.extend(ServedModel(i, name, mv.spec.task, int(mv.loaded_at), limit) for i in ids)
+        return out
+
+    def _lookup(self, requested: str) -> str:
+        """The repository name behind a requested model name or alias."""
+        serving = self._manager.serving()
+        if requested in serving:
+            return requested
+        for name, versions in serving.items():
+            if requested in versions[0].spec.served_names:
+                return name
+        if requested in self._manager.repository.model_names():
+            return requested  # known but not loaded: resolve() says why
+        names = [m.id for m in self.served_models()]
+        raise ModelNotFoundError(
+            f"The model '{requested}' does not exist on this server. Served models: "
+            f"{', '.join(names) or 'none'}.", details={"param": "model"})
+
+    @contextlib.contextmanager
+    def _use(self, requested: str, tasks: Sequence[str]) -> Iterator[ModelVersion]:
+        name = self._lookup(requested)
+        with self._manager.use(name) as mv:
+            if mv.spec.task not in tasks:
+                raise InvalidRequestError(
+                    f"Model '{requested}' is a '{mv.spec.task}' model; this endpoint serves "
+                    f"{' / '.join(tasks)} models. Use /v2/models/{name}/infer for it.", details={"param": "model"})
+            yield mv
+
+    @contextlib.contextmanager
+    def _admit(self, name: str) -> Iterator[None]:
+        count = self._pending.get(name, 0)
+        if count >= self._max_pending:
+            raise QueueFullError(
+                f"Rate limit reached: model '{name}' already has {count} requests running or waiting "
+                f"(llm_max_pending={self._max_pending}); retry shortly.", headers={"Retry-After": "1"})
+        self._pending[name] = count + 1
+        try:
+            yield
+        finally:
+            self._pending[name] -= 1
+
+    # ---- chat ---------------------------------------------------------------------------
+    async def chat(self, req: ChatRequest) -> AsyncIterator[Event]:
+        """Events of ``req.n`` choices, then one Usage. Errors before the first event (unknown
+        model, context overflow, overload) raise before anything is yielded."""
+        with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
+            engine = _engine(mv)
+            template_tools = req.tools if req.tool_choice != "none" else None
+            prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, template_tools,
+                                             req.template_kwargs)
+            sampling = self._fit(engine, req.sampling, len(prompt))
+            mode, function = self._call_mode(req)
+            constraint_for = self._constraint_factory(engine, req, mode)
+            parser_cls = None
+            if mode == "parse":
+                pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv))
+                parser_cls = get_tool_parser(pname) if pname else None
+            reasoning_cls = None
+            if mv.spec.reasoning_parser and mode in ("text", "parse") and req.response_format is None:
+                reasoning_cls = get_reasoning_parser(mv.spec.reasoning_parser)
+            opens_think = reasoning_cls is not None and _prompt_opens_think(engine, prompt)
+
+            def decoder(i: int) -> ChoiceDecoder:
+                return ChoiceDecoder(
+                    i, mode=mode, function=function,
+                    tool_parser=parser_cls() if parser_cls else None,
+                    reasoning=reasoning_cls(opens_think) if reasoning_cls else None,
+                )
+
+            yield Prompt(len(prompt), req.n)
+            async for ev in self._run(engine, req.request_id, [prompt] * req.n, sampling, constraint_for,
+                                      decoder, req.timeout_s, req.priority):
+                yield ev
+
+    def _chat_prompt(self, engine: LLMEngine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     kwargs: dict[str, Any]) -> list[int]:
+        try:
+            return list(engine.apply_chat_template(messages, tools, add_generation_prompt=True, **kwargs))
+        except InhouseError:
+            raise
+        except Exception as first:
+            merged = merge_consecutive(messages)
+            if merged != messages:
+                with contextlib.suppress(Exception):
+                    return list(engine.apply_chat_template(merged, tools, add_generation_prompt=True, **kwargs))
+            raise InvalidRequestError(
+                f"The model's chat template cannot render this conversation: {first}", details={"param": "messages"}
+            ) from None
+
+    def _call_mode(self, req: ChatRequest) -> tuple[CallMode, str | None]:
+        if not req.tools or req.tool_choice == "none":
+            return "text", None
+        if req.tool_choice == "auto":
+            return "parse", None
+        if req.tool_choice == "required":
+            return "required", None
+        names = [t["function"]["name"] for t in req.tools]
+        if req.tool_choice not in names:
+            raise InvalidRequestError(
+                f"tool_choice names function '{req.tool_choice}', which is not in 'tools' "
+                f"({', '.join(names)}).", details={"param": "tool_choice"})
+        return "named", req.tool_choice
+
+    def _constraint_factory(self, engine: LLMEngine, req: ChatRequest | CompletionRequest,
+                            mode: CallMode) -> Any:
+        from inhouse.llm import constraint as cons
+
+        schema: dict[str, Any] | None
+        if isinstance(req, ChatRequest) and mode == "required":
+            assert req.tools is not None
+            schema = cons.tool_calls_schema(req.tools, parallel=req.parallel_tool_calls)
+        elif isinstance(req, ChatRequest) and mode == "named":
+            assert req.tools is not None
+            fn = next(t["function"] for t in req.tools if t["function"]["name"] == req.tool_choice)
+            schema = fn.get("parameters") or {"type": "object"}
+        elif req.response_format is not None:
+            schema = req.response_format.schema if req.response_format.schema is not None else {"type": "object"}
+        else:
+            return None
+        grammar = cons.compile_json_schema(engine.tokenizer, schema)  # raises a 400 for a bad schema
+        return lambda: cons.GrammarConstraint(grammar)
+
+    # ---- completions --------------------------------------------------------------------
+    async def complete(self, req: CompletionRequest) -> AsyncIterator[Event]:
+        """Events for every prompt × n (choice index = prompt index × n + k), then Usage."""
+        with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
+            engine = _engine(mv)
+            prompts = [await asyncio.to_thread(_encode, engine, p) for p in req.prompts]
+            vocab = _vocab_size(engine)
+            for i, p in enumerate(prompts):
+                if not p:
+                    raise InvalidRequestError("The prompt is empty; send at least one token.",
+                                              details={"param": "prompt"})
+                bad = [t for t in p if t < 0 or t >= vocab]
+                if bad:
+                    raise InvalidRequestError(
+                        f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
+                        details={"param": "prompt"})
+            sampling = self._fit(engine, req.sampling, max(len(p) for p in prompts))
+            constraint_for = self._constraint_factory(engine, req, "text")
+            runs = [p for p in prompts for _ in range(req.n)]
+            echo = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
+
+            def decoder(i: int) -> ChoiceDecoder:
+                return ChoiceDecoder(i)
+
+            started: set[int] = set()
+            yield Prompt(sum(len(p) for p in prompts), len(runs))
+            async for ev in self._run(engine, req.request_id, runs, sampling, constraint_for, decoder,
+                                      req.timeout_s, req.priority, count_prompt_once=False):
+                if echo is not None and not isinstance(ev, Usage | Prompt) and ev.choice not in started:
+                    started.add(ev.choice)
+                    yield TextDelta(ev.choice, echo[ev.choice // req.n])
+                yield ev
+
+    # ---- shared generation path -----------------------------------------------------------
+    def _fit(self, engine: LLMEngine, sampling: SamplingParams, prompt_len: int) -> SamplingParams:
+        limit = engine.max_model_len
+        if sampling.max_tokens is not None and sampling.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1.", details={"param": "max_tokens"})
+        wanted = sampling.max_tokens if sampling.max_tokens is not None else 0
+        if prompt_len + wanted > limit or prompt_len >= limit:
+            total = prompt_len + wanted
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{max(total, prompt_len + 1)} tokens ({prompt_len} in the messages, {wanted} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                details={"param": "messages"})
+        if sampling.max_tokens is None:
+            return replace(sampling, max_tokens=limit - prompt_len)
+        return sampling
+
+    async def _run(self, engine: LLMEngine, request_id: str, prompts: list[list[int]], sampling: SamplingParams,
+                   constraint_for: Any, decoder_for: Any, timeout_s: float | None, priority: int,
+                   count_prompt_once: bool = True) -> AsyncIterator[Event]:
+        timeout = timeout_s if timeout_s is not None else self._timeout_s
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        requests = []
+        for i, prompt in enumerate(prompts):
+            s = sampling if sampling.seed is None or i == 0 else replace(sampling, seed=sampling.seed + i)
+            constraint: TokenConstraint | None = constraint_for() if constraint_for else None
+            requests.append(GenerationRequest(f"{request_id}-{i}", prompt, s, constraint, deadline, priority))
+        usage = Usage(0, 0)
+        seen_prompts: set[int] = set()
+
+        def account(i: int, chunk: GenerationChunk) -> None:
+            if i not in seen_prompts:
+                seen_prompts.add(i)
+                if not count_prompt_once or len(seen_prompts) == 1:
+                    usage.prompt_tokens += chunk.prompt_tokens
+                    usage.cached_tokens += chunk.cached_tokens
+
+        if len(requests) == 1:
+            async for ev in _one(engine, requests[0], decoder_for(0), lambda c: account(0, c), usage):
+                yield ev
+        else:
+            queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+
+            async def pump(i: int) -> None:
+                try:
+                    async for ev in _one(engine, requests[i], decoder_for(i), lambda c: account(i, c), usage):
+                        await queue.put(ev)
+                except BaseException as err:  # re-raised by the consumer
+                    await queue.put(err)
+                    return
+                await queue.put(None)
+
+            tasks = [asyncio.create_task(pump(i)) for i in range(len(requests))]
+            try:
+                done = 0
+                while done < len(tasks):
+                    item = await queue.get()
+                    if item is None:
+                        done += 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield item
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        yield usage
+
+    # ---- embeddings ---------------------------------------------------------------------
+    async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> tuple[np.ndarray, int, int]:
+        """(embeddings [n, dim], input tokens, max_model_len)."""
+        with self._use(model, ("embedding",)) as mv, self._admit(mv.name):
+            embedder: Embedder | None = getattr(mv.model, "embedder", None)
+            if embedder is None:
+                raise InferenceError(f"Model '{model}' was unloaded mid-request; retry.")
+            if not inputs:
+                raise InvalidRequestError("'input' is empty; send at least one text.", details={"param": "input"})
+            vectors, tokens = await embedder.embed(inputs)
+            return vectors, tokens, embedder.max_model_len
+
+    async def count_tokens(self, req: ChatRequest) -> int:
+        with self._use(req.model, GENERATIVE_TASKS) as mv:
+            engine = _engine(mv)
+            prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, req.tools, req.template_kwargs)
+            return len(prompt)
+
+
+async def _one(engine: LLMEngine, request: GenerationRequest, decoder: ChoiceDecoder, account: Any,
+               usage: Usage) -> AsyncIterator[Event]:
+    """One sequence: engine chunks → decoder events; closing it aborts the sequence."""
+    last_completion = 0
+    async with contextlib.aclosing(engine.generate(request)) as chunks:
+        async for chunk in chunks:
+            account(chunk)
+            usage.completion_tokens += chunk.completion_tokens - last_completion
+            last_completion = chunk.completion_tokens
+            for ev in decoder.feed(chunk.text, chunk.logprobs):
+                yield ev
+            if chunk.finish_reason is None:
+                continue
+            reason = chunk.finish_reason
+            if reason == "deadline":
+                raise DeadlineExceededError(
+                    f"The request's deadline passed after {chunk.completion_tokens} generated tokens.")
+            if reason == "error":
+                raise InferenceError("The model failed while generating; the server log has the details.")
+            if reason == "cancelled":
+                reason = "stop"
+            for ev in decoder.finish(reason, chunk.stop_string):
+                yield ev
+            return
+    for ev in decoder.finish("stop"):  # an engine that ended without a finish_reason
+        yield ev
+
+
+def _engine(mv: ModelVersion) -> LLMEngine:
+    engine: LLMEngine | None = getattr(mv.model, "engine", None)
+    if engine is None:
+        raise InferenceError(f"Model '{mv.name}' was unloaded mid-request; retry.")
+    return engine
+
+
+def _max_len(mv: ModelVersion) -> int | None:
+    for attr in ("engine", "embedder"):
+        obj = getattr(mv.model, attr, None)
+        if obj is not None:
+            return int(obj.max_model_len)
+    return mv.spec.max_model_len
+
+
+def _template_text(engine: LLMEngine, mv: ModelVersion) -> str | None:
+    return mv.spec.chat_template or getattr(engine.tokenizer, "chat_template", None)
+
+
+def _prompt_opens_think(engine: LLMEngine, prompt: list[int]) -> bool:
+    tail = engine.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
+    return tail.rstrip().endswith("<think>")
+
+
+def _encode(engine: LLMEngine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(engine.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return list(prompt)
+
+
+def _vocab_size(engine: LLMEngine) -> int:
+    return len(engine.tokenizer)
+
+
+def json_format(kind: str | None, schema: dict[str, Any] | None) -> JsonFormat | None:
+    if kind in (None, "text"):
+        return None
+    return JsonFormat(schema)

@@ -1,0 +1,224 @@
+"""Parsers that turn a model's native tool-call markup into tool calls, incrementally.
+
+- ``hermes`` (Hermes, Qwen 2.5/3): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+- ``llama3_json`` (Llama 3.1+): the whole reply is ``{"name": ..., "parameters": {...}}``
+  (optionally after ``<|python_tag|>``, several separated by ``;``)
+- ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``
+
+Each parser is fed the model's text as it streams and returns ``Content`` (ordinary text) and
+the scanner's ``CallName`` / ``CallArgs`` / ``CallEnd`` events; markup never reaches content
+unless it was not a well-formed call, in which case the text is passed through unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inhouse.errors import ModelSpecError
+from inhouse.llm.json_calls import CallEnd, CallName, JsonCallScanner, ScanEvent
+
+
+@dataclass(slots=True)
+class Content:
+    text: str
+
+
+ParseEvent = Content | ScanEvent
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ToolParser:
+    name = "base"
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        raise NotImplementedError
+
+    def finish(self) -> list[ParseEvent]:
+        raise NotImplementedError
+
+
+class _Block:
+    """One tool-call block being scanned; remembers its raw text so a malformed block can be
+    passed through as content."""
+
+    def __init__(self, opener: str) -> None:
+        self.scanner = JsonCallScanner()
+        self.raw = [opener]
+        self.named = False
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        self.raw.append(text)
+        out: list[ParseEvent] = []
+        for ev in self.scanner.feed(text):
+            if isinstance(ev, CallName):
+                self.named = True
+            out.append(ev)
+        return out
+
+
+class HermesParser(ToolParser):
+    name = "hermes"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._block: _Block | None = None
+        self._calls = 0
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        self._buf += text
+        out: list[ParseEvent] = []
+        while self._buf:
+            if self._block is None:
+                i = self._buf.find(self.OPEN)
+                if i < 0:
+                    keep = partial_suffix(self._buf, self.OPEN)
+                    emit, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+                    self._content(emit, out)
+                    break
+                self._content(self._buf[:i], out)
+                self._buf = self._buf[i + len(self.OPEN):]
+                self._block = _Block(self.OPEN)
+                continue
+            j = self._buf.find(self.CLOSE)
+            if j < 0:
+                keep = partial_suffix(self._buf, self.CLOSE)
+                part, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+                out.extend(self._scan(part))
+                break
+            out.extend(self._scan(self._buf[:j]))
+            self._buf = self._buf[j + len(self.CLOSE):]
+            out.extend(self._close_block(self.CLOSE))
+        return out
+
+    def _content(self, text: str, out: list[ParseEvent]) -> None:
+        if not text:
+            return
+        if self._calls and not text.strip():
+            return  # whitespace between and after calls
+        out.append(Content(text))
+
+    def _scan(self, text: str) -> list[ParseEvent]:
+        assert self._block is not None
+        evs = self._block.feed(text)
+        self._calls += sum(isinstance(e, CallEnd) and e.ok for e in evs)
+        return [e for e in evs if not isinstance(e, CallEnd) or e.ok]
+
+    def _close_block(self, closer: str) -> list[ParseEvent]:
+        block, self._block = self._block, None
+        assert block is not None
+        if block.named:
+            return []
+        return [Content("".join(block.raw) + closer)]
+
+    def finish(self) -> list[ParseEvent]:
+        out: list[ParseEvent] = []
+        if self._block is None:
+            self._content(self._buf, out)
+        else:
+            out.extend(self._scan(self._buf))
+            out.extend(self._close_block(""))
+        self._buf = ""
+        return out
+
+
+class _JsonTailParser(ToolParser):
+    """Content until a marker (or, for llama3_json, a reply that opens with ``{``), then a
+    sequence of JSON call objects to the end."""
+
+    markers: tuple[str, ...] = ()
+    json_start = False
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._block: _Block | None = None
+        self._started = False
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        if self._block is not None:
+            return self._block.feed(text)
+        self._buf += text
+        out: list[ParseEvent] = []
+        if self.json_start and not self._started:
+            stripped = self._buf.lstrip()
+            for m in self.markers:
+                if stripped.startswith(m):
+                    stripped = stripped[len(m):].lstrip()
+            if not stripped or any(m.startswith(self._buf.lstrip()) for m in self.markers):
+                return out  # undecided
+            self._started = True
+            if stripped.startswith("{"):
+                self._block = _Block(self._buf[: len(self._buf) - len(stripped)])
+                self._buf = ""
+                return self._block.feed(stripped)
+        for m in self.markers:
+            i = self._buf.find(m)
+            if i >= 0:
+                if self._buf[:i]:
+                    out.append(Content(self._buf[:i]))
+                rest = self._buf[i + len(m):]
+                self._buf = ""
+                self._block = _Block(m)
+                out.extend(self._block.feed(rest))
+                return out
+        keep = max((partial_suffix(self._buf, m) for m in self.markers), default=0)
+        emit, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        if emit:
+            out.append(Content(emit))
+        return out
+
+    def finish(self) -> list[ParseEvent]:
+        if self._block is None:
+            buf, self._buf = self._buf, ""
+            return [Content(buf)] if buf else []
+        block, self._block = self._block, None
+        if block.named:
+            return []
+        return [Content("".join(block.raw))]
+
+
+class Llama3JsonParser(_JsonTailParser):
+    name = "llama3_json"
+    markers = ("<|python_tag|>",)
+    json_start = True
+
+
+class MistralParser(_JsonTailParser):
+    name = "mistral"
+    markers = ("[TOOL_CALLS]",)
+
+
+PARSERS: dict[str, type[ToolParser]] = {
+    "hermes": HermesParser,
+    "qwen": HermesParser,
+    "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+}
+
+
+def get_tool_parser(name: str) -> type[ToolParser]:
+    cls = PARSERS.get(name)
+    if cls is None:
+        raise ModelSpecError(
+            f"tool_call_parser '{name}' is not known; use one of {', '.join(sorted(PARSERS))}."
+        )
+    return cls
+
+
+def detect_tool_parser(chat_template: str | None) -> str | None:
+    """A parser that fits a chat template's own tool-call format, when the spec names none."""
+    if not chat_template:
+        return None
+    if "<tool_call>" in chat_template:
+        return "hermes"
+    if "[TOOL_CALLS]" in chat_template:
+        return "mistral"
+    if "<|python_tag|>" in chat_template or '"parameters"' in chat_template:
+        return "llama3_json"
+    return None
