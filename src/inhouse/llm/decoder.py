@@ -30,12 +30,18 @@ class ChoiceDecoder:
         self._scanner = JsonCallScanner() if mode == "required" else None
         self._calls = 0  # completed or started calls
         self._open_call: int | None = None
+        self._pending_logprobs: list[TokenLogprob] = []  # of tokens whose text is still held back
 
     @property
     def made_calls(self) -> bool:
         return self._calls > 0
 
     def feed(self, text: str, logprobs: list[TokenLogprob] | None = None) -> list[Event]:
+        if logprobs:
+            self._pending_logprobs.extend(logprobs)
+        if not text:
+            return []
+        logprobs, self._pending_logprobs = (self._pending_logprobs or None), []
         if self._reasoning is not None:
             thought, text = self._reasoning.feed(text)
             out: list[Event] = [ReasoningDelta(self.choice, thought)] if thought else []
@@ -56,6 +62,9 @@ class ChoiceDecoder:
         if self._mode == "named" and self._calls == 0:
             out.extend(self._start(self._function or ""))
             out.append(ToolCallArgs(self.choice, 0, "{}"))
+        if self._pending_logprobs and self._mode == "text":
+            out.append(TextDelta(self.choice, "", self._pending_logprobs))
+            self._pending_logprobs = []
         if self.made_calls and finish_reason == "stop":
             finish_reason = "tool_calls"
         out.append(ChoiceEnd(self.choice, finish_reason, stop_string))
