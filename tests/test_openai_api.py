@@ -8,52 +8,23 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
 from conftest import RunningServer, run_server
-from llm_fixtures import write_llm_model
-from models import add_model, write_model
+from llm_api_fixtures import BERT, CHAT, LLAMA, THINK, build_llm_repo
 
 pytestmark = pytest.mark.timeout(600)
 
-CHAT, LLAMA, THINK, BERT = "qwen-chat", "llama-chat", "qwen-think", "tiny-bert"
-_ENGINE = {"max_num_seqs": 16, "max_num_batched_tokens": 1024}
-
-
-def build_llm_repo(root: Path, models: dict[str, Path], only: list[str] | None = None) -> Path:
-    """qwen-chat (Qwen2-style, hermes tool calls, also served as gpt-4o-mini), llama-chat
-    (Llama-style, llama3_json), qwen-think (think_tags reasoning), tiny-bert (embeddings) and
-    the ONNX model 'add'."""
-    root.mkdir(parents=True)
-    specs: dict[str, tuple[Path, dict[str, Any]]] = {
-        CHAT: (models["qwen2"], {"served_names": ["gpt-4o-mini"], "tool_call_parser": "hermes",
-                                 "max_model_len": 1024, "engine": _ENGINE}),
-        LLAMA: (models["llama"], {"tool_call_parser": "llama3_json", "max_model_len": 1024, "engine": _ENGINE}),
-        THINK: (models["qwen2"], {"reasoning_parser": "think_tags", "tool_call_parser": "hermes",
-                                  "max_model_len": 1024, "engine": {"max_num_seqs": 4}}),
-        BERT: (models["bert"], {"task": "embedding", "pooling": "mean"}),
-    }
-    for name, (source, spec) in specs.items():
-        if only is None or name in only:
-            write_llm_model(root, name, source, spec)
-    if only is None:
-        write_model(root, "add", add_model(), {"inputs": [
-            {"name": "a", "dtype": "FP32", "shape": [-1, 4]}, {"name": "b", "dtype": "FP32", "shape": [-1, 4]}]})
-    return root
-
-
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]) -> Iterator[RunningServer]:
-    root = build_llm_repo(tmp_path_factory.mktemp("llm") / "models", llm_models)
-    with run_server(root, llm_max_pending=64) as s:
-        yield s
+def srv(llm_api_server: RunningServer) -> RunningServer:
+    return llm_api_server
 
 
 @pytest.fixture(scope="module")
@@ -463,3 +434,44 @@ def test_completions(srv: RunningServer, client: openai.OpenAI) -> None:
         model=CHAT, prompt="Once upon a time", max_tokens=5, temperature=0, stream=True,
         extra_body={"ignore_eos": True}) if c.choices)
     assert streamed == r.choices[0].text
+
+
+# ---- reasoning ------------------------------------------------------------------------------------------
+def test_reasoning_parser_splits_thinking(client: openai.OpenAI) -> None:
+    on = client.chat.completions.create(model=THINK, messages=HELLO, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    msg = on.choices[0].message
+    assert getattr(msg, "reasoning_content", None) and not msg.content  # still thinking at max_tokens
+    chunks = list(client.chat.completions.create(model=THINK, messages=HELLO, max_tokens=8, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                       for c in chunks if c.choices)
+    assert streamed == msg.reasoning_content
+    off = client.chat.completions.create(model=THINK, messages=HELLO, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True,
+                                                     "chat_template_kwargs": {"enable_thinking": False}})
+    assert off.choices[0].message.content and not getattr(off.choices[0].message, "reasoning_content", None)
+    # without a reasoning parser the same model's text passes through untouched
+    raw = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert not getattr(raw.choices[0].message, "reasoning_content", None)
+
+
+# ---- embeddings -----------------------------------------------------------------------------------------
+def test_embeddings(client: openai.OpenAI) -> None:
+    r = client.embeddings.create(model=BERT, input=["hello world", "the weather in Paris"])
+    assert [d.index for d in r.data] == [0, 1]
+    dim = len(r.data[0].embedding)
+    assert dim == 32 and abs(sum(x * x for x in r.data[0].embedding) - 1) < 1e-4  # normalised
+    assert r.usage.prompt_tokens > 4 and r.usage.total_tokens == r.usage.prompt_tokens
+    one = client.embeddings.create(model=BERT, input="hello world")
+    assert one.data[0].embedding == pytest.approx(r.data[0].embedding, abs=1e-5)
+    b64 = client.embeddings.create(model=BERT, input="hello world", encoding_format="base64")
+    decoded = np.frombuffer(base64.b64decode(b64.data[0].embedding), dtype="<f4")
+    assert decoded.tolist() == pytest.approx(r.data[0].embedding, abs=1e-5)
+    short = client.embeddings.create(model=BERT, input="hello world", dimensions=8)
+    assert len(short.data[0].embedding) == 8
+    with pytest.raises(openai.BadRequestError, match="embedding"):
+        client.embeddings.create(model=CHAT, input="x")
+    with pytest.raises(openai.BadRequestError, match="chat"):
+        client.chat.completions.create(model=BERT, messages=HELLO)

@@ -27,7 +27,7 @@ from inhouse.llm.events import (
     Usage,
     aggregate,
 )
-from inhouse.llm.requests import ChatRequest
+from inhouse.llm.requests import ChatRequest, JsonFormat
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams
 from inhouse.protocols.errors import anthropic_error_body, anthropic_error_response, as_inhouse_error
@@ -49,6 +49,7 @@ class MessagesBody(LenientModel):
     messages: list[Any]
     max_tokens: int = Field(ge=1)
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
     system: str | list[Any] | None = None
@@ -171,7 +172,18 @@ def _tool_choice(choice: dict[str, Any] | None) -> tuple[str, bool]:
 def _template_kwargs(thinking: dict[str, Any] | None) -> dict[str, Any]:
     if not thinking:
         return {}
-    return {"enable_thinking": thinking.get("type") == "enabled"}
+    return {"enable_thinking": thinking.get("type") in ("enabled", "adaptive")}
+
+
+def _output_format(config: dict[str, Any] | None) -> JsonFormat | None:
+    """``output_config.format`` (structured outputs) → constrained JSON."""
+    fmt = (config or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise InvalidRequestError('output_config.format must be {"type": "json_schema", "schema": {...}}.',
+                                  details={"param": "output_config.format"})
+    return JsonFormat(fmt["schema"])
 
 
 def messages_request(body: MessagesBody) -> ChatRequest:
@@ -186,6 +198,7 @@ def messages_request(body: MessagesBody) -> ChatRequest:
             max_tokens=body.max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=[s for s in body.stop_sequences or [] if s]),
         tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
+        response_format=_output_format(body.output_config),
         template_kwargs=_template_kwargs(body.thinking),
     )
 
