@@ -141,13 +141,14 @@ class LLMService:
                      kwargs: dict[str, Any]) -> list[int]:
         try:
             return list(engine.apply_chat_template(messages, tools, add_generation_prompt=True, **kwargs))
-        except InhouseError:
-            raise
         except Exception as first:
+            # Templates that insist on alternating roles get consecutive user turns merged.
             merged = merge_consecutive(messages)
             if merged != messages:
                 with contextlib.suppress(Exception):
                     return list(engine.apply_chat_template(merged, tools, add_generation_prompt=True, **kwargs))
+            if isinstance(first, InhouseError):
+                raise
             raise InvalidRequestError(
                 f"The model's chat template cannot render this conversation: {first}", details={"param": "messages"}
             ) from None
