@@ -115,15 +115,19 @@ def test_stream_usage_can_be_turned_off_and_done_marker(srv: RunningServer) -> N
     assert docs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_usage_default_is_configurable(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+def test_usage_default_and_deadline_are_configurable(tmp_path: Path, llm_models: dict[str, Path]) -> None:
     root = build_llm_repo(tmp_path / "models", llm_models, only=[CHAT])
-    with run_server(root, llm_stream_usage=False) as s:
+    with run_server(root, llm_stream_usage=False, llm_timeout_s=2.0) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         chunks = list(c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, stream=True))
         assert all(ch.usage is None for ch in chunks)
         chunks = list(c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, stream=True,
                                                 stream_options={"include_usage": True}))
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 2
+        # a generation that outlives llm_timeout_s ends with 504 (code 3002)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=1000, extra_body={"ignore_eos": True})
+        assert e.value.status_code == 504 and e.value.body["code"] == "3002"
 
 
 # ---- request compatibility ------------------------------------------------------------------------
@@ -368,6 +372,8 @@ def test_overload_is_429_rate_limit(tmp_path: Path, llm_models: dict[str, Path])
 
 def test_client_disconnect_cancels_generation(srv: RunningServer, client: openai.OpenAI) -> None:
     llm = srv.server.app.state.llm
+    stats = srv.server.manager.resolve(CHAT).model.engine.stats  # type: ignore[union-attr]
+    before = stats["generated_tokens"]
     stream = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=900, stream=True,
                                             extra_body={"ignore_eos": True})
     it = iter(stream)
@@ -380,6 +386,23 @@ def test_client_disconnect_cancels_generation(srv: RunningServer, client: openai
         time.sleep(0.05)
     assert llm._pending.get(CHAT) == 0
     assert srv.server.manager.resolve(CHAT).inflight == 0
+    time.sleep(0.5)
+    assert stats["generated_tokens"] - before < 900  # stopped early, not run to the end
+
+
+def test_disconnect_cancels_non_streaming_generation(srv: RunningServer) -> None:
+    llm = srv.server.app.state.llm
+    stats = srv.server.manager.resolve(CHAT).model.engine.stats  # type: ignore[union-attr]
+    before = stats["generated_tokens"]
+    body = {"model": CHAT, "messages": HELLO, "max_tokens": 900, "ignore_eos": True}
+    with httpx.Client(timeout=httpx.Timeout(60, read=0.5)) as h, pytest.raises(httpx.ReadTimeout):
+        h.post(srv.url + "/v1/chat/completions", json=body)
+    deadline = time.monotonic() + 10
+    while llm._pending.get(CHAT) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm._pending.get(CHAT) == 0
+    time.sleep(0.5)
+    assert stats["generated_tokens"] - before < 900  # stopped early, not run to the end
 
 
 # ---- concurrency --------------------------------------------------------------------------------------
