@@ -56,8 +56,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(repo: Path, data: Path) -> Iterator[str]:
     port = free_port()
-    cmd = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo), "--http-port", str(port),
-           "--grpc-port", str(free_port()), "--data-dir", str(data), "--log-level", "warning"]
+    cmd = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo),
+           "--http-port", str(port), "--grpc-port", str(free_port()), "--data-dir", str(data), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:

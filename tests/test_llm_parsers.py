@@ -86,6 +86,11 @@ def test_mistral(step: int) -> None:
     assert c.text == "Sure."
     assert json.loads(c.tool_calls[0].arguments) == {"s": 'a"b'}
     assert json.loads(c.tool_calls[1].arguments) == {"k": 2}  # arguments sent as a JSON string
+    # the marker is a special token some detokenisers drop: the bare array is still calls
+    _, c = run("mistral", '[{"name": "f", "arguments": {}}]', step)
+    assert c.tool_calls[0].name == "f" and c.text == ""
+    _, c = run("mistral", "[1, 2] is a list", step)
+    assert c.text == "[1, 2] is a list" and not c.tool_calls
 
 
 @pytest.mark.parametrize("step", STEPS)

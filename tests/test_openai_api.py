@@ -128,6 +128,13 @@ def test_usage_default_and_deadline_are_configurable(tmp_path: Path, llm_models:
         with pytest.raises(openai.APIStatusError) as e:
             c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=1000, extra_body={"ignore_eos": True})
         assert e.value.status_code == 504 and e.value.body["code"] == "3002"
+        # after the stream started, the error arrives in-band and the SDK raises it
+        got: list[Any] = []
+        with pytest.raises(openai.APIError, match="deadline"):
+            for ch in c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=1000, stream=True,
+                                                extra_body={"ignore_eos": True}):
+                got.append(ch)
+        assert got and got[0].choices[0].delta.role == "assistant"
 
 
 # ---- request compatibility ------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class _JsonTailParser(ToolParser):
     sequence of JSON call objects to the end."""
 
     markers: tuple[str, ...] = ()
-    json_start = False
+    json_start = False  # a reply that opens with JSON (after optional markers) is calls
+    json_opener = "{"
 
     def __init__(self) -> None:
         self._buf = ""
@@ -150,10 +151,12 @@ class _JsonTailParser(ToolParser):
             for m in self.markers:
                 if stripped.startswith(m):
                     stripped = stripped[len(m):].lstrip()
-            if not stripped or any(m.startswith(self._buf.lstrip()) for m in self.markers):
+            compact = "".join(stripped.split())
+            if (not stripped or any(m.startswith(self._buf.lstrip()) for m in self.markers)
+                    or (len(compact) < len(self.json_opener) and self.json_opener.startswith(compact))):
                 return out  # undecided
             self._started = True
-            if stripped.startswith("{"):
+            if compact.startswith(self.json_opener):
                 self._block = _Block(self._buf[: len(self._buf) - len(stripped)])
                 self._buf = ""
                 return self._block.feed(stripped)
@@ -190,8 +193,13 @@ class Llama3JsonParser(_JsonTailParser):
 
 
 class MistralParser(_JsonTailParser):
+    """``[TOOL_CALLS]`` is a special token: engines that skip special tokens when detokenising
+    leave only the JSON array, so a reply that opens with ``[{`` is read as calls too."""
+
     name = "mistral"
     markers = ("[TOOL_CALLS]",)
+    json_start = True
+    json_opener = "[{"
 
 
 PARSERS: dict[str, type[ToolParser]] = {
