@@ -115,7 +115,8 @@ class LLMService:
                                              req.template_kwargs)
             sampling = self._fit(engine, req.sampling, len(prompt))
             mode, function = self._call_mode(req)
-            constraint_for = self._constraint_factory(engine, req, mode)
+            # llguidance compiles (and, once per tokenizer, indexes the vocabulary) off the event loop
+            constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, mode)
             parser_cls = None
             if mode == "parse":
                 pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv))
@@ -203,7 +204,7 @@ class LLMService:
                         f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
                         details={"param": "prompt"})
             sampling = self._fit(engine, req.sampling, max(len(p) for p in prompts))
-            constraint_for = self._constraint_factory(engine, req, "text")
+            constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, "text")
             runs = [p for p in prompts for _ in range(req.n)]
             echo = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
 
