@@ -43,8 +43,21 @@ from bench_llm import NEW, PROMPT, STREAMS, build_model, hf_generate, pct, promp
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
+_WORDS: list[str] = []  # words the tokenizer encodes as exactly one token each
+
+
+def load_words(source: Path, vocab: int) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source))
+    candidates = [f"w{i}" for i in range(3, vocab)]
+    enc = tok(candidates, add_special_tokens=False)["input_ids"]
+    _WORDS[:] = [w for w, e in zip(candidates, enc, strict=True) if len(e) == 1]
+
+
 def words(ids: list[int]) -> str:
-    return " ".join(f"w{i}" for i in ids)
+    """Text of exactly len(ids) tokens (the chat template adds a separator per message)."""
+    return " ".join(_WORDS[i % len(_WORDS)] for i in ids)
 
 
 def free_port() -> int:
@@ -152,6 +165,7 @@ def main() -> None:
         out["ref_single_tps"] = hf_generate(hf, prompts(1, PROMPT, 1, size["vocab"]), NEW, "cpu")
         out["ref_static16_tps"] = hf_generate(hf, prompts(STREAMS, PROMPT, 2, size["vocab"]), NEW, "cpu")
         del hf
+        load_words(src, size["vocab"])
         repo = Path(tmp) / "repo"
         (repo / "bench" / "1").mkdir(parents=True)
         spec = {"name": "bench", "backend": "transformers", "task": "chat", "source": str(src),

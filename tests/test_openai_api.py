@@ -365,6 +365,8 @@ def test_error_object_shape_everywhere_on_v1(srv: RunningServer) -> None:
             assert 400 <= resp.status_code < 500, resp.text
             err = resp.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        paths = h.get("/openapi.json").json()["paths"]
+        assert {"/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models"} <= set(paths)
 
 
 def test_overload_is_429_rate_limit(tmp_path: Path, llm_models: dict[str, Path]) -> None:

@@ -81,6 +81,14 @@ class LLMService:
             f"The model '{requested}' does not exist on this server. Served models: "
             f"{', '.join(names) or 'none'}.", details={"param": "model"})
 
+    def is_generative(self, requested: str) -> bool:
+        """True when ``requested`` (a name or alias) is a serving chat / generate model."""
+        for name, versions in self._manager.serving().items():
+            spec = versions[0].spec
+            if requested == name or requested in spec.served_names:
+                return spec.task in GENERATIVE_TASKS
+        return False
+
     @contextlib.contextmanager
     def _use(self, requested: str, tasks: Sequence[str]) -> Iterator[ModelVersion]:
         name = self._lookup(requested)

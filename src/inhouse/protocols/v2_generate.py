@@ -1,0 +1,112 @@
+"""Chat and generation models streaming over KServe v2 gRPC ``ModelStreamInfer``, in Triton's
+decoupled-model convention (as its vLLM / TensorRT-LLM backends): one request in, one response
+per generated piece of text out, the last one marked ``triton_final_response``.
+
+Request: BYTES input ``text_input`` (a raw prompt) or ``messages`` (a JSON array of chat
+messages, rendered with the model's chat template); parameters ``max_tokens`` (default 256),
+``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (a string, or a JSON array of
+strings), ``ignore_eos``. Responses: BYTES output ``text_output`` (the new text;
+``reasoning_output`` for thinking split off by a reasoning parser), parameter
+``triton_final_response``; the final one also carries ``finish_reason``, ``prompt_tokens``,
+``completion_tokens`` and ``cached_tokens``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from inhouse.core.types import InferRequest, InferResponse, OutputTensor
+from inhouse.errors import InvalidRequestError
+from inhouse.llm.chat import normalize_messages
+from inhouse.llm.events import ChoiceEnd, Event, ReasoningDelta, TextDelta, Usage
+from inhouse.llm.requests import ChatRequest, CompletionRequest
+from inhouse.llm.service import LLMService
+from inhouse.llm.types import SamplingParams
+from inhouse.protocols.errors import as_inhouse_error
+from inhouse.protocols.proto import grpc_service_pb2 as pb
+from inhouse.protocols.v2_grpc import parse_infer_request, render_infer_response
+
+INPUTS = ("text_input", "messages")
+DEFAULT_MAX_TOKENS = 256
+
+
+def is_generation_request(llm: LLMService, msg: Any) -> bool:
+    return any(t.name in INPUTS for t in msg.inputs) and llm.is_generative(msg.model_name)
+
+
+def _text(req: InferRequest, name: str) -> str | None:
+    for t in req.inputs:
+        if t.name == name:
+            if t.datatype != "BYTES" or t.data.size != 1:
+                raise InvalidRequestError(f"Input '{name}' must be BYTES with one element.")
+            value = t.data.ravel()[0]
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _sampling(p: dict[str, Any]) -> SamplingParams:
+    stop = p.get("stop")
+    stops: list[str] = []
+    if isinstance(stop, str) and stop:
+        try:
+            parsed = json.loads(stop)
+            stops = [str(s) for s in parsed] if isinstance(parsed, list) else [stop]
+        except ValueError:
+            stops = [stop]
+    try:
+        return SamplingParams(
+            max_tokens=int(p.get("max_tokens", DEFAULT_MAX_TOKENS)),
+            temperature=float(p.get("temperature", 1.0)), top_p=float(p.get("top_p", 1.0)),
+            top_k=int(p.get("top_k", 0)), seed=int(p["seed"]) if p.get("seed") is not None else None,
+            stop=stops, ignore_eos=bool(p.get("ignore_eos", False)))
+    except (TypeError, ValueError) as err:
+        raise InvalidRequestError(f"A generation parameter has the wrong type: {err}.") from None
+
+
+def _response(req: InferRequest, name: str, text: str, params: dict[str, Any]) -> Any:
+    out = OutputTensor(name=name, datatype="BYTES", shape=[1], data=np.array([text.encode("utf-8")], dtype=object))
+    resp = InferResponse(model=req.model, version=req.version or 0, outputs=[out], id=req.id, parameters=params)
+    msg = render_infer_response(resp, req)
+    if req.version is None:
+        msg.model_version = ""
+    return pb.ModelStreamInferResponse(infer_response=msg)
+
+
+async def generation_stream(llm: LLMService, msg: Any, timeout_s: float | None) -> AsyncIterator[tuple[Any, bool]]:
+    """(response, is_final) pairs; a failure becomes a final response with ``error_message``."""
+    try:
+        req = parse_infer_request(msg, timeout_s)
+        sampling = _sampling(req.parameters)
+        messages, prompt = _text(req, "messages"), _text(req, "text_input")
+        events: AsyncIterator[Event]
+        if messages is not None:
+            try:
+                chat = json.loads(messages)
+            except ValueError:
+                raise InvalidRequestError("Input 'messages' must be a JSON array of chat messages.") from None
+            events = llm.chat(ChatRequest(model=req.model, messages=normalize_messages(chat, req.model),
+                                          sampling=sampling, timeout_s=req.timeout_s, priority=req.priority or 0))
+        else:
+            events = llm.complete(CompletionRequest(model=req.model, prompts=[prompt or ""], sampling=sampling,
+                                                    timeout_s=req.timeout_s, priority=req.priority or 0))
+        end: ChoiceEnd | None = None
+        async for ev in events:
+            if isinstance(ev, TextDelta) and ev.text:
+                yield _response(req, "text_output", ev.text, {"triton_final_response": False}), False
+            elif isinstance(ev, ReasoningDelta):
+                yield _response(req, "reasoning_output", ev.text, {"triton_final_response": False}), False
+            elif isinstance(ev, ChoiceEnd):
+                end = ev
+            elif isinstance(ev, Usage):
+                yield _response(req, "text_output", "", {
+                    "triton_final_response": True, "finish_reason": end.finish_reason if end else "stop",
+                    "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                    "cached_tokens": ev.cached_tokens}), True
+    except Exception as exc:
+        yield pb.ModelStreamInferResponse(
+            error_message=str(as_inhouse_error(exc)),
+            infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version,
+                                                 id=msg.id)), True
