@@ -67,7 +67,8 @@ async def start_grpc(server: InhouseServer) -> Callable[[], Awaitable[None]]:
     # Our handlers are coroutines; the pool only runs synchronous handlers others may add.
     pool = ThreadPoolExecutor(max_workers=g.max_workers, thread_name_prefix="inhouse-grpc")
     aio = grpc.aio.server(migration_thread_pool=pool, interceptors=interceptors, options=server_options(server))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(server.dataplane), aio)
+    llm = getattr(server.app.state, "llm", None)  # chat models stream through ModelStreamInfer (issue 5)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(server.dataplane, llm=llm), aio)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(server.dataplane), aio)
     reflection.enable_server_reflection(REFLECTED_SERVICES, aio, pool=POOL)
 

@@ -15,9 +15,11 @@ import orjson
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
+from inhouse.llm.service import LLMService
 from inhouse.protocols.errors import as_inhouse_error, grpc_error
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
+from inhouse.protocols.v2_generate import generation_stream, is_generation_request
 from inhouse.protocols.v2_grpc import parameters_dict, parse_infer_request, render_infer_response
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -73,9 +75,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``stream_window``: how many requests of one ModelStreamInfer call run at once (so a
     stream feeds the batcher without unbounded buffering)."""
 
-    def __init__(self, dataplane: DataPlane, stream_window: int = 64) -> None:
+    def __init__(self, dataplane: DataPlane, stream_window: int = 64, llm: LLMService | None = None) -> None:
         self._dp = dataplane
         self._stream_window = stream_window
+        self._llm = llm
 
     # ---- health and metadata --------------------------------------------------------------
     @_unary
@@ -129,6 +132,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pending: set[asyncio.Task[None]] = set()
 
         async def run_one(msg: Any) -> None:
+            if self._llm is not None and is_generation_request(self._llm, msg):
+                # a chat / generate model answers with one response per piece of text (decoupled)
+                async for out, final in generation_stream(self._llm, msg, context.time_remaining()):
+                    results.put_nowait((out, final))
+                return
             try:
                 req = parse_infer_request(msg, context.time_remaining())
                 resp = await self._dp.infer(req)
@@ -139,7 +147,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name,
                                                          model_version=msg.model_version, id=msg.id),
                 )
-            results.put_nowait(out)
+            results.put_nowait((out, True))
 
         async def read() -> None:
             try:
@@ -156,8 +164,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (item := await results.get()) is not done:
-                yield item
-                window.release()  # only once sent: a client that stops reading stops being read
+                out, final = item
+                yield out
+                if final:
+                    window.release()  # only once sent: a client that stops reading stops being read
             await reader
         except Exception as exc:
             await abort(context, exc)
