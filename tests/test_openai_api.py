@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -237,13 +238,31 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert "".join(t.token for t in lp) == r.choices[0].message.content
 
 
-def test_template_kwargs_and_unknown_fields_are_accepted(client: openai.OpenAI) -> None:
+def test_template_kwargs_and_unknown_fields_are_accepted(client: openai.OpenAI,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="inhouse.protocols.llm_http")
     on = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, extra_body={
         "chat_template_kwargs": {"enable_thinking": True}, "some_future_field": {"x": 1}, "metadata": {"a": "b"},
         "store": False, "service_tier": "auto"})
     off = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, extra_body={
         "chat_template_kwargs": {"enable_thinking": False}})
     assert on.usage.prompt_tokens != off.usage.prompt_tokens  # the kwarg reached the template
+    logged = [r for r in caplog.records if r.getMessage() == "request fields accepted but ignored"]
+    assert logged and "some_future_field" in logged[0].fields  # type: ignore[attr-defined]
+
+
+def test_n_streams_and_legacy_functions(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=3, n=2, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+    r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=80, functions=[  # pre-tools API
+        {"name": "add", "parameters": TOOLS[1]["function"]["parameters"]}], function_call={"name": "add"})
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), TOOLS[1]["function"]["parameters"])
 
 
 # ---- tools and constrained output -----------------------------------------------------------------
