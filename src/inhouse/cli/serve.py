@@ -41,6 +41,13 @@ def serve(
     otlp_endpoint: Annotated[
         str | None, typer.Option(help="Export traces over OTLP/HTTP to this collector (needs the otel extra).")
     ] = None,
+    # LLM serving (issue 5)
+    llm_stream_usage: Annotated[bool | None, typer.Option(
+        "--llm-stream-usage/--no-llm-stream-usage",
+        help="End OpenAI streams with a usage chunk unless the client opts out [on].")] = None,
+    llm_max_pending: Annotated[int | None, typer.Option(
+        help="Requests per LLM, running and waiting, before 429 'rate limit' [512].")] = None,
+    llm_timeout_s: Annotated[float | None, typer.Option(help="Deadline for one generation, seconds.")] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
@@ -49,6 +56,7 @@ def serve(
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth=auth, insecure=insecure,
             data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
+            llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)
