@@ -174,11 +174,6 @@ class GenerativeModel:
         model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True, dtype=dtype)
         model.to(device).eval()
         max_len = spec.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 2048)
-        window = getattr(config, "sliding_window", None)
-        if window and (mtype == "mistral" or getattr(config, "use_sliding_window", False)) and max_len > window:
-            log.warning("sliding-window attention is not implemented; limiting max_model_len to the window",
-                        extra={"model": spec.name, "max_model_len": window})
-            max_len = int(window)
         layers = int(config.num_hidden_layers)
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -226,13 +221,13 @@ class GenerativeModel:
         texts = [_text(x) for x in np.asarray(inputs["text_input"]).ravel()]
         max_tokens = int(self.spec.parameters.get("max_tokens", 256))
         tok = self.engine.tokenizer
-        requests = []
+        results = []
         for i, t in enumerate(texts):
             ids = tok.encode(t, add_special_tokens=False)
             room = self.engine.max_model_len - len(ids)
-            requests.append(GenerationRequest(f"v2-{i}", ids, SamplingParams(
-                max_tokens=max(1, min(max_tokens, room)), temperature=0)))
-        results = [text for _, text, _ in self.engine.generate_many_blocking(requests, timeout=600)]
+            req = GenerationRequest(f"v2-{i}", ids, SamplingParams(max_tokens=max(1, min(max_tokens, room)),
+                                                                   temperature=0))
+            results.append(self.engine.generate_blocking(req, timeout=600)[1])
         arr = np.array([r.encode() for r in results], dtype=object).reshape(np.asarray(inputs["text_input"]).shape)
         return {"text_output": arr}
 
