@@ -174,6 +174,11 @@ class GenerativeModel:
         model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True, dtype=dtype)
         model.to(device).eval()
         max_len = spec.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 2048)
+        window = getattr(config, "sliding_window", None)
+        if window and (mtype == "mistral" or getattr(config, "use_sliding_window", False)) and max_len > window:
+            log.warning("sliding-window attention is not implemented; limiting max_model_len to the window",
+                        extra={"model": spec.name, "max_model_len": window})
+            max_len = int(window)
         layers = int(config.num_hidden_layers)
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
