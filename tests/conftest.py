@@ -20,7 +20,6 @@ from inhouse.settings import load_settings
 from models import add_model, identity_model, mlp_model, write_model
 
 pytest_plugins = ["llm_fixtures", "llm_api_fixtures"]  # tiny HF models and servers for the LLM tests
-pytest_plugins = ["llm_fixtures"]  # tiny HF models for the LLM tests (torch imported lazily)
 
 
 class RunningServer:
