@@ -226,13 +226,13 @@ class GenerativeModel:
         texts = [_text(x) for x in np.asarray(inputs["text_input"]).ravel()]
         max_tokens = int(self.spec.parameters.get("max_tokens", 256))
         tok = self.engine.tokenizer
-        results = []
+        requests = []
         for i, t in enumerate(texts):
             ids = tok.encode(t, add_special_tokens=False)
             room = self.engine.max_model_len - len(ids)
-            req = GenerationRequest(f"v2-{i}", ids, SamplingParams(max_tokens=max(1, min(max_tokens, room)),
-                                                                   temperature=0))
-            results.append(self.engine.generate_blocking(req, timeout=600)[1])
+            requests.append(GenerationRequest(f"v2-{i}", ids, SamplingParams(
+                max_tokens=max(1, min(max_tokens, room)), temperature=0)))
+        results = [text for _, text, _ in self.engine.generate_many_blocking(requests, timeout=600)]
         arr = np.array([r.encode() for r in results], dtype=object).reshape(np.asarray(inputs["text_input"]).shape)
         return {"text_output": arr}
 
