@@ -168,6 +168,12 @@ class ModelManager:
         table = self._serving.get(name)
         return bool(table) and (version is None or version in (table or {}))
 
+    def serving_spec(self, name: str) -> ModelSpec | None:
+        """The spec of the version a request without a version goes to, or None. Cheap: it sits
+        on the request path (security policy lookups)."""
+        table = self._serving.get(name)
+        return table[max(table)].spec if table else None
+
     def serving(self) -> dict[str, list[ModelVersion]]:
         return {n: [t[v] for v in sorted(t, reverse=True)] for n, t in self._serving.items() if t}
 

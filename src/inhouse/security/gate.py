@@ -93,8 +93,7 @@ class SecurityGate:
         """The serving spec of a model (for policy and PII rules), or None when it is not serving."""
         if model is None or self.manager is None:
             return None
-        table = self.manager.serving().get(model)
-        return table[-1].spec if table else None
+        return self.manager.serving_spec(model)
 
     # ---- admission ------------------------------------------------------------------------------
     async def admit(self, call: Call) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from functools import lru_cache
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@lru_cache(maxsize=4096)  # per request on the hot path; the same few peers recur
 def parse_address(text: str) -> Address | None:
     try:
         addr = ipaddress.ip_address(text.strip().strip("[]"))
