@@ -145,3 +145,44 @@ def test_table_output_and_serve_startup_diagnosis(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"Cannot listen for HTTP on 127.0.0.1:{port}" in proc.stderr
     assert "how to fix" in proc.stderr and "--http-port" in proc.stderr
+
+
+def test_key_store_and_audit_chain(tmp_path: Path) -> None:
+    import sqlite3
+
+    from inhouse.security.audit import AUDIT_DB, AuditLog
+
+    repo, data = tmp_path / "models", tmp_path / "data"
+    write_model(repo, "add", add_model())
+    args = ("--repo", str(repo), "--data-dir", str(data), "--http-port", "0", "--grpc-port", "0")
+
+    def doctor_with_auth(*a: str) -> tuple[int, list[dict[str, str]]]:
+        result = runner.invoke(app, ["doctor", "--json", *a], env={"INHOUSE_AUTH": "true"})
+        return result.exit_code, orjson.loads(result.stdout)
+
+    def by_check(findings: list[dict[str, str]], name: str) -> dict[str, str]:
+        return next(f for f in findings if f["check"] == name)
+
+    code, findings = doctor_with_auth(*args)
+    assert code != 0 and by_check(findings, "keys")["severity"] == "error"  # --auth without any key
+
+    created = runner.invoke(app, ["keys", "create", "--name", "app", "--scopes", "infer", "--data-dir", str(data)])
+    assert created.exit_code == 0, created.stdout
+    log = AuditLog(data)
+    for i in range(5):
+        log.append_admin("test.action", {"i": i})
+    log.close()
+    code, findings = doctor_with_auth(*args)
+    assert code == 0, findings
+    assert by_check(findings, "keys")["severity"] == "ok" and "1 active" in by_check(findings, "keys")["finding"]
+    audit = by_check(findings, "audit")
+    assert audit["severity"] == "ok" and "6 entries" in audit["finding"]  # 5 + the audited key creation
+
+    db = sqlite3.connect(data / AUDIT_DB)
+    db.execute("UPDATE audit SET action = 'forged' WHERE seq = (SELECT MIN(seq) + 1 FROM audit)")
+    db.commit()
+    db.close()
+    code, findings = doctor_with_auth(*args)
+    assert code != 0
+    assert by_check(findings, "audit")["severity"] == "error"
+    assert "broken" in by_check(findings, "audit")["finding"]

@@ -45,7 +45,7 @@ def register_check(name: str, check: Check) -> None:
 
 
 def run_checks(options: DoctorOptions) -> list[Finding]:
-    from inhouse.doctor import checks  # noqa: F401 - registers the built-in checks
+    from inhouse.doctor import checks, security_checks  # noqa: F401 - registers the built-in checks
 
     findings: list[Finding] = []
     for name, check in list(_CHECKS):
