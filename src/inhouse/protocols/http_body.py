@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import orjson
 from starlette.requests import Request
 
 from inhouse.errors import CancelledError, InvalidRequestError, PayloadTooLargeError
@@ -109,3 +110,14 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T], *
         raise CancelledError("The client closed the connection; the request was cancelled.") from None
     finally:
         watch.stop()
+
+
+def json_object(raw: bytes | str, what: str = "Request body") -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, or a 2001 error naming ``what``."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidRequestError(f"{what} is not valid JSON: {err}.") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(f"{what} must be a JSON object.")
+    return doc

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-import orjson
 
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.llm.service import LLMService
 from inhouse.protocols.errors import as_inhouse_error, grpc_error
+from inhouse.protocols.http_body import json_object
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
 from inhouse.protocols.v2_generate import generation_stream, is_generation_request
@@ -56,13 +56,7 @@ def _load_overrides(params: dict[str, Any]) -> dict[str, Any] | None:
     raw = params["config"]
     if not isinstance(raw, str | bytes):
         raise InvalidRequestError("Load parameter 'config' must be a JSON object in string_param or bytes_param.")
-    try:
-        overrides = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise InvalidRequestError(f"Load parameter 'config' is not valid JSON: {err}.") from None
-    if not isinstance(overrides, dict):
-        raise InvalidRequestError("Load parameter 'config' must be a JSON object.")
-    return overrides
+    return json_object(raw, "Load parameter 'config'")
 
 
 def _index_entry(e: IndexEntry) -> Any:

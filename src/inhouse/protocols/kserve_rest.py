@@ -7,7 +7,6 @@ import gzip
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,7 +16,7 @@ from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.errors import v2_error_response
-from inhouse.protocols.http_body import cancel_on_disconnect, read_body
+from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 
 _TENSOR_SCHEMA = {
@@ -174,13 +173,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         body = await read_body(request, max_request_bytes)
         if not body.strip():
             return {}
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as err:
-            raise InvalidRequestError(f"Request body is not valid JSON: {err}.") from None
-        if not isinstance(doc, dict):
-            raise InvalidRequestError("Request body must be a JSON object.")
-        return doc
+        return json_object(body)
 
     @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
@@ -248,11 +241,11 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
             overrides = None
             if "config" in params:
                 raw = params["config"]
-                try:
-                    overrides = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
-                except orjson.JSONDecodeError as err:
-                    raise InvalidRequestError(f"parameters.config is not valid JSON: {err}.") from None
-                if not isinstance(overrides, dict):
+                if isinstance(raw, str | bytes):
+                    overrides = json_object(raw, "parameters.config")
+                elif isinstance(raw, dict):
+                    overrides = raw
+                else:
                     raise InvalidRequestError("parameters.config must be a JSON object.")
             unknown = [k for k in params if k != "config"]
             if unknown:

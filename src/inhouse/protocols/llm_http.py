@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from inhouse.errors import InvalidRequestError
-from inhouse.protocols.http_body import read_body
+from inhouse.protocols.http_body import json_object, read_body
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 
 async def parse_json_model(request: Request, model: type[M], limit: int) -> M:
     body = await read_body(request, limit)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as err:
-        raise InvalidRequestError(f"The request body is not valid JSON: {err}.") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
+    doc = json_object(body)
     try:
         parsed = model.model_validate(doc)
     except ValidationError as err:

@@ -21,7 +21,7 @@ from inhouse.core.spec import ModelSpec
 from inhouse.errors import InvalidRequestError, PolicyBlockedError
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error, openai_error_response, v2_error_response
-from inhouse.protocols.http_body import read_body
+from inhouse.protocols.http_body import json_object, read_body
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.gate import Scope as NeedScope
 from inhouse.security.pii import Redactor, Vault, redact
@@ -338,13 +338,7 @@ class SecurityMiddleware:
         binary = "inference-header-content-length" in h
         doc: dict[str, Any] | None = None
         if not binary:
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError as err:
-                raise InvalidRequestError(f"Request body is not valid JSON: {err}.") from None
-            if not isinstance(parsed, dict):
-                raise InvalidRequestError("Request body must be a JSON object.")
-            doc = parsed
+            doc = json_object(body)
         if llm:
             model = doc.get("model") if doc is not None else None
             if not isinstance(model, str):
