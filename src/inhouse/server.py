@@ -131,7 +131,7 @@ class InhouseServer:
         except ModuleNotFoundError as err:
             if not (err.name or "").startswith(("grpc", "google")):
                 raise
-            log.warning("gRPC is off: its packages are not installed (pip install 'inhouse[grpc]'), "
+            log.warning("gRPC is off: its packages are missing from this environment (reinstall inhouse), "
                         "or set grpc.enabled: false to silence this", extra={"missing": err.name})
             return
         self.front_ends.append(start_grpc)
