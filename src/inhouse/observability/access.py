@@ -82,6 +82,21 @@ class ObservabilityMiddleware:
         span = self._tracer.start_request(ctx, f"{scope['method']} {scope['path']}") if self._tracer else None
         echo = [(b"traceparent", ctx.traceparent().encode()), (b"x-request-id", ctx.request_id.encode())]
         status = 500
+        finished = False
+
+        def finish() -> None:
+            # Record before the last body chunk goes out, so a client that has its answer can rely on the
+            # metrics and the access log line already being there (and a failure still records in `finally`).
+            nonlocal finished
+            finished = True
+            seconds = time.perf_counter() - start
+            route = route_of(scope)
+            if self._metrics is not None:
+                self._metrics.observe(method_of(scope), route, status, seconds)
+            if span is not None and self._tracer is not None:
+                self._tracer.end_request(span, ctx, route, status)
+            if self._log:
+                self._access(scope, ctx, route, status, seconds)
 
         async def send_with_context(message: Message) -> None:
             nonlocal status
@@ -93,6 +108,8 @@ class ObservabilityMiddleware:
                         if k == _ERROR_CODE:
                             ctx.code = int(v) if v.isdigit() else None
                 message = {**message, "headers": headers + echo}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not finished:
+                finish()
             await send(message)
 
         token = activate(ctx)
@@ -100,14 +117,8 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_context)
         finally:
             deactivate(token)
-            seconds = time.perf_counter() - start
-            route = route_of(scope)
-            if self._metrics is not None:
-                self._metrics.observe(method_of(scope), route, status, seconds)
-            if span is not None and self._tracer is not None:
-                self._tracer.end_request(span, ctx, route, status)
-            if self._log:
-                self._access(scope, ctx, route, status, seconds)
+            if not finished:
+                finish()
 
     def _access(self, scope: Scope, ctx: RequestContext, route: str, status: int, seconds: float) -> None:
         level = logging.WARNING if status >= 500 else logging.INFO
