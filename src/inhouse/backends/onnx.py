@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from inhouse.backends import LoadContext
+from inhouse.backends import LoadContext, onnx_external
 from inhouse.core.datatypes import ONNX_TO_V2
 from inhouse.core.memory import release_freed_memory
 from inhouse.core.spec import ModelSpec, ProviderSpec, TensorSpec
@@ -200,6 +200,8 @@ class OnnxBackend:
         so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         so.log_severity_level = 3
         providers = resolve_providers(spec)
+        external = onnx_external.prepare(ctx, cfg.file, data)  # weights kept beside the graph (> 2 GB models)
+        external.apply(so)
         try:
             session = ort.InferenceSession(
                 data, sess_options=so,
@@ -209,6 +211,7 @@ class OnnxBackend:
             raise map_ort_error(err, f"loading model '{spec.name}' version {ctx.version_dir.name}") from None
         finally:
             del data
+            external.release()
         graph_in = [TensorSpec(name=i.name, dtype=self._v2(i.type, spec.name, i.name), shape=_dims(i.shape))
                     for i in session.get_inputs()]
         graph_out = [TensorSpec(name=o.name, dtype=self._v2(o.type, spec.name, o.name), shape=_dims(o.shape))
