@@ -72,12 +72,14 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         threads = [threading.Thread(target=call) for _ in range(4)]
         for t in threads:
             t.start()
-        # SIGTERM once all four are inside the server (one running, the others queued)
+        # SIGTERM once every request has reached the server and some are still in it (one running, others
+        # queued). On a loaded machine the first may finish before the last is read: those count as reached.
         deadline = time.time() + 60
         while time.time() < deadline:
             m = re.search(r'^inhouse_inflight_requests\{model="slow"[^}]*\} (\S+)$',
                           httpx.get(f"{url}/metrics", timeout=5).text, re.M)
-            if m and float(m.group(1)) >= 4:
+            inflight = float(m.group(1)) if m else 0.0
+            if inflight >= 1 and inflight + len(results) >= 4:
                 break
             time.sleep(0.05)
         else:

@@ -65,7 +65,7 @@ def test_wire_compatible_with_published_proto() -> None:
         assert (method.client_streaming, method.server_streaming) == (other.client_streaming, other.server_streaming)
         compare(method.input_type, other.input_type)
         compare(method.output_type, other.output_type)
-    assert len(service.methods) == 10 and checked > 60
+    assert len(service.methods) == 11 and checked > 80
 
 
 def test_health_metadata(client: Any, server: RunningServer) -> None:
@@ -208,3 +208,33 @@ def test_grpc_calls_show_in_metrics(client: Any, server: RunningServer) -> None:
                and 'grpc_method="ModelInfer"' in line and 'grpc_code="NOT_FOUND"' in line]
     assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
     assert missing and float(missing[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_model_config_in_triton_layout(client: Any, server: RunningServer) -> None:
+    """tritonclient's get_model_config works over gRPC and REST, in Triton's layout: batch
+    dimension implied when batching is on, TYPE_* names, dynamic batching and instances."""
+    cfg = client.get_model_config("echo-str", as_json=True)["config"]
+    assert cfg["name"] == "echo-str" and cfg["platform"] == "onnxruntime_onnx"
+    assert "max_batch_size" not in cfg  # 0: no batching, full shape in dims (JSON leaves out zeros)
+    assert cfg["input"] == [{"name": "x", "data_type": "TYPE_STRING", "dims": ["-1", "-1"]}]
+
+    override = {"batching": {"max_batch_size": 8, "preferred_batch_sizes": [4, 8], "max_queue_delay_ms": 1.5,
+                             "priority_levels": 2}, "instances": {"count": 2}}
+    client.load_model("add", config=json.dumps(override))
+    grpc_cfg = client.get_model_config("add").config  # the typed message, from tritonclient's own stubs
+    assert grpc_cfg.max_batch_size == 8 and grpc_cfg.backend == "onnxruntime"
+    assert [(i.name, i.data_type, list(i.dims)) for i in grpc_cfg.input] == [("a", 11, [4]), ("b", 11, [4])]
+    assert grpc_cfg.output[0].name == "out" and list(grpc_cfg.output[0].dims) == [4]
+    assert list(grpc_cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert grpc_cfg.dynamic_batching.max_queue_delay_microseconds == 1500
+    assert grpc_cfg.dynamic_batching.priority_levels == 2
+    assert grpc_cfg.instance_group[0].count == 2 and grpc_cfg.instance_group[0].kind == 2  # KIND_CPU
+    assert not grpc_cfg.model_transaction_policy.decoupled
+    with server.client() as c:
+        rest = c.get("/v2/models/add/config").json()
+    # REST carries the same Triton keys beside inhouse's own spec
+    assert rest["max_batch_size"] == 8 and rest["input"][0] == {
+        "name": "a", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [4], "optional": False}
+    assert rest["batching"]["max_batch_size"] == 8 and rest["inputs"][0]["shape"] == [-1, 4]
+    with pytest.raises(InferenceServerException, match="1002"):
+        client.get_model_config("no-such-model")

@@ -16,6 +16,7 @@ from inhouse.core.datatypes import v2_datatype
 from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
 from inhouse.core.recorders import InferObserver
 from inhouse.core.spec import TensorSpec
+from inhouse.core.triton_config import triton_config
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
 from inhouse.errors import (
     DatatypeError,
@@ -74,13 +75,22 @@ class DataPlane:
         }
 
     def model_config(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """The effective model spec, plus Triton's config keys (``max_batch_size``, ``input``,
+        ``output``, ``dynamic_batching``, …) for clients written against Triton; the two sets of
+        keys do not overlap except ``name`` and ``backend``, which agree."""
         mv = self.manager.resolve(name, version)
-        cfg = mv.spec.model_dump(mode="json", exclude_none=True)
+        cfg = triton_config(mv)
+        spec = mv.spec.model_dump(mode="json", exclude_none=True)
         if mv.model is not None:
-            cfg["inputs"] = [t.model_dump(exclude_none=True) for t in mv.model.inputs]
-            cfg["outputs"] = [t.model_dump(exclude_none=True) for t in mv.model.outputs]
+            spec["inputs"] = [t.model_dump(exclude_none=True) for t in mv.model.inputs]
+            spec["outputs"] = [t.model_dump(exclude_none=True) for t in mv.model.outputs]
+        cfg.update(spec)
         cfg["version"] = mv.version
         return cfg
+
+    def triton_model_config(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """Triton's layout only (the gRPC ``ModelConfig`` message)."""
+        return triton_config(self.manager.resolve(name, version))
 
     # ---- repository -----------------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
@@ -105,6 +106,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]],
         )
+
+    @_unary
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        cfg = self._dp.triton_model_config(request.name, parse_version(request.version))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(cfg, pb.ModelConfig()))
 
     # ---- inference ----------------------------------------------------------------------------
     @_unary

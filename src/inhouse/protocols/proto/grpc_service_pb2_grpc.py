@@ -70,6 +70,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
+        self.ModelConfig = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelConfig',
+                request_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
                 request_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
@@ -137,6 +142,13 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelConfig(self, request, context):
+        """A model's configuration in Triton's layout (a wire-compatible subset of model_config.proto).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RepositoryIndex(self, request, context):
         """Model repository extension.
         """
@@ -193,6 +205,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelStreamInfer,
                     request_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
                     response_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+            ),
+            'ModelConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelConfig,
+                    request_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
@@ -399,6 +416,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelStreamInfer',
             inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
             inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelConfig',
+            inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
