@@ -47,15 +47,22 @@ def test_wire_compatible_with_published_proto() -> None:
     triton = tpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == triton.full_name == "inference.GRPCInferenceService"
     checked = 0
+    seen: set[str] = set()
 
     def compare(mine: Any, theirs: Any) -> None:
         nonlocal checked
         assert mine.full_name == theirs.full_name
+        if mine.full_name in seen:
+            return
+        seen.add(mine.full_name)
         for f in mine.fields:
             t = theirs.fields_by_name[f.name]
             assert (f.number, f.type, f.is_repeated) == (t.number, t.type, t.is_repeated), f.full_name
-            if f.message_type is not None:
-                assert f.message_type.full_name == t.message_type.full_name
+            if f.enum_type is not None:  # same numbers for every value we declare
+                assert {v.name: v.number for v in f.enum_type.values}.items() <= {
+                    v.name: v.number for v in t.enum_type.values}.items(), f.full_name
+            if f.message_type is not None and not f.message_type.GetOptions().map_entry:
+                compare(f.message_type, t.message_type)  # messages used by fields, e.g. model_config.proto's
             checked += 1
         for nested in mine.nested_types:
             compare(nested, theirs.nested_types_by_name[nested.name])
@@ -65,7 +72,7 @@ def test_wire_compatible_with_published_proto() -> None:
         assert (method.client_streaming, method.server_streaming) == (other.client_streaming, other.server_streaming)
         compare(method.input_type, other.input_type)
         compare(method.output_type, other.output_type)
-    assert len(service.methods) == 11 and checked > 80
+    assert len(service.methods) == 12 and checked > 120
 
 
 def test_health_metadata(client: Any, server: RunningServer) -> None:
@@ -238,3 +245,33 @@ def test_model_config_in_triton_layout(client: Any, server: RunningServer) -> No
     assert rest["batching"]["max_batch_size"] == 8 and rest["inputs"][0]["shape"] == [-1, 4]
     with pytest.raises(InferenceServerException, match="1002"):
         client.get_model_config("no-such-model")
+
+
+def test_inference_statistics(client: Any, server: RunningServer) -> None:
+    """tritonclient's get_inference_statistics over gRPC and REST: counts and durations of successes,
+    failures, queue waits and backend calls, per batch size."""
+    a = np.ones((2, 4), np.float32)
+    for _ in range(3):
+        client.infer("add", _inputs(a, a))
+    with pytest.raises(InferenceServerException):
+        client.infer("add", _inputs(np.ones((2, 5), np.float32), np.ones((2, 5), np.float32)))  # wrong shape
+    stats = client.get_inference_statistics("add").model_stats
+    assert len(stats) == 1 and stats[0].name == "add" and stats[0].version == "1"
+    s = stats[0]
+    inf = s.inference_stats
+    assert inf.success.count == 3 and inf.success.ns > 0 and inf.fail.count == 1
+    assert inf.queue.count == 3 and inf.compute_infer.count == 3 and inf.compute_infer.ns > 0
+    assert s.inference_count == 3 and 1 <= s.execution_count <= 3 and s.last_inference > 0
+    assert sum(b.compute_infer.count for b in s.batch_stats) == s.execution_count
+
+    every = {m.name for m in client.get_inference_statistics().model_stats}
+    assert every == {"add", "mlp", "echo-str", "echo-i64"}
+    with server.client() as c:
+        rest = c.get("/v2/models/add/stats").json()["model_stats"][0]
+        assert rest["inference_stats"]["success"]["count"] == 3 and rest["execution_count"] == s.execution_count
+        assert c.get("/v2/models/add/versions/1/stats").json()["model_stats"][0]["version"] == "1"
+        assert {m["name"] for m in c.get("/v2/models/stats").json()["model_stats"]} == every
+        r = c.get("/v2/models/no-such-model/stats")
+        assert r.status_code == 404 and r.headers["inhouse-error-code"] == "1002"
+    with pytest.raises(InferenceServerException, match="1002"):
+        client.get_inference_statistics("add", "7")

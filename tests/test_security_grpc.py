@@ -153,6 +153,7 @@ def test_real_grpc_front_end(repo: Path) -> None:
     store = KeyStore(data)
     infer_key = store.create("app", ["infer"], models=["add"])[0]
     admin_key = store.create("ops", ["admin"])[0]
+    any_model_key = store.create("dash", ["infer"])[0]
     store.close()
     with run_server(repo, auth=True, data_dir=data, load="add,mlp") as srv:
         assert srv.grpc_target is not None
@@ -175,6 +176,13 @@ def test_real_grpc_front_end(repo: Path) -> None:
         with pytest.raises(InferenceServerException) as ei:  # model outside the key's list
             c.get_model_metadata("mlp", headers={"x-api-key": infer_key})
         assert ei.value.status() == "StatusCode.PERMISSION_DENIED"
+        # statistics: of its own model yes; of another model or of every model at once, no
+        assert c.get_inference_statistics("add", headers={"x-api-key": infer_key}).model_stats[0].name == "add"
+        for name in ("mlp", ""):
+            with pytest.raises(InferenceServerException) as ei:
+                c.get_inference_statistics(name, headers={"x-api-key": infer_key})
+            assert ei.value.status() == "StatusCode.PERMISSION_DENIED", name
+        assert len(c.get_inference_statistics("", headers={"x-api-key": any_model_key}).model_stats) == 2
         with pytest.raises(InferenceServerException) as ei:  # infer keys may not unload
             c.unload_model("mlp", headers={"x-api-key": infer_key})
         assert ei.value.status() == "StatusCode.PERMISSION_DENIED"

@@ -14,7 +14,7 @@ import numpy as np
 from inhouse import __version__
 from inhouse.core.datatypes import v2_datatype
 from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
-from inhouse.core.recorders import InferObserver
+from inhouse.core.recorders import InferObserver, StatisticsSource
 from inhouse.core.spec import TensorSpec
 from inhouse.core.triton_config import triton_config
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
@@ -27,7 +27,8 @@ from inhouse.errors import (
     ShapeError,
 )
 
-EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy"]
+EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy", "model_configuration",
+              "statistics"]
 
 
 @dataclass
@@ -44,6 +45,7 @@ class DataPlane:
         self.manager = manager
         self.state = state or ServerState()
         self.observer: InferObserver | None = None  # metrics (set by the server when enabled)
+        self.statistics: StatisticsSource | None = None  # the v2 statistics extension (set with the metrics)
         # Folders a load request may point a model's 'source' at (empty: no check).
         self.allowed_model_dirs: list[Path] = []
 
@@ -87,6 +89,20 @@ class DataPlane:
         cfg.update(spec)
         cfg["version"] = mv.version
         return cfg
+
+    def model_statistics(self, name: str = "", version: int | None = None) -> list[dict[str, Any]]:
+        """Statistics of the serving versions: of every model (no name), of one model, or of one
+        of its versions (Triton's ``model_stats`` list). An unknown or unloaded model is 1002."""
+        if name:
+            pairs = [(name, self.manager.resolve(name, version).version)] if version is not None else [
+                (name, mv.version) for mv in self._serving_versions(name)]
+        else:
+            pairs = [(n, mv.version) for n, mvs in sorted(self.manager.serving().items()) for mv in mvs]
+        return self.statistics.snapshot(pairs) if self.statistics is not None else []
+
+    def _serving_versions(self, name: str) -> list[ModelVersion]:
+        self.manager.resolve(name)  # 1002 when it is not serving
+        return sorted(self.manager.serving().get(name, []), key=lambda mv: mv.version)
 
     def triton_model_config(self, name: str, version: int | None = None) -> dict[str, Any]:
         """Triton's layout only (the gRPC ``ModelConfig`` message)."""

@@ -55,6 +55,12 @@ class InferObserver(Protocol):
         """``seconds`` is None for requests rejected before they reached the data plane."""
 
 
+class StatisticsSource(Protocol):
+    """Per-version inference statistics in the v2 statistics extension's layout."""
+
+    def snapshot(self, versions: list[tuple[str, int]]) -> list[dict[str, Any]]: ...
+
+
 class NullSchedulerRecorder:
     def observe_queue(self, seconds: float) -> None:
         pass

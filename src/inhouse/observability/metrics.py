@@ -19,6 +19,7 @@ from inhouse.core.recorders import LLMRecorder, SchedulerRecorder
 from inhouse.errors import InhouseError, ModelNotFoundError
 from inhouse.observability.context import current
 from inhouse.observability.fast import CounterChild, FastCounter, FastHistogram, HistogramChild
+from inhouse.observability.statistics import Statistics, VersionStatistics
 
 # From a 100 µs tabular model to a 2-minute generation.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -85,6 +86,7 @@ class Metrics:
         self.prefix_hits = FastCounter("inhouse_llm_prefix_cache_hit_tokens",
                                    "Prompt tokens found in the prefix cache.", mv, registry=r)
         self.grpc = GrpcMetrics(r)
+        self.statistics = Statistics()  # the same numbers in the v2 statistics extension's layout
         self._per_version: dict[tuple[str, int], _VersionMetrics] = {}
 
     # ---- Recorders (the manager asks once per loaded version) ---------------------------
@@ -99,6 +101,7 @@ class Metrics:
         vm = self._per_version.get((model, version)) or self._version(model, version)
         vm.ok.inc()
         vm.latency.observe(seconds)
+        vm.stats.done(seconds)
 
     def infer_failed(self, model: str, version: int | None, error: BaseException,
                      seconds: float | None) -> None:
@@ -116,6 +119,8 @@ class Metrics:
         self.requests.labels(model, label, outcome, code).inc()
         if seconds is not None:
             self.latency.labels(model, label).observe(seconds)
+            if version is not None:
+                self.statistics.version(model, version).failed(seconds)
 
     def _known(self, model: str) -> bool:
         return any(m == model for (m, _) in self._per_version)
@@ -128,6 +133,7 @@ class Metrics:
 
     def forget(self, model: str, version: int) -> None:
         """Drop a retired version's series, so unloaded versions do not linger in every scrape."""
+        self.statistics.forget(model, version)
         if self._per_version.pop((model, version), None) is None:
             return
         label = str(version)
@@ -168,6 +174,7 @@ class _VersionMetrics:
     queue: HistogramChild
     compute: HistogramChild
     batch: HistogramChild
+    stats: VersionStatistics
 
     def __init__(self, m: Metrics, model: str, version: str) -> None:
         self.ok = m.requests.labels(model, version, "success", "ok")
@@ -175,9 +182,11 @@ class _VersionMetrics:
         self.queue = m.queue.labels(model, version)
         self.compute = m.compute.labels(model, version)
         self.batch = m.batch.labels(model, version)
+        self.stats = m.statistics.version(model, int(version))
 
     def observe_queue(self, seconds: float) -> None:
         self.queue.observe(seconds)
+        self.stats.queued(seconds)
         ctx = current()
         if ctx is not None:
             ctx.queue_s = seconds
@@ -185,6 +194,7 @@ class _VersionMetrics:
     def observe_compute(self, seconds: float, batch_size: int = 1) -> None:
         self.compute.observe(seconds)
         self.batch.observe(batch_size)
+        self.stats.computed(seconds, batch_size)
         ctx = current()
         if ctx is not None:
             ctx.compute_s, ctx.compute_end_ns, ctx.batch_size = seconds, time.time_ns(), batch_size

@@ -40,6 +40,7 @@ class Observability:
         manager.recorders = self.metrics
         manager.listeners.append(LifecycleRecorder(self.metrics, _failure_code(manager)))
         dataplane.observer = RequestObserver(self.metrics)
+        dataplane.statistics = self.metrics.statistics
         self.tracer: Tracer | None = None
         if settings.otlp_endpoint:
             from inhouse.observability.tracing import Tracer, TracingUnavailableError

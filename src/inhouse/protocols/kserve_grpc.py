@@ -112,6 +112,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         cfg = self._dp.triton_model_config(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=json_format.ParseDict(cfg, pb.ModelConfig()))
 
+    @_unary
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        stats = self._dp.model_statistics(request.name, parse_version(request.version))
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
     # ---- inference ----------------------------------------------------------------------------
     @_unary
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

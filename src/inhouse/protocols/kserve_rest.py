@@ -188,6 +188,15 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         ready = dataplane.ready()
         return _json({"ready": ready}, 200 if ready else 503)
 
+    @router.get("/v2/models/stats", summary="Inference statistics of every serving model")
+    @router.get("/v2/models/{model}/stats", summary="Inference statistics of a model")
+    @router.get("/v2/models/{model}/versions/{version}/stats", summary="Inference statistics of a model version")
+    async def model_statistics(model: str = "", version: str | None = None) -> Response:
+        try:
+            return _json({"model_stats": dataplane.model_statistics(model, parse_version(version))})
+        except Exception as exc:
+            return v2_error_response(exc)
+
     @router.get("/v2/models/{model}", summary="Model metadata")
     @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
     async def model_metadata(model: str, version: str | None = None) -> Response:

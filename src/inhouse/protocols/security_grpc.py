@@ -140,6 +140,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 gate.check_model(call, model)
                 if action.startswith("infer"):
                     check_infer_rules(gate.spec_for(model), request)
+            elif action == "model.statistics":
+                gate.check_all_models(call)
 
         async def finish(call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
             if call.recorded:

@@ -127,6 +127,13 @@ class SecurityGate:
         if key is not None and key.models is not None and model is not None and model not in key.models:
             raise ForbiddenError(f"API key {key.key_id} may not use model '{model}'.")
 
+    def check_all_models(self, call: Call) -> None:
+        """A request about every model at once (all models' statistics): not for a key limited to some."""
+        key = call.key
+        if key is not None and key.models is not None:
+            raise ForbiddenError(f"API key {key.key_id} may use only models {sorted(key.models)}; ask about one "
+                                 "of them by name.")
+
     @staticmethod
     def _authenticate(keys: KeyStore, credential: str | None) -> ApiKey:
         if not credential:

@@ -75,6 +75,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
                 response_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelStatistics',
+                request_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
                 request_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
@@ -149,6 +154,13 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStatistics(self, request, context):
+        """Inference statistics (the v2 statistics extension); an empty name means every serving model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RepositoryIndex(self, request, context):
         """Model repository extension.
         """
@@ -210,6 +222,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelConfig,
                     request_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.FromString,
                     response_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
@@ -443,6 +460,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelConfig',
             inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
             inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelStatistics',
+            inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            inhouse_dot_protocols_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
