@@ -251,8 +251,11 @@ def test_inference_statistics(client: Any, server: RunningServer) -> None:
     """tritonclient's get_inference_statistics over gRPC and REST: counts and durations of successes,
     failures, queue waits and backend calls, per batch size."""
     a = np.ones((2, 4), np.float32)
-    for _ in range(3):
+    for _ in range(2):
         client.infer("add", _inputs(a, a))
+    with server.client() as c:  # REST requests count too
+        body = {"inputs": [{"name": n, "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 8} for n in "ab"]}
+        assert c.post("/v2/models/add/infer", json=body).status_code == 200
     with pytest.raises(InferenceServerException):
         client.infer("add", _inputs(np.ones((2, 5), np.float32), np.ones((2, 5), np.float32)))  # wrong shape
     stats = client.get_inference_statistics("add").model_stats
