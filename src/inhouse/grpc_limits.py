@@ -15,7 +15,7 @@ from inhouse.protocols.errors import grpc_error
 EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
+class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
     def __init__(self, limit: int, exempt: tuple[str, ...] = EXEMPT_PREFIXES) -> None:
         self.limit = limit
         self.active = 0

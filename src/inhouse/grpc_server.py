@@ -68,7 +68,8 @@ async def start_grpc(server: InhouseServer) -> Callable[[], Awaitable[None]]:
     pool = ThreadPoolExecutor(max_workers=g.max_workers, thread_name_prefix="inhouse-grpc")
     aio = grpc.aio.server(migration_thread_pool=pool, interceptors=interceptors, options=server_options(server))
     llm = getattr(server.app.state, "llm", None)  # chat models stream through ModelStreamInfer (issue 5)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(server.dataplane, llm=llm), aio)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+        InferenceServicer(server.dataplane, llm=llm), aio)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(server.dataplane), aio)
     reflection.enable_server_reflection(REFLECTED_SERVICES, aio, pool=POOL)
 

@@ -122,14 +122,17 @@ class PolicySpec(_Strict):
         return v
 
 
+PiiDetector = Literal["email", "cn_id", "phone", "bank_card", "ip"]
+PII_DETECTORS: tuple[PiiDetector, ...] = ("email", "cn_id", "phone", "bank_card", "ip")
+
+
 class PiiSpec(_Strict):
     """PII redaction for this model's traffic (logs and the audit log are always redacted)."""
 
     inputs: bool = Field(default=False, description="replace PII with placeholders before the model sees it")
     outputs: Literal["off", "restore", "redact"] = Field(
         default="restore", description="restore: put the originals back in the answer; redact: mask PII")
-    detectors: list[Literal["email", "cn_id", "phone", "bank_card", "ip"]] = Field(
-        default_factory=lambda: ["email", "cn_id", "phone", "bank_card", "ip"])
+    detectors: list[PiiDetector] = Field(default_factory=lambda: list(PII_DETECTORS))
 
 
 class ProviderSpec(_Strict):

@@ -18,12 +18,12 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InhouseError
 from inhouse.protocols.kserve_grpc import SERVICE_NAME
 
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_SERVING: int = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN: int = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
-class HealthServicer(health_pb2_grpc.HealthServicer):
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # untyped base
     """``recheck_s``: how often Watch re-reads the state besides on model state changes (server
     readiness changes are not events)."""
 
