@@ -129,8 +129,8 @@ class HfFiles:
         self.ctx = ctx
         self.spec = ctx.spec
         self.source = source
-        with (source / "config.json").open("rb") as f:
-            self.encrypted = ctx.spec.encryption is not None or is_encrypted(f.read(len(MAGIC)))
+        self.encrypted = ctx.spec.encryption is not None or any(
+            _starts_encrypted(p) for p in source.iterdir() if p.is_file())
         self._memory = MemoryFolder(source, self._read, ctx.spec) if self.encrypted else None
 
     def _read(self, path: Path) -> bytes:
@@ -181,6 +181,11 @@ class HfFiles:
 
         auto = AutoModelForCausalLM if causal_lm else AutoModel
         return auto.from_pretrained(str(self.source), local_files_only=True, dtype=dtype)
+
+
+def _starts_encrypted(path: Path) -> bool:
+    with path.open("rb") as f:
+        return is_encrypted(f.read(len(MAGIC)))
 
 
 def _eos_ids(files: HfFiles, tokenizer: Any, config: Any) -> list[int]:
