@@ -77,44 +77,42 @@ def test_encrypted_transformers_models(tmp_path: Path, llm_models: dict[str, Pat
     samples = [plain["model.safetensors"][-4096:], plain["tokenizer.json"][:256], plain["config.json"]]
     assert not any(s in p.read_bytes() for p in written for s in samples)  # no plaintext reached the disk
 
-    # the wrong key: 1004, nothing loaded
-    other = tmp_path / "other.key"
-    new_key_file(other)
-    with run_server(repo, model_key_file=other, load="none") as srv:
-        status, code, _ = _load(srv, "enc-chat")
-        assert (status, code) == (422, "1004")
-    # one flipped byte in the weights, then in the tokenizer: 1004, nothing loaded
-    for name in ("model.safetensors", "tokenizer.json"):
-        path = chat / "1" / name
-        good = path.read_bytes()
-        blob = bytearray(good)
-        blob[len(blob) // 2] ^= 0x01
-        path.write_bytes(bytes(blob))
-        with run_server(repo, model_key_file=key, load="none") as srv:
-            status, code, text = _load(srv, "enc-chat")
-            assert (status, code) == (422, "1004") and "altered" in text and name in text, text
-        path.write_bytes(good)
-    # a plaintext file swapped in for an encrypted one is refused
-    (chat / "1" / "config.json").write_bytes(plain["config.json"])
-    with run_server(repo, model_key_file=key, load="none") as srv:
-        status, code, text = _load(srv, "enc-chat")
-        assert (status, code) == (422, "1004") and "plaintext" in text
 
 
-def test_encrypted_files_that_cannot_load_from_memory_are_refused(tmp_path: Path,
-                                                                   llm_models: dict[str, Path]) -> None:
+def test_encrypted_transformers_tampering_and_refusals(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    """A wrong key, a flipped byte in the weights or the tokenizer, or a plaintext file swapped
+    in: 1004 and nothing loaded. Files that cannot be loaded from memory: 1001 with the reason,
+    and nothing decrypted to disk. (Files are read at load time, so one server sees each case.)"""
     repo = tmp_path / "models"
-    key = tmp_path / "model.key"
+    key, other = tmp_path / "model.key", tmp_path / "other.key"
     new_key_file(key)
+    new_key_file(other)
+    chat = _hf_model(repo, "enc-chat", llm_models["qwen2"], _SPEC)
     pickled = _hf_model(repo, "pickled", llm_models["qwen2"], _SPEC)
     (pickled / "1" / "model.safetensors").rename(pickled / "1" / "pytorch_model.bin")
     slow = _hf_model(repo, "slow-tok", llm_models["qwen2"], _SPEC)
     (slow / "1" / "tokenizer.json").unlink()
     (slow / "1" / "tokenizer.model").write_bytes(b"sentencepiece model")
-    for mdir in (pickled, slow):
+    plain_config = (chat / "1" / "config.json").read_bytes()
+    for mdir in (chat, pickled, slow):
         _encrypt(mdir, key)
+
+    with run_server(repo, model_key_file=other, load="none") as srv:
+        assert _load(srv, "enc-chat")[:2] == (422, "1004")
     before = _files(tmp_path)
     with run_server(repo, model_key_file=key, load="none") as srv:
+        for name in ("model.safetensors", "tokenizer.json"):
+            path = chat / "1" / name
+            good = path.read_bytes()
+            blob = bytearray(good)
+            blob[len(blob) // 2] ^= 0x01
+            path.write_bytes(bytes(blob))
+            status, code, text = _load(srv, "enc-chat")
+            assert (status, code) == (422, "1004") and "altered" in text and name in text, text
+            path.write_bytes(good)
+        (chat / "1" / "config.json").write_bytes(plain_config)
+        status, code, text = _load(srv, "enc-chat")
+        assert (status, code) == (422, "1004") and "plaintext" in text
         status, code, text = _load(srv, "pickled")
         assert (status, code) == (422, "1001") and "pickle" in text and "safetensors" in text, text
         status, code, text = _load(srv, "slow-tok")
