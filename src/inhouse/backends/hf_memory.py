@@ -63,7 +63,7 @@ def load_config(folder: MemoryFolder) -> Any:
     if doc.get("auto_map"):
         raise folder.refuse("it needs custom model code (auto_map), which inhouse does not run.")
     model_type = doc.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise ModelFormatError(f"Model '{folder.spec.name}': config.json has unknown model_type {model_type!r}.")
     return CONFIG_MAPPING[model_type].from_dict(doc)
 
@@ -91,6 +91,8 @@ def load_tokenizer(folder: MemoryFolder) -> Any:
     ``tokenizer_config.json`` and ``special_tokens_map.json``."""
     from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    tokenizer_class: Any = PreTrainedTokenizerFast
 
     if "tokenizer.json" not in folder.names:
         slow = sorted(folder.names.intersection(_SLOW_TOKENIZER_FILES))
@@ -120,7 +122,7 @@ def load_tokenizer(folder: MemoryFolder) -> Any:
             kwargs[key] = AddedToken(**value)
     kwargs["chat_template"] = _chat_template(folder, config)
     try:
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+        return tokenizer_class(tokenizer_object=backend, **kwargs)
     except Exception as err:
         raise ModelFormatError(f"Model '{folder.spec.name}': cannot build the tokenizer: {err}") from None
 
@@ -164,7 +166,7 @@ def load_model(folder: MemoryFolder, causal_lm: bool, config: Any, dtype: Any) -
 
     mapping = MODEL_FOR_CAUSAL_LM_MAPPING if causal_lm else MODEL_MAPPING
     try:
-        model_class = mapping[type(config)]
+        model_class: Any = mapping[type(config)]
     except KeyError:
         raise ModelFormatError(f"Model '{folder.spec.name}': transformers has no "
                                f"{'causal LM' if causal_lm else 'base model'} class for a "

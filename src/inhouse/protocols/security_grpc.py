@@ -6,6 +6,7 @@ the audit entry before the response is sent."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -128,7 +129,7 @@ def map_bytes_tensors(tensors: Any, raw: Any, fn: Callable[[str, str], str]) -> 
     for i, tensor in enumerate(tensors):
         if tensor.datatype != "BYTES":
             continue
-        apply = _element_fn(lambda text, name=tensor.name: fn(name, text))
+        apply = _element_fn(functools.partial(fn, tensor.name))
         values = tensor.contents.bytes_contents
         if len(values):
             new = [apply(b) for b in values]
