@@ -2,7 +2,10 @@
 
 ``task: chat | generate``: a causal LM served by the continuous-batching engine
 (``LoadedModel.engine``). ``task: embedding``: an encoder with the spec's pooling
-(``LoadedModel.embedder``). Both also answer KServe v2 with a BYTES ``text_input``."""
+(``LoadedModel.embedder``). Both also answer KServe v2 with a BYTES ``text_input``.
+
+A model encrypted at rest (``inhouse encrypt``) is built in memory from decrypted bytes
+(``backends/hf_memory.py``); transformers never reads its files itself."""
 
 from __future__ import annotations
 
@@ -16,16 +19,24 @@ import numpy as np
 import psutil
 import torch
 
-from inhouse.backends import LoadContext
+from inhouse.backends import LoadContext, hf_memory
+from inhouse.backends.hf_memory import MemoryFolder
 from inhouse.core.memory import release_freed_memory
 from inhouse.core.recorders import LLMRecorder
 from inhouse.core.spec import ModelSpec, TensorSpec
-from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError, OutOfMemoryError
+from inhouse.errors import (
+    ArtefactIntegrityError,
+    InvalidRequestError,
+    ModelFormatError,
+    ModelSpecError,
+    OutOfMemoryError,
+)
 from inhouse.llm.embedder import Encoder
 from inhouse.llm.engine import Engine, EngineConfig
 from inhouse.llm.kv_cache import KVCache, bytes_per_token
 from inhouse.llm.runner import SUPPORTED_MODEL_TYPES
 from inhouse.llm.types import GenerationRequest, SamplingParams
+from inhouse.security.crypto import MAGIC, is_encrypted, read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +50,18 @@ class TransformersBackend:
 
     def load(self, ctx: LoadContext) -> GenerativeModel | EncoderModel:
         spec = ctx.spec
-        if spec.encryption is not None:
-            raise ModelFormatError(f"Model '{spec.name}': encrypted artefacts are not supported by the "
-                                   "transformers backend yet; remove 'encryption' or serve an ONNX export.")
         source = _source_dir(ctx)
         progress: Progress = getattr(ctx, "progress", None) or (lambda pct, what: None)
         device = _device(spec)
         dtype = _dtype(spec, device)
+        files = HfFiles(ctx, source)
         try:
-            _page_in(source, progress)
+            if not files.encrypted:
+                _page_in(source, progress)
             if spec.task in ("chat", "generate"):
-                return GenerativeModel.load(spec, source, device, dtype, progress)
+                return GenerativeModel.load(spec, files, device, dtype, progress)
             if spec.task == "embedding":
-                return EncoderModel.load(spec, source, device, dtype, progress)
+                return EncoderModel.load(spec, files, device, dtype, progress)
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"Out of GPU memory while loading model '{spec.name}'; free the GPU, "
                                    "use a smaller dtype or a smaller model.") from None
@@ -110,27 +120,79 @@ def _page_in(source: Path, progress: Progress) -> None:
                     last = pct
 
 
-def _load_tokenizer(source: Path, spec: ModelSpec) -> Any:
-    from transformers import AutoTokenizer
+class HfFiles:
+    """Where a model's parts come from: its Hugging Face folder as transformers reads it, or,
+    when the model is encrypted at rest, memory (``hf_memory``: built from bytes decrypted by
+    ``LoadContext``, never written to disk)."""
 
-    try:
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    except Exception as err:
-        raise ModelFormatError(f"Model '{spec.name}': cannot load the tokenizer from {source}: {err}") from None
+    def __init__(self, ctx: LoadContext, source: Path) -> None:
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.source = source
+        self.encrypted = ctx.spec.encryption is not None or any(
+            _starts_encrypted(p) for p in source.iterdir() if p.is_file())
+        self._memory = MemoryFolder(source, self._read, ctx.spec) if self.encrypted else None
 
+    def _read(self, path: Path) -> bytes:
+        """Checksum-verified (files in the version folder) and decrypted bytes of one file."""
+        ctx = self.ctx
+        if path.resolve().is_relative_to(ctx.version_dir.resolve()):
+            data = ctx.read_artefact(str(path.resolve().relative_to(ctx.version_dir.resolve())))
+        else:
+            data = read_model_file(path, ctx.decryptor, self.spec)
+        if is_encrypted(data):
+            raise ArtefactIntegrityError(f"{path} of model '{self.spec.name}' is encrypted but this server has no "
+                                         "model key; start it with --model-key-file.")
+        return data
 
-def _eos_ids(source: Path, tokenizer: Any, config: Any) -> list[int]:
-    ids: set[int] = set()
-    for v in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        ids.update([v] if isinstance(v, int) else (v or []))
-    try:
+    def config(self) -> Any:
+        if self._memory is not None:
+            return hf_memory.load_config(self._memory)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.source), local_files_only=True)
+
+    def tokenizer(self) -> Any:
+        if self._memory is not None:
+            return hf_memory.load_tokenizer(self._memory)
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.source), local_files_only=True)
+        except Exception as err:
+            raise ModelFormatError(f"Model '{self.spec.name}': cannot load the tokenizer from {self.source}: "
+                                   f"{err}") from None
+
+    def generation_config(self) -> Any:
+        if self._memory is not None:
+            return hf_memory.load_generation_config(self._memory)
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(str(source), local_files_only=True)
-        v = gen.eos_token_id
+        try:
+            return GenerationConfig.from_pretrained(str(self.source), local_files_only=True)
+        except Exception:  # no generation_config.json: the config's and tokenizer's EOS are enough
+            log.debug("no generation_config.json", extra={"model": self.spec.name})
+            return None
+
+    def model(self, causal_lm: bool, config: Any, dtype: torch.dtype) -> Any:
+        if self._memory is not None:
+            return hf_memory.load_model(self._memory, causal_lm, config, dtype)
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        auto = AutoModelForCausalLM if causal_lm else AutoModel
+        return auto.from_pretrained(str(self.source), local_files_only=True, dtype=dtype)
+
+
+def _starts_encrypted(path: Path) -> bool:
+    with path.open("rb") as f:
+        return is_encrypted(f.read(len(MAGIC)))
+
+
+def _eos_ids(files: HfFiles, tokenizer: Any, config: Any) -> list[int]:
+    ids: set[int] = set()
+    gen = files.generation_config()
+    for v in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
         ids.update([v] if isinstance(v, int) else (v or []))
-    except Exception:  # no generation_config.json: the config's and tokenizer's EOS are enough
-        log.debug("no generation_config.json", extra={"model": source.name})
     return sorted(ids)
 
 
@@ -157,21 +219,19 @@ class GenerativeModel:
         self.outputs = [TensorSpec(name="text_output", dtype="BYTES", shape=[-1])]
 
     @classmethod
-    def load(cls, spec: ModelSpec, source: Path, device: torch.device, dtype: torch.dtype,
+    def load(cls, spec: ModelSpec, files: HfFiles, device: torch.device, dtype: torch.dtype,
              progress: Progress) -> GenerativeModel:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+        config = files.config()
         mtype = getattr(config, "model_type", "?")
         if mtype not in SUPPORTED_MODEL_TYPES:
             raise ModelFormatError(f"Model '{spec.name}' is a '{mtype}' model; the generation engine supports "
                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}. Export other models to ONNX.")
-        tokenizer = _load_tokenizer(source, spec)
+        tokenizer = files.tokenizer()
         if spec.task == "chat" and not (spec.chat_template or getattr(tokenizer, "chat_template", None)):
             raise ModelSpecError(f"Model '{spec.name}' has task 'chat' but its tokenizer has no chat template; "
                                  "set 'chat_template' in model.yaml or use task 'generate'.")
         progress(85, "building model")
-        model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True, dtype=dtype)
+        model = files.model(True, config, dtype)
         model.to(device).eval()
         max_len = spec.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 2048)
         window = getattr(config, "sliding_window", None)
@@ -200,7 +260,7 @@ class GenerativeModel:
                         config=EngineConfig(max_model_len=max_len, max_num_seqs=slots,
                                             max_num_batched_tokens=spec.engine.max_num_batched_tokens,
                                             max_waiting=spec.batching.max_queue_size),
-                        chat_template=spec.chat_template, eos_token_ids=_eos_ids(source, tokenizer, config))
+                        chat_template=spec.chat_template, eos_token_ids=_eos_ids(files, tokenizer, config))
         engine.start()
         self = cls(spec, engine, model)
         try:
@@ -257,14 +317,12 @@ class EncoderModel:
         self.outputs = [TensorSpec(name="embedding", dtype="FP32", shape=[-1, encoder.dim])]
 
     @classmethod
-    def load(cls, spec: ModelSpec, source: Path, device: torch.device, dtype: torch.dtype,
+    def load(cls, spec: ModelSpec, files: HfFiles, device: torch.device, dtype: torch.dtype,
              progress: Progress) -> EncoderModel:
-        from transformers import AutoConfig, AutoModel
-
-        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
-        tokenizer = _load_tokenizer(source, spec)
+        config = files.config()
+        tokenizer = files.tokenizer()
         progress(85, "building model")
-        model = AutoModel.from_pretrained(str(source), local_files_only=True, dtype=dtype).to(device).eval()
+        model = files.model(False, config, dtype).to(device).eval()
         max_len = spec.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 512)
         encoder = Encoder(model, tokenizer, max_len=max_len, pooling=spec.pooling, normalize=spec.normalize,
                           name=spec.name)

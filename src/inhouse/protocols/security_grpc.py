@@ -5,6 +5,10 @@ the audit entry before the response is sent."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,11 +16,12 @@ import grpc
 import grpc.aio
 
 from inhouse.core.spec import ModelSpec
-from inhouse.errors import InhouseError, PolicyBlockedError
+from inhouse.errors import InhouseError
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error
 from inhouse.security.gate import Call, Scope, SecurityGate, new_request_id
-from inhouse.security.policy import check_policy
+from inhouse.security.pii import PieceTexts, PiiRules, Vault
+from inhouse.security.policy import check_policy, tool_names
 
 _SERVICE = "/inference.GRPCInferenceService/"
 _SCOPES: dict[str, tuple[str, Scope]] = {
@@ -72,35 +77,145 @@ def _credential(md: dict[str, str]) -> str | None:
     return md.get("x-api-key")
 
 
-def _bytes_texts(request: Any) -> list[str]:
-    """The BYTES tensor elements of a ModelInferRequest, as text (typed contents and raw)."""
-    texts: list[str] = []
-    raw = list(getattr(request, "raw_input_contents", ()) or ())
-    for i, tensor in enumerate(getattr(request, "inputs", ()) or ()):
-        if getattr(tensor, "datatype", "") != "BYTES":
-            continue
-        texts.extend(b.decode("utf-8", "replace") for b in tensor.contents.bytes_contents)
-        if i < len(raw):
-            blob, pos = raw[i], 0
-            while pos + 4 <= len(blob):
-                n = int.from_bytes(blob[pos:pos + 4], "little")
-                texts.append(blob[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
-                pos += 4 + n
+def _raw_elements(blob: bytes) -> list[bytes] | None:
+    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then the bytes),
+    or None when the blob is malformed (the request is then refused when it is parsed)."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            return None
+        n = int.from_bytes(blob[pos:pos + 4], "little")
+        if pos + 4 + n > len(blob):
+            return None
+        out.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def _raw_blob(elements: list[bytes]) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def _tensor_texts(request: Any, index: int) -> list[str]:
+    """The elements of one BYTES input of a ModelInferRequest, as text (typed contents or raw)."""
+    tensor = request.inputs[index]
+    if getattr(tensor, "datatype", "") != "BYTES":
+        return []
+    texts = [b.decode("utf-8", "replace") for b in tensor.contents.bytes_contents]
+    raw = getattr(request, "raw_input_contents", ())
+    if index < len(raw):
+        texts.extend(b.decode("utf-8", "replace") for b in _raw_elements(raw[index]) or ())
     return texts
 
 
+def _bytes_texts(request: Any) -> list[str]:
+    return [t for i in range(len(getattr(request, "inputs", ()) or ())) for t in _tensor_texts(request, i)]
+
+
+def _element_fn(fn: Callable[[str], str]) -> Callable[[bytes], bytes]:
+    """A text rule applied to one BYTES element. Bytes that are not UTF-8 survive unchanged
+    (surrogate escapes), while the text around them is still inspected."""
+    def apply(b: bytes) -> bytes:
+        text = b.decode("utf-8", "surrogateescape")
+        out = fn(text)
+        return b if out == text else out.encode("utf-8", "surrogateescape")
+    return apply
+
+
+def map_bytes_tensors(tensors: Any, raw: Any, fn: Callable[[str, str], str]) -> None:
+    """Rewrite, in place, every element of the BYTES tensors of a ModelInferRequest (``inputs``
+    and ``raw_input_contents``) or ModelInferResponse (``outputs`` and ``raw_output_contents``)
+    with ``fn(tensor name, text)``."""
+    for i, tensor in enumerate(tensors):
+        if tensor.datatype != "BYTES":
+            continue
+        apply = _element_fn(functools.partial(fn, tensor.name))
+        values = tensor.contents.bytes_contents
+        if len(values):
+            new = [apply(b) for b in values]
+            del values[:]
+            values.extend(new)
+        if i < len(raw):
+            elements = _raw_elements(raw[i])
+            if elements:
+                raw[i] = _raw_blob([apply(e) for e in elements])
+
+
+def _offered_tools(request: Any) -> list[str] | None:
+    """The tool names of a generation request's ``tools`` input (one BYTES element holding a
+    JSON array), if it has one. Anything else in ``tools`` is refused when the request is
+    parsed, before it reaches the model."""
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name == "tools":
+            texts = _tensor_texts(request, i)
+            try:
+                return tool_names(json.loads(texts[0])) if len(texts) == 1 else None
+            except ValueError:
+                return None
+    return None
+
+
 def check_infer_rules(spec: ModelSpec | None, request: Any) -> None:
-    """The model's content policy on a gRPC inference request (5001). PII redaction rewrites
-    requests on the HTTP routes only: a model that asks for it refuses gRPC inference rather
-    than let PII reach it."""
-    if spec is None:
+    """The model's content policy on a gRPC inference request (5001): size, deny patterns over
+    the BYTES elements, and ``allowed_tools`` over a generation request's ``tools`` input."""
+    if spec is None or spec.policy is None:
         return
-    if spec.pii is not None and spec.pii.inputs:
-        raise PolicyBlockedError(f"Model '{spec.name}' redacts PII from its inputs, which inhouse does on the HTTP "
-                                 "routes only; call it over REST.")
-    if spec.policy is not None:
-        size = request.ByteSize() if hasattr(request, "ByteSize") else 0
-        check_policy(spec.policy, spec.name, size=size, texts=_bytes_texts(request))
+    size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+    tools = _offered_tools(request) if spec.policy.allowed_tools is not None else None
+    check_policy(spec.policy, spec.name, size=size, texts=_bytes_texts(request), tools=tools)
+
+
+class PiiExchange:
+    """PII redaction for one RPC: BYTES inputs get numbered placeholders before the model sees
+    them and BYTES outputs get the originals back (or PII masked), by each model's ``pii:``
+    rules, as on REST. The requests of one stream share one vault, so an answer is restored
+    whichever request it belongs to; streamed ``text_output`` pieces (generation) are joined
+    where a placeholder is split between them, per request id."""
+
+    def __init__(self, spec_for: Callable[[str], ModelSpec | None]) -> None:
+        self._spec_for = spec_for
+        self.vault = Vault()
+        self._rules: dict[str, PiiRules | None] = {}
+        self._pieces: dict[str, PieceTexts] = {}
+
+    def rules(self, model: str) -> PiiRules | None:
+        if model not in self._rules:
+            spec = self._spec_for(model)
+            pii = spec.pii if spec is not None else None
+            self._rules[model] = PiiRules(pii, self.vault) if pii is not None else None
+        return self._rules[model]
+
+    def redact_request(self, call: Call, request: Any) -> None:
+        rules = self.rules(request.model_name)
+        if rules is None or not rules.spec.inputs:
+            return
+        before = len(self.vault.originals)
+        map_bytes_tensors(request.inputs, request.raw_input_contents, lambda _name, text: rules.redact_input(text))
+        if len(self.vault.originals) > before:
+            call.detail["pii_redacted"] = len(self.vault.originals)
+
+    def render(self, response: Any) -> None:
+        """A ModelInferResponse, or a ModelStreamInferResponse (one piece of a generation)."""
+        stream = hasattr(response, "error_message")
+        msg = response.infer_response if stream else response
+        rules = self.rules(msg.model_name) if msg.model_name else None
+        if rules is None or not rules.changes_outputs:
+            return
+        pieces = self._pieces.get(msg.model_name)
+        if stream and response.error_message:
+            if pieces is not None:
+                pieces.drop(msg.id)
+            return
+        if "triton_final_response" not in msg.parameters:  # a whole answer, not a piece of one
+            map_bytes_tensors(msg.outputs, msg.raw_output_contents, lambda _name, text: rules.output(text))
+            return
+        if pieces is None:
+            pieces = self._pieces[msg.model_name] = PieceTexts(rules.output)
+        final = msg.parameters["triton_final_response"].bool_param
+        map_bytes_tensors(msg.outputs, msg.raw_output_contents, lambda name, text: pieces.piece(
+            msg.id, text, final) if name == "text_output" else rules.output(text))
+        if final:
+            pieces.drop(msg.id)
 
 
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
@@ -134,14 +249,21 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode[err.grpc_status], str(err),
                                 trailing_metadata=((ERROR_CODE_HEADER, str(err.code)),))
 
-        def check_message(call: Call, request: Any) -> None:
+        def check_message(call: Call, request: Any, exchange: PiiExchange | None) -> PiiExchange | None:
+            """The key's model list, the model's content policy, then its PII rules (the request
+            is redacted in place; the exchange, new when needed, restores the answer)."""
             model = getattr(request, model_field, None) if model_field else None
             if isinstance(model, str) and model:
                 gate.check_model(call, model)
                 if action.startswith("infer"):
-                    check_infer_rules(gate.spec_for(model), request)
+                    spec = gate.spec_for(model)
+                    check_infer_rules(spec, request)
+                    if spec is not None and spec.pii is not None:
+                        exchange = exchange or PiiExchange(gate.spec_for)
+                        exchange.redact_request(call, request)
             elif action == "model.statistics":
                 gate.check_all_models(call)
+            return exchange
 
         async def finish(call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
             if call.recorded:
@@ -161,15 +283,18 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = new_call(context)
+                exchange = None
                 try:
                     await gate.admit(call)
-                    check_message(call, request)
+                    exchange = check_message(call, request, None)
                 except Exception as exc:
                     await deny(call, context, exc)
                 try:
                     result = inner_uu(request, context)
                     if hasattr(result, "__await__"):
                         result = await result
+                    if exchange is not None:
+                        exchange.render(result)
                 except BaseException as exc:
                     await finish(call, context, exc)
                     raise
@@ -185,13 +310,16 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 call = new_call(context)
+                exchange = None
                 try:
                     await gate.admit(call)
-                    check_message(call, request)
+                    exchange = check_message(call, request, None)
                 except Exception as exc:
                     await deny(call, context, exc)
                 await finish(call, context, None)  # committed before the first response message
                 async for item in inner_us(request, context):
+                    if exchange is not None:
+                        exchange.render(item)
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(
@@ -200,10 +328,29 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
         inner_stream = handler.stream_stream or handler.stream_unary
 
-        async def checked(call: Call, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for req in requests:
-                check_message(call, req)  # a model the key may not use ends the stream with 4003
-                yield req
+        class _Stream:
+            """The messages of one client-streaming RPC, checked one by one."""
+
+            def __init__(self, call: Call) -> None:
+                self.call = call
+                self.exchange: PiiExchange | None = None
+
+            async def checked(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+                async for req in requests:
+                    try:
+                        self.exchange = check_message(self.call, req, self.exchange)
+                    except InhouseError as exc:
+                        # audited as its own entry (the stream's was committed when it opened);
+                        # the stream then ends with the error (4003, 5001)
+                        blocked = dataclasses.replace(self.call, recorded=False, started=time.perf_counter(),
+                                                      detail={})
+                        await gate.record(blocked, exc.http_status, exc.code, exc.message)
+                        raise
+                    yield req
+
+            def render(self, item: Any) -> None:
+                if self.exchange is not None:
+                    self.exchange.render(item)
 
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
@@ -216,8 +363,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await deny(call, context, exc)
                 await finish(call, context, None)
+                stream = _Stream(call)
                 try:
-                    async for item in inner_ss(checked(call, requests), context):
+                    async for item in inner_ss(stream.checked(requests), context):
+                        stream.render(item)
                         yield item
                 except InhouseError as exc:
                     await context.abort(grpc.StatusCode[exc.grpc_status], str(exc),
@@ -238,7 +387,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 await deny(call, context, exc)
             try:
-                result = await inner_su(checked(call, requests), context)
+                stream = _Stream(call)
+                result = await inner_su(stream.checked(requests), context)
+                stream.render(result)
             except BaseException as exc:
                 await finish(call, context, exc)
                 raise

@@ -3,12 +3,14 @@ decoupled-model convention (as its vLLM / TensorRT-LLM backends): one request in
 per generated piece of text out, the last one marked ``triton_final_response``.
 
 Request: BYTES input ``text_input`` (a raw prompt) or ``messages`` (a JSON array of chat
-messages, rendered with the model's chat template); parameters ``max_tokens`` (default 256),
-``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (a string, or a JSON array of
-strings), ``ignore_eos``. Responses: BYTES output ``text_output`` (the new text;
-``reasoning_output`` for thinking split off by a reasoning parser), parameter
-``triton_final_response``; the final one also carries ``finish_reason``, ``prompt_tokens``,
-``completion_tokens`` and ``cached_tokens``."""
+messages, rendered with the model's chat template), optionally with ``tools`` (a JSON array of
+OpenAI-form tools, for ``messages``); parameters ``max_tokens`` (default 256), ``temperature``,
+``top_p``, ``top_k``, ``seed``, ``stop`` (a string, or a JSON array of strings), ``ignore_eos``,
+``tool_choice`` (``auto``, ``none``, ``required`` or a function name). Responses: BYTES output
+``text_output`` (the new text; ``reasoning_output`` for thinking split off by a reasoning
+parser), parameter ``triton_final_response``; tool calls the model made come in one response
+with BYTES output ``tool_calls`` (a JSON array of OpenAI-form calls) before the final one, which
+also carries ``finish_reason``, ``prompt_tokens``, ``completion_tokens`` and ``cached_tokens``."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import numpy as np
 
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
 from inhouse.errors import InvalidRequestError
-from inhouse.llm.chat import normalize_messages
-from inhouse.llm.events import ChoiceEnd, Event, ReasoningDelta, TextDelta, Usage
+from inhouse.llm.chat import normalize_messages, normalize_tools
+from inhouse.llm.events import ChoiceEnd, Event, ReasoningDelta, TextDelta, ToolCall, ToolCallArgs, ToolCallStart, Usage
 from inhouse.llm.requests import ChatRequest, CompletionRequest
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams
@@ -45,6 +47,26 @@ def _text(req: InferRequest, name: str) -> str | None:
             value = t.data.ravel()[0]
             return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     return None
+
+
+def _tools(req: InferRequest) -> list[dict[str, Any]] | None:
+    text = _text(req, "tools")
+    if text is None:
+        return None
+    try:
+        tools = json.loads(text)
+    except ValueError:
+        raise InvalidRequestError("Input 'tools' must be a JSON array of tools.") from None
+    return normalize_tools(tools)
+
+
+def _tool_choice(req: InferRequest, tools: list[dict[str, Any]] | None) -> str:
+    choice = req.parameters.get("tool_choice", "auto")
+    if not isinstance(choice, str) or not choice:
+        raise InvalidRequestError("Parameter 'tool_choice' must be 'auto', 'none', 'required' or a function name.")
+    if choice != "auto" and choice != "none" and not tools:
+        raise InvalidRequestError("Parameter 'tool_choice' needs input 'tools' to choose from.")
+    return choice
 
 
 def _sampling(p: dict[str, Any]) -> SamplingParams:
@@ -80,7 +102,7 @@ async def generation_stream(llm: LLMService, msg: Any, timeout_s: float | None) 
     try:
         req = parse_infer_request(msg, timeout_s)
         sampling = _sampling(req.parameters)
-        messages, prompt = _text(req, "messages"), _text(req, "text_input")
+        messages, prompt, tools = _text(req, "messages"), _text(req, "text_input"), _tools(req)
         events: AsyncIterator[Event]
         if messages is not None:
             try:
@@ -88,18 +110,30 @@ async def generation_stream(llm: LLMService, msg: Any, timeout_s: float | None) 
             except ValueError:
                 raise InvalidRequestError("Input 'messages' must be a JSON array of chat messages.") from None
             events = llm.chat(ChatRequest(model=req.model, messages=normalize_messages(chat, req.model),
-                                          sampling=sampling, timeout_s=req.timeout_s, priority=req.priority or 0))
+                                          sampling=sampling, tools=tools, tool_choice=_tool_choice(req, tools),
+                                          timeout_s=req.timeout_s, priority=req.priority or 0))
         else:
+            if tools is not None:
+                raise InvalidRequestError("Input 'tools' needs 'messages' (a chat request), not 'text_input'.")
             events = llm.complete(CompletionRequest(model=req.model, prompts=[prompt or ""], sampling=sampling,
                                                     timeout_s=req.timeout_s, priority=req.priority or 0))
         end: ChoiceEnd | None = None
+        calls: list[ToolCall] = []
         async for ev in events:
             if isinstance(ev, TextDelta) and ev.text:
                 yield _response(req, "text_output", ev.text, {"triton_final_response": False}), False
             elif isinstance(ev, ReasoningDelta):
                 yield _response(req, "reasoning_output", ev.text, {"triton_final_response": False}), False
+            elif isinstance(ev, ToolCallStart):
+                calls.append(ToolCall(ev.id, ev.name, ""))
+            elif isinstance(ev, ToolCallArgs):
+                calls[ev.call].arguments += ev.fragment
             elif isinstance(ev, ChoiceEnd):
                 end = ev
+                if calls:
+                    yield _response(req, "tool_calls", json.dumps([
+                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                        for c in calls]), {"triton_final_response": False}), False
             elif isinstance(ev, Usage):
                 yield _response(req, "text_output", "", {
                     "triton_final_response": True, "finish_reason": end.finish_reason if end else "stop",

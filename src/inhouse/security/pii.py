@@ -11,8 +11,13 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inhouse.core.spec import PiiSpec
 
 DETECTORS = ("email", "cn_id", "phone", "bank_card", "ip")
 _LABELS = {"email": "EMAIL", "cn_id": "CN_ID", "phone": "PHONE", "bank_card": "BANK_CARD", "ip": "IP"}
@@ -179,3 +184,58 @@ class PiiLogFilter:
 _LOG_RECORD_ATTRS = frozenset({"name", "msg", "levelname", "pathname", "filename", "module", "funcName",
                                "threadName", "processName", "exc_text", "stack_info", "taskName", "message",
                                "asctime"})
+
+
+class PiiRules:
+    """A model's ``pii:`` rules applied to one exchange: input texts get numbered placeholders
+    recorded in ``vault``; answer texts get the originals back (``outputs: restore``) or have
+    PII masked (``outputs: redact``). Every transport uses these, so they behave the same."""
+
+    def __init__(self, spec: PiiSpec, vault: Vault | None = None) -> None:
+        self.spec = spec
+        self.vault = vault if vault is not None else Vault()
+        self._redactor = _redactor(tuple(spec.detectors))
+
+    @property
+    def changes_outputs(self) -> bool:
+        return self.spec.outputs == "redact" or (self.spec.outputs == "restore" and self.spec.inputs)
+
+    def redact_input(self, text: str) -> str:
+        return self._redactor.redact(text, self.vault) if self.spec.inputs else text
+
+    def output(self, text: str) -> str:
+        if self.spec.outputs == "redact":
+            return self._redactor.redact(text)
+        if self.spec.outputs == "restore" and self.spec.inputs:
+            return self.vault.restore(text)
+        return text
+
+
+@lru_cache(maxsize=64)
+def _redactor(detectors: tuple[str, ...]) -> Redactor:
+    return Redactor(detectors)
+
+
+_PARTIAL_PLACEHOLDER = re.compile(r"\[[A-Z_]{0,10}\d{0,6}$")
+
+
+class PieceTexts:
+    """Answer text that arrives in pieces (streamed tokens) through ``fn``. A placeholder such
+    as ``[PHONE_1]`` usually arrives split over several pieces, so a piece that ends in what may
+    be the start of one is held back and joined to the next piece with the same ``key``."""
+
+    def __init__(self, fn: Callable[[str], str]) -> None:
+        self.fn = fn
+        self.held: dict[Hashable, str] = {}
+
+    def piece(self, key: Hashable, text: str, final: bool) -> str:
+        text = self.held.pop(key, "") + text
+        if not final:
+            m = _PARTIAL_PLACEHOLDER.search(text)
+            if m:
+                self.held[key] = text[m.start():]
+                text = text[:m.start()]
+        return self.fn(text)
+
+    def drop(self, key: Hashable) -> None:
+        self.held.pop(key, None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import Any
 
 from inhouse.core.spec import PolicySpec
 from inhouse.errors import PolicyBlockedError
@@ -39,3 +40,17 @@ def check_policy(policy: PolicySpec, model: str, *, size: int, texts: Iterable[s
                     raise PolicyBlockedError(
                         f"The request was blocked by model '{model}' content policy (deny pattern #{i + 1}).",
                         details={"rule": f"deny_patterns[{i}]"})
+
+
+def tool_names(tools: Any) -> list[str] | None:
+    """The names of the tools a request offers (OpenAI ``{"type": "function", "function":
+    {"name": …}}`` or Anthropic ``{"name": …}`` form), for ``allowed_tools``; None when it
+    offers none. An entry without a name counts as a tool named 'None', which no policy allows."""
+    if not isinstance(tools, list):
+        return None
+    names = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else t.get("name") if isinstance(t, dict) else None
+        names.append(str(name))
+    return names
