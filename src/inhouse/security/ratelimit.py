@@ -81,14 +81,11 @@ class RateLimiter:
 
     @staticmethod
     def _wait(w: _Window, amount: int, period: float, elapsed: float) -> float:
-        """Seconds until one more request fits."""
-        room = amount - 1 - w.count
-        if room >= 0 and w.previous > 0:
-            # the previous window's weight falls to `room` at this point of the current window
-            return max(0.0, period * (1 - room / w.previous) - elapsed)
-        # this window alone is full: at its end it becomes the previous one
-        room = amount - 1
-        return period - elapsed + max(0.0, period * (1 - room / w.count)) if w.count else period - elapsed
+        """Seconds until the count next drops (the estimate ``limits`` reports as the window's
+        reset time): one request's weight leaving the previous window, or this window ending."""
+        previous = (period - elapsed) % (period / w.previous) if w.previous else math.inf
+        current = (2 * period - elapsed) % period if w.count else math.inf
+        return min(previous, current)
 
     def _prune(self, now: float) -> None:
         """Forget buckets idle for two whole windows (they count nothing any more)."""
