@@ -115,8 +115,10 @@ def micro(n: int, tmp: Path) -> None:
     middleware adds per request, around a trivial ASGI app, with and without security on."""
     import orjson
 
+    from inhouse.core.dataplane import DataPlane
     from inhouse.core.manager import ModelManager
     from inhouse.core.repository import ModelRepository
+    from inhouse.protocols.infer_entry import InferEntry
     from inhouse.protocols.security_http import SecurityMiddleware
     from inhouse.security.gate import SecurityGate
     from inhouse.security.keys import KeyStore
@@ -158,11 +160,22 @@ def micro(n: int, tmp: Path) -> None:
 
     async def run_all() -> None:
         await manager.load("add")
-        off = SecurityMiddleware(inner, SecurityGate(load_settings(None, data_dir=tmp / "micro-off"), manager),
-                                 1 << 26)
+        off_gate = SecurityGate(load_settings(None, data_dir=tmp / "micro-off"), manager)
+        off = SecurityMiddleware(inner, off_gate, 1 << 26)
         on_gate = SecurityGate(load_settings(None, data_dir=data, auth=True, allow_ips=["127.0.0.0/8"]), manager)
         on = SecurityMiddleware(inner, on_gate, 1 << 26)
         auth = [*base, (b"authorization", f"Bearer {key}".encode())]
+        # the v2 infer hot path (protocols/infer_entry.py) with the model call, same gates
+        dataplane = DataPlane(manager)
+        hot_off = InferEntry(inner, dataplane=dataplane, gate=off_gate, max_request_bytes=1 << 26)
+        hot_on = InferEntry(inner, dataplane=dataplane, gate=on_gate, max_request_bytes=1 << 26)
+        for workers in (1, 8):
+            h_off = await drive(hot_off, base, workers)
+            h_on = await drive(hot_on, auth, workers)
+            print(f"v2 infer hot path per request (model call included), {workers} concurrent caller(s), {n} "
+                  f"requests: CPU (all threads) / wall time: security off {h_off[0]:.1f} / {h_off[1]:.1f} us; "
+                  f"security on (auth + rate limit + allow-list + policy + audit) +{h_on[0] - h_off[0]:.1f} / "
+                  f"+{h_on[1] - h_off[1]:.1f} us", flush=True)
         for workers in (1, 8):
             bare = await drive(inner, base, workers)
             t_off = await drive(off, base, workers)

@@ -135,8 +135,9 @@ class _RestLoad:
         self.statuses[why.decode()] = self.statuses.get(why.decode(), 0) + 1
 
 
-def rest_request(url: str, model: str, payload: dict[str, object]) -> bytes:
-    """A v2 infer request; tensors given as ``{"binary": true}`` go in the binary extension."""
+def rest_request(url: str, model: str, payload: dict[str, object], extra: list[str] | None = None) -> bytes:
+    """A v2 infer request; tensors given as ``{"binary": true}`` go in the binary extension;
+    ``extra`` header lines ("Name: value") are added as given (e.g. an API key)."""
     u = urlparse(url)
     header = json.dumps(payload["header"]).encode()
     blob = bytes.fromhex(str(payload.get("binary_hex", "")))
@@ -145,6 +146,7 @@ def rest_request(url: str, model: str, payload: dict[str, object]) -> bytes:
                f"Content-Length: {len(header) + len(blob)}"]
     if blob:
         headers.append(f"Inference-Header-Content-Length: {len(header)}")
+    headers.extend(extra or ())
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + header + blob
 
 
@@ -185,7 +187,7 @@ def schedule_cpu_marks(args: argparse.Namespace) -> CpuMeter:
 
 async def run_rest(args: argparse.Namespace, payload: dict[str, object]) -> Result:
     u = urlparse(args.url)
-    request = rest_request(args.url, args.model, payload)
+    request = rest_request(args.url, args.model, payload, getattr(args, "header", None))
     start = time.perf_counter()
     gen = _RestLoad(start + args.warmup, start + args.warmup + args.duration)
     loop = asyncio.get_running_loop()
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-d", "--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--server-pid", type=int, default=None, help="report the server's CPU time per request")
+    p.add_argument("--header", action="append", default=[], help="extra request header 'Name: value' (REST; "
+                   "repeatable), e.g. 'Authorization: Bearer KEY'")
     args = p.parse_args(argv)
     if args.transport not in TRANSPORTS:
         try:

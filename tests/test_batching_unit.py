@@ -187,3 +187,16 @@ async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None
     assert 7.0 not in gate.executed_ids()  # dropped at batch assembly, never executed
     assert batcher.stats.expired == 1 and batcher.stats.executed == 2
     await batcher.close()
+
+
+def test_only_batches_predicted_cheap_run_on_the_event_loop() -> None:
+    from inhouse.core.scheduler import runs_inline
+
+    # a 20 µs model measured at ~16 rows a call: small and full batches alike run inline
+    assert runs_inline(20e-6, 25e-6, 16, 1) and runs_inline(20e-6, 25e-6, 16, 64)
+    # 100 µs at 4 rows: a 4-row batch inline, a 64-row one predicted at 1.6 ms goes to a thread
+    assert runs_inline(100e-6, 110e-6, 4, 4) and not runs_inline(100e-6, 110e-6, 4, 64)
+    # a call that waits on a device (little CPU, long wall time) never blocks the loop
+    assert not runs_inline(10e-6, 2e-3, 1, 1)
+    # nor does a slow model
+    assert not runs_inline(5e-3, 5e-3, 1, 1)

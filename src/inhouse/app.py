@@ -65,10 +65,8 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(Exception, unhandled)
     if settings.gzip_min_bytes > 0:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
-    # scheduling hot path (issue 4): v2 infer answered before the framework's routing and generic
-    # compression (it compresses itself); the security middleware added below still wraps it.
-    app.add_middleware(kserve_rest.InferFastPath, dataplane=dataplane, max_request_bytes=settings.max_request_bytes,
-                       gzip_min_bytes=settings.gzip_min_bytes, routes=kserve_rest.infer_routes(app.routes))
+    # v2 infer, the hot path, is answered before this app by protocols/infer_entry.py (the server
+    # puts it in front); its routes here serve the app when it is mounted on its own.
     # security middleware (issue 6), outermost, added last:
     from inhouse.protocols import security_rest
     from inhouse.protocols.security_http import SecurityMiddleware

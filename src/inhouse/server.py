@@ -120,6 +120,15 @@ class InhouseServer:
         if grpc_interceptors is not None:
             grpc_interceptors.insert(0, self.observability.grpc_interceptor())
 
+        # the hot routes (v2 infer) answered in front of the app, with the same security and observability
+        from inhouse.protocols.infer_entry import InferEntry
+
+        self.asgi = InferEntry(
+            self.app, dataplane=self.dataplane, gate=self.security, max_request_bytes=settings.max_request_bytes,
+            gzip_min_bytes=settings.gzip_min_bytes, http_metrics=self.observability.http_metrics,
+            tracer=self.observability.tracer, access_log_enabled=settings.access_log,
+            log_client_address=settings.log_client_address)
+
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
@@ -159,7 +168,7 @@ class InhouseServer:
         sock = bind_socket(self.settings.host, self.settings.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, lifespan="off",
+            self.asgi, log_config=None, access_log=False, lifespan="off",
             timeout_keep_alive=30, server_header=False, date_header=False,
             proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
             # on stop: no new connections; in-flight requests get drain_timeout_s to finish

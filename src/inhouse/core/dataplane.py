@@ -147,7 +147,9 @@ class DataPlane:
             self.observer.infer_failed(model, None, error, None)
 
     async def _infer(self, request: InferRequest) -> InferResponse:
-        with self.manager.use(request.model, request.version) as mv:
+        mv = self.manager.resolve(request.model, request.version)
+        mv.enter()  # what manager.use() does, without a generator per request
+        try:
             model = mv.model
             scheduler = mv.scheduler
             if model is None or scheduler is None:
@@ -157,6 +159,8 @@ class DataPlane:
             results = await scheduler.submit(feed, wanted, priority=request.priority,
                                              timeout_s=request.timeout_s)
             return build_response(request, mv.version, results, wanted)
+        finally:
+            mv.leave()
 
 
 def _tensor_meta(t: TensorSpec) -> dict[str, Any]:

@@ -51,6 +51,17 @@ _INLINE_MAX_WALL_S = 1e-3
 _INLINE_BURST = 8
 
 
+def runs_inline(cpu_s: float, wall_s: float, rows_measured: float, rows: int) -> bool:
+    """Whether a batch of ``rows`` runs on the event loop, from the model's moving averages of
+    CPU time, wall time and rows per call. CPU time decides (preemption on a busy machine does
+    not count); the wall-time bound keeps calls that wait on a device (GPU) off the loop. A
+    batch larger than the measured ones is predicted to cost proportionally more (an upper
+    bound: a call's fixed cost does not grow with its rows), so a big batch of a model that is
+    only cheap for small ones still goes to an instance thread."""
+    scale = max(1.0, rows / max(1.0, rows_measured))
+    return cpu_s * scale < _INLINE_MAX_S and wall_s * scale < _INLINE_MAX_WALL_S
+
+
 class Scheduler(Protocol):
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, *,
                      priority: int | None = None, timeout_s: float | None = None) -> dict[str, np.ndarray]:
@@ -302,11 +313,8 @@ class DynamicBatcher:
                 observe(now - p.enqueued)
 
     def _inline(self, batch: Batch) -> bool:
-        # CPU time decides (preemption on a busy machine does not count); the wall-time bound
-        # keeps calls that wait on a device (GPU) off the loop
-        return (self._inline_ok and self._ema_cpu_s < _INLINE_MAX_S and self._ema_batch_s < _INLINE_MAX_WALL_S
-                and self._running == 0
-                and batch.rows <= max(8.0, 2 * self._ema_rows))
+        return self._inline_ok and self._running == 0 and runs_inline(
+            self._ema_cpu_s, self._ema_batch_s, self._ema_rows, batch.rows)
 
     def _arm(self, delay_s: float) -> None:
         if self._loop is None:
@@ -419,4 +427,4 @@ class DynamicBatcher:
                 fut.set_result(res)
 
 
-__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "Scheduler", "SchedulerStats"]
+__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "Scheduler", "SchedulerStats", "runs_inline"]

@@ -121,22 +121,28 @@ class ObservabilityMiddleware:
                 finish()
 
     def _access(self, scope: Scope, ctx: RequestContext, route: str, status: int, seconds: float) -> None:
-        level = logging.WARNING if status >= 500 else logging.INFO
-        if not access_log.isEnabledFor(level):
-            return
-        extra: dict[str, Any] = {
-            "request_id": ctx.request_id, "trace_id": ctx.trace_id, "method": scope["method"], "route": route,
-            "path": scope["path"], "status": status, "latency_ms": round(seconds * 1000, 3),
-        }
-        if ctx.model is not None:
-            extra["model"] = ctx.model
-            extra["version"] = ctx.version
-        if ctx.code is not None:
-            extra["code"] = ctx.code
-        if ctx.queue_s is not None:
-            extra["queue_ms"] = round(ctx.queue_s * 1000, 3)
-        if ctx.compute_s is not None:
-            extra["compute_ms"] = round(ctx.compute_s * 1000, 3)
-        if self._client and scope.get("client"):
-            extra["client"] = scope["client"][0]
-        access_log.log(level, "request", extra=extra)
+        log_access(scope, ctx, route, status, seconds, self._client)
+
+
+def log_access(scope: Scope, ctx: RequestContext, route: str, status: int, seconds: float,
+               client_address: bool) -> None:
+    """The one access-log line of an HTTP request (no payloads, query strings or headers)."""
+    level = logging.WARNING if status >= 500 else logging.INFO
+    if not access_log.isEnabledFor(level):
+        return
+    extra: dict[str, Any] = {
+        "request_id": ctx.request_id, "trace_id": ctx.trace_id, "method": scope["method"], "route": route,
+        "path": scope["path"], "status": status, "latency_ms": round(seconds * 1000, 3),
+    }
+    if ctx.model is not None:
+        extra["model"] = ctx.model
+        extra["version"] = ctx.version
+    if ctx.code is not None:
+        extra["code"] = ctx.code
+    if ctx.queue_s is not None:
+        extra["queue_ms"] = round(ctx.queue_s * 1000, 3)
+    if ctx.compute_s is not None:
+        extra["compute_ms"] = round(ctx.compute_s * 1000, 3)
+    if client_address and scope.get("client"):
+        extra["client"] = scope["client"][0]
+    access_log.log(level, "request", extra=extra)

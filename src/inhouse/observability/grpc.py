@@ -45,6 +45,8 @@ class GrpcObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: GrpcMetrics, *, access_log_enabled: bool = True) -> None:
         self.metrics = metrics
         self._log = access_log_enabled
+        # method -> (the handler it wraps, the wrapper): built once per method, not per call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -54,29 +56,36 @@ class GrpcObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = handler_call_details.method
-        metadata = dict(handler_call_details.invocation_metadata or ())
+        hit = self._wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, "unary", metadata),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method, "unary"), **codec)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method, "server_stream", metadata),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._streaming(handler.unary_stream, method, "server_stream"), **codec)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, "client_stream", metadata),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._unary(handler.stream_unary, method, "client_stream"), **codec)
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method, "bidi_stream", metadata),
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            self._streaming(handler.stream_stream, method, "bidi_stream"), **codec)
 
-    def _begin(self, method: str, kind: str, metadata: dict[str, Any]) -> tuple[Any, tuple[str, str, str]]:
-        service, name = _split(method)
-        labels = (kind, service, name)
+    def _begin(self, labels: tuple[str, str, str], context: Any) -> Any:
         self.metrics.started.labels(*labels).inc()
-        ctx = new_context(metadata.get("traceparent"), metadata.get("x-request-id"), time.time_ns())
-        return ctx, labels
+        traceparent = request_id = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "traceparent":
+                traceparent = value
+            elif key == "x-request-id":
+                request_id = value
+        return new_context(traceparent, request_id, time.time_ns())
 
     def _finish(self, ctx: Any, labels: tuple[str, str, str], method: str, context: Any,
                 raised: BaseException | None, start: float) -> None:
@@ -95,9 +104,12 @@ class GrpcObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                     extra["code"] = ctx.code
                 access_log.log(level, "rpc", extra=extra)
 
-    def _unary(self, behavior: Any, method: str, kind: str, metadata: dict[str, Any]) -> Any:
+    def _unary(self, behavior: Any, method: str, kind: str) -> Any:
+        service, name = _split(method)
+        labels = (kind, service, name)
+
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
-            ctx, labels = self._begin(method, kind, metadata)
+            ctx = self._begin(labels, context)
             token, start, raised = activate(ctx), time.perf_counter(), None
             with contextlib.suppress(Exception):  # returning the trace context is best effort
                 context.set_trailing_metadata((("traceparent", ctx.traceparent()), ("x-request-id", ctx.request_id)))
@@ -113,9 +125,12 @@ class GrpcObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
         return wrapped
 
-    def _streaming(self, behavior: Any, method: str, kind: str, metadata: dict[str, Any]) -> Any:
+    def _streaming(self, behavior: Any, method: str, kind: str) -> Any:
+        service, name = _split(method)
+        labels = (kind, service, name)
+
         async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            ctx, labels = self._begin(method, kind, metadata)
+            ctx = self._begin(labels, context)
             token, start, raised = activate(ctx), time.perf_counter(), None
             sent = self.metrics.msg_sent.labels(*labels)
             try:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import Request
+from starlette.types import Receive
 
 from inhouse.errors import CancelledError, InvalidRequestError, PayloadTooLargeError
 
@@ -24,7 +25,14 @@ def _too_large(limit: int) -> PayloadTooLargeError:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+    h = request.headers
+    return await receive_body(request.receive, limit, h.get("content-length"), h.get("content-encoding"))
+
+
+async def receive_body(receive: Receive, limit: int, declared: str | None = None,
+                       encoding: str | None = None) -> bytes:
+    """The request body from raw ASGI messages (cheaper than ``request.stream()`` on the hot
+    path), under ``limit`` bytes, decompressed when ``encoding`` (Content-Encoding) says so."""
     if declared is not None:
         try:
             if int(declared) > limit:
@@ -33,8 +41,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidRequestError("Content-Length header is not a number.") from None
     chunks: list[bytes] = []
     size = 0
-    receive = request.receive
-    while True:  # the ASGI messages directly: cheaper than request.stream() on the hot path
+    while True:
         message = await receive()
         if message["type"] != "http.request":
             raise InvalidRequestError("The client closed the connection before sending the whole body.")
@@ -47,7 +54,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not message.get("more_body", False):
             break
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    encoding = (encoding or "identity").lower()
     if encoding in ("identity", ""):
         return body
     if encoding in ("gzip", "deflate"):
@@ -66,10 +73,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 class _DisconnectWatch:
     """Cancels ``task`` when the client goes away; started only for slow requests."""
 
-    __slots__ = ("gone", "request", "task", "timer", "watcher")
+    __slots__ = ("gone", "receive", "task", "timer", "watcher")
 
-    def __init__(self, request: Request, task: asyncio.Task[Any], grace_s: float) -> None:
-        self.request = request
+    def __init__(self, receive: Receive, task: asyncio.Task[Any], grace_s: float) -> None:
+        self.receive = receive
         self.task = task
         self.gone = False
         self.watcher: asyncio.Task[None] | None = None
@@ -80,7 +87,7 @@ class _DisconnectWatch:
 
     async def _watch(self) -> None:
         while True:
-            message = await self.request.receive()
+            message = await self.receive()
             if message["type"] == "http.disconnect":
                 self.gone = True
                 self.task.cancel()
@@ -92,7 +99,7 @@ class _DisconnectWatch:
             self.watcher.cancel()
 
 
-async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T], *, grace_s: float = 0.05) -> T:
+async def cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, T], *, grace_s: float = 0.05) -> T:
     """Await ``work`` in the current task, cancelling it if the client disconnects first, so
     queued inference never runs for nobody. Call only after the body was read: the server's
     ``receive`` then blocks until the connection closes. Watching starts after ``grace_s``:
@@ -100,7 +107,7 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T], *
     task = asyncio.current_task()
     if task is None:
         return await work
-    watch = _DisconnectWatch(request, task, grace_s)
+    watch = _DisconnectWatch(receive, task, grace_s)
     try:
         return await work
     except asyncio.CancelledError:

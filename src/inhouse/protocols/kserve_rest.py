@@ -3,17 +3,15 @@ Routes parse, call the data plane, and render; nothing else."""
 
 from __future__ import annotations
 
-import gzip
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
+from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.errors import v2_error_response
 from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
@@ -70,91 +68,44 @@ def _index_doc(e: IndexEntry) -> dict[str, Any]:
     return doc
 
 
+def parse_rest_infer(body: bytes, header_length: str | None, priority: str | None, model: str,
+                     version: str | None) -> InferRequest:
+    """A v2 REST infer request (JSON, or JSON header + binary tensors), with the priority an
+    ``Inhouse-Priority`` header gives when the body names none."""
+    req = parse_infer_request(body, header_length, model, parse_version(version))
+    if priority is not None and req.priority is None:
+        if not priority.isdigit():
+            raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
+        req.priority = int(priority)
+    return req
+
+
 async def infer_response(dataplane: DataPlane, request: Request, model: str, version: str | None,
                          max_request_bytes: int) -> Response:
-    """POST /v2/models/{model}[/versions/{version}]/infer."""
+    """POST /v2/models/{model}[/versions/{version}]/infer through the web framework. A server
+    answers these routes in ``protocols/infer_entry.py`` before the framework sees them; this
+    route serves the app when it is mounted on its own, and documents the API."""
     try:
         try:
             body = await read_body(request, max_request_bytes)
-            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, parse_version(version))
-            header_priority = request.headers.get("inhouse-priority")
-            if header_priority is not None and req.priority is None:
-                if not header_priority.isdigit():
-                    raise InvalidRequestError("Header Inhouse-Priority must be a non-negative integer.")
-                req.priority = int(header_priority)
+            req = parse_rest_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(PRIORITY_HEADER),
+                                   model, version)
         except Exception as exc:
             dataplane.infer_rejected(model, exc)
             raise
-        resp = await cancel_on_disconnect(request, dataplane.infer(req))
+        resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
         content, headers = render_infer_response(resp, req)
         return Response(content, headers=headers)
     except Exception as exc:
         return v2_error_response(exc)
 
 
-class InferFastPath:
-    """Plain ASGI middleware answering v2 infer requests without the web framework's routing,
-    dependency solving and exception layers (they cost more than a small model does). It is
-    added innermost, so every middleware outside it — compression, security, metrics — still
-    applies. Every other request passes through to the framework."""
-
-    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_request_bytes: int, gzip_min_bytes: int,
-                 routes: Sequence[Any] = ()) -> None:
-        self.app = app
-        self.dataplane = dataplane
-        self.max_request_bytes = max_request_bytes
-        self.gzip_min_bytes = gzip_min_bytes
-        # the framework's own route objects, set in the scope as its router would (access logs
-        # and metrics label requests by route template)
-        self._routes = {getattr(r, "path", ""): r for r in routes}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            target = _infer_target(scope["path"])
-            if target is not None:
-                template = INFER_PATH if target[1] is None else INFER_VERSION_PATH
-                route = self._routes.get(template)
-                if route is not None:
-                    scope["route"] = route
-                scope["path_params"] = {"model": target[0]} if target[1] is None else {
-                    "model": target[0], "version": target[1]}
-                request = Request(scope, receive)
-                response = await infer_response(self.dataplane, request, target[0], target[1],
-                                                self.max_request_bytes)
-                if 0 < self.gzip_min_bytes <= len(response.body) and "gzip" in request.headers.get(
-                        "accept-encoding", ""):
-                    response = _gzipped(response)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _gzipped(response: Response) -> Response:
-    headers = {k: v for k, v in response.headers.items() if k != "content-length"}
-    headers["content-encoding"] = "gzip"
-    headers["vary"] = "Accept-Encoding"
-    return Response(gzip.compress(bytes(response.body), compresslevel=6), status_code=response.status_code,
-                    headers=headers)
-
-
+PRIORITY_HEADER = "inhouse-priority"
 INFER_PATH = "/v2/models/{model}/infer"
 INFER_VERSION_PATH = "/v2/models/{model}/versions/{version}/infer"
 
 
-def infer_routes(routes: Sequence[Any]) -> list[Any]:
-    """The framework's route objects for the two v2 infer paths (looking inside included
-    routers, which FastAPI wraps)."""
-    found: list[Any] = []
-    for r in routes:
-        if getattr(r, "path", None) in (INFER_PATH, INFER_VERSION_PATH):
-            found.append(r)
-        inner = getattr(getattr(r, "original_router", None), "routes", None) or getattr(r, "routes", None)
-        if inner and inner is not routes:
-            found.extend(infer_routes(inner))
-    return found
-
-
-def _infer_target(path: str) -> tuple[str, str | None] | None:
+def infer_target(path: str) -> tuple[str, str | None] | None:
     """(model, version) of an infer path, or None for any other path."""
     if not path.startswith("/v2/models/") or not path.endswith("/infer"):
         return None

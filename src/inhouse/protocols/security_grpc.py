@@ -64,9 +64,8 @@ def peer_address(peer: str | None) -> str | None:
     return None
 
 
-def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
-    md = getattr(details, "invocation_metadata", None) or ()
-    return {k.lower(): v for k, v in md if isinstance(v, str)}
+def _metadata(md: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in md or () if isinstance(v, str)}
 
 
 def _credential(md: dict[str, str]) -> str | None:
@@ -221,6 +220,8 @@ class PiiExchange:
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, gate: SecurityGate) -> None:
         self.gate = gate
+        # method -> (the handler it wraps, the wrapper): built once per method, not per call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -230,13 +231,21 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        hit = self._wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         action, scope, model_field = classify_grpc(method)
         if scope == "open":
             return handler
-        md = _metadata(handler_call_details)
         gate = self.gate
 
         def new_call(context: grpc.aio.ServicerContext) -> Call:
+            md = _metadata(context.invocation_metadata())
             ctx = current_request()  # the observability interceptor's request id and trace, when it runs
             return Call(transport="grpc", action=action, scope=scope, peer=peer_address(context.peer()),
                         forwarded_for=md.get("x-forwarded-for"), credential=_credential(md),

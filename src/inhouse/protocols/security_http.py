@@ -89,11 +89,15 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 def _credential(h: dict[str, str]) -> str | None:
-    auth = h.get("authorization")
-    if auth:
-        kind, _, value = auth.partition(" ")
+    return credential(h.get("authorization"), h.get("x-api-key"))
+
+
+def credential(authorization: str | None, api_key: str | None) -> str | None:
+    """The API key a request presents: ``Authorization: Bearer KEY``, else ``x-api-key``."""
+    if authorization:
+        kind, _, value = authorization.partition(" ")
         return value.strip() if kind.lower() == "bearer" else None
-    return h.get("x-api-key")
+    return api_key
 
 
 def _trace_id(traceparent: str | None) -> str | None:
@@ -315,9 +319,7 @@ class SecurityMiddleware:
         held.append(message)
         if message.get("more_body", False):
             return
-        body = b"".join(m.get("body", b"") for m in held[1:])
-        with contextlib.suppress(orjson.JSONDecodeError):
-            body = orjson.dumps(map_all_texts(orjson.loads(body), fn))
+        body = transform_json_body(b"".join(m.get("body", b"") for m in held[1:]), fn)
         headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({**start, "headers": headers})
@@ -327,35 +329,11 @@ class SecurityMiddleware:
                        h: dict[str, str]) -> tuple[Scope, Receive, TextFn | None]:
         """Read the body when the model's rules (or the key's model list) need it; apply the
         content policy and input redaction; return the (possibly rewritten) request."""
-        gate = self.gate
-        llm = route.kind == "llm"
-        spec = None if llm else gate.spec_for(route.model)
-        needs_body = llm or gate.settings.audit_payloads or (
-            spec is not None and (spec.policy is not None or spec.pii is not None))
-        if not needs_body:
+        needed, spec = body_needed(self.gate, route)
+        if not needed:
             return scope, receive, None
         body = await read_body(Request(scope, receive), self.max_request_bytes)
-        binary = "inference-header-content-length" in h
-        doc: dict[str, Any] | None = None
-        if not binary:
-            doc = json_object(body)
-        if llm:
-            model = doc.get("model") if doc is not None else None
-            if not isinstance(model, str):
-                raise InvalidRequestError("The request needs a 'model' field naming the model to use.")
-            gate.check_model(call, model)
-            spec = gate.spec_for(model)
-        rewritten = self._apply_rules(call, spec, doc, len(body), binary, llm, route.kind == "v2gen")
-        if gate.settings.audit_payloads:
-            call.detail["request"] = redact(body[:4096].decode("utf-8", "replace"))
-        output_fn: TextFn | None = None
-        pii = spec.pii if spec is not None else None
-        if rewritten is not None:
-            body = rewritten[0]
-        if pii is not None and pii.outputs == "restore" and rewritten is not None:
-            output_fn = rewritten[1].restore
-        elif pii is not None and pii.outputs == "redact":
-            output_fn = Redactor(pii.detectors).redact
+        body, output_fn = inspect_body(self.gate, call, route, spec, body, "inference-header-content-length" in h)
         drop = {b"content-length", b"content-encoding"} | ({b"accept-encoding"} if output_fn else set())
         headers = [(k, v) for k, v in scope["headers"] if k not in drop]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -398,6 +376,51 @@ class SecurityMiddleware:
         if vault.originals:
             call.detail["pii_redacted"] = len(vault.originals)
         return orjson.dumps(doc), vault
+
+
+def body_needed(gate: SecurityGate, route: Route) -> tuple[bool, ModelSpec | None]:
+    """Whether the security layer must read a request's body (LLM routes, audited payloads, a
+    model with a content policy or PII rules), and the model's serving spec when known."""
+    llm = route.kind == "llm"
+    spec = None if llm else gate.spec_for(route.model)
+    return llm or gate.settings.audit_payloads or (
+        spec is not None and (spec.policy is not None or spec.pii is not None)), spec
+
+
+def inspect_body(gate: SecurityGate, call: Call, route: Route, spec: ModelSpec | None, body: bytes,
+                 binary: bool) -> tuple[bytes, TextFn | None]:
+    """Apply the model's content policy and input redaction to a (decompressed) request body;
+    returns the body to pass on and the function that rewrites the response texts, if any."""
+    llm = route.kind == "llm"
+    doc: dict[str, Any] | None = None
+    if not binary:
+        doc = json_object(body)
+    if llm:
+        model = doc.get("model") if doc is not None else None
+        if not isinstance(model, str):
+            raise InvalidRequestError("The request needs a 'model' field naming the model to use.")
+        gate.check_model(call, model)
+        spec = gate.spec_for(model)
+    rewritten = SecurityMiddleware._apply_rules(call, spec, doc, len(body), binary, llm, route.kind == "v2gen")
+    if gate.settings.audit_payloads:
+        call.detail["request"] = redact(body[:4096].decode("utf-8", "replace"))
+    output_fn: TextFn | None = None
+    pii = spec.pii if spec is not None else None
+    if rewritten is not None:
+        body = rewritten[0]
+    if pii is not None and pii.outputs == "restore" and rewritten is not None:
+        output_fn = rewritten[1].restore
+    elif pii is not None and pii.outputs == "redact":
+        output_fn = Redactor(pii.detectors).redact
+    return body, output_fn
+
+
+def transform_json_body(body: bytes, fn: TextFn) -> bytes:
+    """A JSON response body with its texts rewritten (PII restored or redacted); any other
+    body unchanged."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        return orjson.dumps(map_all_texts(orjson.loads(body), fn))
+    return body
 
 
 def _error_code(headers: list[tuple[bytes, bytes]]) -> int | None:

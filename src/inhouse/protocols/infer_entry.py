@@ -1,0 +1,194 @@
+"""The one ASGI entry for the hot routes, ``POST /v2/models/{m}[/versions/{v}]/infer``.
+
+Trace context and request id, the security gate (address rules, API key, scopes, rate limits,
+the model's content policy and PII rules, the audit entry), the inference call, HTTP metrics
+and the access log run inline in one coroutine, in front of the web application. Every other
+request goes to the application and its middleware stack (observability, security,
+compression, routing) unchanged.
+
+Nothing here is a second implementation: admission and audit are
+:class:`~inhouse.security.gate.SecurityGate`'s, body inspection is the security layer's
+(:func:`~inhouse.protocols.security_http.inspect_body`), metrics and log lines are the
+observability layer's (:class:`~inhouse.observability.access.HttpMetrics`,
+:func:`~inhouse.observability.access.log_access`). What is gone is the per-request cost of
+five stacked middlewares (closures, wrapped ``send`` callables, copied messages and scopes);
+on a small model that cost was larger than the model (see ``bench/README.md``)."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from inhouse.core.dataplane import DataPlane
+from inhouse.errors import InhouseError
+from inhouse.observability.access import HttpMetrics, log_access
+from inhouse.observability.context import RequestContext, activate, deactivate, new_context
+from inhouse.observability.tracing import Tracer
+from inhouse.protocols.errors import as_inhouse_error, v2_error_response
+from inhouse.protocols.http_body import cancel_on_disconnect, receive_body
+from inhouse.protocols.kserve_rest import (
+    INFER_PATH,
+    INFER_VERSION_PATH,
+    PRIORITY_HEADER,
+    infer_target,
+    parse_rest_infer,
+)
+from inhouse.protocols.security_http import (
+    Route,
+    TextFn,
+    body_needed,
+    classify,
+    credential,
+    inspect_body,
+    transform_json_body,
+)
+from inhouse.protocols.v2_json import HEADER_LENGTH, render_infer_response
+from inhouse.security.gate import Call, SecurityGate
+
+log = logging.getLogger(__name__)
+
+_HEADER_LENGTH = HEADER_LENGTH.encode()
+_PRIORITY = PRIORITY_HEADER.encode()
+_JSON = b"application/json"
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+class InferEntry:
+    """ASGI app: v2 infer answered here, anything else passed to ``app``."""
+
+    def __init__(self, app: ASGIApp, *, dataplane: DataPlane, gate: SecurityGate, max_request_bytes: int,
+                 gzip_min_bytes: int = 0, http_metrics: HttpMetrics | None = None, tracer: Tracer | None = None,
+                 access_log_enabled: bool = True, log_client_address: bool = False) -> None:
+        self.app = app
+        self._dataplane = dataplane
+        self._gate = gate
+        self._limit = max_request_bytes
+        self._gzip_min = gzip_min_bytes
+        self._metrics = http_metrics
+        self._tracer = tracer
+        self._log = access_log_enabled
+        self._client = log_client_address
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = infer_target(scope["path"])
+            if target is not None:
+                await self._infer(scope, receive, send, target[0], target[1])
+                return
+        await self.app(scope, receive, send)
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+        start = time.perf_counter()
+        h: dict[bytes, bytes] = dict(scope["headers"])
+        ctx = new_context(h.get(b"traceparent"), h.get(b"x-request-id"), time.time_ns())
+        span = self._tracer.start_request(ctx, f"POST {scope['path']}") if self._tracer is not None else None
+        token = activate(ctx)
+        client = scope.get("client")
+        route = classify("POST", scope["path"])
+        call = Call(transport="http", action=route.action, scope=route.scope, model=route.model,
+                    version=route.version, peer=client[0] if client else None,
+                    forwarded_for=_text(h.get(b"x-forwarded-for")),
+                    credential=credential(_text(h.get(b"authorization")), _text(h.get(b"x-api-key"))),
+                    request_id=ctx.request_id, trace_id=ctx.trace_id)
+        status = 500
+        finished = False
+        try:
+            status, headers, body = await self._respond(receive, h, ctx, call, route, model, version)
+            headers.append((b"traceparent", ctx.traceparent().encode()))
+            headers.append((b"x-request-id", ctx.request_id.encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            # recorded before the body goes out: a client holding its answer finds the log line
+            # and the metrics already there
+            finished = True
+            self._finish(scope, ctx, span, version, status, start)
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            deactivate(token)
+            if not call.recorded:
+                await self._gate.record(call, 500, 9000, "the request failed before a response was sent")
+            if not finished:
+                self._finish(scope, ctx, span, version, status, start)
+
+    async def _respond(self, receive: Receive, h: dict[bytes, bytes], ctx: RequestContext, call: Call, route: Route,
+                       model: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Status, headers and body of the answer; the audit entry is committed before it."""
+        gate = self._gate
+        body: bytes | None = None
+        output_fn: TextFn | None = None
+        try:
+            await gate.admit(call)
+            needed, spec = body_needed(gate, route)
+            if needed:
+                body = await receive_body(receive, self._limit, _text(h.get(b"content-length")),
+                                          _text(h.get(b"content-encoding")))
+                body, output_fn = inspect_body(gate, call, route, spec, body, _HEADER_LENGTH in h)
+        except Exception as exc:  # refused by the security layer: never compressed
+            err = as_inhouse_error(exc)
+            await gate.record(call, err.http_status, err.code, err.message)
+            return self._error(err, ctx)
+        dataplane = self._dataplane
+        try:
+            try:
+                if body is None:
+                    body = await receive_body(receive, self._limit, _text(h.get(b"content-length")),
+                                              _text(h.get(b"content-encoding")))
+                req = parse_rest_infer(body, _text(h.get(_HEADER_LENGTH)), _text(h.get(_PRIORITY)), model, version)
+            except Exception as exc:
+                dataplane.infer_rejected(model, exc)
+                raise
+            resp = await cancel_on_disconnect(receive, dataplane.infer(req))
+            content, extra = render_infer_response(resp, req)
+        except Exception as exc:
+            err = as_inhouse_error(exc)
+            status, headers, content = self._error(err, ctx)
+            await gate.record(call, status, err.code, str(err))
+            if output_fn is not None:  # the client's Accept-Encoding was set aside for the output rules
+                return status, headers, content
+            return self._compress(status, headers, content, h)
+        if output_fn is not None:
+            if extra["content-type"].encode().startswith(_JSON):
+                content = transform_json_body(content, output_fn)
+            await gate.record(call, 200, None)
+            return 200, self._headers(extra, content), content  # output texts rewritten: not compressed
+        await gate.record(call, 200, None)
+        return self._compress(200, self._headers(extra, content), content, h)
+
+    @staticmethod
+    def _headers(extra: dict[str, str], content: bytes) -> list[tuple[bytes, bytes]]:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+        headers.append((b"content-length", str(len(content)).encode()))
+        return headers
+
+    @staticmethod
+    def _error(err: InhouseError, ctx: RequestContext) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if ctx.code is None:  # for the access log and the trace
+            ctx.code = err.code
+        resp = v2_error_response(err)
+        return resp.status_code, list(resp.raw_headers), bytes(resp.body)
+
+    def _compress(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes,
+                  h: dict[bytes, bytes]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if not (0 < self._gzip_min <= len(content) and b"gzip" in h.get(b"accept-encoding", b"")):
+            return status, headers, content
+        content = gzip.compress(content, compresslevel=6)
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+        headers += [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding"),
+                    (b"content-length", str(len(content)).encode())]
+        return status, headers, content
+
+    def _finish(self, scope: Scope, ctx: RequestContext, span: object, version: str | None, status: int,
+                start: float) -> None:
+        seconds = time.perf_counter() - start
+        route = INFER_PATH if version is None else INFER_VERSION_PATH
+        if self._metrics is not None:
+            self._metrics.observe("POST", route, status, seconds)
+        if span is not None and self._tracer is not None:
+            self._tracer.end_request(span, ctx, route, status)
+        if self._log:
+            log_access(scope, ctx, route, status, seconds, self._client)
