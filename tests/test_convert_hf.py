@@ -1,6 +1,6 @@
 """inhouse convert on Hugging Face folders: tiny random BERT and Llama-style models built here
-(no download), exported with torch.onnx, checked against PyTorch, then served with the
-batcher padding requests of different lengths into one batch."""
+(no download), exported with torch.onnx, checked against PyTorch, padded into one batch the way
+the server's batcher does it from the declared pad values, and served."""
 
 from __future__ import annotations
 
@@ -18,25 +18,24 @@ from typer.testing import CliRunner
 from conftest import run_server
 from inhouse.cli import app
 from inhouse.client import InhouseClient
+from inhouse.core.batching import Pending, TensorLayout
+from inhouse.core.spec import load_spec_file
 from inhouse.errors import ConversionError
 from inhouse.tools.convert import ConvertOptions, convert
-from llm_fixtures import build_causal_lm, build_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
 
 
-def _bert_classifier(out_dir: Path) -> Any:
-    """A tiny random BertForSequenceClassification (takes token_type_ids) with its tokenizer."""
-    out_dir.mkdir(parents=True)
-    tok = build_tokenizer(out_dir, vocab_size=300, encoder=True)
+def _bert_classifier(encoder_dir: Path, out_dir: Path) -> tuple[Any, Any]:
+    """A BertForSequenceClassification (takes token_type_ids; random 3-label head) made from the
+    session's tiny BERT folder, saved with its tokenizer."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128, num_labels=3,
-                                     pad_token_id=tok.pad_token_id)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = transformers.BertForSequenceClassification.from_pretrained(str(encoder_dir), num_labels=3).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(encoder_dir))
     model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
     return model, tok
 
 
@@ -48,19 +47,28 @@ def _enable_batching(model_dir: Path, size: int) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _batch_metric(url: str, model: str) -> tuple[float, float]:
-    import httpx
+def _through_the_batcher(model_dir: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Join the requests into one padded batch as the server's batcher does (from model.yaml's
+    declared padding), run the converted model once on it, and split the outputs back."""
+    import onnxruntime as ort
 
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for kind in ("count", "sum"):
-        m = re.search(rf'^inhouse_batch_size_{kind}\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$', text, re.M)
-        values[kind] = float(m.group(1)) if m else 0.0
-    return values["count"], values["sum"]
+    spec = load_spec_file(model_dir)
+    layout = TensorLayout(spec.name, spec.inputs, spec.outputs, batching=True)
+    pending = []
+    for feed in feeds:
+        rows, key = layout.rows_and_key(feed, None)
+        pending.append(Pending(feed, None, rows, key, 0, 0.0, None))
+    assert len({p.key for p in pending}) == 1  # different lengths may share a batch
+    batch, lengths = layout.join(pending)
+    assert len({f["input_ids"].shape[1] for f in feeds}) == len(feeds) and lengths  # it really padded
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, batch), strict=True))
+    return layout.split(pending, out, lengths)
 
 
-def test_bert_classifier_folder_converts_pads_batches_and_matches(tmp_path: Path) -> None:
-    model, tok = _bert_classifier(tmp_path / "tiny-bert-clf")
+def test_bert_classifier_folder_converts_pads_batches_and_matches(tmp_path: Path,
+                                                                  llm_models: dict[str, Path]) -> None:
+    model, tok = _bert_classifier(llm_models["bert"], tmp_path / "tiny-bert-clf")
     out = tmp_path / "repo" / "bert-clf"
     res = runner.invoke(app, ["convert", str(tmp_path / "tiny-bert-clf"), "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -76,27 +84,31 @@ def test_bert_classifier_folder_converts_pads_batches_and_matches(tmp_path: Path
     assert spec["outputs"] == [{"name": "logits", "dtype": "FP32", "shape": [-1, 3]}]
     assert (out / "1" / "tokenizer.json").is_file() and (out / "1" / "config.json").is_file()
 
-    _enable_batching(out, 3)
     texts = ["hello world", "the weather in Paris is hot today", "a question about the temperature in Tokyo"]
-    encoded = [tok(t, return_tensors="np") for t in texts]
-    assert len({e["input_ids"].shape[1] for e in encoded}) == 3  # three different lengths
-    with run_server(out.parent) as srv, InhouseClient(srv.url) as c, ThreadPoolExecutor(3) as pool:
-        feeds = [{"input_ids": np.asarray(e["input_ids"], dtype=np.int64),
-                  "attention_mask": np.asarray(e["attention_mask"], dtype=np.int64),
-                  "token_type_ids": np.zeros_like(e["input_ids"], dtype=np.int64)} for e in encoded]
-        results = list(pool.map(lambda f: c.infer("bert-clf", f)[0]["logits"], feeds))
-        count, total = _batch_metric(srv.url, "bert-clf")
-    assert (count, total) == (1, 3)  # the three requests were padded into one batch
-    for feed, got in zip(feeds, results, strict=True):
+    feeds = []
+    for text in texts:
+        enc = tok(text, return_tensors="np")
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+    expected = []
+    for feed in feeds:
         with torch.no_grad():
-            expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-        np.testing.assert_allclose(got, expected, atol=1e-4)
+            expected.append(model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy())
+    for got, want in zip(_through_the_batcher(out, feeds), expected, strict=True):
+        np.testing.assert_allclose(got["logits"], want, atol=1e-4)
+    _enable_batching(out, 3)
+    with run_server(out.parent) as srv, InhouseClient(srv.url) as c, ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda f: c.infer("bert-clf", f)[0]["logits"], feeds))
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_llama_style_causal_lm_logits_for_every_position(tmp_path: Path) -> None:
-    src = build_causal_lm(tmp_path / "tiny-llama", "llama", hidden=32, layers=1, heads=2, kv_heads=1, max_len=128)
-    result = convert(src, ConvertOptions(out=tmp_path / "repo" / "llama"))
-    assert result.framework == "huggingface"
+def test_llama_style_causal_lm_logits_for_every_position(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    """The TorchScript-based exporter (--exporter legacy): seconds instead of the dynamo
+    exporter's half minute for this model."""
+    src = llm_models["llama"]
+    result = convert(src, ConvertOptions(out=tmp_path / "repo" / "llama", exporter="legacy"))
+    assert result.framework == "huggingface" and result.opset == 18
     assert result.comparison is not None and result.comparison.max_abs_diff < 1e-3
     print(f"Llama-style LM: ONNX vs PyTorch max abs diff {result.comparison.max_abs_diff:.3g}")
     assert [t["name"] for t in result.inputs] == ["input_ids", "attention_mask"]  # no token_type_ids
@@ -105,18 +117,19 @@ def test_llama_style_causal_lm_logits_for_every_position(tmp_path: Path) -> None
     assert result.outputs == [{"name": "logits", "dtype": "FP32", "shape": [-1, -1, config["vocab_size"]]}]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    _enable_batching(tmp_path / "repo" / "llama", 2)
     rng = np.random.default_rng(5)
     feeds = [{"input_ids": rng.integers(0, config["vocab_size"], (1, n)), "attention_mask": np.ones((1, n), np.int64)}
              for n in (4, 9)]
-    with run_server(tmp_path / "repo") as srv, InhouseClient(srv.url) as c, ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda f: c.infer("llama", f)[0]["logits"], feeds))
-        assert _batch_metric(srv.url, "llama") == (1, 2)
-    for feed, got in zip(feeds, results, strict=True):
-        assert got.shape == (1, feed["input_ids"].shape[1], config["vocab_size"])  # sliced back to its length
+    expected = []
+    for feed in feeds:
         with torch.no_grad():
-            expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-        np.testing.assert_allclose(got, expected, atol=1e-3)
+            expected.append(model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy())
+    for got, want in zip(_through_the_batcher(tmp_path / "repo" / "llama", feeds), expected, strict=True):
+        assert got["logits"].shape == want.shape  # sliced back to the request's own length
+        np.testing.assert_allclose(got["logits"], want, atol=1e-3)
+    with run_server(tmp_path / "repo") as srv, InhouseClient(srv.url) as c:
+        got, _ = c.infer("llama", feeds[1])
+    np.testing.assert_allclose(got["logits"], expected[1], atol=1e-3)
 
 
 def test_hugging_face_folders_it_cannot_convert(tmp_path: Path) -> None:
