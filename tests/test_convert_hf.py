@@ -74,6 +74,7 @@ def test_bert_classifier_folder_converts_pads_batches_and_matches(tmp_path: Path
     assert res.exit_code == 0, res.output
     diff = float(re.search(r"verified against huggingface: max abs diff (\S+)", res.output).group(1))
     assert diff < 1e-4
+    assert "exported as text-classification (AutoModelForSequenceClassification)" in res.output
     print(f"BERT classifier: ONNX vs PyTorch max abs diff {diff:.3g}")
     spec = yaml.safe_load((out / "model.yaml").read_text())
     assert spec["inputs"] == [

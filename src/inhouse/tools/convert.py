@@ -101,7 +101,7 @@ def convert(src: Path, opts: ConvertOptions, step: Step = lambda _: None) -> Con
         onnx_bytes, comparison, spec_extra = _tabular(src, opts, opset, step)
         framework = spec_extra.pop("_family")
     elif framework == "huggingface":
-        onnx_bytes, comparison, side_files, pad_values = _huggingface(src, opts, opset, step)
+        onnx_bytes, comparison, side_files, pad_values = _huggingface(src, opts, opset, step, notes)
     elif framework == "tensorflow":
         step(f"exporting signature '{opts.signature}' with tf2onnx (opset {opset})")
         onnx_bytes = convert_tf.export(src, opset, opts.signature)
@@ -187,15 +187,18 @@ def _torch(src: Path, opts: ConvertOptions, opset: int, step: Step) -> tuple[byt
     return onnx_bytes, _worst(merged)
 
 
-def _huggingface(src: Path, opts: ConvertOptions, opset: int,
-                 step: Step) -> tuple[bytes, Comparison | None, list[Path], dict[str, int]]:
+def _huggingface(src: Path, opts: ConvertOptions, opset: int, step: Step,
+                 notes: list[str]) -> tuple[bytes, Comparison | None, list[Path], dict[str, int]]:
     if opts.exporter != "legacy" and opts.opset is None:
         opset = max(opset, min(convert_torch.DYNAMO_OPSET, choose_opset(None)))
     step(f"loading {src.name} with transformers and exporting it with torch.onnx (opset {opset})")
     result = convert_hf.export(src, opset, opts.task, exporter=opts.exporter, verify=opts.verify,
                                samples=opts.samples)
-    step(f"exported as {result.task}: inputs {', '.join(result.input_names)}; outputs "
-         f"{', '.join(result.output_names)}")
+    notes.append(f"exported as {result.task} ({convert_hf.TASKS[result.task]}); model.yaml declares the pad "
+                 f"values (input_ids: {result.pad_values['input_ids']}) so the batcher can join requests of "
+                 "different lengths: set batching.max_batch_size to turn batching on")
+    if result.side_files:
+        notes.append("copied beside the model: " + ", ".join(sorted(f.name for f in result.side_files)))
     return result.onnx_bytes, result.comparison, result.side_files, result.pad_values
 
 
