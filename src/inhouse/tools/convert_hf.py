@@ -115,19 +115,20 @@ def _input_names(model: Any) -> list[str]:
 
 
 def _pad_token_id(src: Path, model: Any) -> int:
+    """The id the batcher pads ``input_ids`` with: the model's pad token, else the tokenizer's,
+    else 0 (any id works where the attention mask hides it)."""
     pad = getattr(model.config, "pad_token_id", None)
     if isinstance(pad, int):
         return pad
+    transformers = require("transformers", "convert-hf")
     try:
-        tok = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-        vocab = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-        pad_tok = tok.get("pad_token")
-        pad_tok = pad_tok.get("content") if isinstance(pad_tok, dict) else pad_tok
-        if isinstance(pad_tok, str) and isinstance(vocab, dict) and isinstance(vocab.get(pad_tok), int):
-            return int(vocab[pad_tok])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pad = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True).pad_token_id
+    except Exception as err:  # no tokenizer in the folder: fine, the ids come from elsewhere
+        log.debug("no tokenizer in %s: %s", src, err)
+        return 0
+    return pad if isinstance(pad, int) else 0
 
 
 def sample_batch(rng: np.random.Generator, names: list[str], batch: int, seq: int, vocab: int,
@@ -198,7 +199,11 @@ def export(src: Path, opset: int, task: str = "auto", *, exporter: str = "auto",
     except ConversionError:
         raise
     except Exception as err:
-        raise ConversionError(f"The model fails on sample token ids of shape [2, 8]: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(
+            f"{type(model).__name__} fails on sample token ids of shape [2, 8] ({first}). Only models that take "
+            "token ids alone convert from a folder; serve encoder-decoders and others with backend: transformers."
+        ) from None
     out_names = list(module.output_names)
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
     for name, value in reference.items():
