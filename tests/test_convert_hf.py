@@ -162,3 +162,20 @@ def test_encoder_decoder_folder_is_refused_with_advice(tmp_path: Path) -> None:
     res = runner.invoke(app, ["convert", str(t5), "--out", str(tmp_path / "m")])
     assert res.exit_code == 1 and "[1007]" in res.output and "backend: transformers" in res.output, res.output
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow  # the torch.export-based exporter takes ~30 s on this Llama-style model
+def test_llama_style_causal_lm_with_the_dynamo_exporter(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    result = convert(llm_models["llama"], ConvertOptions(out=tmp_path / "repo" / "llama"))
+    assert result.comparison is not None and result.comparison.max_abs_diff < 1e-3
+    print(f"Llama-style LM (dynamo): ONNX vs PyTorch max abs diff {result.comparison.max_abs_diff:.3g}")
+    vocab = json.loads((llm_models["llama"] / "config.json").read_text())["vocab_size"]
+    assert result.outputs == [{"name": "logits", "dtype": "FP32", "shape": [-1, -1, vocab]}]
+    ids = np.random.default_rng(8).integers(0, vocab, (2, 6))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(llm_models["llama"])).eval()
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    with run_server(tmp_path / "repo") as srv, InhouseClient(srv.url) as c:
+        got, _ = c.infer("llama", feed)
+    np.testing.assert_allclose(got["logits"], expected, atol=1e-3)

@@ -155,7 +155,7 @@ def _wrapper(torch: Any, model: Any, names: list[str], sample: dict[str, np.ndar
     if not keys:
         raise ConversionError(f"{type(model).__name__} returns no tensor outputs to serve.")
 
-    class TextModel(torch.nn.Module):  # type: ignore[misc, name-defined]
+    class TextModel(torch.nn.Module):  # type: ignore[misc]
         output_names = keys
 
         def __init__(self) -> None:
