@@ -151,6 +151,8 @@ def test_hugging_face_folders_it_cannot_convert(tmp_path: Path) -> None:
         convert(no_weights, ConvertOptions(out=tmp_path / "m"))
     with pytest.raises(ConversionError, match="Unknown Hugging Face task 'summarise'"):
         convert(unknown, ConvertOptions(out=tmp_path / "m", task="summarise"))
+    with pytest.raises(ConversionError, match="dynamo exporter writes opset 18 or newer"):
+        convert(unknown, ConvertOptions(out=tmp_path / "m", exporter="dynamo", opset=17))
     assert not (tmp_path / "m").exists()
 
 

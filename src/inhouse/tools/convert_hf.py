@@ -183,6 +183,10 @@ def export(src: Path, opset: int, task: str = "auto", *, exporter: str = "auto",
     right-padded token ids."""
     torch = require("torch", "convert-hf")
     require("transformers", "convert-hf")
+    use_dynamo = exporter == "dynamo" or (exporter == "auto" and opset >= convert_torch.DYNAMO_OPSET)
+    if use_dynamo and opset < convert_torch.DYNAMO_OPSET:
+        raise ConversionError(f"The dynamo exporter writes opset {convert_torch.DYNAMO_OPSET} or newer; choose "
+                              f"--opset {convert_torch.DYNAMO_OPSET}+ or --exporter legacy.")
     config = _read_config(src)
     task = resolve_task(config, task)
     model = _load(src, task)
@@ -208,7 +212,6 @@ def export(src: Path, opset: int, task: str = "auto", *, exporter: str = "auto",
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
     for name, value in reference.items():
         axes[name] = {0: "batch", 1: "sequence"} if value.ndim >= 3 else {0: "batch"}
-    use_dynamo = exporter == "dynamo" or (exporter == "auto" and opset >= convert_torch.DYNAMO_OPSET)
     onnx_bytes = convert_torch.export_module(module, [torch.from_numpy(v) for v in trace.values()], names,
                                              out_names, axes, opset, use_dynamo)
     comparison = None
