@@ -191,6 +191,34 @@ def test_bad_sources(tmp_path: Path) -> None:
         convert(tmp_path / "folder", ConvertOptions(out=tmp_path / "m"))
 
 
+def test_cli_gives_coded_errors_for_what_it_cannot_convert(tmp_path: Path) -> None:
+    """Every refusal is one 'error: [code] message' line and exit status 1, never a traceback."""
+    (tmp_path / "empty").mkdir()
+    keras = tmp_path / "model.h5"
+    keras.write_bytes(b"\x89HDF")
+    onnx_junk = tmp_path / "junk.onnx"
+    onnx_junk.write_bytes(b"not a graph")
+    src = tmp_path / "c.pt"
+    torch.jit.script(TinyClassifier()).save(str(src))
+    out_file = tmp_path / "taken"
+    out_file.write_text("a file, not a folder")
+    cases = [
+        ([str(tmp_path / "empty")], "[1001]", "neither a Hugging Face model"),
+        ([str(keras)], "[1001]", "model.export('dir')"),
+        ([str(onnx_junk)], "[1001]", "does not load in onnxruntime"),
+        ([str(tmp_path / "missing.pkl")], "[1007]", "does not exist"),
+        ([str(src), "--example-input", "ids=1x4:int64", "--opset", "99"], "[1001]", "newer than the installed"),
+    ]
+    for args, code, text in cases:
+        res = runner.invoke(app, ["convert", *args, "--out", str(tmp_path / "repo" / "m")])
+        assert res.exit_code == 1, (args, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
+        assert code in res.output and text in res.output, (args, res.output)
+    res = runner.invoke(app, ["convert", str(src), "--example-input", "ids=1x4:int64", "--out", str(out_file)])
+    assert res.exit_code == 1 and "[1007]" in res.output and "is a file" in res.output
+    assert not (tmp_path / "repo").exists()
+
+
 def test_opset_is_checked_against_onnxruntime() -> None:
     limit = max_runtime_opset()
     assert limit >= 17
@@ -209,8 +237,8 @@ def test_missing_tensorflow_names_the_extra(tmp_path: Path) -> None:
     assert "[1008]" in res.output and "pip install 'inhouse[convert-tf]'" in res.output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("optimum") is not None, reason="optimum is installed here")
-def test_missing_optimum_names_the_extra(tmp_path: Path) -> None:
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed here")
+def test_missing_transformers_names_the_extra(tmp_path: Path) -> None:
     hf = tmp_path / "bert"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -234,27 +262,3 @@ def test_example_input_grammar() -> None:
         parse_example_input("x=1x2:complex")
     with pytest.raises(ConversionError, match="at least 1"):
         parse_example_input("x=0x2")
-
-
-def test_hugging_face_folder_with_optimum(tmp_path: Path) -> None:
-    """Runs where the convert-hf extra is installed (it needs transformers 4.x, so not beside [llm])."""
-    pytest.importorskip("optimum.exporters.onnx")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
-    src = tmp_path / "tiny-bert"
-    model.save_pretrained(src)
-    result = convert(src, ConvertOptions(out=tmp_path / "repo" / "tiny-bert", task="text-classification"))
-    assert result.framework == "huggingface"
-    names = [t["name"] for t in result.inputs]
-    assert "input_ids" in names and "attention_mask" in names
-    assert result.outputs[0]["name"] == "logits" and result.outputs[0]["shape"][-1] == 3
-    ids = np.random.default_rng(0).integers(0, 120, (2, 9))
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    with run_server(tmp_path / "repo") as srv, InhouseClient(srv.url) as c:
-        got, _ = c.infer("tiny-bert", {k: v for k, v in feed.items() if k in names})
-    with torch.no_grad():
-        expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-    np.testing.assert_allclose(got["logits"], expected, atol=1e-4)

@@ -54,7 +54,7 @@ def convert(
     features: Annotated[int | None, typer.Option(help="Tabular models: number of input features.")] = None,
     opset: Annotated[int | None, typer.Option(
         help="ONNX opset (default: 18, or less if this onnxruntime runs less).")] = None,
-    exporter: Annotated[str, typer.Option(help="PyTorch exporter: auto | dynamo | legacy.")] = "auto",
+    exporter: Annotated[str, typer.Option(help="PyTorch / Hugging Face exporter: auto | dynamo | legacy.")] = "auto",
     output_names: Annotated[str | None, typer.Option(help="PyTorch: comma-separated output names.")] = None,
     samples: Annotated[Path | None, typer.Option(help="Check on these inputs (.npz keyed by input name) "
                                                  "instead of random ones.")] = None,
@@ -62,7 +62,11 @@ def convert(
     int_high: Annotated[int, typer.Option(help="Random integer sample inputs lie in [0, INT_HIGH).")] = 10,
     tolerance: Annotated[float, typer.Option(help="Largest accepted output difference.")] = 1e-3,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare with the original.")] = True,
-    task: Annotated[str, typer.Option(help="Hugging Face: the optimum task (default auto).")] = "auto",
+    task: Annotated[str, typer.Option(
+        help="Hugging Face: auto (from the folder's architecture), feature-extraction, text-classification, "
+             "token-classification, fill-mask or text-generation.")] = "auto",
+    signature: Annotated[str, typer.Option(help="TensorFlow: the SavedModel signature to export.")
+                         ] = "serving_default",
 ) -> None:
     """Convert a trained model to ONNX, write a model.yaml, and check it against the original."""
     from inhouse.tools.convert import ConvertOptions
@@ -75,6 +79,7 @@ def convert(
         out=out, example_inputs=example_input or [], features=features, opset=opset, exporter=exporter,
         output_names=[n.strip() for n in output_names.split(",")] if output_names else None, samples=samples,
         sequence_axis=not fixed_sequence, int_high=int_high, tolerance=tolerance, verify=verify, task=task,
+        signature=signature,
     )
     try:
         with progress() as step:

@@ -38,6 +38,7 @@ class ConvertOptions:
     min_agreement: float = 0.99
     verify: bool = True
     task: str = "auto"  # Hugging Face task
+    signature: str = "serving_default"  # TensorFlow SavedModel signature
 
 
 @dataclass
@@ -85,26 +86,30 @@ def detect_framework(src: Path) -> str:
 
 def convert(src: Path, opts: ConvertOptions, step: Step = lambda _: None) -> ConvertResult:
     framework = detect_framework(src)
+    if opts.out.exists() and not opts.out.is_dir():
+        raise ConversionError(f"--out {opts.out} is a file; give the model folder to write (REPO/NAME).")
     opset = choose_opset(opts.opset)
     step(f"converting a {framework} model (ONNX opset ≤ {opset})")
     notes: list[str] = []
     side_files: list[Path] = []
     comparison: Comparison | None = None
     spec_extra: dict[str, Any] = {}
+    pad_values: dict[str, int] = {}
     if framework == "pytorch":
         onnx_bytes, comparison = _torch(src, opts, opset, step)
     elif framework == "tabular":
         onnx_bytes, comparison, spec_extra = _tabular(src, opts, opset, step)
         framework = spec_extra.pop("_family")
     elif framework == "huggingface":
-        onnx_bytes, side_files = convert_hf.export(src, opset, opts.task)
-        notes.append("optimum validated the export against the PyTorch model")
+        onnx_bytes, comparison, side_files, pad_values = _huggingface(src, opts, opset, step, notes)
     elif framework == "tensorflow":
-        onnx_bytes = convert_tf.export(src, opset)
+        step(f"exporting signature '{opts.signature}' with tf2onnx (opset {opset})")
+        onnx_bytes = convert_tf.export(src, opset, opts.signature)
         if opts.verify:
             step("checking the ONNX model against TensorFlow")
             samples = _samples_for(onnx_bytes, opts)
-            comparison = compare(convert_tf.reference_outputs(src, samples), run(session(onnx_bytes), samples))
+            comparison = compare(convert_tf.reference_outputs(src, samples, opts.signature),
+                                 run(session(onnx_bytes), samples))
     else:
         onnx_bytes = src.read_bytes()
     step("checking that onnxruntime loads the model")
@@ -118,11 +123,18 @@ def convert(src: Path, opts: ConvertOptions, step: Step = lambda _: None) -> Con
             )
     model = onnx.load_from_string(onnx_bytes)
     inputs, outputs = graph_io(model)
+    for t in inputs:
+        if t["name"] in pad_values:
+            t["pad_value"] = pad_values[t["name"]]
     step(f"writing {opts.out}")
     spec = {"inputs": inputs, "outputs": outputs, **spec_extra}
-    version, artefact = write_version(opts.out, onnx_bytes, spec)
-    for f in side_files:
-        shutil.copy2(f, artefact.parent / f.name)
+    try:
+        version, artefact = write_version(opts.out, onnx_bytes, spec)
+        for f in side_files:
+            shutil.copy2(f, artefact.parent / f.name)
+    except OSError as err:
+        raise ConversionError(f"Cannot write the model to {opts.out}: {err.strerror or err}. --out must be a "
+                              "folder you can write to (REPO/NAME).") from None
     used_opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=opset)
     return ConvertResult(framework, opts.out, version, artefact, used_opset, inputs, outputs, comparison, notes)
 
@@ -173,6 +185,21 @@ def _torch(src: Path, opts: ConvertOptions, opset: int, step: Step) -> tuple[byt
         got = run(sess, sample)
         merged.outputs.extend(compare(dict(zip(got, ref, strict=True)), got).outputs)
     return onnx_bytes, _worst(merged)
+
+
+def _huggingface(src: Path, opts: ConvertOptions, opset: int, step: Step,
+                 notes: list[str]) -> tuple[bytes, Comparison | None, list[Path], dict[str, int]]:
+    if opts.exporter != "legacy" and opts.opset is None:
+        opset = max(opset, min(convert_torch.DYNAMO_OPSET, choose_opset(None)))
+    step(f"loading {src.name} with transformers and exporting it with torch.onnx (opset {opset})")
+    result = convert_hf.export(src, opset, opts.task, exporter=opts.exporter, verify=opts.verify,
+                               samples=opts.samples)
+    notes.append(f"exported as {result.task} ({convert_hf.TASKS[result.task]}); model.yaml declares the pad "
+                 f"values (input_ids: {result.pad_values['input_ids']}) so the batcher can join requests of "
+                 "different lengths: set batching.max_batch_size to turn batching on")
+    if result.side_files:
+        notes.append("copied beside the model: " + ", ".join(sorted(f.name for f in result.side_files)))
+    return result.onnx_bytes, result.comparison, result.side_files, result.pad_values
 
 
 def _tabular(src: Path, opts: ConvertOptions, opset: int,

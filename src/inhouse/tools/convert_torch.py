@@ -114,25 +114,35 @@ def export(model: Any, kind: str, examples: list[ExampleInput], opset: int, *, e
     if exporter == "dynamo" and opset < DYNAMO_OPSET:
         raise ConversionError(f"The dynamo exporter writes opset {DYNAMO_OPSET} or newer; choose --opset "
                               f"{DYNAMO_OPSET}+ or --exporter legacy.")
-    args = tuple(torch.from_numpy(a) for a in arrays)
     target = model.module() if kind == "exported" and not use_dynamo else model
+    onnx_bytes = export_module(target, [torch.from_numpy(a) for a in arrays], in_names, out_names, axes, opset,
+                               use_dynamo)
+    return onnx_bytes, in_names, out_names, axes
+
+
+def export_module(module: Any, args: list[Any], in_names: list[str], out_names: list[str],
+                  axes: dict[str, dict[int, str]], opset: int, use_dynamo: bool) -> bytes:
+    """``torch.onnx.export`` of ``module`` called on ``args`` with the given names and dynamic
+    axes, to ONNX bytes (weights inside); exporter failures become ConversionError (1007)."""
+    torch = require("torch", "convert-torch")
     buf = io.BytesIO()
+    dynamic = {k: v for k, v in axes.items() if v}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # exporter chatter (optional torchvision ops …)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if use_dynamo:
-                program = torch.onnx.export(target, args, None, dynamo=True, input_names=in_names,
-                                            output_names=out_names, opset_version=opset,
-                                            dynamic_axes={k: v for k, v in axes.items() if v}, verbose=False)
+                program = torch.onnx.export(module, tuple(args), None, dynamo=True, input_names=in_names,
+                                            output_names=out_names, opset_version=opset, dynamic_axes=dynamic,
+                                            verbose=False)
                 program.save(buf, external_data=False)
             else:
-                torch.onnx.export(target, args, buf, dynamo=False, input_names=in_names, output_names=out_names,
-                                  opset_version=opset, dynamic_axes={k: v for k, v in axes.items() if v})
+                torch.onnx.export(module, tuple(args), buf, dynamo=False, input_names=in_names,
+                                  output_names=out_names, opset_version=opset, dynamic_axes=dynamic)
     except ConversionError:
         raise
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = " Try --exporter legacy." if use_dynamo else ""
         raise ConversionError(f"torch.onnx.export failed: {first}.{hint}") from None
-    return buf.getvalue(), in_names, out_names, axes
+    return buf.getvalue()

@@ -11,7 +11,7 @@ from inhouse.errors import MissingExtraError
 EXTRAS = {
     "convert-torch": "PyTorch models (torch.onnx.export)",
     "convert-sklearn": "scikit-learn, XGBoost and LightGBM models (skl2onnx, onnxmltools)",
-    "convert-hf": "Hugging Face model folders (optimum's ONNX exporter)",
+    "convert-hf": "Hugging Face model folders (transformers, exported with torch.onnx)",
     "convert-tf": "TensorFlow SavedModels (tf2onnx)",
     "quantize": "FP16 conversion (onnxconverter-common)",
 }
