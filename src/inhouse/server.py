@@ -172,7 +172,7 @@ class InhouseServer:
             timeout_keep_alive=30, server_header=False, date_header=False,
             proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
             # on stop: no new connections; in-flight requests get drain_timeout_s to finish
-            timeout_graceful_shutdown=self.settings.drain_timeout_s,
+            timeout_graceful_shutdown=self.settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works
             **self._uvicorn_tls(),
         )
         if self.tls is not None:
@@ -198,7 +198,7 @@ class InhouseServer:
             self._tasks.append(asyncio.create_task(self._poll()))
         log.info("ready", extra={"models": sorted(self.manager.serving())})
 
-    def _uvicorn_tls(self) -> dict[str, object]:
+    def _uvicorn_tls(self) -> dict[str, Any]:
         tls = self.tls
         if tls is None:
             return {}

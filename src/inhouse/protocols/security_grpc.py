@@ -217,7 +217,7 @@ class PiiExchange:
             pieces.drop(msg.id)
 
 
-class SecurityInterceptor(grpc.aio.ServerInterceptor):
+class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
     def __init__(self, gate: SecurityGate) -> None:
         self.gate = gate
         # method -> (the handler it wraps, the wrapper): built once per method, not per call
