@@ -77,7 +77,8 @@ class Encoder:
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         if self._normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.cpu().numpy()
+        out: np.ndarray = pooled.cpu().numpy()
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -365,7 +365,7 @@ def _template_text(engine: LLMEngine, mv: ModelVersion) -> str | None:
 
 def _prompt_opens_think(engine: LLMEngine, prompt: list[int]) -> bool:
     tail = engine.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
-    return tail.rstrip().endswith("<think>")
+    return bool(tail.rstrip().endswith("<think>"))
 
 
 def _encode(engine: LLMEngine, prompt: str | list[int]) -> list[int]:

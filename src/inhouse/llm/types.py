@@ -4,7 +4,7 @@ the engine never sees a wire format."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -90,7 +90,7 @@ class LLMEngine(Protocol):
         override), with tools passed to the template."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream one sequence. It joins the running batch at the next decoding step; closing
         the iterator (or cancelling the consuming task) aborts it and frees its KV cache."""
         ...

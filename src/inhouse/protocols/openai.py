@@ -8,7 +8,7 @@ import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter
@@ -387,9 +387,9 @@ class OpenAIRoutes:
             if isinstance(body.input, str):
                 inputs = [body.input]
             elif body.input and all(isinstance(x, int) for x in body.input):
-                inputs = [list(body.input)]  # type: ignore[arg-type]
+                inputs = [[int(x) for x in body.input]]  # type: ignore[arg-type]  # checked: all ints
             else:
-                inputs = list(body.input)  # type: ignore[arg-type]
+                inputs = cast(list[str] | list[list[int]], list(body.input))
             vectors, tokens, _ = await until_disconnected(request, self.service.embed(body.model, inputs))
             if body.dimensions is not None:
                 if body.dimensions > vectors.shape[1]:
