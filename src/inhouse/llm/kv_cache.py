@@ -6,7 +6,7 @@ slot; its keys for position ``p`` live at ``[slot, :, p]``, so the decode step r
 running sequence as one strided view (no gather, no concatenation) when their slots are
 contiguous. ``slots`` is chosen so that ``slots × max_model_len`` tokens fit the budget, which
 therefore is never exceeded. Memory follows use: on CPU the cache is reserved at full length as
-zero pages from ``calloc``, which the OS commits only when a position is first written (so a
+zero pages of an anonymous memory map, committed only when a position is first written (so a
 long prompt never waits for the whole cache to be grown, zeroed and copied); on GPUs
 ``capacity`` grows by doubling up to ``max_model_len``, following the longest live sequence.
 
@@ -17,6 +17,7 @@ slot over and skips that prefix; if the prefix lives in a slot still in use, it 
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from dataclasses import dataclass, field
 
@@ -124,12 +125,13 @@ class KVCache:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros; on CPU from ``calloc`` (numpy.zeros of raw bytes, viewed as ``dtype``): large blocks
-    come straight from the OS as untouched zero pages, committed when first written."""
-    if device.type != "cpu":
+    """Zeros; on CPU an anonymous private memory map: the OS supplies zero pages and commits
+    each only when it is first written (and unmaps the block when the tensor is freed)."""
+    if device.type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    block = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(block, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)  # keeps ``block`` alive
 
 
 def _common_prefix(a: np.ndarray, tokens: list[int], valid: int) -> int:
