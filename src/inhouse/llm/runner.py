@@ -103,7 +103,8 @@ class DecoderRunner:
         if not want:
             return torch.empty(0, 0)
         last = self.norm(h[torch.tensor(want, device=dev)])
-        return self.lm_head(last).float()
+        logits: torch.Tensor = self.lm_head(last).float()
+        return logits
 
     def _decode_plan(self, rows: list[StepRow], decode: list[int], offsets: list[int]) -> dict[str, Any]:
         dev = self.device
