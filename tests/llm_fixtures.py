@@ -214,3 +214,58 @@ def llm_repo(tmp_path: Path, llm_models: dict[str, Path]) -> Path:
         "tool_call_parser": "hermes", "reasoning_parser": "think_tags", "max_model_len": 1024, "engine": engine})
     write_llm_model(root, "tiny-bert", llm_models["bert"], {"task": "embedding", "pooling": "mean"})
     return root
+
+
+def teach_completion(model_dir: Path, prompts: list[list[int]], completion: list[int], *, margin: float = 4.0,
+                     max_steps: int = 600, seed: int = 0) -> int:
+    """Train the causal LM in ``model_dir`` (in place) until greedy decoding after each prompt
+    produces exactly ``completion``: under teacher forcing every completion token must be the
+    argmax by at least ``margin`` logits — then greedy decoding, which feeds back exactly these
+    tokens, reproduces the sequence with a safe distance from any near-tie. A real Transformers
+    model whose weights make it emit a chosen reply (e.g. a tool call), not a mock. Returns the
+    number of optimiser steps; raises if the margin is not reached."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is several times faster on a busy machine
+    try:
+        return _teach(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), model_dir,
+                      prompts, completion, margin, max_steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _teach(model: Any, model_dir: Path, prompts: list[list[int]], completion: list[int], margin: float,
+           max_steps: int, seed: int) -> int:
+    import torch
+
+    torch.manual_seed(seed)
+    model.train()
+    rows = [p + completion for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    target = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, rows, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        target[i, len(p) - 1: len(r) - 1] = torch.tensor(completion)  # logits at t predict token t + 1
+    picked = target != -100
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(max_steps):
+        logits = model(input_ids=ids, attention_mask=mask).logits  # no dropout in these configs
+        sel = logits[picked]
+        with torch.no_grad():
+            right = sel.gather(1, target[picked][:, None])[:, 0]
+            others = sel.detach().clone()
+            others[torch.arange(len(others)), target[picked]] = float("-inf")
+            if bool((right - others.max(dim=1).values > margin).all()):
+                model.eval()
+                model.save_pretrained(str(model_dir))
+                return step
+        loss = torch.nn.functional.cross_entropy(sel, target[picked])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    raise RuntimeError(f"the model did not learn the completion in {max_steps} steps")

@@ -4,9 +4,11 @@ caching.
 Each layer holds K and V as ``[slots, kv_heads, capacity, head_dim]``. A running sequence owns a
 slot; its keys for position ``p`` live at ``[slot, :, p]``, so the decode step reads every
 running sequence as one strided view (no gather, no concatenation) when their slots are
-contiguous. ``capacity`` grows by doubling up to ``max_model_len``, so memory follows the
-longest live sequence; ``slots`` is chosen so that ``slots × max_model_len`` tokens fit the
-budget, which therefore is never exceeded.
+contiguous. ``slots`` is chosen so that ``slots × max_model_len`` tokens fit the budget, which
+therefore is never exceeded. Memory follows use: on CPU the cache is reserved at full length as
+zero pages of an anonymous memory map, committed only when a position is first written (so a
+long prompt never waits for the whole cache to be grown, zeroed and copied); on GPUs
+``capacity`` grows by doubling up to ``max_model_len``, following the longest live sequence.
 
 A finished sequence's slot keeps its keys and the token ids they belong to. A new sequence whose
 prompt starts with those tokens (an agent resending its system prompt and history) takes the
@@ -14,6 +16,8 @@ slot over and skips that prefix; if the prefix lives in a slot still in use, it 
 
 from __future__ import annotations
 
+import math
+import mmap
 import time
 from dataclasses import dataclass, field
 
@@ -49,13 +53,12 @@ class KVCache:
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.prefix_caching = prefix_caching
         self.slots = [Slot(i) for i in range(slots)]
-        self.capacity = min(max_len, initial_capacity)
+        self.capacity = max_len if device.type == "cpu" else min(max_len, initial_capacity)
         self.k = [self._alloc(self.capacity) for _ in range(layers)]
         self.v = [self._alloc(self.capacity) for _ in range(layers)]
 
     def _alloc(self, capacity: int) -> torch.Tensor:
-        return torch.zeros(len(self.slots), self.kv_heads, capacity, self.head_dim, dtype=self.dtype,
-                           device=self.device)
+        return _zeros((len(self.slots), self.kv_heads, capacity, self.head_dim), self.dtype, self.device)
 
     @property
     def num_free(self) -> int:
@@ -119,6 +122,16 @@ class KVCache:
         s.tokens = s.tokens[: s.valid] if self.prefix_caching else []
         s.valid = len(s.tokens)
         s.released_at = time.monotonic()
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU an anonymous private memory map: the OS supplies zero pages and commits
+    each only when it is first written (and unmaps the block when the tensor is freed)."""
+    if device.type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    block = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(block, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)  # keeps ``block`` alive
 
 
 def _common_prefix(a: np.ndarray, tokens: list[int], valid: int) -> int:

@@ -103,7 +103,8 @@ class DecoderRunner:
         if not want:
             return torch.empty(0, 0)
         last = self.norm(h[torch.tensor(want, device=dev)])
-        return self.lm_head(last).float()
+        logits: torch.Tensor = self.lm_head(last).float()
+        return logits
 
     def _decode_plan(self, rows: list[StepRow], decode: list[int], offsets: list[int]) -> dict[str, Any]:
         dev = self.device
@@ -138,12 +139,30 @@ class DecoderRunner:
         end = r.start + n
         qp = q[off:off + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         keys, values = kc[r.slot:r.slot + 1, :, :end], vc[r.slot:r.slot + 1, :, :end]
+        gqa = self.n_heads != self.n_kv
         if r.start == 0:
-            o = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, scale=self.scaling,
-                                               enable_gqa=self.n_heads != self.n_kv)
+            o = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, scale=self.scaling, enable_gqa=gqa)
+        elif _FLASH_CPU is not None and q.device.type == "cpu":
+            o = self._attend_after_prefix(qp, keys, values, r.start)
         else:
             qpos = torch.arange(r.start, end, device=self.device)
             mask = torch.arange(end, device=self.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=self.n_heads != self.n_kv)
+            o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
         out[off:off + n] = o[0].transpose(0, 1)
+
+    def _attend_after_prefix(self, qp: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             start: int) -> torch.Tensor:
+        """A chunk after ``start`` cached positions, without a mask: the chunk attends to the
+        prefix (every key visible) and, causally, to itself (a square causal block) — two flash
+        calls whose outputs merge exactly by their log-sum-exps. A ``[n, start + n]`` mask would
+        make the CPU kernel compute and mask every block, and convert the mask on each call."""
+        assert _FLASH_CPU is not None
+        o1, lse1 = _FLASH_CPU(qp, keys[:, :, :start], values[:, :, :start], 0.0, False, scale=self.scaling)[:2]
+        o2, lse2 = _FLASH_CPU(qp, keys[:, :, start:], values[:, :, start:], 0.0, True, scale=self.scaling)[:2]
+        w1 = torch.sigmoid(lse1 - lse2).unsqueeze(-1).to(o1.dtype)  # share of the prefix in the softmax
+        return torch.lerp(o2, o1, w1)
+
+
+# The CPU flash-attention kernel behind scaled_dot_product_attention, which also returns the
+# log-sum-exp of each query's scores (needed to merge two partial attentions); None if absent.
+_FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
