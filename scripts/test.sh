@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -e '.[test]'
 ruff check .
+mypy src/inhouse
 python -m pytest -q -m "not slow" "$@"
