@@ -112,3 +112,29 @@ def test_traceparent_parser_accepts_valid_headers(header: str) -> None:
 ])
 def test_traceparent_parser_rejects_invalid_headers(header: str) -> None:
     assert parse_traceparent(header) is None
+
+
+def test_log_lines_follow_stderr_when_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's handler writes to sys.stderr as it is at each record: a test runner or host
+    application that swaps stderr and closes the old one gets the lines, not 'closed file' errors."""
+    import io
+    import sys
+
+    from inhouse.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_logging("info", "json")
+        logging.getLogger("inhouse.test").info("one")
+        assert '"msg":"one"' in first.getvalue()
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("inhouse.test").info("two")
+        assert '"msg":"two"' in second.getvalue()
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
