@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from inhouse.grpc_intercept import CachedWrapInterceptor
 from inhouse.observability.context import activate, deactivate, new_context
 from inhouse.observability.metrics import GrpcMetrics
 
@@ -41,27 +42,11 @@ def _code_name(context: Any, raised: BaseException | None) -> str:
     return "CANCELLED" if isinstance(raised, asyncio.CancelledError) else "UNKNOWN"
 
 
-class GrpcObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class GrpcObservabilityInterceptor(CachedWrapInterceptor):
     def __init__(self, metrics: GrpcMetrics, *, access_log_enabled: bool = True) -> None:
+        super().__init__()
         self.metrics = metrics
         self._log = access_log_enabled
-        # method -> (the handler it wraps, the wrapper): built once per method, not per call
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        hit = self._wrapped.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         codec = {"request_deserializer": handler.request_deserializer,

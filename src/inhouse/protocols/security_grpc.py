@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ import grpc.aio
 
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InhouseError
+from inhouse.grpc_intercept import CachedWrapInterceptor
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error
 from inhouse.security.gate import Call, Scope, SecurityGate, new_request_id
@@ -217,26 +218,10 @@ class PiiExchange:
             pieces.drop(msg.id)
 
 
-class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
+class SecurityInterceptor(CachedWrapInterceptor):
     def __init__(self, gate: SecurityGate) -> None:
+        super().__init__()
         self.gate = gate
-        # method -> (the handler it wraps, the wrapper): built once per method, not per call
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        hit = self._wrapped.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         action, scope, model_field = classify_grpc(method)
@@ -274,6 +259,19 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
                 gate.check_all_models(call)
             return exchange
 
+        async def admitted(context: grpc.aio.ServicerContext, request: Any = None) -> tuple[Call, PiiExchange | None]:
+            """A new call admitted by the gate and, given the RPC's one request message, checked
+            against the key's models and the model's rules; a refusal is audited and aborts the RPC."""
+            call = new_call(context)
+            exchange = None
+            try:
+                await gate.admit(call)
+                if request is not None:
+                    exchange = check_message(call, request, None)
+            except Exception as exc:
+                await deny(call, context, exc)
+            return call, exchange
+
         async def finish(call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
             if call.recorded:
                 return
@@ -291,13 +289,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = new_call(context)
-                exchange = None
-                try:
-                    await gate.admit(call)
-                    exchange = check_message(call, request, None)
-                except Exception as exc:
-                    await deny(call, context, exc)
+                call, exchange = await admitted(context, request)
                 try:
                     result = inner_uu(request, context)
                     if hasattr(result, "__await__"):
@@ -318,13 +310,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                call = new_call(context)
-                exchange = None
-                try:
-                    await gate.admit(call)
-                    exchange = check_message(call, request, None)
-                except Exception as exc:
-                    await deny(call, context, exc)
+                call, exchange = await admitted(context, request)
                 await finish(call, context, None)  # committed before the first response message
                 async for item in inner_us(request, context):
                     if exchange is not None:
@@ -366,11 +352,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
 
             async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                                     ) -> AsyncIterator[Any]:
-                call = new_call(context)
-                try:
-                    await gate.admit(call)
-                except Exception as exc:
-                    await deny(call, context, exc)
+                call, _ = await admitted(context)
                 await finish(call, context, None)
                 stream = _Stream(call)
                 try:
@@ -390,11 +372,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         inner_su = inner_stream
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            call = new_call(context)
-            try:
-                await gate.admit(call)
-            except Exception as exc:
-                await deny(call, context, exc)
+            call, _ = await admitted(context)
             try:
                 stream = _Stream(call)
                 result = await inner_su(stream.checked(requests), context)
