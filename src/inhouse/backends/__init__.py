@@ -51,16 +51,28 @@ class LoadContext:
             raise ModelSpecError(f"Cannot read {path}: {err.strerror}.") from None
         expected = self.spec.files.sha256.get(rel_to_model)
         if expected is not None:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != expected:
-                raise ArtefactIntegrityError(
-                    f"Checksum mismatch for '{rel_to_model}' of model '{self.spec.name}': "
-                    f"model.yaml expects sha256 {expected[:12]}…, the file has {actual[:12]}…. "
-                    "The file is corrupted or was replaced; restore it or update files.sha256."
-                )
+            self._check_sha256(rel_to_model, expected, hashlib.sha256(data).hexdigest())
         if self.decryptor is not None:
             data = self.decryptor(data, rel_to_model, self.spec)
         return data
+
+    def verify_file(self, relative: str) -> None:
+        """The sha256 check of ``read_artefact`` for a file a runtime reads itself from disk (not
+        through Python): streamed, so a large file is never held in memory. Raises 1004."""
+        rel_to_model = f"{self.version_dir.name}/{relative}"
+        expected = self.spec.files.sha256.get(rel_to_model)
+        if expected is None:
+            return
+        with open(self.version_dir / relative, "rb") as f:
+            self._check_sha256(rel_to_model, expected, hashlib.file_digest(f, "sha256").hexdigest())
+
+    def _check_sha256(self, rel_to_model: str, expected: str, actual: str) -> None:
+        if actual != expected:
+            raise ArtefactIntegrityError(
+                f"Checksum mismatch for '{rel_to_model}' of model '{self.spec.name}': "
+                f"model.yaml expects sha256 {expected[:12]}…, the file has {actual[:12]}…. "
+                "The file is corrupted or was replaced; restore it or update files.sha256."
+            )
 
 
 class LoadedModel(Protocol):

@@ -11,7 +11,6 @@ A location that is absolute or leaves the graph's folder is refused before ORT s
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,7 +20,7 @@ import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
 from inhouse.backends import LoadContext
-from inhouse.errors import ArtefactIntegrityError, ModelFormatError, ModelSpecError
+from inhouse.errors import ModelFormatError, ModelSpecError
 from inhouse.security.crypto import MAGIC, is_encrypted
 
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -97,20 +96,6 @@ def _checked_relative(ctx: LoadContext, graph_file: str, location: str) -> str:
     return rel.as_posix()
 
 
-def _verify_checksum(ctx: LoadContext, rel: str) -> None:
-    key = f"{ctx.version_dir.name}/{rel}"
-    expected = ctx.spec.files.sha256.get(key)
-    if expected is None:
-        return
-    with open(ctx.version_dir / rel, "rb") as f:
-        actual = hashlib.file_digest(f, "sha256").hexdigest()
-    if actual != expected:
-        raise ArtefactIntegrityError(
-            f"Checksum mismatch for '{key}' of model '{ctx.spec.name}': model.yaml expects sha256 "
-            f"{expected[:12]}…, the file has {actual[:12]}…. The file is corrupted or was replaced; restore "
-            "it or update files.sha256.")
-
-
 def _is_encrypted_file(path: Path) -> bool:
     with open(path, "rb") as f:
         return is_encrypted(f.read(len(MAGIC)))
@@ -127,5 +112,5 @@ def prepare(ctx: LoadContext, graph_file: str, graph: bytes) -> ExternalData:
         # read_artefact verifies the checksum, then decrypts in memory (1004 on a wrong key or a flipped byte)
         return ExternalData(names=list(locations), buffers=[ctx.read_artefact(r) for r in rels])
     for r in rels:
-        _verify_checksum(ctx, r)
+        ctx.verify_file(r)
     return ExternalData(folder=(ctx.version_dir / graph_file).parent.resolve())
