@@ -53,11 +53,14 @@ _INLINE_BURST = 8
 
 def runs_inline(cpu_s: float, wall_s: float, rows_measured: float, rows: int) -> bool:
     """Whether a batch of ``rows`` runs on the event loop, from the model's moving averages of
-    CPU time, wall time and rows per call. CPU time decides (preemption on a busy machine does
-    not count); the wall-time bound keeps calls that wait on a device (GPU) off the loop. A
-    batch larger than the measured ones is predicted to cost proportionally more (an upper
-    bound: a call's fixed cost does not grow with its rows), so a big batch of a model that is
-    only cheap for small ones still goes to an instance thread."""
+    the *model call's* CPU time and wall time and of rows per call. Only the model call can run
+    beside the loop on an instance thread: joining inputs and splitting outputs are Python and
+    hold the interpreter lock wherever they run, and handing the batch to a thread and back
+    costs more than a cheap call (two wake-ups and lock hand-offs). CPU time decides
+    (preemption on a busy machine does not count); the wall-time bound keeps calls that wait on
+    a device (GPU) off the loop. A batch larger than the measured ones is predicted to cost
+    proportionally more (an upper bound: a call's fixed cost does not grow with its rows), so a
+    big batch of a model that is only cheap for small ones still goes to an instance thread."""
     scale = max(1.0, rows / max(1.0, rows_measured))
     return cpu_s * scale < _INLINE_MAX_S and wall_s * scale < _INLINE_MAX_WALL_S
 
@@ -140,7 +143,8 @@ class DynamicBatcher:
         self._seq = 0
         self._closed = False
         self._ema_batch_s = 0.001  # wall time per call: queue-wait estimates (Retry-After)
-        self._ema_cpu_s = 0.001  # CPU time of the calling thread per call: the inline decision
+        self._ema_cpu_s = 0.001  # CPU time of the model call (calling thread): the inline decision
+        self._ema_call_s = 0.001  # wall time of the model call: the inline decision
         self._ema_rows = 1.0
         # pure-Python backends may hold the GIL or block; only native engines run inline
         self._inline_ok = getattr(model, "inline_safe", False)
@@ -289,8 +293,8 @@ class DynamicBatcher:
                 self._record_queue(nxt, now)
             if self._inline(nxt):
                 # a call cheaper than two thread hand-offs runs right here on the event loop
-                results, elapsed, cpu = self._compute(nxt)
-                self._finish(nxt, results, elapsed, cpu)
+                results, elapsed, call = self._compute(nxt)
+                self._finish(nxt, results, elapsed, call)
                 self.stats.inline_batches += 1
                 inline_runs += 1
                 if inline_runs >= _INLINE_BURST and len(self._queue):
@@ -314,7 +318,7 @@ class DynamicBatcher:
 
     def _inline(self, batch: Batch) -> bool:
         return self._inline_ok and self._running == 0 and runs_inline(
-            self._ema_cpu_s, self._ema_batch_s, self._ema_rows, batch.rows)
+            self._ema_cpu_s, self._ema_call_s, self._ema_rows, batch.rows)
 
     def _arm(self, delay_s: float) -> None:
         if self._loop is None:
@@ -351,17 +355,22 @@ class DynamicBatcher:
 
     # ---- execution (instance threads) ------------------------------------------------------
     def _execute(self, inst: _Instance, batch: Batch) -> None:
-        results, elapsed, cpu = self._compute(batch)
+        results, elapsed, call = self._compute(batch)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, cpu)
+            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, call)
 
-    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float, float]:
-        start, cpu_start = time.perf_counter(), time.thread_time()
+    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float,
+                                              tuple[float, float]]:
+        """Results per request, the wall time of the whole batch, and (CPU, wall) time of the
+        model call itself."""
+        start = time.perf_counter()
         requests = batch.requests
         results: list[dict[str, np.ndarray] | BaseException]
+        call = (0.0, 0.0)
         try:
-            results = list(self._run_batch(requests))
+            ok, call = self._run_batch(requests)
+            results = list(ok)
         except InhouseError as err:
             if len(requests) > 1 and isinstance(err, _INPUT_ERRORS):
                 results = [self._run_alone(p) for p in requests]  # isolate the offending request
@@ -375,13 +384,16 @@ class DynamicBatcher:
         except Exception as exc:
             log.exception("model call failed", extra={"model": self._name})
             results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
-        # thread CPU time is not inflated when the machine preempts us, unlike wall time
-        return results, time.perf_counter() - start, time.thread_time() - cpu_start
+        elapsed = time.perf_counter() - start
+        return results, elapsed, call if call[1] else (elapsed, elapsed)
 
-    def _run_batch(self, requests: list[Pending]) -> list[dict[str, np.ndarray]]:
+    def _run_batch(self, requests: list[Pending]) -> tuple[list[dict[str, np.ndarray]], tuple[float, float]]:
         feed, lengths = self._layout.join(requests)
+        # thread CPU time is not inflated when the machine preempts us, unlike wall time
+        cpu, wall = time.thread_time(), time.perf_counter()
         out = self._model.predict(feed, requests[0].outputs)
-        return self._layout.split(requests, out, lengths)
+        call = (time.thread_time() - cpu, time.perf_counter() - wall)
+        return self._layout.split(requests, out, lengths), call
 
     def _run_alone(self, p: Pending) -> dict[str, np.ndarray] | BaseException:
         try:
@@ -391,17 +403,18 @@ class DynamicBatcher:
                 f"Model '{self._name}' failed: {type(err).__name__}.")
 
     def _complete(self, inst: _Instance, batch: Batch, results: list[dict[str, np.ndarray] | BaseException],
-                  elapsed: float, cpu: float) -> None:
+                  elapsed: float, call: tuple[float, float]) -> None:
         inst.busy = False
         self._idle.append(inst)
         self._running -= 1
-        self._finish(batch, results, elapsed, cpu)
+        self._finish(batch, results, elapsed, call)
         self._flush()
 
     def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float,
-                cpu: float) -> None:
+                call: tuple[float, float]) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
-        self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * cpu
+        self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * call[0]
+        self._ema_call_s = 0.8 * self._ema_call_s + 0.2 * call[1]
         if self._record:  # once per backend call, in the context of the batch's first request
             first = batch.requests[0].ctx if batch.requests else None
             if first is not None:
