@@ -173,6 +173,7 @@ class InhouseServer:
             proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
             # on stop: no new connections; in-flight requests get drain_timeout_s to finish
             timeout_graceful_shutdown=self.settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works
+            **self._uvicorn_http(),
             **self._uvicorn_tls(),
         )
         if self.tls is not None:
@@ -197,6 +198,14 @@ class InhouseServer:
         if self.settings.poll:
             self._tasks.append(asyncio.create_task(self._poll()))
         log.info("ready", extra={"models": sorted(self.manager.serving())})
+
+    def _uvicorn_http(self) -> dict[str, Any]:
+        """v2 infer answered on the connection (protocols/http_fast.py), unless turned off."""
+        if not self.settings.http_fast_path:
+            return {}
+        from inhouse.protocols.http_fast import fast_protocol
+
+        return {"http": fast_protocol(self.asgi, self.settings.max_request_bytes)}
 
     def _uvicorn_tls(self) -> dict[str, Any]:
         tls = self.tls

@@ -50,6 +50,7 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
     onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"

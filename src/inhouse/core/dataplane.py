@@ -168,34 +168,41 @@ def _tensor_meta(t: TensorSpec) -> dict[str, Any]:
 
 
 def validate_inputs(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    by_name = {t.name: t for t in specs}
     feed: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
-        spec = by_name.get(tensor.name)
+        name = tensor.name
+        spec = None
+        for t in specs:  # models have few inputs
+            if t.name == name:
+                spec = t
+                break
         if spec is None:
             raise InputNameError(
-                f"Model '{request.model}' has no input '{tensor.name}'; its inputs are "
-                f"{list(by_name)}."
+                f"Model '{request.model}' has no input '{name}'; its inputs are {[t.name for t in specs]}."
             )
-        if tensor.name in feed:
-            raise InputNameError(f"Input '{tensor.name}' appears more than once in the request.")
+        if name in feed:
+            raise InputNameError(f"Input '{name}' appears more than once in the request.")
         if tensor.datatype != spec.dtype:
             raise DatatypeError(
-                f"Input '{tensor.name}' of model '{request.model}' must be {spec.dtype}, not "
-                f"{tensor.datatype}."
+                f"Input '{name}' of model '{request.model}' must be {spec.dtype}, not {tensor.datatype}."
             )
-        shape = tensor.shape
-        if len(shape) != len(spec.shape) or any(
-            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=False)
-        ):
+        shape, want = tensor.shape, spec.shape
+        ok = len(shape) == len(want)
+        if ok:
+            for got, w in zip(shape, want, strict=True):
+                if w != -1 and got != w:
+                    ok = False
+                    break
+        if not ok:
             raise ShapeError(
-                f"Input '{tensor.name}' of model '{request.model}' has shape {shape}, which does "
-                f"not match {spec.shape} (-1 is any size)."
+                f"Input '{name}' of model '{request.model}' has shape {shape}, which does "
+                f"not match {want} (-1 is any size)."
             )
-        feed[tensor.name] = tensor.data
-    missing = [t.name for t in specs if t.name not in feed and not t.optional]
-    if missing:
-        raise InputNameError(f"Model '{request.model}' needs input(s) {missing}, which the request lacks.")
+        feed[name] = tensor.data
+    if len(feed) < len(specs):
+        missing = [t.name for t in specs if t.name not in feed and not t.optional]
+        if missing:
+            raise InputNameError(f"Model '{request.model}' needs input(s) {missing}, which the request lacks.")
     return feed
 
 

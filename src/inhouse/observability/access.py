@@ -121,18 +121,20 @@ class ObservabilityMiddleware:
                 finish()
 
     def _access(self, scope: Scope, ctx: RequestContext, route: str, status: int, seconds: float) -> None:
-        log_access(scope, ctx, route, status, seconds, self._client)
+        client = scope.get("client")
+        log_access(scope["method"], scope["path"], client[0] if client else None, ctx, route, status, seconds,
+                   self._client)
 
 
-def log_access(scope: Scope, ctx: RequestContext, route: str, status: int, seconds: float,
-               client_address: bool) -> None:
+def log_access(method: str, path: str, peer: str | None, ctx: RequestContext, route: str, status: int,
+               seconds: float, client_address: bool) -> None:
     """The one access-log line of an HTTP request (no payloads, query strings or headers)."""
     level = logging.WARNING if status >= 500 else logging.INFO
     if not access_log.isEnabledFor(level):
         return
     extra: dict[str, Any] = {
-        "request_id": ctx.request_id, "trace_id": ctx.trace_id, "method": scope["method"], "route": route,
-        "path": scope["path"], "status": status, "latency_ms": round(seconds * 1000, 3),
+        "request_id": ctx.request_id, "trace_id": ctx.trace_id, "method": method, "route": route,
+        "path": path, "status": status, "latency_ms": round(seconds * 1000, 3),
     }
     if ctx.model is not None:
         extra["model"] = ctx.model
@@ -143,6 +145,6 @@ def log_access(scope: Scope, ctx: RequestContext, route: str, status: int, secon
         extra["queue_ms"] = round(ctx.queue_s * 1000, 3)
     if ctx.compute_s is not None:
         extra["compute_ms"] = round(ctx.compute_s * 1000, 3)
-    if client_address and scope.get("client"):
-        extra["client"] = scope["client"][0]
+    if client_address and peer:
+        extra["client"] = peer
     access_log.log(level, "request", extra=extra)

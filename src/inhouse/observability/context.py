@@ -56,15 +56,17 @@ def new_span_id() -> str:
 
 def new_context(traceparent: str | bytes | None = None, request_id: str | bytes | None = None,
                 start_ns: int = 0) -> RequestContext:
-    parsed = parse_traceparent(traceparent)
+    ids = f"{random.getrandbits(192):048x}"  # one draw: trace id, span id, request id suffix
+    span_id = ids[32:] if ids[32:] != _ZERO_SPAN else "1".zfill(16)
+    parsed = parse_traceparent(traceparent) if traceparent else None
     if parsed is None:
-        trace_id, parent, sampled = f"{random.getrandbits(128) or 1:032x}", None, True
+        trace_id, parent, sampled = ids[:32] if ids[:32] != _ZERO_TRACE else "1".zfill(32), None, True
     else:
         trace_id, parent, sampled = parsed
     rid = request_id.decode("latin-1") if isinstance(request_id, bytes) else request_id
     if not rid or not _REQUEST_ID.match(rid):
-        rid = trace_id[:16] + new_span_id()[:8]
-    return RequestContext(request_id=rid, trace_id=trace_id, span_id=new_span_id(), parent_span_id=parent,
+        rid = trace_id[:16] + ids[:8] if parsed is not None else ids[:24]
+    return RequestContext(request_id=rid, trace_id=trace_id, span_id=span_id, parent_span_id=parent,
                           sampled=sampled, start_ns=start_ns)
 
 

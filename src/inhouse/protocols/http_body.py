@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import orjson
@@ -15,9 +15,13 @@ from starlette.types import Receive
 from inhouse.errors import CancelledError, InvalidRequestError, PayloadTooLargeError
 
 T = TypeVar("T")
+# how an infer entry gets its request body, and how it awaits the inference so that the work is
+# cancelled when the client goes away (both differ between ASGI and the HTTP fast path)
+BodyReader = Callable[[], Awaitable[bytes]]
+InferGuard = Callable[[Coroutine[Any, Any, T]], Awaitable[T]]
 
 
-def _too_large(limit: int) -> PayloadTooLargeError:
+def too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"Request body is larger than the server's limit of {limit} bytes "
         "(max_request_bytes); send a smaller request or raise the limit."
@@ -33,12 +37,7 @@ async def receive_body(receive: Receive, limit: int, declared: str | None = None
                        encoding: str | None = None) -> bytes:
     """The request body from raw ASGI messages (cheaper than ``request.stream()`` on the hot
     path), under ``limit`` bytes, decompressed when ``encoding`` (Content-Encoding) says so."""
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise _too_large(limit)
-        except ValueError:
-            raise InvalidRequestError("Content-Length header is not a number.") from None
+    check_declared_length(declared, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -49,11 +48,25 @@ async def receive_body(receive: Receive, limit: int, declared: str | None = None
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return decode_body(chunks[0] if len(chunks) == 1 else b"".join(chunks), limit, encoding)
+
+
+def check_declared_length(declared: str | None, limit: int) -> None:
+    """A Content-Length over ``limit`` is refused before the body is read."""
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large(limit)
+        except ValueError:
+            raise InvalidRequestError("Content-Length header is not a number.") from None
+
+
+def decode_body(body: bytes, limit: int, encoding: str | None) -> bytes:
+    """``body`` decompressed as its Content-Encoding says, under the same ``limit``."""
     encoding = (encoding or "identity").lower()
     if encoding in ("identity", ""):
         return body
@@ -65,7 +78,7 @@ async def receive_body(receive: Receive, limit: int, declared: str | None = None
         except zlib.error:
             raise InvalidRequestError(f"Request body is not valid {encoding} data.") from None
         if len(out) > limit or d.unconsumed_tail:
-            raise _too_large(limit)
+            raise too_large(limit)
         return out
     raise InvalidRequestError(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none.")
 

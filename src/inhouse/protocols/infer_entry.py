@@ -19,16 +19,19 @@ from __future__ import annotations
 import gzip
 import logging
 import time
+from functools import partial
+from typing import NamedTuple
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inhouse.core.dataplane import DataPlane
+from inhouse.core.types import InferResponse
 from inhouse.errors import InhouseError
 from inhouse.observability.access import HttpMetrics, log_access
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.tracing import Tracer
 from inhouse.protocols.errors import as_inhouse_error, v2_error_response
-from inhouse.protocols.http_body import cancel_on_disconnect, receive_body
+from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, receive_body
 from inhouse.protocols.kserve_rest import (
     INFER_PATH,
     INFER_VERSION_PATH,
@@ -40,7 +43,6 @@ from inhouse.protocols.security_http import (
     Route,
     TextFn,
     body_needed,
-    classify,
     credential,
     inspect_body,
     transform_json_body,
@@ -53,6 +55,12 @@ log = logging.getLogger(__name__)
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 _PRIORITY = PRIORITY_HEADER.encode()
 _JSON = b"application/json"
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
 def _text(value: bytes | None) -> str | None:
@@ -79,44 +87,55 @@ class InferEntry:
         if scope["type"] == "http" and scope["method"] == "POST":
             target = infer_target(scope["path"])
             if target is not None:
-                await self._infer(scope, receive, send, target[0], target[1])
+                await self._asgi_infer(scope, receive, send, target[0], target[1])
                 return
         await self.app(scope, receive, send)
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+    async def _asgi_infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
         start = time.perf_counter()
         h: dict[bytes, bytes] = dict(scope["headers"])
-        ctx = new_context(h.get(b"traceparent"), h.get(b"x-request-id"), time.time_ns())
-        span = self._tracer.start_request(ctx, f"POST {scope['path']}") if self._tracer is not None else None
-        token = activate(ctx)
         client = scope.get("client")
-        route = classify("POST", scope["path"])
-        call = Call(transport="http", action=route.action, scope=route.scope, model=route.model,
-                    version=route.version, peer=client[0] if client else None,
+        reader = partial(receive_body, receive, self._limit, _text(h.get(b"content-length")),
+                         _text(h.get(b"content-encoding")))
+        reply = await self.answer(scope["path"], model, version, h, client[0] if client else None, reader,
+                                  partial(cancel_on_disconnect, receive), start)
+        await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def answer(self, path: str, model: str, version: str | None, h: dict[bytes, bytes], peer: str | None,
+                     read_body: BodyReader, guard: InferGuard[InferResponse], start: float) -> Reply:
+        """The whole answer to one v2 infer request, whatever carried it (the ASGI entry above or
+        the HTTP fast path, ``protocols/http_fast.py``): trace context, security gate, body rules,
+        inference, the audit entry, and the metrics and access-log line, which are recorded before
+        the caller sends the answer (a client holding its answer finds them there). ``read_body``
+        returns the (decoded) request body; ``guard`` awaits the inference and cancels it when the
+        client goes away. Raises only when the request was cancelled or the server failed; the
+        metrics, log line and audit entry are recorded then too."""
+        ctx = new_context(h.get(b"traceparent"), h.get(b"x-request-id"), time.time_ns())
+        span = self._tracer.start_request(ctx, f"POST {path}") if self._tracer is not None else None
+        token = activate(ctx)
+        route = Route("infer", "infer", model, version, "v2infer")
+        call = Call(transport="http", action="infer", scope="infer", model=model, version=version, peer=peer,
                     forwarded_for=_text(h.get(b"x-forwarded-for")),
                     credential=credential(_text(h.get(b"authorization")), _text(h.get(b"x-api-key"))),
                     request_id=ctx.request_id, trace_id=ctx.trace_id)
-        status = 500
-        finished = False
         try:
-            status, headers, body = await self._respond(receive, h, ctx, call, route, model, version)
-            headers.append((b"traceparent", ctx.traceparent().encode()))
-            headers.append((b"x-request-id", ctx.request_id.encode()))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            # recorded before the body goes out: a client holding its answer finds the log line
-            # and the metrics already there
-            finished = True
-            self._finish(scope, ctx, span, version, status, start)
-            await send({"type": "http.response.body", "body": body})
+            status, headers, body = await self._respond(read_body, guard, h, ctx, call, route, model, version)
+        except BaseException:
+            self._finish(path, peer, ctx, span, version, 500, start)
+            raise
         finally:
             deactivate(token)
             if not call.recorded:
                 await self._gate.record(call, 500, 9000, "the request failed before a response was sent")
-            if not finished:
-                self._finish(scope, ctx, span, version, status, start)
+        headers.append((b"traceparent", ctx.traceparent().encode()))
+        headers.append((b"x-request-id", ctx.request_id.encode()))
+        self._finish(path, peer, ctx, span, version, status, start)
+        return Reply(status, headers, body)
 
-    async def _respond(self, receive: Receive, h: dict[bytes, bytes], ctx: RequestContext, call: Call, route: Route,
-                       model: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def _respond(self, read_body: BodyReader, guard: InferGuard[InferResponse], h: dict[bytes, bytes],
+                       ctx: RequestContext, call: Call, route: Route, model: str,
+                       version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Status, headers and body of the answer; the audit entry is committed before it."""
         gate = self._gate
         body: bytes | None = None
@@ -125,8 +144,7 @@ class InferEntry:
             await gate.admit(call)
             needed, spec = body_needed(gate, route)
             if needed:
-                body = await receive_body(receive, self._limit, _text(h.get(b"content-length")),
-                                          _text(h.get(b"content-encoding")))
+                body = await read_body()
                 body, output_fn = inspect_body(gate, call, route, spec, body, _HEADER_LENGTH in h)
         except Exception as exc:  # refused by the security layer: never compressed
             err = as_inhouse_error(exc)
@@ -136,13 +154,12 @@ class InferEntry:
         try:
             try:
                 if body is None:
-                    body = await receive_body(receive, self._limit, _text(h.get(b"content-length")),
-                                              _text(h.get(b"content-encoding")))
+                    body = await read_body()
                 req = parse_rest_infer(body, _text(h.get(_HEADER_LENGTH)), _text(h.get(_PRIORITY)), model, version)
             except Exception as exc:
                 dataplane.infer_rejected(model, exc)
                 raise
-            resp = await cancel_on_disconnect(receive, dataplane.infer(req))
+            resp = await guard(dataplane.infer(req))
             content, extra = render_infer_response(resp, req)
         except Exception as exc:
             err = as_inhouse_error(exc)
@@ -182,7 +199,7 @@ class InferEntry:
                     (b"content-length", str(len(content)).encode())]
         return status, headers, content
 
-    def _finish(self, scope: Scope, ctx: RequestContext, span: object, version: str | None, status: int,
+    def _finish(self, path: str, peer: str | None, ctx: RequestContext, span: object, version: str | None, status: int,
                 start: float) -> None:
         seconds = time.perf_counter() - start
         route = INFER_PATH if version is None else INFER_VERSION_PATH
@@ -191,4 +208,4 @@ class InferEntry:
         if span is not None and self._tracer is not None:
             self._tracer.end_request(span, ctx, route, status)
         if self._log:
-            log_access(scope, ctx, route, status, seconds, self._client)
+            log_access("POST", path, peer, ctx, route, status, seconds, self._client)
