@@ -147,19 +147,27 @@ def _big_integers(name: str, datatype: str, dtype: np.dtype[Any], data: Any, as_
         raise DatatypeError(f"Input '{name}' holds values out of range for {datatype}.") from None
 
 
-def array_from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memoryview) -> np.ndarray:
-    """Zero-copy view for fixed-size types; length-prefixed decoding for BYTES."""
-    dtype = numpy_dtype(datatype)
-    count = element_count(shape)
+def array_from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memoryview, offset: int = 0,
+                   size: int | None = None) -> np.ndarray:
+    """The tensor in ``raw[offset:offset + size]`` (all of ``raw`` by default): a zero-copy view
+    for fixed-size types, length-prefixed decoding for BYTES."""
+    if size is None:
+        size = len(raw) - offset
+    dtype = V2_TO_NUMPY.get(datatype)
+    if dtype is None:
+        numpy_dtype(datatype)  # raises the 2003 with the list of datatypes
+        raise AssertionError  # pragma: no cover
+    count = 1
+    for d in shape:
+        count *= d
     if datatype == "BYTES":
-        return deserialize_bytes(name, raw, count).reshape(shape)
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
+        return deserialize_bytes(name, memoryview(raw)[offset:offset + size], count).reshape(shape)
+    if size != count * dtype.itemsize:
         raise ShapeError(
-            f"Input '{name}' carries {len(raw)} bytes of binary data, but shape {shape} of "
-            f"{datatype} needs {expected} bytes."
+            f"Input '{name}' carries {size} bytes of binary data, but shape {shape} of "
+            f"{datatype} needs {count * dtype.itemsize} bytes."
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def deserialize_bytes(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:

@@ -43,6 +43,10 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
 
 def parse_infer_request(body: bytes, header_length: str | None, model: str,
                         version: int | None) -> InferRequest:
+    """A v2 infer request from a REST body: JSON, or (binary tensor data extension) a JSON
+    header of ``header_length`` bytes followed by the tensors' raw bytes, which become
+    zero-copy arrays over ``body``."""
+    n = len(body)
     if header_length is not None:
         try:
             n = int(header_length)
@@ -52,75 +56,75 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
             raise InvalidRequestError(
                 f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes."
             )
-        view = memoryview(body)
-        doc = _loads(view[:n])
-        binary = view[n:]
+        doc = _loads(body[:n])
     else:
         doc = _loads(body)
-        binary = memoryview(b"")
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise InvalidRequestError("Request body must be a JSON object with an 'inputs' list.")
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    if type(raw_inputs) is not list or not raw_inputs:
         raise InvalidRequestError("Request must have a non-empty 'inputs' list.")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
+    params = doc.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
         raise InvalidRequestError("'parameters' must be a JSON object.")
     inputs: list[InputTensor] = []
-    offset = 0
+    offset = n  # where the next input's binary data starts in the body
     for i, item in enumerate(raw_inputs):
-        if not isinstance(item, dict):
+        if type(item) is not dict:
             raise InvalidRequestError(f"inputs[{i}] must be an object with name, shape, datatype and data.")
         name = item.get("name")
         datatype = item.get("datatype")
-        if not isinstance(name, str) or not name:
+        if type(name) is not str or not name:
             raise InvalidRequestError(f"inputs[{i}] needs a 'name' string.")
-        if not isinstance(datatype, str):
+        if type(datatype) is not str:
             raise DatatypeError(f"Input '{name}' needs a 'datatype' such as FP32.")
         shape = check_shape(name, item.get("shape"))
-        tparams = item.get("parameters") or {}
-        if not isinstance(tparams, dict):
+        tparams = item.get("parameters")
+        if tparams is None:
+            tparams = {}
+        elif type(tparams) is not dict:
             raise InvalidRequestError(f"Input '{name}': 'parameters' must be an object.")
         size = tparams.get("binary_data_size")
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            if type(size) is not int or size < 0:
                 raise InvalidRequestError(f"Input '{name}': binary_data_size must be a non-negative integer.")
-            if offset + size > len(binary):
+            if offset + size > len(body):
                 raise ShapeError(
                     f"Input '{name}' declares {size} bytes of binary data but only "
-                    f"{len(binary) - offset} remain in the body."
+                    f"{len(body) - offset} remain in the body."
                 )
-            arr = array_from_raw(name, datatype, shape, binary[offset:offset + size])
+            arr = array_from_raw(name, datatype, shape, body, offset, size)
             offset += size
         else:
             if "data" not in item:
                 raise InvalidRequestError(f"Input '{name}' has neither 'data' nor binary_data_size.")
             arr = array_from_json(name, datatype, shape, item["data"])
-        inputs.append(InputTensor(name=name, datatype=datatype, shape=shape, data=arr, parameters=tparams))
-    if offset != len(binary):
+        inputs.append(InputTensor(name, datatype, shape, arr, tparams))
+    if offset != len(body):
         raise InvalidRequestError(
-            f"The body carries {len(binary) - offset} bytes of binary data no input claims."
+            f"The body carries {len(body) - offset} bytes of binary data no input claims."
         )
     outputs = None
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
+        if type(raw_outputs) is not list:
             raise InvalidRequestError("'outputs' must be a list of {name, parameters} objects.")
         outputs = []
         for j, o in enumerate(raw_outputs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            if type(o) is not dict or type(o.get("name")) is not str:
                 raise InvalidRequestError(f"outputs[{j}] needs a 'name' string.")
             op = o.get("parameters") or {}
-            if not isinstance(op, dict):
+            if type(op) is not dict:
                 raise InvalidRequestError(f"outputs[{j}].parameters must be an object.")
             b = op.get("binary_data")
             outputs.append(RequestedOutput(name=o["name"], binary=bool(b) if b is not None else None,
                                            parameters=op))
     req_id = doc.get("id")
     return InferRequest(
-        model=model, version=version, inputs=inputs, outputs=outputs,
-        id=str(req_id) if req_id is not None else None, parameters=params,
-        priority=_priority(params.get("priority")), timeout_s=_timeout_s(params),
+        model, inputs, version, str(req_id) if req_id is not None else None, outputs, params,
+        _priority(params.get("priority")) if params else None, _timeout_s(params) if params else None,
     )
 
 
