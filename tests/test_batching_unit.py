@@ -200,3 +200,40 @@ def test_only_batches_predicted_cheap_run_on_the_event_loop() -> None:
     assert not runs_inline(10e-6, 2e-3, 1, 1)
     # nor does a slow model
     assert not runs_inline(5e-3, 5e-3, 1, 1)
+
+
+async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_tensors() -> None:
+    import asyncio
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gate_backend import Gate, GateModel
+    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.spec import ModelSpec
+    from inhouse.errors import DeadlineExceededError
+
+    gate = Gate()
+    spec = ModelSpec.model_validate({"name": "g", "backend": "gate", "batching": {"max_batch_size": 4}})
+    batcher = DynamicBatcher(GateModel(gate), spec)
+    x = np.zeros((1, 2), np.float32)
+    # many requests with deadlines finish long before them: one timer, and the heap of deadlines
+    # holds none of their tensors
+    for i in range(20):
+        assert (await batcher.submit({"x": x + i}, None, timeout_s=60))["y"][0, 0] == 2 * i
+    assert len(batcher._deadlines) == 20 and all(not p.inputs for _, _, p in batcher._deadlines)
+    # a request still running when its deadline passes is answered then (504), not when the model returns
+    gate.open.clear()
+    running = asyncio.ensure_future(batcher.submit({"x": x + 99}, None, timeout_s=0.2))
+    await asyncio.to_thread(gate.entered.acquire, True, 10)
+    t0 = time.monotonic()
+    try:
+        await asyncio.wait_for(running, 5)
+        raise AssertionError("the deadline did not fire")
+    except DeadlineExceededError:
+        assert time.monotonic() - t0 < 1.0
+    gate.open.set()
+    assert (await batcher.submit({"x": x + 1}, None, timeout_s=60))["y"][0, 0] == 2
+    assert batcher.stats.expired == 1
+    await batcher.close()

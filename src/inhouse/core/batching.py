@@ -34,7 +34,6 @@ class Pending:
     deadline: float | None
     future: asyncio.Future[dict[str, np.ndarray]] | None = None
     state: int = QUEUED
-    timer: asyncio.TimerHandle | None = None
     seq: int = 0
     ctx: contextvars.Context | None = None  # the request's context, for metrics recorders
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
 import logging
 import math
 import queue
@@ -49,6 +50,7 @@ _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 _INLINE_MAX_S = 250e-6
 _INLINE_MAX_WALL_S = 1e-3
 _INLINE_BURST = 8
+_NO_INPUTS: dict[str, np.ndarray] = {}
 
 
 def runs_inline(cpu_s: float, wall_s: float, rows_measured: float, rows: int) -> bool:
@@ -139,6 +141,12 @@ class DynamicBatcher:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # deadlines of queued and running requests: one heap and one timer for the earliest,
+        # instead of a timer armed and cancelled per request; finished entries are dropped
+        # when they reach the top
+        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = math.inf
         self._running = 0
         self._seq = 0
         self._closed = False
@@ -183,6 +191,8 @@ class DynamicBatcher:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         for p in self._queue.drain():
             self._fail(p, ModelNotReadyError(f"Model '{self._name}' was unloaded before the request ran; retry."))
         for inst in self._instances:
@@ -225,7 +235,9 @@ class DynamicBatcher:
         self._seq += 1
         p.seq = self._seq
         if p.deadline is not None:
-            p.timer = loop.call_at(loop.time() + (p.deadline - p.enqueued), self._expire, p)
+            heapq.heappush(self._deadlines, (p.deadline, p.seq, p))
+            if p.deadline < self._deadline_at:
+                self._arm_deadline(loop, p.deadline)
         if self._record:
             p.ctx = contextvars.copy_context()
         self._queue.push(p)
@@ -243,9 +255,9 @@ class DynamicBatcher:
             # the caller went away (client disconnect): a queued request never runs
             if p.state == QUEUED:
                 self._queue.discard(p)
+                p.state = DONE
+                p.inputs = _NO_INPUTS  # in no batch: the deadline heap need not keep its tensors
                 self.stats.cancelled += 1
-            if p.timer is not None:
-                p.timer.cancel()
             raise
         except DeadlineExceededError:
             raise DeadlineExceededError(
@@ -336,20 +348,44 @@ class DynamicBatcher:
         self._timer_at = math.inf
         self._flush()
 
+    def _arm_deadline(self, loop: asyncio.AbstractEventLoop, deadline: float, min_delay: float = 0.0) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_at = deadline
+        delay = max(min_delay, deadline - self._clock())
+        self._deadline_timer = loop.call_at(loop.time() + delay, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        """Expire every request whose deadline has passed; re-arm for the next one pending."""
+        self._deadline_timer = None
+        self._deadline_at = math.inf
+        heap = self._deadlines
+        now = self._clock()
+        while heap:
+            deadline, _, p = heap[0]
+            if p.state != DONE and deadline > now:
+                break
+            heapq.heappop(heap)
+            if p.state != DONE or (p.future is not None and not p.future.done()):
+                self._expire(p)
+        if heap and self._loop is not None and not self._closed:
+            self._arm_deadline(self._loop, heap[0][0], 1e-3)  # a clock that lags the loop's cannot spin it
+
     def _expire(self, p: Pending) -> None:
         """A deadline passed: a queued request is dropped (never runs); a running one is
         answered now and its result discarded when it arrives."""
-        if p.state == DONE and (p.future is None or p.future.done()):
+        if p.future is None or p.future.done():
+            p.state = DONE
             return
-        self._queue.discard(p)
+        if p.state == QUEUED:  # in no batch yet: dropped, and its tensors with it
+            self._queue.discard(p)
+            p.inputs = _NO_INPUTS
         p.state = DONE
         self.stats.expired += 1
         self._fail(p, DeadlineExceededError(f"Request to model '{self._name}' exceeded its deadline."))
 
     def _fail(self, p: Pending, err: BaseException) -> None:
         p.state = DONE
-        if p.timer is not None:
-            p.timer.cancel()
         if p.future is not None and not p.future.done():
             p.future.set_exception(err)
 
@@ -427,10 +463,10 @@ class DynamicBatcher:
         st.batched_rows += batch.rows
         st.executed += len(batch.requests)
         for p, res in zip(batch.requests, results, strict=True):
-            if p.timer is not None:
-                p.timer.cancel()
             p.state = DONE
+            p.inputs = _NO_INPUTS  # the heap of deadlines may hold the entry a while: not its tensors
             fut = p.future
+            p.future = None
             if fut is None or fut.done():
                 continue
             if isinstance(res, BaseException):
