@@ -236,17 +236,33 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
             r["added_p50_us"] = round(r["p50_ms"] * 1000 - raw["call_p50_us"], 1)
             r["added_p99_us"] = round(r["p99_ms"] * 1000 - raw["call_p50_us"], 1)
         print(_row(r), flush=True)
+    if args.asgi_reference and "rest" in transports:
+        # the same REST points with the HTTP fast path off (uvicorn's ASGI request cycle), same run
+        with serve(repo, {"INHOUSE_HTTP_FAST_PATH": "false"}) as urls:
+            asgi = measure(args, urls, payload, [("rest", "mlp-batch", 64), ("rest", "mlp-batch", 1)])
+        for r in asgi:
+            r["model"] = "mlp-batch (ASGI path)"
+            print(_row(r), flush=True)
+        rows += asgi
     floor = http_floor(args, payload) if "rest" in transports else {}
     if floor:
         print(f"  http floor (bare uvicorn app, c=64 / c=1): {floor}", flush=True)
     summary = {}
     for transport in transports:
-        on = next((r for r in rows if r.get("transport") == transport and r["batching"] and r["concurrency"] == 64), {})
-        off = next((r for r in rows if r.get("transport") == transport and not r["batching"]
+        on = next((r for r in rows if r.get("transport") == transport and r["model"] == "mlp-batch"
+                   and r["concurrency"] == 64), {})
+        off = next((r for r in rows if r.get("transport") == transport and r["model"] == "mlp"
                     and r["concurrency"] == 64), {})
         if on.get("rps") and off.get("rps"):
             summary[f"{transport}_batching_speedup_c64"] = round(on["rps"] / off["rps"], 2)
-    on_rest = next((r for r in rows if r.get("transport") == "rest" and r["batching"] and r["concurrency"] == 64), {})
+    on_rest = next((r for r in rows if r.get("transport") == "rest" and r["model"] == "mlp-batch"
+                    and r["concurrency"] == 64), {})
+    asgi_rest = next((r for r in rows if r["model"] == "mlp-batch (ASGI path)" and r["concurrency"] == 64), {})
+    if asgi_rest.get("rps") and on_rest.get("rps"):
+        summary["rest_fast_path_vs_asgi_c64_rps"] = round(on_rest["rps"] / asgi_rest["rps"], 2)
+        if asgi_rest.get("server_cpu_us_per_req") and on_rest.get("server_cpu_us_per_req"):
+            summary["rest_fast_path_vs_asgi_c64_cpu"] = round(
+                on_rest["server_cpu_us_per_req"] / asgi_rest["server_cpu_us_per_req"], 2)
     if floor.get("c64", {}).get("rps") and on_rest.get("rps"):
         summary["rest_batching_c64_vs_http_floor"] = round(on_rest["rps"] / floor["c64"]["rps"], 3)
     print(f"mlp summary: {summary}", flush=True)
@@ -300,6 +316,8 @@ def main() -> None:
                    help="batching.max_batch_size of the batched encoder; 0 = raw onnxruntime's best batch size")
     p.add_argument("--spinning", default="off", help="encoder: off, on or off,on")
     p.add_argument("--rounds", type=int, default=1, help="repeat every point, interleaved; report medians")
+    p.add_argument("--asgi-reference", action="store_true",
+                   help="mlp: also measure REST with the HTTP fast path off (http_fast_path: false)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

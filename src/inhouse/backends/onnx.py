@@ -143,14 +143,18 @@ def _dims(shape: Any) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in (shape or [])]
 
 
+# providers that compute on the calling machine's CPU; any other (CUDA, TensorRT, …) waits on a device
+_CPU_PROVIDERS = frozenset({"CPUExecutionProvider", "DnnlExecutionProvider", "XnnpackExecutionProvider"})
+
+
 class OnnxModel:
     platform = "onnxruntime_onnx"
-    # run() releases the GIL and never blocks on Python code: a call the scheduler measured as
-    # cheap may run on the event loop itself
-    inline_safe = True
 
     def __init__(self, session: ort.InferenceSession, inputs: list[TensorSpec],
                  outputs: list[TensorSpec]) -> None:
+        # run() releases the GIL and never blocks on Python code: on the CPU a call the scheduler
+        # measured as cheap may run on the event loop itself; a call waiting on a device never does
+        self.inline_safe = all(p in _CPU_PROVIDERS for p in session.get_providers())
         self._session: ort.InferenceSession | None = session
         self.inputs = inputs
         self.outputs = outputs

@@ -48,23 +48,24 @@ _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 # thread hand-off and the wake-up back cost more than the model. At most a burst of them runs
 # before other work on the loop gets its turn.
 _INLINE_MAX_S = 250e-6
-_INLINE_MAX_WALL_S = 1e-3
 _INLINE_BURST = 8
 _NO_INPUTS: dict[str, np.ndarray] = {}
 
 
-def runs_inline(cpu_s: float, wall_s: float, rows_measured: float, rows: int) -> bool:
+def runs_inline(cpu_s: float, rows_measured: float, rows: int) -> bool:
     """Whether a batch of ``rows`` runs on the event loop, from the model's moving averages of
-    the *model call's* CPU time and wall time and of rows per call. Only the model call can run
-    beside the loop on an instance thread: joining inputs and splitting outputs are Python and
-    hold the interpreter lock wherever they run, and handing the batch to a thread and back
-    costs more than a cheap call (two wake-ups and lock hand-offs). CPU time decides
-    (preemption on a busy machine does not count); the wall-time bound keeps calls that wait on
-    a device (GPU) off the loop. A batch larger than the measured ones is predicted to cost
-    proportionally more (an upper bound: a call's fixed cost does not grow with its rows), so a
-    big batch of a model that is only cheap for small ones still goes to an instance thread."""
+    the *model call's* CPU time and of rows per call. Only the model call can run beside the
+    loop on an instance thread: joining inputs and splitting outputs are Python and hold the
+    interpreter lock wherever they run, and handing the batch to a thread and back costs more
+    than a cheap call (two wake-ups and lock hand-offs). CPU time of the calling thread decides:
+    preemption on a busy machine does not count, and neither does waiting for the lock after the
+    call, which a wall clock would add on a thread while the loop is busy. (Calls that wait on a
+    device are kept off the loop by the model itself: ``inline_safe`` is false for them.) A batch
+    larger than the measured ones is predicted to cost proportionally more (an upper bound: a
+    call's fixed cost does not grow with its rows), so a big batch of a model that is only cheap
+    for small ones still goes to an instance thread."""
     scale = max(1.0, rows / max(1.0, rows_measured))
-    return cpu_s * scale < _INLINE_MAX_S and wall_s * scale < _INLINE_MAX_WALL_S
+    return cpu_s * scale < _INLINE_MAX_S
 
 
 class Scheduler(Protocol):
@@ -152,7 +153,6 @@ class DynamicBatcher:
         self._closed = False
         self._ema_batch_s = 0.001  # wall time per call: queue-wait estimates (Retry-After)
         self._ema_cpu_s = 0.001  # CPU time of the model call (calling thread): the inline decision
-        self._ema_call_s = 0.001  # wall time of the model call: the inline decision
         self._ema_rows = 1.0
         # pure-Python backends may hold the GIL or block; only native engines run inline
         self._inline_ok = getattr(model, "inline_safe", False)
@@ -330,7 +330,7 @@ class DynamicBatcher:
 
     def _inline(self, batch: Batch) -> bool:
         return self._inline_ok and self._running == 0 and runs_inline(
-            self._ema_cpu_s, self._ema_call_s, self._ema_rows, batch.rows)
+            self._ema_cpu_s, self._ema_rows, batch.rows)
 
     def _arm(self, delay_s: float) -> None:
         if self._loop is None:
@@ -450,7 +450,6 @@ class DynamicBatcher:
                 call: tuple[float, float]) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * call[0]
-        self._ema_call_s = 0.8 * self._ema_call_s + 0.2 * call[1]
         if self._record:  # once per backend call, in the context of the batch's first request
             first = batch.requests[0].ctx if batch.requests else None
             if first is not None:
