@@ -2,29 +2,39 @@
 policy and the audit log, all on) on an overhead-bound model, against the same server with
 security off, measured in the same run.
 
-    python bench/bench_security.py [--requests 2000] [--seconds 5] [--concurrency 8] [--rounds 2]
+    python bench/bench_security.py [--requests 3000] [--duration 4] [--concurrency 64,1] [--rounds 2]
 
-Prints p50 / p99 latency at concurrency 1 and throughput at --concurrency for both, and the
-differences. Servers run as subprocesses (``inhouse serve``) so the client does not share
-their event loop."""
+1. In process (``--micro-only`` stops here): CPU time per request of the v2 infer hot path
+   and of the HTTP middleware, security off and on, with 1 and 8 concurrent callers.
+2. End to end: the 32-feature MLP of ``bench/models.py`` served by ``inhouse serve`` twice
+   (security off; security on), each a subprocess, loaded by ``bench/loadgen.py`` (raw
+   asyncio, its own process, a few microseconds per request, so the server is the
+   bottleneck) at each ``--concurrency``. Rounds alternate off / on. Prints, per
+   concurrency, the medians of requests/s, p50 / p99 and the server's CPU per request, the
+   throughput ratio on ÷ off and the p50 difference."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
-import numpy as np
 import yaml
 from onnx import TensorProto, helper
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 BODY = {"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]},
                    {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
@@ -65,11 +75,13 @@ def start(repo: Path, data: Path, secured: bool) -> tuple[subprocess.Popen[bytes
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(url: str, headers: dict[str, str]) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], headers: dict[str, str]) -> None:
     deadline = time.time() + 120
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
         try:
-            if httpx.post(url + "/v2/models/add/infer", json=BODY, headers=headers).status_code == 200:
+            if httpx.get(url + "/v2/models/mlp/ready", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -77,37 +89,86 @@ def wait_ready(url: str, headers: dict[str, str]) -> None:
     raise TimeoutError(url)
 
 
-def latency(url: str, headers: dict[str, str], n: int) -> tuple[float, float]:
-    times = []
-    with httpx.Client(base_url=url, headers=headers) as c:
-        for _ in range(200):
-            c.post("/v2/models/add/infer", json=BODY)
-        for _ in range(n):
-            t = time.perf_counter()
-            r = c.post("/v2/models/add/infer", json=BODY)
-            times.append(time.perf_counter() - t)
-            if r.status_code != 200:
-                raise RuntimeError(r.text)
-    arr = np.array(times) * 1000
-    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+def mlp_repo(root: Path, policy: bool) -> Path:
+    """The MLP of bench/models.py, batching off, one intra-op thread (as bench/run.py serves it)."""
+    from models import mlp_model, write
+
+    spec: dict[str, Any] = {"onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8}}
+    if policy:
+        spec["policy"] = {"max_input_bytes": 65536, "deny_patterns": ["(?i)ignore previous instructions"]}
+    write(root, "mlp", mlp_model(), spec)
+    return root
 
 
-async def throughput(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> float:
-    done = 0
-    stop = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=url, headers=headers,
-                                 limits=httpx.Limits(max_connections=concurrency)) as c:
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                r = await c.post("/v2/models/add/infer", json=BODY)
-                if r.status_code != 200:
-                    raise RuntimeError(r.text)
-                done += 1
+def mlp_payload(path: Path) -> Path:
+    """One row of 32 features as v2 JSON (the content policy's text rules need JSON tensor data)."""
+    from models import mlp_inputs
 
-        t = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - t)
+    feed = mlp_inputs(1)
+    inputs = [{"name": k, "shape": list(v.shape), "datatype": "FP32", "data": v.ravel().tolist()}
+              for k, v in feed.items()]
+    path.write_text(json.dumps({"header": {"inputs": inputs}, "binary_hex": ""}))
+    return path
+
+
+def loadgen(url: str, pid: int, payload: Path, concurrency: int, duration: float, warmup: float,
+            headers: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--model", "mlp", "--payload", str(payload),
+           "-c", str(concurrency), "-d", str(duration), "--warmup", str(warmup), "--server-pid", str(pid)]
+    for h in headers:
+        cmd += ["--header", h]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip()[-800:])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["errors"]:
+        raise RuntimeError(f"{result['errors']} failed requests: {result['statuses']}")
+    return result
+
+
+def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
+    from inhouse.security.keys import KeyStore
+
+    payload = mlp_payload(tmp / "mlp.json")
+    repos = {"off": mlp_repo(tmp / "e2e-off" / "models", policy=False),
+             "on": mlp_repo(tmp / "e2e-on" / "models", policy=True)}
+    store = KeyStore(tmp / "e2e-on" / "data")
+    key = store.create("bench", ["infer"], models=["mlp"], rate="1000000/s")[0]
+    store.close()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {(m, c): [] for m in ("off", "on") for c in levels}
+    for rnd in range(args.rounds):
+        for mode in ("off", "on"):
+            secured = mode == "on"
+            proc, url = start(repos[mode], repos[mode].parent / "data", secured)
+            headers = [f"Authorization: Bearer {key}"] if secured else []
+            try:
+                wait_ready(url, proc, {"authorization": f"Bearer {key}"} if secured else {})
+                for c in levels:
+                    r = loadgen(url, proc.pid, payload, c, args.duration, args.warmup, headers)
+                    results[(mode, c)].append(r)
+                    print(f"  round {rnd + 1} security {mode:>3} c={c:<3} {r['rps']:>8,.0f} req/s  p50 "
+                          f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  server CPU "
+                          f"{r['server_cpu_us_per_req']} us/req", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+
+    def med(mode: str, c: int, field: str) -> float:
+        return float(statistics.median(r[field] for r in results[(mode, c)]))
+
+    print(f"\nend to end, MLP over REST (bench/loadgen.py), median of {args.rounds} rounds, security off -> on:")
+    for c in levels:
+        off_rps, on_rps = med("off", c, "rps"), med("on", c, "rps")
+        print(f"  c={c:<3} throughput {off_rps:,.0f} -> {on_rps:,.0f} req/s, ratio {on_rps / off_rps:.3f}; "
+              f"p50 {med('off', c, 'p50_ms'):.3f} -> {med('on', c, 'p50_ms'):.3f} ms "
+              f"({(med('on', c, 'p50_ms') - med('off', c, 'p50_ms')) * 1000:+.0f} us); p99 "
+              f"{med('off', c, 'p99_ms'):.3f} -> {med('on', c, 'p99_ms'):.3f} ms; server CPU "
+              f"{med('off', c, 'server_cpu_us_per_req'):.0f} -> {med('on', c, 'server_cpu_us_per_req'):.0f} us/req "
+              f"({med('on', c, 'server_cpu_us_per_req') - med('off', c, 'server_cpu_us_per_req'):+.0f})")
+    db = sqlite3.connect(repos["on"].parent / "data" / "audit.sqlite3")
+    print(f"  audit entries written by the secured runs: {db.execute('SELECT count(*) FROM audit').fetchone()[0]}")
+    db.close()
 
 
 def micro(n: int, tmp: Path) -> None:
@@ -191,49 +252,19 @@ def micro(n: int, tmp: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=3000, help="in process: requests per measurement")
+    p.add_argument("--duration", type=float, default=4.0, help="end to end: seconds measured per point")
+    p.add_argument("--warmup", type=float, default=1.0, help="end to end: seconds of load before measuring")
+    p.add_argument("--concurrency", default="64,1", help="end to end: comma-separated connection counts")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--micro-only", action="store_true", help="only the in-process middleware measurement")
+    p.add_argument("--micro-only", action="store_true", help="only the in-process measurement")
+    p.add_argument("--e2e-only", action="store_true", help="only the end-to-end measurement")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="inhouse-bench-sec-"))
-    micro(args.requests, tmp)
-    if args.micro_only:
-        return
-    from inhouse.security.keys import KeyStore
-
-    plain_repo = make_repo(tmp / "plain", policy=False)
-    secure_repo = make_repo(tmp / "secure", policy=True)
-    store = KeyStore(tmp / "data-secure")
-    key = store.create("bench", ["infer"], models=["add"], rate="1000000/s")[0]
-    store.close()
-    results: dict[str, list[tuple[float, float, float]]] = {"off": [], "on": []}
-    for _ in range(args.rounds):
-        for mode in ("off", "on"):
-            secured = mode == "on"
-            proc, url = start(secure_repo if secured else plain_repo, tmp / f"data-{'secure' if secured else 'plain'}",
-                              secured)
-            headers = {"authorization": f"Bearer {key}"} if secured else {}
-            try:
-                wait_ready(url, headers)
-                p50, p99 = latency(url, headers, args.requests)
-                rps = asyncio.run(throughput(url, headers, args.seconds, args.concurrency))
-            finally:
-                proc.terminate()
-                proc.wait(30)
-            results[mode].append((p50, p99, rps))
-            print(f"security {mode:>3}: p50 {p50:.3f} ms  p99 {p99:.3f} ms  {rps:,.0f} req/s "
-                  f"(concurrency {args.concurrency})", flush=True)
-    off = [statistics.median(x) for x in zip(*results["off"], strict=True)]
-    on = [statistics.median(x) for x in zip(*results["on"], strict=True)]
-    print(f"\nmedian of {args.rounds} rounds")
-    print(f"  p50 latency  off {off[0]:.3f} ms   on {on[0]:.3f} ms   added {on[0] - off[0]:+.3f} ms")
-    print(f"  p99 latency  off {off[1]:.3f} ms   on {on[1]:.3f} ms")
-    print(f"  throughput   off {off[2]:,.0f}/s   on {on[2]:,.0f}/s   ratio {on[2] / off[2]:.3f}")
-    log_rows = sum(1 for _ in __import__("sqlite3").connect(tmp / "data-secure" / "audit.sqlite3").execute(
-        "SELECT seq FROM audit"))
-    print(f"  audit entries written by the secured runs: {log_rows}")
+    if not args.e2e_only:
+        micro(args.requests, tmp)
+    if not args.micro_only:
+        end_to_end(args, tmp)
 
 
 if __name__ == "__main__":

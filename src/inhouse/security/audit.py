@@ -93,13 +93,21 @@ def _canonical(row: dict[str, Any]) -> bytes:
 
 
 def _chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    return hashlib.sha256(prev_hash.encode() + b"\n" + _canonical(row)).hexdigest()
+    return _chain_hash_of(prev_hash, _canonical(row))
+
+
+def _chain_hash_of(prev_hash: str, canonical: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical).hexdigest()
 
 
 def _clean_detail(detail: dict[str, Any] | None) -> str | None:
     if not detail:
         return None
     return redact(orjson.dumps(detail, default=str).decode())
+
+
+class _HeadMoved(Exception):
+    """The head record is not where this connection last left it (another process appended)."""
 
 
 class AuditLog:
@@ -110,6 +118,7 @@ class AuditLog:
             raise FileNotFoundError(f"There is no audit log at {self.path}; check --data-dir.")
         data_dir.mkdir(parents=True, exist_ok=True)
         self._key = derive(secret or load_or_create_secret(data_dir, create=create), "audit")
+        self._hmac = hmac.new(self._key, digestmod=hashlib.sha256)  # keyed once; copied per MAC
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
@@ -120,13 +129,16 @@ class AuditLog:
             # the request path, instead of inside whichever commit crosses the threshold.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._lock = threading.Lock()
+        self._head: tuple[int, str, str] | None = None  # as this connection last committed it
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def _mac(self, text: str) -> str:
-        return hmac.digest(self._key, text.encode(), "sha256").hex()
+        h = self._hmac.copy()
+        h.update(text.encode())
+        return h.hexdigest()
 
     def _meta(self, name: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT value, mac FROM audit_meta WHERE name = ?", (name,)).fetchone()
@@ -158,34 +170,68 @@ class AuditLog:
     def append_many(self, entries: list[AuditEntry]) -> list[int]:
         """Commit several entries in one transaction (group commit); their sequence numbers."""
         rows = [{
-            "ts": e.ts, "transport": e.transport, "key_id": e.key_id, "action": e.action, "model": e.model,
+            "seq": 0, "ts": e.ts, "transport": e.transport, "key_id": e.key_id, "action": e.action, "model": e.model,
             "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
             "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
             "request_id": e.request_id, "trace_id": e.trace_id, "detail": _clean_detail(e.detail),
-        } for e in entries]
+        } for e in entries]  # exactly the keys of FIELDS, in that order
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                head = self._db.execute("SELECT value FROM audit_meta WHERE name = 'head'").fetchone()
-                if head is not None:
-                    h = orjson.loads(head[0])
-                    seq, prev = h["seq"], h["hash"]
+                return self._commit(rows, self._head)
+            except _HeadMoved:  # another process wrote since our last commit: read the head again
+                return self._commit(rows, None)
+
+    def _commit(self, rows: list[dict[str, Any]], head: tuple[int, str, str] | None) -> list[int]:
+        """Insert ``rows`` after ``head`` (sequence number, hash and stored text of the head record
+        as this connection last wrote it; None: read it) and move the head, in one transaction.
+        The head moves only if it still reads as ``head`` said, so a stale one raises _HeadMoved
+        and nothing is written."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if head is None:
+                row = db.execute("SELECT value FROM audit_meta WHERE name = 'head'").fetchone()
+                if row is None:
+                    head = (0, GENESIS, "")
                 else:
-                    seq, prev = 0, GENESIS
-                params, seqs = [], []
-                for row in rows:
-                    seq += 1
-                    row["seq"] = seq
-                    digest = _chain_hash(prev, row)
-                    params.append((*(row[k] for k in FIELDS), prev, digest, self._mac(digest)))
-                    seqs.append(seq)
-                    prev = digest
-                self._db.executemany(_INSERT, params)
-                self._set_meta("head", {"seq": seq, "hash": prev})
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                    h = orjson.loads(row[0])
+                    head = (h["seq"], h["hash"], row[0])
+                fresh = True
+            else:
+                fresh = False
+            seq, prev, old_text = head
+            params, seqs = [], []
+            for row in rows:
+                seq += 1
+                row["seq"] = seq
+                digest = _chain_hash_of(prev, orjson.dumps(row, option=orjson.OPT_SORT_KEYS))
+                params.append((*row.values(), prev, digest, self._mac(digest)))
+                seqs.append(seq)
+                prev = digest
+            text = orjson.dumps({"seq": seq, "hash": prev}, option=orjson.OPT_SORT_KEYS).decode()
+            try:
+                db.executemany(_INSERT, params)
+                if old_text:
+                    moved = db.execute("UPDATE audit_meta SET value = ?, mac = ? WHERE name = 'head' AND value = ?",
+                                       (text, self._mac(f"head|{text}"), old_text)).rowcount != 1
+                else:
+                    db.execute("INSERT INTO audit_meta (name, value, mac) VALUES ('head', ?, ?)",
+                               (text, self._mac(f"head|{text}")))
+                    moved = False
+            except sqlite3.IntegrityError:
+                if fresh:
+                    raise
+                moved = True
+            if moved:
+                if fresh:
+                    raise sqlite3.DatabaseError("the audit log's head record changed inside a write transaction")
+                raise _HeadMoved
+            db.execute("COMMIT")
+        except BaseException:
+            self._head = None
+            db.execute("ROLLBACK")
+            raise
+        self._head = (seq, prev, text)
         return seqs
 
     def append_admin(self, action: str, detail: dict[str, Any] | None = None, transport: str = "cli") -> int:

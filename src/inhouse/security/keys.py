@@ -3,7 +3,13 @@
 A key reads ``ih_<key id>_<secret>``. The key id (public, 16 hex digits) finds the record; the
 whole key is checked against the stored HMAC-SHA256 with a constant-time comparison. The
 server keeps the records in memory and reloads them whenever another process (the
-``inhouse keys`` CLI) commits a change, so a revocation takes effect on the next request."""
+``inhouse keys`` CLI) commits a change, so a revocation takes effect on the next request.
+
+A key that has passed the HMAC check once is remembered (by key id, with the exact key
+presented) until the store changes: later requests with it compare the presented key with the
+remembered one in constant time instead of recomputing the HMAC. Any commit to the store
+(create, revoke, from this process or another) drops every remembered key before the next
+lookup, so a revocation still takes effect on the next request."""
 
 from __future__ import annotations
 
@@ -103,6 +109,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._version = -1
         self._cache: dict[str, ApiKey] = {}
+        self._verified: dict[str, tuple[bytes, ApiKey]] = {}  # key id -> (presented key, record)
         self._refresh(force=True)
 
     def close(self) -> None:
@@ -139,6 +146,7 @@ class KeyStore:
                  orjson.dumps(sorted(model_set)).decode() if model_set is not None else None,
                  orjson.dumps([str(n) for n in nets]).decode(), rate, expires_at, rec.created_at))
             self._version = -1
+            self._verified.clear()
         return presented, rec
 
     def revoke(self, key_id_or_name: str) -> list[str]:
@@ -151,6 +159,7 @@ class KeyStore:
             self._db.executemany("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?",
                                  [(time.time(), i) for i in ids])
             self._version = -1
+            self._verified.clear()
         return ids
 
     def list(self) -> list[ApiKey]:
@@ -165,12 +174,21 @@ class KeyStore:
         if key_id is None:
             return None
         self._refresh()
+        raw = presented.encode()
+        seen = self._verified.get(key_id)
+        if seen is not None and hmac.compare_digest(raw, seen[0]):
+            return seen[1]
         rec = self._cache.get(key_id)
         if rec is None:
             # Spend the same HMAC work as for a known id so timing does not reveal which ids exist.
             hmac.compare_digest(self._digest(presented), b"\0" * 32)
             return None
-        return rec if hmac.compare_digest(self._digest(presented), rec.digest) else None
+        if not hmac.compare_digest(self._digest(presented), rec.digest):
+            return None
+        with self._lock:
+            if self._cache.get(key_id) is rec:  # not replaced by a refresh meanwhile
+                self._verified[key_id] = (raw, rec)
+        return rec
 
     def _refresh(self, force: bool = False) -> None:
         with self._lock:
@@ -187,4 +205,5 @@ class KeyStore:
                              expires_at=r[7], created_at=r[8], revoked_at=r[9])
                 for r in rows
             }
+            self._verified.clear()
             self._version = version

@@ -22,6 +22,11 @@ def parse_address(text: str) -> Address | None:
     return addr
 
 
+@lru_cache(maxsize=4096)
+def address_text(addr: Address) -> str:
+    return str(addr)
+
+
 def in_networks(addr: Address | None, networks: Sequence[Network]) -> bool:
     return addr is not None and any(addr.version == n.version and addr in n for n in networks)
 
