@@ -1,0 +1,179 @@
+"""The security layer's per-request shortcuts keep its guarantees: a remembered API key is
+forgotten the moment the key store changes, a remembered key is still compared in full, audit
+entries committed together are each committed before their caller goes on, and an audit log
+written by two processes still verifies."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import run_server
+from inhouse.security.audit import AuditEntry, AuditLog
+from inhouse.security.audit_commit import GroupCommitter
+from inhouse.security.keys import KeyStore
+
+X = np.ones((1, 4), np.float32).ravel().tolist()
+INFER = {"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": X},
+                    {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": X}]}
+
+
+def test_remembered_key_is_compared_in_full_and_forgotten_on_change(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    key, rec = store.create("app", ["infer"])
+    assert store.lookup(key) == rec
+    assert store.lookup(key) == rec  # remembered
+    assert store.lookup(key[:-1] + ("A" if key[-1] != "A" else "B")) is None  # same id, another secret
+    assert store.lookup(key + "x") is None
+    assert store.lookup(key) == rec
+
+    other = KeyStore(tmp_path)  # another process: the `inhouse keys` CLI
+    assert other.revoke("app") == [rec.key_id]
+    revoked = store.lookup(key)
+    assert revoked is not None and revoked.revoked_at is not None
+    second, rec2 = other.create("app2", ["infer"])
+    other.close()
+    assert store.lookup(second) == rec2
+    assert store.lookup(key).revoked_at is not None  # type: ignore[union-attr]
+
+    third, rec3 = store.create("app3", ["admin"])  # this process
+    assert store.lookup(third) == rec3
+    assert store.revoke(rec3.key_id) == [rec3.key_id]
+    assert store.lookup(third).revoked_at is not None  # type: ignore[union-attr]
+    store.close()
+
+
+def test_revocation_through_the_api_is_immediate_for_a_remembered_key(repo: Path) -> None:
+    data = repo.parent / "data"
+    store = KeyStore(data)
+    admin = store.create("ops", ["admin"])[0]
+    key, rec = store.create("app", ["infer"])
+    store.close()
+    with run_server(repo, auth=True, data_dir=data, load="add") as srv, srv.client() as c:
+        for _ in range(3):
+            assert c.post("/v2/models/add/infer", json=INFER, headers={"x-api-key": key}).status_code == 200
+        r = c.delete(f"/v2/security/keys/{rec.key_id}", headers={"x-api-key": admin})
+        assert r.json() == {"revoked": [rec.key_id]}
+        r = c.post("/v2/models/add/infer", json=INFER, headers={"x-api-key": key})
+        assert r.status_code == 401 and "revoked" in r.json()["error"]
+
+
+def _entry(i: int) -> AuditEntry:
+    return AuditEntry(action="infer", model="add", status=200, request_id=f"r{i}")
+
+
+def _committed(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT request_id FROM audit")}
+    finally:
+        db.close()
+
+
+def test_group_commit_commits_each_entry_before_its_caller_goes_on(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, b"s" * 32)
+    commits = GroupCommitter(log)
+
+    async def one(i: int) -> None:
+        await commits.commit(_entry(i))
+        assert f"r{i}" in _committed(log.path)  # visible to another connection: committed
+
+    async def main() -> None:
+        await one(0)  # nothing else in flight: committed at once, alone
+        assert (commits.commits, commits.entries) == (1, 1)
+        commits.in_flight = 8
+        await asyncio.gather(*(one(i) for i in range(1, 9)))
+        assert (commits.commits, commits.entries) == (2, 9)  # the eight overlapping ones: one transaction
+        commits.in_flight = 0
+
+    asyncio.run(main())
+    report = log.verify()
+    assert report.ok and report.entries == 9, report.problems
+    log.close()
+
+
+def test_group_commit_failure_fails_every_caller(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, b"s" * 32)
+    commits = GroupCommitter(log)
+    log.close()  # the log can no longer be written
+
+    async def main() -> list[BaseException | None]:
+        commits.in_flight = 3
+        return await asyncio.wait_for(
+            asyncio.gather(*(commits.commit(_entry(i)) for i in range(3)), return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, sqlite3.ProgrammingError) for r in results), results
+    with pytest.raises(sqlite3.ProgrammingError):
+        asyncio.run(commits.commit(_entry(9)))
+
+
+def test_audit_log_written_by_two_processes_verifies(tmp_path: Path) -> None:
+    server, cli = AuditLog(tmp_path, b"s" * 32), AuditLog(tmp_path, b"s" * 32)
+    seqs = [server.append(_entry(1)), cli.append_admin("keys.create"), server.append(_entry(2)),
+            *server.append_many([_entry(3), _entry(4)]), cli.append(_entry(5)), server.append(_entry(6))]
+    assert seqs == [1, 2, 3, 4, 5, 6, 7]
+    report = server.verify()
+    assert report.ok and report.entries == 7, report.problems
+    tamper = sqlite3.connect(tmp_path / "audit.sqlite3")
+    tamper.execute("DELETE FROM audit WHERE seq = 7")
+    tamper.commit()
+    tamper.close()
+    assert not cli.verify().ok  # a removed tail is still found
+    server.close()
+    cli.close()
+
+
+def test_concurrent_requests_are_all_audited_and_verify(repo: Path) -> None:
+    data = repo.parent / "data"
+    store = KeyStore(data)
+    key = store.create("app", ["infer"])[0]
+    store.close()
+
+    async def load(url: str) -> list[str]:
+        async with httpx.AsyncClient(base_url=url, headers={"x-api-key": key}, timeout=30) as c:
+            async def one(i: int) -> str:
+                r = await c.post("/v2/models/add/infer", json=INFER, headers={"x-request-id": f"c{i}"})
+                assert r.status_code == 200, r.text
+                return f"c{i}"
+
+            return list(await asyncio.gather(*(one(i) for i in range(48))))
+
+    with run_server(repo, auth=True, data_dir=data, load="add") as srv:
+        answered = asyncio.run(load(srv.url))
+        gate = srv.server.security
+        assert gate.commits is not None and gate.commits.in_flight == 0
+    log = AuditLog(data)
+    assert set(answered) <= {r["request_id"] for r in log.entries()}
+    report = log.verify()
+    assert report.ok, report.problems
+    log.close()
+
+
+def test_allow_list_answers_stay_right_past_the_cache_bound(tmp_path: Path) -> None:
+    from inhouse.errors import ForbiddenError
+    from inhouse.security.gate import Call, SecurityGate
+    from inhouse.settings import load_settings
+
+    gate = SecurityGate(load_settings(None, data_dir=tmp_path, allow_ips=["10.0.0.0/8"]))
+
+    def call(peer: str) -> Call:
+        return Call(transport="http", action="infer", scope="infer", peer=peer)
+
+    async def main() -> None:
+        for i in range(5000):  # more distinct clients than the cache holds
+            await gate.admit(call(f"10.{i // 256}.{i % 256}.1"))
+            if i % 1000 == 0:
+                with pytest.raises(ForbiddenError, match="allow-list"):
+                    await gate.admit(call(f"192.168.{i // 256}.1"))
+        await gate.admit(call("10.0.0.1"))
+        with pytest.raises(ForbiddenError):
+            await gate.admit(call("::ffff:192.168.0.1"))
+
+    asyncio.run(main())
+    gate.close()
