@@ -191,8 +191,23 @@ def micro(n: int, tmp: Path) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    async def receive() -> dict:  # type: ignore[type-arg]
-        return {"type": "http.request", "body": body, "more_body": False}
+    never: asyncio.Future[None] | None = None
+
+    def receiver() -> object:
+        """A request's ``receive``: its body once, then nothing until the connection closes (as a
+        server's blocks), so a slow request's disconnect watch waits instead of spinning."""
+        sent = False
+
+        async def receive() -> dict:  # type: ignore[type-arg]
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            assert never is not None
+            await never
+            return {"type": "http.disconnect"}
+
+        return receive
 
     async def send(message: dict) -> None:  # type: ignore[type-arg]
         pass
@@ -204,7 +219,7 @@ def micro(n: int, tmp: Path) -> None:
 
         async def worker(k: int) -> None:
             for _ in range(k):
-                await app(scope, receive, send)  # type: ignore[operator]
+                await app(scope, receiver(), send)  # type: ignore[operator]
 
         await worker(200)
         t, w = time.process_time(), time.perf_counter()
@@ -220,6 +235,8 @@ def micro(n: int, tmp: Path) -> None:
     base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
     async def run_all() -> None:
+        nonlocal never
+        never = asyncio.get_running_loop().create_future()
         await manager.load("add")
         off_gate = SecurityGate(load_settings(None, data_dir=tmp / "micro-off"), manager)
         off = SecurityMiddleware(inner, off_gate, 1 << 26)

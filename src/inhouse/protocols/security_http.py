@@ -393,7 +393,7 @@ def inspect_body(gate: SecurityGate, call: Call, route: Route, spec: ModelSpec |
     returns the body to pass on and the function that rewrites the response texts, if any."""
     llm = route.kind == "llm"
     doc: dict[str, Any] | None = None
-    if not binary:
+    if not binary and not (route.kind == "v2infer" and cannot_hold_text(body)):
         doc = json_object(body)
     if llm:
         model = doc.get("model") if doc is not None else None
@@ -413,6 +413,13 @@ def inspect_body(gate: SecurityGate, call: Call, route: Route, spec: ModelSpec |
     elif pii is not None and pii.outputs == "redact":
         output_fn = Redactor(pii.detectors).redact
     return body, output_fn
+
+
+def cannot_hold_text(body: bytes) -> bool:
+    """Whether a v2 infer JSON body certainly has no BYTES tensor, so text rules find nothing in
+    it and it need not be parsed here (the v2 parser reads it next): no ``BYTES`` in it, and no
+    ``\\u`` escape that could spell one. Only BYTES tensors may carry text."""
+    return b"BYTES" not in body and b"\\u" not in body
 
 
 def transform_json_body(body: bytes, fn: TextFn) -> bytes:
