@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -45,6 +47,34 @@ def test_remembered_key_is_compared_in_full_and_forgotten_on_change(tmp_path: Pa
     assert store.lookup(third) == rec3
     assert store.revoke(rec3.key_id) == [rec3.key_id]
     assert store.lookup(third).revoked_at is not None  # type: ignore[union-attr]
+    store.close()
+
+
+def test_every_change_by_another_connection_is_seen_by_the_next_lookup(tmp_path: Path) -> None:
+    store, other = KeyStore(tmp_path), KeyStore(tmp_path)
+    assert store._watch is not None  # the shared-memory shortcut is on for this test to mean anything
+    for i in range(40):
+        key, rec = other.create(f"k{i}", ["infer"])
+        assert store.lookup(key) == rec
+        assert store.lookup(key) == rec and store._watch.unchanged()  # nothing new: SQLite not asked
+        if i % 3 == 0:  # a WAL reset rewrites the header's salts instead of growing the log
+            other._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert other.revoke(rec.key_id) == [rec.key_id]
+        assert store.lookup(key).revoked_at is not None  # type: ignore[union-attr]
+    other.close()
+    store.close()
+
+
+def test_revocation_by_another_process_is_seen_by_the_next_lookup(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    for i in range(2):
+        key, rec = store.create(f"k{i}", ["infer"])
+        assert store.lookup(key) == rec and store.lookup(key) == rec
+        code = ("from pathlib import Path; from inhouse.security.keys import KeyStore; "
+                f"print(KeyStore(Path({str(tmp_path)!r})).revoke({rec.key_id!r}))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        assert rec.key_id in out.stdout
+        assert store.lookup(key).revoked_at is not None  # type: ignore[union-attr]
     store.close()
 
 

@@ -9,7 +9,9 @@ A key that has passed the HMAC check once is remembered (by key id, with the exa
 presented) until the store changes: later requests with it compare the presented key with the
 remembered one in constant time instead of recomputing the HMAC. Any commit to the store
 (create, revoke, from this process or another) drops every remembered key before the next
-lookup, so a revocation still takes effect on the next request."""
+lookup, so a revocation still takes effect on the next request. Whether anything was committed
+is first read from the database's shared wal-index header (:mod:`~inhouse.security.wal_watch`,
+a memory read), then, when it moved, from SQLite itself."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import orjson
 
 from inhouse.security.ratelimit import parse_rate
 from inhouse.security.secret import derive, load_or_create_secret
+from inhouse.security.wal_watch import WalWatch
 
 SCOPES = ("infer", "admin", "metrics")
 KEYS_DB = "keys.sqlite3"
@@ -103,17 +106,22 @@ class KeyStore:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._hash_key = derive(secret or load_or_create_secret(data_dir), "api-key")
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        wal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._version = -1
         self._cache: dict[str, ApiKey] = {}
         self._verified: dict[str, tuple[bytes, ApiKey]] = {}  # key id -> (presented key, record)
+        self._watch: WalWatch | None = None
         self._refresh(force=True)
+        # After the first read, so the -shm file exists; None: ask SQLite on every request.
+        self._watch = WalWatch(self.path) if wal else None
 
     def close(self) -> None:
         with self._lock:
+            if self._watch is not None:
+                self._watch.close()
             self._db.close()
 
     def _digest(self, presented: str) -> bytes:
@@ -191,9 +199,17 @@ class KeyStore:
         return rec
 
     def _refresh(self, force: bool = False) -> None:
+        """Reload the records if any connection (this one or another process's) committed since
+        the last reload."""
+        watch = self._watch
         with self._lock:
+            if watch is not None and not force and self._version >= 0 and watch.unchanged():
+                return
+            header = watch.header() if watch is not None else None
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
             if version == self._version and not force:
+                if watch is not None:
+                    watch.seen(header)
                 return
             rows = self._db.execute(
                 "SELECT key_id, name, digest, scopes, models, allow_ips, rate, expires_at, created_at, revoked_at "
@@ -207,3 +223,5 @@ class KeyStore:
             }
             self._verified.clear()
             self._version = version
+            if watch is not None:
+                watch.seen(header)
