@@ -9,7 +9,8 @@ security off, measured in the same run.
 2. End to end: the 32-feature MLP of ``bench/models.py`` served by ``inhouse serve`` twice
    (security off; security on), each a subprocess, loaded by ``bench/loadgen.py`` (raw
    asyncio, its own process, a few microseconds per request, so the server is the
-   bottleneck) at each ``--concurrency``. Rounds alternate off / on. Prints, per
+   bottleneck) at each ``--concurrency``. Both servers run throughout; each round measures off
+   and on back to back, alternating which goes first. Prints, per
    concurrency, the medians of requests/s, p50 / p99 and the server's CPU per request, the
    throughput ratio on ÷ off and the p50 difference."""
 
@@ -137,22 +138,27 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
     store.close()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], list[dict[str, Any]]] = {(m, c): [] for m in ("off", "on") for c in levels}
-    for rnd in range(args.rounds):
-        for mode in ("off", "on"):
-            secured = mode == "on"
-            proc, url = start(repos[mode], repos[mode].parent / "data", secured)
-            headers = [f"Authorization: Bearer {key}"] if secured else []
-            try:
-                wait_ready(url, proc, {"authorization": f"Bearer {key}"} if secured else {})
-                for c in levels:
-                    r = loadgen(url, proc.pid, payload, c, args.duration, args.warmup, headers)
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    headers = {"off": [], "on": [f"Authorization: Bearer {key}"]}
+    try:
+        for mode in ("off", "on"):  # both up for the whole run; the idle one sleeps
+            servers[mode] = start(repos[mode], repos[mode].parent / "data", mode == "on")
+            wait_ready(servers[mode][1], servers[mode][0], {"authorization": f"Bearer {key}"} if mode == "on" else {})
+        for rnd in range(args.rounds):
+            for c in levels:
+                # off and on back to back, alternating which goes first, so a neighbour's load
+                # drifting over the run falls on both alike
+                for mode in ("off", "on") if rnd % 2 == 0 else ("on", "off"):
+                    proc, url = servers[mode]
+                    r = loadgen(url, proc.pid, payload, c, args.duration, args.warmup, headers[mode])
                     results[(mode, c)].append(r)
-                    print(f"  round {rnd + 1} security {mode:>3} c={c:<3} {r['rps']:>8,.0f} req/s  p50 "
+                    print(f"  round {rnd + 1} c={c:<3} security {mode:>3} {r['rps']:>8,.0f} req/s  p50 "
                           f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  server CPU "
                           f"{r['server_cpu_us_per_req']} us/req", flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
 
     def med(mode: str, c: int, field: str) -> float:
         return float(statistics.median(r[field] for r in results[(mode, c)]))
@@ -160,7 +166,10 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\nend to end, MLP over REST (bench/loadgen.py), median of {args.rounds} rounds, security off -> on:")
     for c in levels:
         off_rps, on_rps = med("off", c, "rps"), med("on", c, "rps")
-        print(f"  c={c:<3} throughput {off_rps:,.0f} -> {on_rps:,.0f} req/s, ratio {on_rps / off_rps:.3f}; "
+        pairs = statistics.median(on["rps"] / off["rps"] for on, off in zip(results[("on", c)], results[("off", c)],
+                                                                             strict=True))
+        print(f"  c={c:<3} throughput {off_rps:,.0f} -> {on_rps:,.0f} req/s, ratio {on_rps / off_rps:.3f} (median of "
+              f"the rounds' ratios {pairs:.3f}); "
               f"p50 {med('off', c, 'p50_ms'):.3f} -> {med('on', c, 'p50_ms'):.3f} ms "
               f"({(med('on', c, 'p50_ms') - med('off', c, 'p50_ms')) * 1000:+.0f} us); p99 "
               f"{med('off', c, 'p99_ms'):.3f} -> {med('on', c, 'p99_ms'):.3f} ms; server CPU "
