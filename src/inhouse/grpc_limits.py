@@ -4,32 +4,24 @@ clients back off instead of piling up. Health checks and reflection are never re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from inhouse.errors import ConcurrencyLimitError
+from inhouse.grpc_intercept import CachedWrapInterceptor
 from inhouse.protocols.errors import grpc_error
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
+class ConcurrencyLimitInterceptor(CachedWrapInterceptor):
     def __init__(self, limit: int, exempt: tuple[str, ...] = EXEMPT_PREFIXES) -> None:
+        super().__init__()
         self.limit = limit
         self.active = 0
         self._exempt = exempt
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._exempt):
-            return handler
-        return self._wrap(handler)
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
         if self.active >= self.limit:
@@ -39,7 +31,9 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             await context.abort(code, details, trailing_metadata=metadata)
         self.active += 1
 
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method.startswith(self._exempt):
+            return handler
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:

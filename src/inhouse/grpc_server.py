@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from inhouse.grpc_intercept import CachedWrapInterceptor, WrappingRegistrar
 from inhouse.grpc_limits import ConcurrencyLimitInterceptor
 from inhouse.protocols.grpc_health import HealthServicer
 from inhouse.protocols.kserve_grpc import SERVICE_NAME, InferenceServicer
@@ -66,12 +67,20 @@ async def start_grpc(server: InhouseServer) -> Callable[[], Awaitable[None]]:
         interceptors.append(ConcurrencyLimitInterceptor(g.max_concurrent_rpcs))
     # Our handlers are coroutines; the pool only runs synchronous handlers others may add.
     pool = ThreadPoolExecutor(max_workers=g.max_workers, thread_name_prefix="inhouse-grpc")
-    aio = grpc.aio.server(migration_thread_pool=pool, interceptors=interceptors, options=server_options(server))
+    # inhouse's own interceptors wrap each handler once, as the services register, so no
+    # interceptor pipeline runs per call; any other interceptor keeps grpc's own pipeline (all of
+    # them then run there, in order)
+    at_registration = all(isinstance(i, CachedWrapInterceptor) for i in interceptors)
+    aio = grpc.aio.server(migration_thread_pool=pool, interceptors=None if at_registration else interceptors,
+                          options=server_options(server))
+    target: Any = WrappingRegistrar(aio, interceptors) if at_registration and interceptors else aio
     llm = getattr(server.app.state, "llm", None)  # chat models stream through ModelStreamInfer (issue 5)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
-        InferenceServicer(server.dataplane, llm=llm), aio)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(server.dataplane), aio)
-    reflection.enable_server_reflection(REFLECTED_SERVICES, aio, pool=POOL)
+        InferenceServicer(server.dataplane, llm=llm), target)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(server.dataplane), target)
+    # what enable_server_reflection registers for a grpc.aio server (it checks the type, so call it ourselves)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(REFLECTED_SERVICES, pool=POOL), target)
 
     address = grpc_address(settings.host, settings.grpc_port)
     tls = server.tls

@@ -38,6 +38,8 @@ _FIELD_DTYPE: Final[dict[str, np.dtype[Any]]] = {
 def parameters_dict(params: Any) -> dict[str, Any]:
     """A protobuf ``map<string, InferParameter>`` (or ModelRepositoryParameter) as a dict."""
     out: dict[str, Any] = {}
+    if not len(params):  # the usual case, and iterating an empty protobuf map is not free
+        return out
     for key, value in params.items():
         which = value.WhichOneof("parameter_choice")
         out[key] = getattr(value, which) if which is not None else None
