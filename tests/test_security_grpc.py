@@ -329,3 +329,29 @@ def test_streamed_generation_pieces_are_restored() -> None:
            piece("b", "IL_1]", False), piece("a", "PHONE_1", False), piece("a", "]", True),
            piece("b", " end [EM", False), piece("b", "", True)]
     assert got == ["Sure: ", "", "13800138000 ok ", "a@b.io", "", "13800138000", " end ", "[EM"]
+
+
+def test_real_grpc_rules_without_keys_or_audit(tmp_path: Path) -> None:
+    """A server with nothing to admit or audit (no keys, no audit log) skips the call record on
+    gRPC, but a model's PII rules still apply there; a model without rules is answered as is."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from conftest import run_server
+    from models import identity_model, write_model
+
+    repo = tmp_path / "models"
+    write_model(repo, "echo-seen", identity_model(8), {"pii": {"inputs": True, "outputs": "off"}})
+    write_model(repo, "plain", identity_model(8))
+    with run_server(repo, data_dir=tmp_path / "data") as srv:
+        assert not srv.server.security.active
+        c = grpcclient.InferenceServerClient(srv.grpc_target)
+
+        def call(model: str, text: str) -> list[bytes]:
+            x = grpcclient.InferInput("x", [1, 1], "BYTES")
+            x.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+            return list(c.infer(model, [x]).as_numpy("y").ravel())
+
+        assert call("echo-seen", TEXT) == [b"Customer [PHONE_1], mail [EMAIL_1]"]
+        assert call("plain", TEXT) == [TEXT.encode()]
+        c.close()

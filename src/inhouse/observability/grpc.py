@@ -15,7 +15,7 @@ import grpc
 from grpc import aio
 
 from inhouse.grpc_intercept import CachedWrapInterceptor
-from inhouse.observability.context import activate, deactivate, new_context
+from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.metrics import GrpcMetrics
 
 access_log = logging.getLogger("inhouse.access")
@@ -62,8 +62,8 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             self._streaming(handler.stream_stream, method, "bidi_stream"), **codec)
 
-    def _begin(self, labels: tuple[str, str, str], context: Any) -> Any:
-        self.metrics.started.labels(*labels).inc()
+    def _begin(self, started: Any, context: Any) -> RequestContext:
+        started.inc()
         traceparent = request_id = None
         for key, value in context.invocation_metadata() or ():
             if key == "traceparent":
@@ -72,12 +72,12 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
                 request_id = value
         return new_context(traceparent, request_id, time.time_ns())
 
-    def _finish(self, ctx: Any, labels: tuple[str, str, str], method: str, context: Any,
-                raised: BaseException | None, start: float) -> None:
+    def _finish(self, ctx: RequestContext, labels: tuple[str, str, str], seconds_hist: Any, method: str,
+                context: Any, raised: BaseException | None, start: float) -> None:
         seconds = time.perf_counter() - start
         code = _code_name(context, raised)
         self.metrics.handled.labels(*labels, code).inc()
-        self.metrics.seconds.labels(*labels).observe(seconds)
+        seconds_hist.observe(seconds)
         if self._log:
             level = logging.WARNING if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS") else logging.INFO
             if access_log.isEnabledFor(level):
@@ -92,9 +92,11 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
     def _unary(self, behavior: Any, method: str, kind: str) -> Any:
         service, name = _split(method)
         labels = (kind, service, name)
+        # the series of this method, looked up once (grpc series are never removed)
+        started, seconds_hist = self.metrics.started.labels(*labels), self.metrics.seconds.labels(*labels)
 
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
-            ctx = self._begin(labels, context)
+            ctx = self._begin(started, context)
             token, start, raised = activate(ctx), time.perf_counter(), None
             with contextlib.suppress(Exception):  # returning the trace context is best effort
                 context.set_trailing_metadata((("traceparent", ctx.traceparent()), ("x-request-id", ctx.request_id)))
@@ -106,7 +108,7 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
             finally:
                 with contextlib.suppress(ValueError):  # a generator closed from another context
                     deactivate(token)
-                self._finish(ctx, labels, method, context, raised, start)
+                self._finish(ctx, labels, seconds_hist, method, context, raised, start)
 
         return wrapped
 
@@ -114,8 +116,10 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
         service, name = _split(method)
         labels = (kind, service, name)
 
+        started, seconds_hist = self.metrics.started.labels(*labels), self.metrics.seconds.labels(*labels)
+
         async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            ctx = self._begin(labels, context)
+            ctx = self._begin(started, context)
             token, start, raised = activate(ctx), time.perf_counter(), None
             sent = self.metrics.msg_sent.labels(*labels)
             try:
@@ -128,6 +132,6 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
             finally:
                 with contextlib.suppress(ValueError):  # a generator closed from another context
                     deactivate(token)
-                self._finish(ctx, labels, method, context, raised, start)
+                self._finish(ctx, labels, seconds_hist, method, context, raised, start)
 
         return wrapped

@@ -285,10 +285,23 @@ class SecurityInterceptor(CachedWrapInterceptor):
             await gate.record(call, 200 if code in (None, grpc.StatusCode.OK) else 500, None,
                         None if code is None else f"gRPC status {code}")
 
+        def rules_apply(request: Any) -> bool:
+            """Whether a call on a server with nothing to admit or audit (``gate.active`` false:
+            no keys, audit, allow-list or address rate limit) still has checks to run: the
+            model's own content policy and PII rules, on inference."""
+            if model_field is None or not action.startswith("infer"):
+                return False
+            spec = gate.spec_for(getattr(request, model_field, None) or None)
+            return spec is not None and (spec.policy is not None or spec.pii is not None)
+
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if not gate.active and not rules_apply(request):
+                    # every check would pass and nothing would be recorded: skip building the call
+                    result = inner_uu(request, context)
+                    return await result if hasattr(result, "__await__") else result
                 call, exchange = await admitted(context, request)
                 try:
                     result = inner_uu(request, context)
