@@ -10,7 +10,8 @@ Scenarios
   onnxruntime throughput at its best batch size and its batch-1 latency. Server: batching off
   (the foundation baseline) and on, at each concurrency.
 * ``mlp`` (overhead-bound): the 32-feature MLP. Reference: one direct in-process call.
-  Server: batching on and off at concurrency 64 and 1.
+  Server: batching on and off at concurrency 64 and 1. Floors measured in the same run: a bare
+  uvicorn app (REST, ``floor_app.py``) and a bare grpc.aio server (gRPC, ``floor_grpc.py``).
 
 The server runs as a subprocess (``inhouse serve``); the load generator (``loadgen.py``) is
 another process. Results print as a table and go to ``bench/results/<time>.json``."""
@@ -247,6 +248,9 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
     floor = http_floor(args, payload) if "rest" in transports else {}
     if floor:
         print(f"  http floor (bare uvicorn app, c=64 / c=1): {floor}", flush=True)
+    g_floor = grpc_floor(args, payload) if "grpc" in transports else {}
+    if g_floor:
+        print(f"  grpc floor (bare grpc.aio server, c=64 / c=1): {g_floor}", flush=True)
     summary = {}
     for transport in transports:
         on = next((r for r in rows if r.get("transport") == transport and r["model"] == "mlp-batch"
@@ -265,8 +269,12 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
                 on_rest["server_cpu_us_per_req"] / asgi_rest["server_cpu_us_per_req"], 2)
     if floor.get("c64", {}).get("rps") and on_rest.get("rps"):
         summary["rest_batching_c64_vs_http_floor"] = round(on_rest["rps"] / floor["c64"]["rps"], 3)
+    on_grpc = next((r for r in rows if r.get("transport") == "grpc" and r["batching"] and r["concurrency"] == 64), {})
+    if g_floor.get("c64", {}).get("server_cpu_us_per_req") and on_grpc.get("server_cpu_us_per_req"):
+        summary["grpc_batching_c64_cpu_per_req_vs_grpc_floor"] = round(
+            on_grpc["server_cpu_us_per_req"] / g_floor["c64"]["server_cpu_us_per_req"], 2)
     print(f"mlp summary: {summary}", flush=True)
-    return {"raw": raw, "server": rows, "http_floor": floor, "summary": summary}
+    return {"raw": raw, "server": rows, "http_floor": floor, "grpc_floor": g_floor, "summary": summary}
 
 
 def http_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
@@ -286,6 +294,28 @@ def http_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
                 time.sleep(0.1)
         urls = {"rest": url, "pid": str(proc.pid)}
         rows = measure(args, urls, payload, [("rest", "floor", 64), ("rest", "floor", 1)])
+        keep = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")
+        return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def grpc_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
+    """The same gRPC load against a bare grpc.aio server (``floor_grpc.py``) that answers every
+    ModelInfer with a fixed response: the ceiling of any Python server on this gRPC stack."""
+    import grpc
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "floor_grpc.py"), str(port)])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                grpc.channel_ready_future(ch).result(timeout=30)
+            except grpc.FutureTimeoutError:
+                return {}
+        urls = {"grpc": f"127.0.0.1:{port}", "pid": str(proc.pid)}
+        rows = measure(args, urls, payload, [("grpc", "floor", 64), ("grpc", "floor", 1)])
         keep = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")
         return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
     finally:
