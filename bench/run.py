@@ -294,11 +294,15 @@ def http_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
                 time.sleep(0.1)
         urls = {"rest": url, "pid": str(proc.pid)}
         rows = measure(args, urls, payload, [("rest", "floor", 64), ("rest", "floor", 1)])
-        keep = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")
-        return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
+        return _floor_summary(rows)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _floor_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keep = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")
+    return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
 
 
 def grpc_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
@@ -316,8 +320,7 @@ def grpc_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
                 return {}
         urls = {"grpc": f"127.0.0.1:{port}", "pid": str(proc.pid)}
         rows = measure(args, urls, payload, [("grpc", "floor", 64), ("grpc", "floor", 1)])
-        keep = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")
-        return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
+        return _floor_summary(rows)
     finally:
         proc.terminate()
         proc.wait(10)

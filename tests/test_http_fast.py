@@ -77,6 +77,16 @@ class _Conn:
         self.sock.close()
 
 
+def _exchange(url: str, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request on a fresh connection and its response."""
+    conn = _Conn(url)
+    try:
+        conn.send(request)
+        return conn.response()
+    finally:
+        conn.close()
+
+
 def _stable(headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
     return sorted((k, v) for k, v in headers.items() if k not in _VOLATILE)
 
@@ -134,12 +144,7 @@ def _fast_answers(srv: RunningServer) -> int:
 
 def test_fast_path_can_be_turned_off(add_repo: Path) -> None:
     with run_server(add_repo, http_fast_path=False) as srv:
-        conn = _Conn(srv.url)
-        try:
-            conn.send(_request("/v2/models/add/infer", _body(1)))
-            assert conn.response()[0] == 200
-        finally:
-            conn.close()
+        assert _exchange(srv.url, _request("/v2/models/add/infer", _body(1)))[0] == 200
         uv = srv.server._uvicorn
         assert uv is not None and not issubclass(uv.config.http_protocol_class, FastInferProtocol)
 
@@ -189,18 +194,9 @@ def test_connection_closes_after_the_answer_when_asked(add_repo: Path, version: 
 
 def test_malformed_http_gets_400_and_the_server_keeps_serving(add_repo: Path) -> None:
     with run_server(add_repo) as srv:
-        conn = _Conn(srv.url)
-        try:
-            conn.send(b"POST /v2/models/add/infer HTTP/1.1\r\nhost: x\r\ncontent-length: zz\r\n\r\n")
-            assert conn.response()[0] == 400
-        finally:
-            conn.close()
-        conn = _Conn(srv.url)
-        try:
-            conn.send(_request("/v2/models/add/infer", _body(1)))
-            assert conn.response()[0] == 200
-        finally:
-            conn.close()
+        bad = b"POST /v2/models/add/infer HTTP/1.1\r\nhost: x\r\ncontent-length: zz\r\n\r\n"
+        assert _exchange(srv.url, bad)[0] == 400
+        assert _exchange(srv.url, _request("/v2/models/add/infer", _body(1)))[0] == 200
 
 
 

@@ -305,8 +305,8 @@ class DynamicBatcher:
                 self._record_queue(nxt, now)
             if self._inline(nxt):
                 # a call cheaper than two thread hand-offs runs right here on the event loop
-                results, elapsed, call = self._compute(nxt)
-                self._finish(nxt, results, elapsed, call)
+                results, elapsed, cpu = self._compute(nxt)
+                self._finish(nxt, results, elapsed, cpu)
                 self.stats.inline_batches += 1
                 inline_runs += 1
                 if inline_runs >= _INLINE_BURST and len(self._queue):
@@ -391,21 +391,20 @@ class DynamicBatcher:
 
     # ---- execution (instance threads) ------------------------------------------------------
     def _execute(self, inst: _Instance, batch: Batch) -> None:
-        results, elapsed, call = self._compute(batch)
+        results, elapsed, cpu = self._compute(batch)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, call)
+            loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, cpu)
 
-    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float,
-                                              tuple[float, float]]:
-        """Results per request, the wall time of the whole batch, and (CPU, wall) time of the
-        model call itself."""
+    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float, float]:
+        """Results per request, the wall time of the whole batch, and the CPU time of the model
+        call itself (the batch's wall time when the call failed)."""
         start = time.perf_counter()
         requests = batch.requests
         results: list[dict[str, np.ndarray] | BaseException]
-        call = (0.0, 0.0)
+        cpu: float | None = None
         try:
-            ok, call = self._run_batch(requests)
+            ok, cpu = self._run_batch(requests)
             results = list(ok)
         except InhouseError as err:
             if len(requests) > 1 and isinstance(err, _INPUT_ERRORS):
@@ -421,15 +420,15 @@ class DynamicBatcher:
             log.exception("model call failed", extra={"model": self._name})
             results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
         elapsed = time.perf_counter() - start
-        return results, elapsed, call if call[1] else (elapsed, elapsed)
+        return results, elapsed, cpu if cpu is not None else elapsed
 
-    def _run_batch(self, requests: list[Pending]) -> tuple[list[dict[str, np.ndarray]], tuple[float, float]]:
+    def _run_batch(self, requests: list[Pending]) -> tuple[list[dict[str, np.ndarray]], float]:
         feed, lengths = self._layout.join(requests)
         # thread CPU time is not inflated when the machine preempts us, unlike wall time
-        cpu, wall = time.thread_time(), time.perf_counter()
+        start = time.thread_time()
         out = self._model.predict(feed, requests[0].outputs)
-        call = (time.thread_time() - cpu, time.perf_counter() - wall)
-        return self._layout.split(requests, out, lengths), call
+        cpu = time.thread_time() - start
+        return self._layout.split(requests, out, lengths), cpu
 
     def _run_alone(self, p: Pending) -> dict[str, np.ndarray] | BaseException:
         try:
@@ -439,17 +438,17 @@ class DynamicBatcher:
                 f"Model '{self._name}' failed: {type(err).__name__}.")
 
     def _complete(self, inst: _Instance, batch: Batch, results: list[dict[str, np.ndarray] | BaseException],
-                  elapsed: float, call: tuple[float, float]) -> None:
+                  elapsed: float, cpu: float) -> None:
         inst.busy = False
         self._idle.append(inst)
         self._running -= 1
-        self._finish(batch, results, elapsed, call)
+        self._finish(batch, results, elapsed, cpu)
         self._flush()
 
     def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float,
-                call: tuple[float, float]) -> None:
+                cpu: float) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
-        self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * call[0]
+        self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * cpu
         if self._record:  # once per backend call, in the context of the batch's first request
             first = batch.requests[0].ctx if batch.requests else None
             if first is not None:

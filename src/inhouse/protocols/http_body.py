@@ -21,6 +21,18 @@ BodyReader = Callable[[], Awaitable[bytes]]
 InferGuard = Callable[[Coroutine[Any, Any, T]], Awaitable[T]]
 
 
+def header_text(value: bytes | None) -> str | None:
+    """A raw header value (ASGI / httptools bytes) as text, or None when absent."""
+    return value.decode("latin-1") if value is not None else None
+
+
+def client_gone(task: asyncio.Task[Any]) -> CancelledError:
+    """The error for inference cancelled because its client disconnected; ``task`` (the request's
+    own, cancelled for that reason) is un-cancelled so that the answer can still be recorded."""
+    task.uncancel()
+    return CancelledError("The client closed the connection; the request was cancelled.")
+
+
 def too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"Request body is larger than the server's limit of {limit} bytes "
@@ -126,8 +138,7 @@ async def cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, T], *
     except asyncio.CancelledError:
         if not watch.gone:
             raise
-        task.uncancel()
-        raise CancelledError("The client closed the connection; the request was cancelled.") from None
+        raise client_gone(task) from None
     finally:
         watch.stop()
 

@@ -28,9 +28,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from inhouse.core.types import InferResponse
 from inhouse.errors import CancelledError
-from inhouse.protocols.errors import as_inhouse_error, v2_error_response
-from inhouse.protocols.http_body import check_declared_length, decode_body, too_large
-from inhouse.protocols.infer_entry import InferEntry, Reply
+from inhouse.protocols.http_body import check_declared_length, client_gone, decode_body, header_text, too_large
+from inhouse.protocols.infer_entry import InferEntry, Reply, error_reply
 from inhouse.protocols.kserve_rest import infer_target
 
 _CRLF = b"\r\n"
@@ -84,8 +83,7 @@ class _FastRequest:
             task = asyncio.current_task()
             if not self.disconnected or task is None:
                 raise
-            task.uncancel()
-            raise CancelledError("The client closed the connection; the request was cancelled.") from None
+            raise client_gone(task) from None
         finally:
             self.cancellable = False
 
@@ -221,11 +219,11 @@ class FastInferProtocol(HttpToolsProtocol):
         limit = self.limit
 
         async def read_body() -> bytes:
-            check_declared_length(_text(h.get(b"content-length")), limit)
+            check_declared_length(header_text(h.get(b"content-length")), limit)
             if fast.size > limit:
                 raise too_large(limit)
             body = fast.body[0] if len(fast.body) == 1 else b"".join(fast.body)
-            return decode_body(body, limit, _text(h.get(b"content-encoding")))
+            return decode_body(body, limit, header_text(h.get(b"content-encoding")))
 
         try:
             reply = await self.entry.answer(fast.path, fast.model, fast.version, h,
@@ -235,7 +233,7 @@ class FastInferProtocol(HttpToolsProtocol):
             reply = None  # the client is gone, or the server is stopping: nothing to write
             fast.keep_alive = False
         except Exception as exc:
-            reply = _internal_error(exc)
+            reply = error_reply(exc)  # an unexpected one is logged with a reference the client gets
             fast.keep_alive = False
         if reply is not None and not fast.disconnected:
             if self.flow.write_paused:
@@ -269,15 +267,6 @@ class FastInferProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
         super().connection_lost(exc)
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value is not None else None
-
-
-def _internal_error(exc: Exception) -> Reply:
-    resp = v2_error_response(as_inhouse_error(exc))  # logs it with a reference the client gets
-    return Reply(resp.status_code, list(resp.raw_headers), bytes(resp.body))
 
 
 def fast_protocol(entry: InferEntry, max_request_bytes: int) -> type[FastInferProtocol]:

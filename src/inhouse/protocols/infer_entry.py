@@ -31,7 +31,7 @@ from inhouse.observability.access import HttpMetrics, log_access
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.tracing import Tracer
 from inhouse.protocols.errors import as_inhouse_error, v2_error_response
-from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, receive_body
+from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, header_text, receive_body
 from inhouse.protocols.kserve_rest import (
     INFER_PATH,
     INFER_VERSION_PATH,
@@ -63,8 +63,10 @@ class Reply(NamedTuple):
     body: bytes
 
 
-def _text(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value is not None else None
+def error_reply(exc: BaseException) -> Reply:
+    """The v2 error answer for any exception (an unexpected one becomes a logged 9000)."""
+    resp = v2_error_response(exc)
+    return Reply(resp.status_code, list(resp.raw_headers), bytes(resp.body))
 
 
 class InferEntry:
@@ -95,8 +97,8 @@ class InferEntry:
         start = time.perf_counter()
         h: dict[bytes, bytes] = dict(scope["headers"])
         client = scope.get("client")
-        reader = partial(receive_body, receive, self._limit, _text(h.get(b"content-length")),
-                         _text(h.get(b"content-encoding")))
+        reader = partial(receive_body, receive, self._limit, header_text(h.get(b"content-length")),
+                         header_text(h.get(b"content-encoding")))
         reply = await self.answer(scope["path"], model, version, h, client[0] if client else None, reader,
                                   partial(cancel_on_disconnect, receive), start)
         await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
@@ -116,8 +118,8 @@ class InferEntry:
         token = activate(ctx)
         route = Route("infer", "infer", model, version, "v2infer")
         call = Call(transport="http", action="infer", scope="infer", model=model, version=version, peer=peer,
-                    forwarded_for=_text(h.get(b"x-forwarded-for")),
-                    credential=credential(_text(h.get(b"authorization")), _text(h.get(b"x-api-key"))),
+                    forwarded_for=header_text(h.get(b"x-forwarded-for")),
+                    credential=credential(header_text(h.get(b"authorization")), header_text(h.get(b"x-api-key"))),
                     request_id=ctx.request_id, trace_id=ctx.trace_id)
         try:
             status, headers, body = await self._respond(read_body, guard, h, ctx, call, route, model, version)
@@ -158,7 +160,8 @@ class InferEntry:
             try:
                 if body is None:
                     body = await read_body()
-                req = parse_rest_infer(body, _text(h.get(_HEADER_LENGTH)), _text(h.get(_PRIORITY)), model, version)
+                req = parse_rest_infer(body, header_text(h.get(_HEADER_LENGTH)), header_text(h.get(_PRIORITY)),
+                                       model, version)
             except Exception as exc:
                 dataplane.infer_rejected(model, exc)
                 raise
@@ -189,8 +192,7 @@ class InferEntry:
     def _error(err: InhouseError, ctx: RequestContext) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if ctx.code is None:  # for the access log and the trace
             ctx.code = err.code
-        resp = v2_error_response(err)
-        return resp.status_code, list(resp.raw_headers), bytes(resp.body)
+        return error_reply(err)
 
     def _compress(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes,
                   h: dict[bytes, bytes]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
