@@ -6,6 +6,8 @@ written by two processes still verifies."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 
 from conftest import run_server
 from inhouse.security.audit import AuditEntry, AuditLog
-from inhouse.security.audit_commit import GroupCommitter
+from inhouse.security.audit_commit import AuditWriteError, GroupCommitter
 from inhouse.security.keys import KeyStore
 
 X = np.ones((1, 4), np.float32).ravel().tolist()
@@ -118,12 +120,99 @@ def test_group_commit_commits_each_entry_before_its_caller_goes_on(tmp_path: Pat
         assert (commits.commits, commits.entries) == (1, 1)
         commits.in_flight = 8
         await asyncio.gather(*(one(i) for i in range(1, 9)))
-        assert (commits.commits, commits.entries) == (2, 9)  # the eight overlapping ones: one transaction
+        # no writer process started: the eight overlapping ones share one transaction on the loop
+        assert (commits.commits, commits.entries) == (2, 9)
         commits.in_flight = 0
 
     asyncio.run(main())
     report = log.verify()
     assert report.ok and report.entries == 9, report.problems
+    log.close()
+
+
+def _lock_db(path: Path) -> sqlite3.Connection:
+    """Another connection holding the audit log's write lock: every writer waits for it."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    return db
+
+
+def test_audit_writer_commits_off_the_event_loop_and_close_drains(tmp_path: Path) -> None:
+    """With the writer process started, overlapping entries are committed by it: while it waits
+    for the database (held by another connection here), the event loop keeps running and the
+    callers wait; once it commits they go on. close() commits what is still queued."""
+    log = AuditLog(tmp_path, b"s" * 32)
+    commits = GroupCommitter(log)
+
+    async def main() -> None:
+        assert await commits.start(b"s" * 32, tmp_path, False)
+        assert commits.writer_pid is not None
+        commits.in_flight = 2
+        holder = _lock_db(log.path)
+        waiting = [asyncio.ensure_future(commits.commit(_entry(i))) for i in range(2)]
+        ticks = 0
+        for _ in range(20):  # on the event loop, this would wait for the lock instead
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not any(w.done() for w in waiting)
+        holder.rollback()
+        await asyncio.wait_for(asyncio.gather(*waiting), 20)
+        assert _committed(log.path) == {"r0", "r1"} and commits.by_writer == 2
+
+        holder.execute("BEGIN IMMEDIATE")
+        more = [asyncio.ensure_future(commits.commit(_entry(i))) for i in (5, 6)]
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(commits.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # the writer still has entries to commit
+        holder.rollback()
+        holder.close()
+        await asyncio.wait_for(closing, 20)
+        await asyncio.wait_for(asyncio.gather(*more), 1)
+        assert _committed(log.path) == {"r0", "r1", "r5", "r6"}
+        assert commits.writer_pid is None
+        await commits.commit(_entry(8))  # no writer any more: committed at once, on the event loop
+        assert "r8" in _committed(log.path)
+
+    asyncio.run(main())
+    report = log.verify()
+    assert report.ok and report.entries == 5, report.problems
+    log.close()
+
+
+def test_audit_writer_death_fails_its_callers_and_it_is_restarted(tmp_path: Path) -> None:
+    """Entries the writer held when it died fail their callers (never answered unrecorded);
+    later ones are committed on the event loop until a new writer has started."""
+    log = AuditLog(tmp_path, b"s" * 32)
+    commits = GroupCommitter(log)
+
+    async def main() -> None:
+        assert await commits.start(b"s" * 32, tmp_path, False)
+        first = commits.writer_pid
+        assert first is not None
+        commits.in_flight = 3
+        holder = _lock_db(log.path)
+        waiting = [asyncio.ensure_future(commits.commit(_entry(i))) for i in range(3)]
+        await asyncio.sleep(0.1)
+        os.kill(first, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 20)
+        assert all(isinstance(r, AuditWriteError) for r in results), results
+        holder.rollback()
+        holder.close()
+        await commits.commit(_entry(10))  # meanwhile: on the event loop
+        for _ in range(200):
+            if commits.writer_pid not in (None, first):
+                break
+            await asyncio.sleep(0.05)
+        assert commits.writer_pid not in (None, first)
+        await asyncio.gather(*(commits.commit(_entry(i)) for i in range(11, 14)))
+        await commits.close()
+
+    asyncio.run(main())
+    assert {"r10", "r11", "r12", "r13"} <= _committed(log.path)
+    assert not {"r0", "r1", "r2"} & _committed(log.path)
+    report = log.verify()
+    assert report.ok, report.problems
     log.close()
 
 
@@ -178,6 +267,7 @@ def test_concurrent_requests_are_all_audited_and_verify(repo: Path) -> None:
         answered = asyncio.run(load(srv.url))
         gate = srv.server.security
         assert gate.commits is not None and gate.commits.in_flight == 0
+        assert gate.commits.writer_pid is not None and gate.commits.by_writer > 0  # the audit writer process
     log = AuditLog(data)
     assert set(answered) <= {r["request_id"] for r in log.entries()}
     report = log.verify()

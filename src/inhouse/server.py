@@ -278,6 +278,8 @@ class InhouseServer:
         for t in self._tasks[1:]:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # after the drain: the requests answered while draining are audited too
+        await self.security.aclose()
         await self.manager.close()
         self._stopped.set()
 

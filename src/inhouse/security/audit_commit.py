@@ -1,59 +1,245 @@
-"""Group commit of audit entries on the event loop.
+"""Group commit of audit entries, by the audit writer process when the server runs one.
 
-Every request's entry must be committed before its response is sent. When one request is in
-flight, nothing could share its transaction, so its entry is committed at once. When several
-are, an entry is queued and committed in one transaction with the entries of every other
-request that reaches the same point before the next turn of the event loop; each request goes
-on only once the transaction holding its own entry has committed. One transaction per batch
-instead of one per entry: the per-commit cost (the WAL write, the head record, BEGIN and
-COMMIT) is most of an entry's cost (``bench/README.md``)."""
+Every request's entry must be committed before its response is sent.
+
+* When one request is in flight, nothing could share its transaction, so its entry is committed
+  at once, on the event loop (no hand-off on the latency path).
+* When several are, entries are queued and sent together, once per turn of the event loop, to
+  the audit writer (``audit_writer.py``), a child process that commits every batch it has
+  received by then in one transaction and acknowledges each. A request goes on only once the
+  transaction holding its own entry has committed.
+
+Why a process: a transaction's cost is mostly SQLite's, and the chain hash and HMAC come on top;
+on the event loop that work stopped every other request, and a thread would share the loop's
+GIL (measured: worse than no thread, ``bench/README.md``). Without a writer (not started, a
+different event loop, or the writer died and is being restarted) the batch is committed on the
+event loop, as before: slower, never unrecorded."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
 
 from inhouse.security.audit import AuditEntry, AuditLog
+from inhouse.security.audit_writer import frame
+
+log = logging.getLogger(__name__)
+
+_Waiters = list[asyncio.Future[None]]
+_STOP_TIMEOUT_S = 30.0  # for the writer to commit what it has after its input closed
+
+
+class AuditWriteError(RuntimeError):
+    """The audit writer could not commit an entry (its message says why)."""
+
+
+class _WriterProtocol(asyncio.SubprocessProtocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.replies: collections.deque[bytes] = collections.deque()
+        self.ready: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.awaiting: collections.deque[_Waiters] = collections.deque()
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.SubprocessTransport, transport)  # uvloop's is not a subclass
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1 or isinstance(data, str):
+            return
+        self._buf += data
+        while len(self._buf) >= 4:
+            size = int.from_bytes(self._buf[:4], "big")
+            if len(self._buf) < 4 + size:
+                break
+            reply = bytes(self._buf[4:4 + size])
+            del self._buf[:4 + size]
+            if not self.ready.done():
+                self.ready.set_result(reply)
+            elif self.awaiting:
+                error = AuditWriteError(reply.decode(errors="replace")) if reply else None
+                _resolve(self.awaiting.popleft(), error)
+
+    def process_exited(self) -> None:
+        error = AuditWriteError("the audit writer process exited before committing these entries")
+        if not self.ready.done():
+            self.ready.set_result(b"the audit writer process exited while starting")
+        while self.awaiting:
+            _resolve(self.awaiting.popleft(), error)
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def write(self, payload: bytes) -> bool:
+        """One frame to the writer's stdin; False when it cannot take any more."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.exited.done():
+            return False
+        stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))  # uvloop's: no subclass
+        if stdin is None or stdin.is_closing():
+            return False
+        stdin.write(frame(payload))
+        return True
+
+    def send(self, payload: bytes, waiters: _Waiters) -> bool:
+        if not self.write(payload):
+            return False
+        self.awaiting.append(waiters)
+        return True
 
 
 class GroupCommitter:
     """``in_flight`` is kept by the caller (the security gate): requests admitted whose entry
-    is not written yet. ``commits`` and ``entries`` count transactions and entries."""
+    is not written yet. ``commits`` and ``entries`` count batches and entries, ``by_writer``
+    the entries the writer process committed."""
 
     def __init__(self, log: AuditLog) -> None:
         self._log = log
         self._pending: list[tuple[AuditEntry, asyncio.Future[None]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: _WriterProtocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the writer's
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._args: tuple[bytes, Path, bool] | None = None
+        self._restart: asyncio.Task[None] | None = None
+        self._closing = False
         self.in_flight = 0
         self.commits = 0
         self.entries = 0
+        self.by_writer = 0
+
+    @property
+    def writer_pid(self) -> int | None:
+        w = self._writer
+        return None if w is None or w.transport is None else w.transport.get_pid()
+
+    async def start(self, secret: bytes, data_dir: Path, fsync: bool) -> bool:
+        """Start the audit writer process; False (and a warning) if it could not start, in
+        which case entries are committed on the event loop."""
+        self._args = (secret, data_dir, fsync)
+        self._closing = False
+        loop = asyncio.get_running_loop()
+        argv = [sys.executable, "-m", "inhouse.security.audit_writer", str(data_dir), *(["--fsync"] if fsync else [])]
+        writer: _WriterProtocol | None = None
+        try:
+            _, writer = await loop.subprocess_exec(_WriterProtocol, *argv, stdin=asyncio.subprocess.PIPE,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=None)
+            # the secret goes down the pipe, never on a command line or in the environment
+            problem = await asyncio.wait_for(asyncio.shield(writer.ready), 60) if writer.write(secret) \
+                else b"its input pipe closed"
+        except (OSError, TimeoutError) as exc:
+            problem = str(exc).encode() or type(exc).__name__.encode()
+        if problem or writer is None:
+            log.warning("the audit writer process did not start; audit entries are committed on the event loop",
+                        extra={"reason": problem.decode(errors="replace")})
+            if writer is not None and writer.transport is not None:
+                writer.transport.close()
+            return False
+        self._writer, self._loop = writer, loop
+        started = writer
+        writer.exited.add_done_callback(lambda _: self._writer_exited(started))
+        return True
+
+    def _writer_exited(self, writer: _WriterProtocol) -> None:
+        if self._writer is not writer:
+            return
+        self._writer = None
+        if self._closing or self._args is None:
+            return
+        log.error("the audit writer process exited; restarting it (entries are committed on the event loop "
+                  "meanwhile)")
+        self._restart = asyncio.ensure_future(self._start_again())
+
+    async def _start_again(self) -> None:
+        await asyncio.sleep(1.0)
+        if not self._closing and self._writer is None and self._args is not None:
+            await self.start(*self._args)
 
     async def commit(self, entry: AuditEntry) -> None:
-        """Return once ``entry`` is committed; raise what the audit log raised if it could not be."""
+        """Return once ``entry`` is committed; raise what prevented it otherwise."""
         loop = asyncio.get_running_loop()
-        if (self.in_flight <= 0 and not self._pending) or (self._pending and loop is not self._loop):
+        writer = self._writer
+        alone = self.in_flight <= 0 and not self._pending and (writer is None or not writer.awaiting)
+        if alone or (self._pending and loop is not self._pending_loop):
             self._write([entry])
             return
         future: asyncio.Future[None] = loop.create_future()
         if not self._pending:
-            self._loop = loop
+            self._pending_loop = loop
             loop.call_soon(self._flush)
         self._pending.append((entry, future))
         await future
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        try:
-            self._write([entry for entry, _ in batch])
+        waiters = [future for _, future in batch]
+        entries = [entry for entry, _ in batch]
+        writer = self._writer
+        if writer is not None and self._pending_loop is self._loop:
+            try:
+                payload = orjson.dumps([_as_dict(e) for e in entries], default=str)
+            except TypeError:  # a detail JSON cannot carry: the event loop's own write reports it
+                payload = b""
+            if payload and writer.send(payload, waiters):
+                self.commits += 1
+                self.entries += len(entries)
+                self.by_writer += len(entries)
+                return
+        try:  # no writer (for this event loop) right now: on the event loop
+            self._write(entries)
         except Exception as exc:  # every request of the batch fails: none of them goes unrecorded
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            _resolve(waiters, exc)
             return
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
+        _resolve(waiters, None)
 
     def _write(self, entries: list[AuditEntry]) -> None:
         self._log.append_many(entries)
         self.commits += 1
         self.entries += len(entries)
+
+    async def close(self) -> None:
+        """Send what is queued, let the writer commit it and stop."""
+        self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
+        if self._pending:
+            self._flush()
+        writer, self._writer = self._writer, None
+        if writer is None or writer.transport is None:
+            return
+        stdin = writer.transport.get_pipe_transport(0)
+        if stdin is not None:
+            stdin.close()  # end of input: the writer commits what it has and exits
+        try:
+            await asyncio.wait_for(asyncio.shield(writer.exited), _STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the audit writer did not stop in time; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            writer.transport.close()
+        log.info("audit log: %d entries committed in %d transactions", self.entries, self.commits)
+
+
+def _as_dict(e: AuditEntry) -> dict[str, Any]:
+    return {"action": e.action, "transport": e.transport, "key_id": e.key_id, "model": e.model,
+            "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
+            "latency_ms": e.latency_ms, "request_id": e.request_id, "trace_id": e.trace_id,
+            "detail": e.detail, "ts": e.ts}
+
+
+def _resolve(futures: _Waiters, error: Exception | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+__all__ = ["AuditWriteError", "GroupCommitter"]

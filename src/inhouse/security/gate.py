@@ -78,7 +78,7 @@ class SecurityGate:
         self._rate_key = settings.rate_limit_key
         data_dir: Path = settings.data_dir
         needs_secret = settings.auth or settings.audit_enabled()
-        secret = load_or_create_secret(data_dir) if needs_secret else None
+        secret = self._secret = load_or_create_secret(data_dir) if needs_secret else None
         self.keys = KeyStore(data_dir, secret) if settings.auth else None
         self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync, background_checkpoint=True) \
             if settings.audit_enabled() else None
@@ -92,6 +92,18 @@ class SecurityGate:
             self.keys.close()
         if self.audit is not None:
             self.audit.close()
+
+    async def start(self) -> None:
+        """Start the audit writer process (server start-up; without it, entries are committed on
+        the event loop)."""
+        if self.commits is not None and self._secret is not None:
+            await self.commits.start(self._secret, self.settings.data_dir, self.settings.audit_fsync)
+
+    async def aclose(self) -> None:
+        """Commit what is queued, stop the audit writer, close the stores."""
+        if self.commits is not None:
+            await self.commits.close()
+        self.close()
 
     def spec_for(self, model: str | None) -> ModelSpec | None:
         """The serving spec of a model (for policy and PII rules), or None when it is not serving."""
@@ -179,8 +191,8 @@ class SecurityGate:
             return
         call.recorded = True
         detail = {**call.detail, "error": error[:500]} if error else dict(call.detail) if call.detail else None
-        # Committed on the event loop (one WAL append, no fsync, tens of microseconds), together
-        # with the entries of other requests finishing at the same moment (GroupCommitter).
+        # Committed at once when this is the only request in flight, else by the writer thread
+        # together with the entries of the other requests finishing meanwhile (GroupCommitter).
         await commits.commit(AuditEntry(
             action=call.action, transport=call.transport, key_id=call.key.key_id if call.key else None,
             model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,

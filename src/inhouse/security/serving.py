@@ -57,11 +57,13 @@ def model_keyring(settings: ServerSettings) -> Keyring:
 
 
 async def security_front_end(server: InhouseServer) -> Callable[[], Awaitable[None]]:
-    """Checkpoints the audit log's WAL every second and prunes it to the retention period (at
-    start, then hourly), off the request path; closes the stores at stop."""
+    """Starts the audit writer process; checkpoints the audit log's WAL every second and prunes
+    it to the retention period (at start, then hourly), off the request path. The stores are
+    closed by the server once every request has drained (``InhouseServer.stop``)."""
     gate = server.security
     days = server.settings.audit_retention_days
     task: asyncio.Task[None] | None = None
+    await gate.start()
     if gate.audit is not None:
         audit = gate.audit
 
@@ -86,7 +88,6 @@ async def security_front_end(server: InhouseServer) -> Callable[[], Awaitable[No
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        gate.close()
 
     return stop
 

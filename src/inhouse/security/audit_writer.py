@@ -1,0 +1,126 @@
+"""The audit writer: a child process of the server that commits audit entries to the audit log,
+so that SQLite's work (the inserts, the head record, the WAL write, COMMIT) and the chain hash
+and HMAC run beside the event loop instead of on it, and without sharing its GIL.
+
+    python -m inhouse.security.audit_writer DATA_DIR [--fsync]
+
+Its only input is stdin and its only output stdout, both as frames: a 4-byte big-endian length,
+then the bytes. The first frame in is the server secret; the writer opens the log and answers
+one empty frame (ready) or an error text. Every later frame in is a JSON list of entries; the
+writer commits every frame it has received by then in one transaction, then answers each frame
+in order: an empty frame once its entries are committed, or the error text. End of input (the
+server closed the pipe, exited or was killed) is the only way it stops; it ignores SIGINT and
+SIGTERM so that the server can still record the requests it drains while it shuts down."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from inhouse.security.audit import AuditEntry, AuditLog
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 64 << 20
+
+
+def frame(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Frames from a file descriptor (blocking for the first, then only what is already there)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+        self.eof = False
+
+    def _parse(self) -> bytes | None:
+        if len(self._buf) < 4:
+            return None
+        (size,) = _HEADER.unpack_from(self._buf)
+        if size > MAX_FRAME:
+            raise ValueError(f"an audit frame of {size} bytes is over the limit of {MAX_FRAME}")
+        if len(self._buf) < 4 + size:
+            return None
+        payload = bytes(self._buf[4:4 + size])
+        del self._buf[:4 + size]
+        return payload
+
+    def next(self, *, block: bool) -> bytes | None:
+        """The next frame; None at the end of input, or (``block=False``) when none is complete."""
+        while (payload := self._parse()) is None:
+            if self.eof or (not block and not select.select([self._fd], [], [], 0)[0]):
+                return None
+            data = os.read(self._fd, 1 << 16)
+            if not data:
+                self.eof = True
+                return None
+            self._buf += data
+        return payload
+
+
+def entry_from(item: dict[str, Any]) -> AuditEntry:
+    return AuditEntry(**item)
+
+
+def serve(data_dir: Path, fsync: bool, fd_in: int, out: Any) -> int:
+    reader = FrameReader(fd_in)
+    secret = reader.next(block=True)
+    if secret is None:
+        return 0
+    try:
+        log = AuditLog(data_dir, secret, fsync=fsync, background_checkpoint=True)
+    except Exception as exc:  # reported to the server, which keeps writing on its own
+        out.write(frame(f"{type(exc).__name__}: {exc}".encode()))
+        out.flush()
+        return 1
+    out.write(frame(b""))
+    out.flush()
+    try:
+        while (first := reader.next(block=True)) is not None:
+            frames = [first]
+            while (more := reader.next(block=False)) is not None:
+                frames.append(more)
+            replies: list[bytes] = []
+            entries: list[AuditEntry] = []
+            for payload in frames:
+                try:
+                    entries.extend(entry_from(item) for item in orjson.loads(payload))
+                    replies.append(b"")
+                except Exception as exc:  # that frame alone is refused
+                    replies.append(f"an audit frame could not be read: {exc}".encode())
+            if entries:
+                try:
+                    log.append_many(entries)
+                except Exception as exc:  # nothing of this transaction was written: every frame fails
+                    error = f"{type(exc).__name__}: {exc}".encode()
+                    replies = [error for _ in replies]
+            out.write(b"".join(frame(r) for r in replies))
+            out.flush()
+    finally:
+        log.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m inhouse.security.audit_writer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--fsync", action="store_true", help="synchronous=FULL: survive power loss too")
+    args = p.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return serve(args.data_dir, args.fsync, sys.stdin.buffer.fileno(), sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
