@@ -75,6 +75,15 @@ def sleep_model() -> bytes:
     return _model(helper.make_graph(nodes, "slow", [x], [y], initializer=inits))
 
 
+def slow_request(batch: int) -> tuple[bytes, dict[str, str]]:
+    """A binary v2 request for the sleep model: big enough to keep a version busy."""
+    x = np.full((batch, 512), 0.01, np.float32)
+    header = (f'{{"inputs": [{{"name": "x", "shape": [{batch}, 512], "datatype": "FP32", '
+              f'"parameters": {{"binary_data_size": {x.nbytes}}}}}], '
+              '"outputs": [{"name": "y", "parameters": {"binary_data": true}}]}').encode()
+    return header + x.tobytes(), {"inference-header-content-length": str(len(header))}
+
+
 def write_model(repo: Path, name: str, onnx_bytes: bytes, spec: dict[str, Any] | None = None,
                 version: int = 1, checksum: bool = False) -> Path:
     """Write REPO/NAME/model.yaml and REPO/NAME/VERSION/model.onnx; returns the model folder."""

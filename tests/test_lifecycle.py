@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 
 from conftest import RunningServer, run_server
 from inhouse.core.manager import ModelState
-from models import add_model, mlp_model, sleep_model, write_model
+from models import add_model, mlp_model, sleep_model, slow_request, write_model
 
 
 def _wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -29,15 +28,6 @@ def _wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _slow_request(batch: int) -> tuple[bytes, dict[str, str]]:
-    """A binary v2 request for the sleep model: big enough to keep a version busy."""
-    x = np.full((batch, 512), 0.01, np.float32)
-    header = (f'{{"inputs": [{{"name": "x", "shape": [{batch}, 512], "datatype": "FP32", '
-              f'"parameters": {{"binary_data_size": {x.nbytes}}}}}], '
-              '"outputs": [{"name": "y", "parameters": {"binary_data": true}}]}').encode()
-    return header + x.tobytes(), {"inference-header-content-length": str(len(header))}
 
 
 def _index(c: httpx.Client) -> dict[tuple[str, str | None], dict[str, Any]]:
@@ -57,7 +47,7 @@ def _switch_while_busy(srv: RunningServer, c: httpx.Client, repo: Path, old: int
     turned READY (on a busy machine it may finish first; the caller then retries bigger)."""
     new = old + 1
     write_model(repo, "slow", sleep_model(), version=new)
-    body, headers = _slow_request(batch)
+    body, headers = slow_request(batch)
     slow_result: dict[str, Any] = {}
 
     def run_slow() -> None:
@@ -76,7 +66,7 @@ def _switch_while_busy(srv: RunningServer, c: httpx.Client, repo: Path, old: int
     r = c.post("/v2/repository/models/slow/load")
     assert r.status_code == 200 and r.json()["versions"] == [str(new)], r.text
     # traffic switched: new requests go to the new version
-    small, small_headers = _slow_request(1)
+    small, small_headers = slow_request(1)
     r2 = c.post("/v2/models/slow/infer", content=small, headers=small_headers)
     assert r2.status_code == 200
     assert f'"model_version":"{new}"'.encode() in r2.content[:int(r2.headers["inference-header-content-length"])]

@@ -11,7 +11,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,6 +24,7 @@ from conftest import run_server
 from inhouse.security.audit import AuditEntry, AuditLog
 from inhouse.security.audit_commit import AuditWriteError, GroupCommitter
 from inhouse.security.keys import KeyStore
+from models import sleep_model, slow_request, write_model
 
 X = np.ones((1, 4), np.float32).ravel().tolist()
 INFER = {"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": X},
@@ -318,3 +322,42 @@ def test_text_rules_are_not_skipped_by_an_escaped_datatype(tmp_path: Path) -> No
         # a body with no BYTES tensor still gets the v2 parser's own error when it is not JSON
         r = c.post("/v2/models/guarded/infer", content=b'{"inputs": [', headers=h)
         assert r.status_code == 400 and r.headers["inhouse-error-code"] == "2001", r.text
+
+
+def test_requests_drained_at_shutdown_are_audited(tmp_path: Path) -> None:
+    """A request still running when the server is asked to stop is answered (the drain) and its
+    audit entry is committed: the gate and the audit writer close only after the drain."""
+    repo = tmp_path / "models"
+    write_model(repo, "slow", sleep_model())
+    data = tmp_path / "data"
+    store = KeyStore(data)
+    key = store.create("app", ["infer"])[0]
+    store.close()
+    body, headers = slow_request(4096)
+    answer: dict[str, Any] = {}
+
+    with run_server(repo, auth=True, data_dir=data, load="slow") as srv:
+        def call() -> None:
+            with httpx.Client(base_url=srv.url, timeout=120) as c:
+                answer["response"] = c.post("/v2/models/slow/infer", content=body,
+                                            headers={**headers, "x-api-key": key, "x-request-id": "drained"})
+                answer["at"] = time.monotonic()
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        commits = srv.server.security.commits
+        assert commits is not None
+        deadline = time.monotonic() + 30
+        while commits.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert commits.in_flight == 1
+        stop_asked = time.monotonic()
+    caller.join(120)
+    assert answer["response"].status_code == 200, answer["response"].text
+    assert answer["at"] > stop_asked  # it was drained, not finished before the stop
+    log = AuditLog(data)
+    drained = [e for e in log.entries() if e["request_id"] == "drained"]
+    assert len(drained) == 1 and drained[0]["status"] == 200
+    assert log.verify().ok
+    log.close()
+
