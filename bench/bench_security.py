@@ -154,7 +154,8 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
                     results[(mode, c)].append(r)
                     print(f"  round {rnd + 1} c={c:<3} security {mode:>3} {r['rps']:>8,.0f} req/s  p50 "
                           f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  server CPU "
-                          f"{r['server_cpu_us_per_req']} us/req", flush=True)
+                          f"{r['server_cpu_us_per_req']} us/req (event loop {r['server_loop_cpu_us_per_req']})",
+                          flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -166,15 +167,21 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\nend to end, MLP over REST (bench/loadgen.py), median of {args.rounds} rounds, security off -> on:")
     for c in levels:
         off_rps, on_rps = med("off", c, "rps"), med("on", c, "rps")
-        pairs = statistics.median(on["rps"] / off["rps"] for on, off in zip(results[("on", c)], results[("off", c)],
-                                                                             strict=True))
+        rounds = list(zip(results[("on", c)], results[("off", c)], strict=True))
+        pairs = statistics.median(on["rps"] / off["rps"] for on, off in rounds)
+        p50_pairs = statistics.median(on["p50_ms"] - off["p50_ms"] for on, off in rounds)
         print(f"  c={c:<3} throughput {off_rps:,.0f} -> {on_rps:,.0f} req/s, ratio {on_rps / off_rps:.3f} (median of "
               f"the rounds' ratios {pairs:.3f}); "
               f"p50 {med('off', c, 'p50_ms'):.3f} -> {med('on', c, 'p50_ms'):.3f} ms "
-              f"({(med('on', c, 'p50_ms') - med('off', c, 'p50_ms')) * 1000:+.0f} us); p99 "
+              f"({(med('on', c, 'p50_ms') - med('off', c, 'p50_ms')) * 1000:+.0f} us; median of the rounds' "
+              f"differences {p50_pairs * 1000:+.0f} us); p99 "
               f"{med('off', c, 'p99_ms'):.3f} -> {med('on', c, 'p99_ms'):.3f} ms; server CPU "
               f"{med('off', c, 'server_cpu_us_per_req'):.0f} -> {med('on', c, 'server_cpu_us_per_req'):.0f} us/req "
-              f"({med('on', c, 'server_cpu_us_per_req') - med('off', c, 'server_cpu_us_per_req'):+.0f})")
+              f"({med('on', c, 'server_cpu_us_per_req') - med('off', c, 'server_cpu_us_per_req'):+.0f}); event-loop "
+              f"thread CPU {med('off', c, 'server_loop_cpu_us_per_req'):.0f} -> "
+              f"{med('on', c, 'server_loop_cpu_us_per_req'):.0f} us/req: its capacity ratio (what the loop alone "
+              f"could serve, on / off) "
+              f"{med('off', c, 'server_loop_cpu_us_per_req') / med('on', c, 'server_loop_cpu_us_per_req'):.3f}")
     db = sqlite3.connect(repos["on"].parent / "data" / "audit.sqlite3")
     print(f"  audit entries written by the secured runs: {db.execute('SELECT count(*) FROM audit').fetchone()[0]}")
     db.close()

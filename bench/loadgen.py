@@ -37,6 +37,7 @@ class Result:
     p99_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
     server_cpu_us_per_req: float | None = None
+    server_loop_cpu_us_per_req: float | None = None  # the server's main thread (its event loop) alone
     loadgen_cpu_us_per_req: float | None = None
 
 
@@ -157,11 +158,18 @@ class CpuMeter:
 
     def __init__(self, server_pid: int | None) -> None:
         self.pid = server_pid
-        self.marks: list[tuple[float, float]] = []
+        self.marks: list[tuple[float, float, float]] = []
 
-    def _server_cpu(self) -> float:
+    def _server_cpu(self) -> tuple[float, float]:
+        """CPU seconds of the server with its children, and of its main thread alone."""
         if self.pid is None:
-            return 0.0
+            return 0.0, 0.0
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/stat") as f:
+                main = f.read().rpartition(")")[2].split()
+            main_ticks = int(main[11]) + int(main[12])
+        except OSError:
+            main_ticks = 0
         ticks = 0
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -173,16 +181,18 @@ class CpuMeter:
                 continue
             if int(entry) == self.pid or int(fields[1]) == self.pid:  # fields[1]: the parent's pid
                 ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return ticks / tick, main_ticks / tick
 
     def mark(self) -> None:
-        self.marks.append((self._server_cpu(), time.process_time()))
+        self.marks.append((*self._server_cpu(), time.process_time()))
 
     def apply(self, result: Result) -> Result:
         if len(self.marks) == 2 and result.requests:
-            (s0, l0), (s1, l1) = self.marks
+            (s0, m0, l0), (s1, m1, l1) = self.marks
             if self.pid is not None:
                 result.server_cpu_us_per_req = round((s1 - s0) / result.requests * 1e6, 1)
+                result.server_loop_cpu_us_per_req = round((m1 - m0) / result.requests * 1e6, 1)
             result.loadgen_cpu_us_per_req = round((l1 - l0) / result.requests * 1e6, 1)
         return result
 
