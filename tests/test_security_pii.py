@@ -58,6 +58,16 @@ def test_vault_round_trip() -> None:
     assert Redactor(["email"]).redact(text) == "Mail [EMAIL] or [EMAIL], call 13800138000, card 4111111111111111"
 
 
+def test_bounded_vault_forgets_the_oldest_and_never_reuses_a_number() -> None:
+    v = Vault(limit=2)
+    red = [Redactor().redact(f"mail u{i}@b.io", v) for i in range(4)]
+    assert red == [f"mail [EMAIL_{i}]" for i in range(1, 5)]
+    assert len(v.originals) == 2 and v.restore("[EMAIL_1] [EMAIL_2]") == "[EMAIL_1] [EMAIL_2]"  # forgotten
+    assert v.restore("[EMAIL_3] [EMAIL_4]") == "u2@b.io u3@b.io"
+    assert Redactor().redact("again u0@b.io, u3@b.io", v) == "again [EMAIL_5], [EMAIL_4]"  # a new number
+    assert v.restore("[EMAIL_5]") == "u0@b.io" and "[EMAIL_3]" not in v.originals
+
+
 def _bytes_req(*texts: str) -> dict[str, object]:
     return {"inputs": [{"name": "x", "shape": [1, len(texts)], "datatype": "BYTES", "data": list(texts)}]}
 

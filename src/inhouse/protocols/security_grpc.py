@@ -169,12 +169,15 @@ class PiiExchange:
     """PII redaction for one RPC: BYTES inputs get numbered placeholders before the model sees
     them and BYTES outputs get the originals back (or PII masked), by each model's ``pii:``
     rules, as on REST. The requests of one stream share one vault, so an answer is restored
-    whichever request it belongs to; streamed ``text_output`` pieces (generation) are joined
-    where a placeholder is split between them, per request id."""
+    whichever request it belongs to (up to the last ``STREAM_VAULT_LIMIT`` values redacted,
+    so a long-lived stream's memory stays bounded); streamed ``text_output`` pieces (generation)
+    are joined where a placeholder is split between them, per request id."""
+
+    STREAM_VAULT_LIMIT = 4096
 
     def __init__(self, spec_for: Callable[[str], ModelSpec | None]) -> None:
         self._spec_for = spec_for
-        self.vault = Vault()
+        self.vault = Vault(limit=self.STREAM_VAULT_LIMIT)
         self._rules: dict[str, PiiRules | None] = {}
         self._pieces: dict[str, PieceTexts] = {}
 

@@ -92,9 +92,13 @@ _RULES: dict[str, list[tuple[re.Pattern[str], Callable[[str], bool] | None]]] = 
 
 @dataclass
 class Vault:
-    """Placeholders handed out while redacting one request, to restore them in its answer."""
+    """Placeholders handed out while redacting one request, to restore them in its answer.
+    ``limit``: keep at most this many (a long-lived stream's vault); the oldest are forgotten
+    first, so a late answer naming one keeps the placeholder, never another value, and numbers
+    are never handed out twice."""
 
     originals: dict[str, str] = field(default_factory=dict)  # placeholder → original
+    limit: int | None = None
     _by_value: dict[tuple[str, str], str] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
 
@@ -108,6 +112,9 @@ class Vault:
             found = f"[{label}_{n}]"
             self._by_value[key] = found
             self.originals[found] = value
+            if self.limit is not None and len(self.originals) > self.limit:
+                oldest = next(iter(self._by_value))  # both dicts are filled together, in order
+                del self.originals[self._by_value.pop(oldest)]
         return found
 
     def restore(self, text: str) -> str:
