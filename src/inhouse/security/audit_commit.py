@@ -123,7 +123,6 @@ class GroupCommitter:
         """Start the audit writer process; False (and a warning) if it could not start, in
         which case entries are committed on the event loop."""
         self._args = (secret, data_dir, fsync)
-        self._closing = False
         loop = asyncio.get_running_loop()
         argv = [sys.executable, "-m", "inhouse.security.audit_writer", str(data_dir), *(["--fsync"] if fsync else [])]
         writer: _WriterProtocol | None = None
@@ -135,6 +134,8 @@ class GroupCommitter:
                 else b"its input pipe closed"
         except (OSError, TimeoutError) as exc:
             problem = str(exc).encode() or type(exc).__name__.encode()
+        if self._closing:  # close() ran meanwhile (a restart racing the server's stop)
+            problem = b"the audit log is closing"
         if problem or writer is None:
             log.warning("the audit writer process did not start; audit entries are committed on the event loop",
                         extra={"reason": problem.decode(errors="replace")})
