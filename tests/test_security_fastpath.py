@@ -361,3 +361,39 @@ def test_requests_drained_at_shutdown_are_audited(tmp_path: Path) -> None:
     assert log.verify().ok
     log.close()
 
+
+
+def test_audit_writer_protocol_refuses_a_bad_frame_alone(tmp_path: Path) -> None:
+    """The writer speaks length-prefixed frames on stdin/stdout: ready after the secret, one
+    answer per batch (empty = committed); a frame it cannot read is refused without taking the
+    others with it; it stops at the end of its input and ignores SIGTERM until then."""
+    from inhouse.security.audit_writer import frame
+
+    proc = subprocess.Popen([sys.executable, "-m", "inhouse.security.audit_writer", str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def reply() -> bytes:
+        assert proc.stdout is not None
+        size = int.from_bytes(proc.stdout.read(4), "big")
+        return proc.stdout.read(size)
+
+    try:
+        proc.stdin.write(frame(b"s" * 32))
+        proc.stdin.flush()
+        assert reply() == b""  # ready
+        good = b'[{"action": "infer", "model": "add", "status": 200, "request_id": "w1"}]'
+        proc.stdin.write(frame(good) + frame(b"not json") + frame(good.replace(b"w1", b"w2")))
+        proc.stdin.flush()
+        answers = [reply() for _ in range(3)]
+        assert answers[0] == b"" and answers[2] == b"" and b"could not be read" in answers[1], answers
+        proc.send_signal(signal.SIGTERM)  # ignored: only the end of its input stops it
+        time.sleep(0.2)
+        assert proc.poll() is None
+    finally:
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+    assert _committed(tmp_path / "audit.sqlite3") == {"w1", "w2"}
+    log = AuditLog(tmp_path, b"s" * 32)
+    assert log.verify().ok
+    log.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -226,11 +227,12 @@ class GroupCommitter:
         log.info("audit log: %d entries committed in %d transactions", self.entries, self.commits)
 
 
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))
+
+
 def _as_dict(e: AuditEntry) -> dict[str, Any]:
-    return {"action": e.action, "transport": e.transport, "key_id": e.key_id, "model": e.model,
-            "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
-            "latency_ms": e.latency_ms, "request_id": e.request_id, "trace_id": e.trace_id,
-            "detail": e.detail, "ts": e.ts}
+    """The entry as the writer rebuilds it (``AuditEntry(**item)``); shallow, unlike asdict()."""
+    return {name: getattr(e, name) for name in _ENTRY_FIELDS}
 
 
 def _resolve(futures: _Waiters, error: Exception | None) -> None:
