@@ -132,7 +132,7 @@ class SecurityGate:
         if key.allow_ips and not in_networks(addr, key.allow_ips):
             raise ForbiddenError(f"API key {key.key_id} may not be used from {call.client_ip}.")
         if call.scope != "any" and call.scope not in key.scopes:
-            raise ForbiddenError(f"API key {key.key_id} lacks the '{call.scope}' scope needed to {call.action} "
+            raise ForbiddenError(f"API key {key.key_id} lacks the '{call.scope}' scope needed for '{call.action}' "
                                  f"(it has: {', '.join(sorted(key.scopes))}).")
         self.check_model(call, call.model)
         rate = key.rate or self._rate_key
