@@ -58,7 +58,7 @@ class _FastRequest:
 
     message_event = _NO_EVENT
 
-    def __init__(self, path: str, model: str, version: str | None, headers: list[tuple[bytes, bytes]],
+    def __init__(self, path: str, model: str, version: str | None, headers: dict[bytes, bytes],
                  keep_alive: bool) -> None:
         self.path = path
         self.model = model
@@ -187,8 +187,12 @@ class FastInferProtocol(HttpToolsProtocol):
         target = infer_target(path)
         if target is None:
             return None
+        h = dict(self.headers)
+        declared = h.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return None  # uvicorn's path answers 413 at once instead of reading the body first
         keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
-        return _FastRequest(path, target[0], target[1], self.headers, keep_alive)
+        return _FastRequest(path, target[0], target[1], h, keep_alive)
 
     def on_body(self, body: bytes) -> None:
         fast = self._taking
@@ -215,7 +219,7 @@ class FastInferProtocol(HttpToolsProtocol):
     async def _answer(self, fast: _FastRequest) -> None:
         start = time.perf_counter()
         self.stats.answered += 1
-        h = dict(fast.headers)
+        h = fast.headers
         limit = self.limit
 
         async def read_body() -> bytes:
