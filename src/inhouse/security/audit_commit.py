@@ -44,7 +44,6 @@ class AuditWriteError(RuntimeError):
 class _WriterProtocol(asyncio.SubprocessProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.SubprocessTransport | None = None
-        self.replies: collections.deque[bytes] = collections.deque()
         self.ready: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.awaiting: collections.deque[_Waiters] = collections.deque()
