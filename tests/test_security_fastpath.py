@@ -397,3 +397,44 @@ def test_audit_writer_protocol_refuses_a_bad_frame_alone(tmp_path: Path) -> None
     log = AuditLog(tmp_path, b"s" * 32)
     assert log.verify().ok
     log.close()
+
+
+def test_concurrent_grpc_requests_are_all_audited_by_the_writer(repo: Path) -> None:
+    """gRPC records through the same gate: overlapping calls are committed by the audit writer,
+    each before its answer, and the log verifies."""
+    import grpc
+
+    from inhouse.protocols.proto import grpc_service_pb2 as pb
+    from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
+
+    data = repo.parent / "data"
+    store = KeyStore(data)
+    key = store.create("app", ["infer"])[0]
+    store.close()
+    x = np.ones((1, 4), np.float32).tobytes()
+    request = pb.ModelInferRequest(model_name="add")
+    for name in ("a", "b"):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(x)
+
+    async def load(target: str) -> list[str]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+            async def one(i: int) -> str:
+                reply = await infer(request, metadata=(("x-api-key", key), ("x-request-id", f"g{i}")))
+                assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [2.0] * 4
+                return f"g{i}"
+
+            return list(await asyncio.gather(*(one(i) for i in range(48))))
+
+    with run_server(repo, auth=True, data_dir=data, load="add") as srv:
+        assert srv.grpc_target is not None
+        answered = asyncio.run(load(srv.grpc_target))
+        commits = srv.server.security.commits
+        assert commits is not None and commits.in_flight == 0 and commits.by_writer > 0
+    log = AuditLog(data)
+    rows = {r["request_id"]: r for r in log.entries() if r["transport"] == "grpc"}
+    assert set(answered) <= set(rows) and all(rows[i]["status"] == 200 for i in answered)
+    assert log.verify().ok
+    log.close()
