@@ -151,6 +151,16 @@ def rest_request(url: str, model: str, payload: dict[str, object], extra: list[s
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + header + blob
 
 
+def _stat(path: str) -> tuple[int, int] | None:
+    """Parent pid and CPU ticks (user + system) from a /proc stat file; None once it is gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
 class CpuMeter:
     """CPU seconds the server (its process and its child processes, such as the audit writer)
     and this process spend during the measured window: under a contended machine, CPU per
@@ -164,25 +174,14 @@ class CpuMeter:
         """CPU seconds of the server with its children, and of its main thread alone."""
         if self.pid is None:
             return 0.0, 0.0
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/stat") as f:
-                main = f.read().rpartition(")")[2].split()
-            main_ticks = int(main[11]) + int(main[12])
-        except OSError:
-            main_ticks = 0
+        main = _stat(f"/proc/{self.pid}/task/{self.pid}/stat")
         ticks = 0
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:  # exited meanwhile
-                continue
-            if int(entry) == self.pid or int(fields[1]) == self.pid:  # fields[1]: the parent's pid
-                ticks += int(fields[11]) + int(fields[12])
+            if entry.isdigit() and (stat := _stat(f"/proc/{entry}/stat")) is not None \
+                    and self.pid in (int(entry), stat[0]):
+                ticks += stat[1]
         tick = os.sysconf("SC_CLK_TCK")
-        return ticks / tick, main_ticks / tick
+        return ticks / tick, (main[1] if main is not None else 0) / tick
 
     def mark(self) -> None:
         self.marks.append((*self._server_cpu(), time.process_time()))

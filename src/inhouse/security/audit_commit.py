@@ -29,7 +29,7 @@ from typing import Any, cast
 import orjson
 
 from inhouse.security.audit import AuditEntry, AuditLog
-from inhouse.security.audit_writer import frame
+from inhouse.security.audit_writer import frame, take_frame
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,7 @@ class _WriterProtocol(asyncio.SubprocessProtocol):
         if fd != 1 or isinstance(data, str):
             return
         self._buf += data
-        while len(self._buf) >= 4:
-            size = int.from_bytes(self._buf[:4], "big")
-            if len(self._buf) < 4 + size:
-                break
-            reply = bytes(self._buf[4:4 + size])
-            del self._buf[:4 + size]
+        while (reply := take_frame(self._buf)) is not None:
             if not self.ready.done():
                 self.ready.set_result(reply)
             elif self.awaiting:
@@ -223,7 +218,7 @@ class GroupCommitter:
             log.error("the audit writer did not stop in time; killing it")
         with contextlib.suppress(ProcessLookupError):
             writer.transport.close()
-        log.info("audit log: %d entries committed in %d transactions", self.entries, self.commits)
+        log.info("audit log: %d entries committed in %d batches", self.entries, self.commits)
 
 
 _ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))

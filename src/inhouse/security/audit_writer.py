@@ -36,6 +36,21 @@ def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
+def take_frame(buf: bytearray) -> bytes | None:
+    """The first complete frame in ``buf`` (removed from it), or None while it is incomplete.
+    Both ends read frames with this: the writer its input, the server the writer's answers."""
+    if len(buf) < 4:
+        return None
+    (size,) = _HEADER.unpack_from(buf)
+    if size > MAX_FRAME:
+        raise ValueError(f"an audit frame of {size} bytes is over the limit of {MAX_FRAME}")
+    if len(buf) < 4 + size:
+        return None
+    payload = bytes(buf[4:4 + size])
+    del buf[:4 + size]
+    return payload
+
+
 class FrameReader:
     """Frames from a file descriptor (blocking for the first, then only what is already there)."""
 
@@ -44,21 +59,9 @@ class FrameReader:
         self._buf = bytearray()
         self.eof = False
 
-    def _parse(self) -> bytes | None:
-        if len(self._buf) < 4:
-            return None
-        (size,) = _HEADER.unpack_from(self._buf)
-        if size > MAX_FRAME:
-            raise ValueError(f"an audit frame of {size} bytes is over the limit of {MAX_FRAME}")
-        if len(self._buf) < 4 + size:
-            return None
-        payload = bytes(self._buf[4:4 + size])
-        del self._buf[:4 + size]
-        return payload
-
     def next(self, *, block: bool) -> bytes | None:
         """The next frame; None at the end of input, or (``block=False``) when none is complete."""
-        while (payload := self._parse()) is None:
+        while (payload := take_frame(self._buf)) is None:
             if self.eof or (not block and not select.select([self._fd], [], [], 0)[0]):
                 return None
             data = os.read(self._fd, 1 << 16)

@@ -191,8 +191,9 @@ class SecurityGate:
             return
         call.recorded = True
         detail = {**call.detail, "error": error[:500]} if error else dict(call.detail) if call.detail else None
-        # Committed at once when this is the only request in flight, else by the writer thread
-        # together with the entries of the other requests finishing meanwhile (GroupCommitter).
+        # Committed at once when this is the only request in flight, else by the audit writer
+        # process together with the entries of the other requests finishing meanwhile
+        # (GroupCommitter).
         await commits.commit(AuditEntry(
             action=call.action, transport=call.transport, key_id=call.key.key_id if call.key else None,
             model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,
