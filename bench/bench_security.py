@@ -269,23 +269,26 @@ def micro(n: int, tmp: Path, rounds: int = 3) -> None:
         def med(values: list[tuple[float, float]], i: int) -> float:
             return statistics.median(v[i] for v in values)
 
+        async def interleaved(runs: list[tuple[object, list[tuple[bytes, bytes]]]],
+                              workers: int) -> list[list[tuple[float, float]]]:
+            """Each (app, headers) driven once per round, in turn: drifting load on a shared
+            machine hits them all alike."""
+            results: list[list[tuple[float, float]]] = [[] for _ in runs]
+            for _ in range(rounds):
+                for out, (app, headers) in zip(results, runs, strict=True):
+                    out.append(await drive(app, headers, workers))
+            return results
+
         for workers in (1, 8):
-            offs, ons = [], []
             commits.commits = commits.entries = 0
-            for _ in range(rounds):  # interleaved: drifting load on a shared machine hits both alike
-                offs.append(await drive(hot_off, base, workers))
-                ons.append(await drive(hot_on, auth, workers))
+            offs, ons = await interleaved([(hot_off, base), (hot_on, auth)], workers)
             print(f"v2 infer hot path per request (model call included), {workers} concurrent caller(s), {n} "
                   f"requests, median of {rounds}: CPU (all threads) / wall time: security off {med(offs, 0):.1f} / "
                   f"{med(offs, 1):.1f} us; security on (auth + rate limit + allow-list + policy + audit) "
                   f"+{med(ons, 0) - med(offs, 0):.1f} / +{med(ons, 1) - med(offs, 1):.1f} us (audit: "
                   f"{commits.entries / max(commits.commits, 1):.1f} entries per commit)", flush=True)
         for workers in (1, 8):
-            bares, offs, ons = [], [], []
-            for _ in range(rounds):
-                bares.append(await drive(inner, base, workers))
-                offs.append(await drive(off, base, workers))
-                ons.append(await drive(on, auth, workers))
+            bares, offs, ons = await interleaved([(inner, base), (off, base), (on, auth)], workers)
             print(f"middleware per request, {workers} concurrent caller(s), {n} requests, median of {rounds}: CPU "
                   f"(all threads) / wall time: bare app {med(bares, 0):.1f} / {med(bares, 1):.1f} us; security off "
                   f"+{med(offs, 0) - med(bares, 0):.1f} / +{med(offs, 1) - med(bares, 1):.1f} us; security on "
