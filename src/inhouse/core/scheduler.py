@@ -235,7 +235,13 @@ class DynamicBatcher:
         self._seq += 1
         p.seq = self._seq
         if p.deadline is not None:
-            heapq.heappush(self._deadlines, (p.deadline, p.seq, p))
+            heap = self._deadlines
+            # requests mostly finish in the order they came: drop the finished ones at the top
+            # as we go, so the heap holds about the live requests instead of every request of
+            # the last timeout (popping those in one go stalled the loop for milliseconds)
+            while heap and heap[0][2].state == DONE:
+                heapq.heappop(heap)
+            heapq.heappush(heap, (p.deadline, p.seq, p))
             if p.deadline < self._deadline_at:
                 self._arm_deadline(loop, p.deadline)
         if self._record:
