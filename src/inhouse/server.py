@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Generator
@@ -14,6 +15,7 @@ import uvicorn
 
 from inhouse.app import build_app
 from inhouse.core.dataplane import DataPlane, ServerState
+from inhouse.core.heap import HeapSettler
 from inhouse.core.manager import ModelManager
 from inhouse.core.repository import ModelRepository
 from inhouse.errors import InhouseError
@@ -78,6 +80,10 @@ class InhouseServer:
         )
         self.state = ServerState()
         self.dataplane = DataPlane(self.manager, self.state)
+        self._heap: HeapSettler | None = None
+        if settings.gc_freeze:
+            self._heap = HeapSettler()
+            self.manager.listeners.append(self._heap)
         self.app = build_app(self.dataplane, settings)
         self.http_port: int = settings.http_port
         self.front_ends: list[FrontEnd] = []
@@ -194,6 +200,8 @@ class InhouseServer:
             raise
         log.info("listening", extra={"url": self.http_url, "repository": str(self.repository.root)})
         await self._initial_load()
+        if self._heap is not None:
+            self._heap.settle_now()  # before ready: the first requests meet a frozen heap
         self.state.started = True
         if self.settings.poll:
             self._tasks.append(asyncio.create_task(self._poll()))
@@ -281,6 +289,9 @@ class InhouseServer:
         # after the drain: the requests answered while draining are audited too
         await self.security.aclose()
         await self.manager.close()
+        if self._heap is not None:
+            self._heap.close()
+            gc.unfreeze()  # an embedding process keeps running: its objects are collectable again
         self._stopped.set()
 
     async def run(self) -> None:

@@ -52,6 +52,8 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
     onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
+    gc_freeze: bool = Field(default=True, description="freeze the long-lived heap after model loads so "
+                            "full garbage collections do not stall the event loop")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
     # TLS (both transports)
