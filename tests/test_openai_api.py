@@ -121,7 +121,9 @@ def test_stream_usage_can_be_turned_off_and_done_marker(srv: RunningServer) -> N
 
 def test_usage_default_and_deadline_are_configurable(tmp_path: Path, llm_models: dict[str, Path]) -> None:
     root = build_llm_repo(tmp_path / "models", llm_models, only=[CHAT])
-    with run_server(root, llm_stream_usage=False, llm_timeout_s=2.0) as s:
+    # the tiny model writes 1,000 tokens in ~0.6 s on a fast 2-core machine: the deadline must be
+    # well under that (2 s never fired there), yet leave time for the first streamed token
+    with run_server(root, llm_stream_usage=False, llm_timeout_s=0.2) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         chunks = list(c.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, stream=True))
         assert all(ch.usage is None for ch in chunks)
