@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,19 @@ def _call_for(sess: ort.InferenceSession, feed: dict[str, np.ndarray], end: floa
         calls[i] += 1
 
 
+def pair_rate(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], seconds: float) -> float:
+    """Rows per second of the sessions called from one thread each, all at once."""
+    calls = [0] * len(sessions)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=_call_for, args=(sess, feed, start + seconds, calls, i))
+               for i, sess in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(calls) * len(next(iter(feed.values()))) / (time.perf_counter() - start)
+
+
 def raw_encoder_pair(spinning: bool, seconds: float, batches: list[int]) -> dict[str, Any]:
     """Two single-threaded sessions called from two threads at once: the raw form of a server model
     with ``instances: {count: 2}`` and ``intra_op_threads: 1`` (no barrier between two cores)."""
@@ -101,17 +114,24 @@ def raw_encoder_pair(spinning: bool, seconds: float, batches: list[int]) -> dict
         feed = encoder_inputs(b)
         for sess in sessions:
             sess.run(None, feed)
-        calls = [0, 0]
-        start = time.perf_counter()
-        threads = [threading.Thread(target=_call_for, args=(sess, feed, start + seconds, calls, i))
-                   for i, sess in enumerate(sessions)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        per_batch[b] = {"seq_per_s": round(sum(calls) * b / (time.perf_counter() - start), 2)}
+        per_batch[b] = {"seq_per_s": round(pair_rate(sessions, feed, seconds), 2)}
     best = max(per_batch, key=lambda b: per_batch[b]["seq_per_s"])
     return {"per_batch": per_batch, "best_batch": best, "best_seq_per_s": per_batch[best]["seq_per_s"]}
+
+
+def raw_reference(model: bytes, spinning: bool, single_batch: int, pair_batch: int,
+                  seconds: float) -> Callable[[], float]:
+    """A function measuring raw onnxruntime's rate now: the better of one session (default threads)
+    at ``single_batch`` and two single-threaded sessions at once at ``pair_batch``."""
+    single = session(model, spinning)
+    pair_sessions = [session(model, spinning, threads=1) for _ in range(2)]
+
+    def rate() -> float:
+        times, _ = time_calls(single, encoder_inputs(single_batch), seconds)
+        return max(single_batch / statistics.median(times),
+                   pair_rate(pair_sessions, encoder_inputs(pair_batch), seconds))
+
+    return rate
 
 
 def raw_mlp(seconds: float) -> dict[str, Any]:
@@ -187,13 +207,19 @@ def load(urls: dict[str, str], model: str, payload: Path, transport: str, concur
 
 
 def measure(args: argparse.Namespace, urls: dict[str, str], payload: Path,
-            points: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+            points: list[tuple[str, str, int]],
+            reference: Callable[[], float] | None = None) -> list[dict[str, Any]]:
     """Every (transport, model, concurrency) point, ``--rounds`` times interleaved (so drifting
-    load on a shared machine hits every point alike); per point the median of the rounds."""
+    load on a shared machine hits every point alike); per point the median of the rounds.
+    ``reference`` (raw onnxruntime's rate, measured again just before each point) gives every
+    point its own reference: ``ratio_to_reference`` is the median of those per-point ratios."""
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {pt: [] for pt in points}
     for rnd in range(args.rounds):
         for transport, model_name, c in points:
+            ref = reference() if reference is not None else None
             r = load(urls, model_name, payload, transport, c, args.duration, args.warmup)
+            if ref is not None and r.get("rps"):
+                r["ratio_to_reference"] = r["rps"] / ref
             runs[(transport, model_name, c)].append(r)
             if args.rounds > 1:
                 print(f"  round {rnd + 1}: {transport} {model_name} c={c} rps={r.get('rps')} p50={r.get('p50_ms')}",
@@ -210,6 +236,10 @@ def measure(args: argparse.Namespace, urls: dict[str, str], payload: Path,
             values = [r[key] for r in ok if r.get(key) is not None]
             if values:
                 row[key] = round(statistics.median(values), 3)
+        ratios = [r["ratio_to_reference"] for r in ok if "ratio_to_reference" in r]
+        if ratios:
+            row["ratio_to_reference"] = round(statistics.median(ratios), 3)
+            row["ratio_to_reference_per_round"] = [round(x, 3) for x in ratios]
         row.update(model=model_name, batching=model_name.endswith(("batch", "2x1")), rounds=len(ok),
                    errors=sum(r["errors"] for r in ok), requests=sum(r["requests"] for r in ok))
         rows.append(row)
@@ -244,11 +274,15 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
                          "max_queue_size": 2048, "priority_levels": 2}})
         payload = payload_file(encoder_inputs(1), work, f"enc-{spin}")
         points = [(t, m, c) for t in transports for m in ("enc", "enc-batch", "enc-2x1") for c in args.concurrency]
+        # raw onnxruntime again just before every point (both ways, at their best batch sizes): on a
+        # shared machine the rate drifts by more than the few per cent being measured
+        reference = raw_reference(model, spin, raw["best_batch"], pair["best_batch"],
+                                  max(1.0, args.raw_seconds * 2 / 3))
         with serve(repo) as urls:
-            rows = measure(args, urls, payload, points)
+            rows = measure(args, urls, payload, points, reference)
         for r in rows:
             if "rps" in r:
-                r["ratio_to_raw_best"] = round(r["rps"] / best_raw, 3)
+                r["ratio_to_raw_best"] = round(r["rps"] / best_raw, 3)  # against the reference taken at the start
                 r["p50_minus_raw_batch1_ms"] = round(r["p50_ms"] - raw["batch1_p50_ms"], 3)
                 if r.get("server_cpu_us_per_req"):
                     # CPU per request against raw onnxruntime's best CPU per sequence: steadier than
@@ -373,8 +407,8 @@ def grpc_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"  {r.get('model')}: ERROR {r['error']}"
-    extra = {k: r[k] for k in ("ratio_to_raw_best", "cpu_efficiency_vs_raw", "p50_minus_raw_batch1_ms",
-                               "added_p50_us", "added_p99_us")
+    extra = {k: r[k] for k in ("ratio_to_reference", "ratio_to_raw_best", "cpu_efficiency_vs_raw",
+                               "p50_minus_raw_batch1_ms", "added_p50_us", "added_p99_us")
              if k in r}
     return (f"  {r['transport']:5} {r['model']:10} c={r['concurrency']:<3} rps={r['rps']:<9} p50={r['p50_ms']}ms "
             f"p99={r['p99_ms']}ms errors={r['errors']} server_cpu/req={r.get('server_cpu_us_per_req')}us "
