@@ -45,6 +45,13 @@ async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
     meter = loadgen.schedule_cpu_marks(args)
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+
+    def note(t0: float, code: str) -> None:
+        if t0 >= measure_from:
+            statuses[code] += 1
+            if code == "OK":
+                latencies.append(time.perf_counter() - t0)
+
     if args.concurrency == 1:
         # one caller: grpcio's blocking stub, which waits inside grpc's C core. The aio client
         # costs ~0.5 ms of CPU per call, on the same cores as the server (enough to slow a model
@@ -59,30 +66,23 @@ async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
                         code = "OK"
                     except grpc.RpcError as err:
                         code = err.code().name  # type: ignore[attr-defined]  # grpc's call errors have it
-                    if t0 >= measure_from:
-                        statuses[code] += 1
-                        if code == "OK":
-                            latencies.append(time.perf_counter() - t0)
+                    note(t0, code)
 
             await asyncio.to_thread(blocking_caller)
-        return meter.apply(loadgen.summarize("grpc", 1, args.duration, latencies,
-                                             sum(n for code, n in statuses.items() if code != "OK"), dict(statuses)))
-    async with grpc.aio.insecure_channel(target) as channel:
-        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    else:
+        async with grpc.aio.insecure_channel(target) as channel:
+            infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
 
-        async def caller() -> None:
-            while (t0 := time.perf_counter()) < stop_at:
-                try:
-                    await infer(request)
-                    code = "OK"
-                except grpc.aio.AioRpcError as err:
-                    code = err.code().name
-                if t0 >= measure_from:
-                    statuses[code] += 1
-                    if code == "OK":
-                        latencies.append(time.perf_counter() - t0)
+            async def caller() -> None:
+                while (t0 := time.perf_counter()) < stop_at:
+                    try:
+                        await infer(request)
+                        code = "OK"
+                    except grpc.aio.AioRpcError as err:
+                        code = err.code().name
+                    note(t0, code)
 
-        await asyncio.gather(*(caller() for _ in range(args.concurrency)))
+            await asyncio.gather(*(caller() for _ in range(args.concurrency)))
     errors = sum(n for code, n in statuses.items() if code != "OK")
     return meter.apply(loadgen.summarize("grpc", args.concurrency, args.duration, latencies, errors, dict(statuses)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,15 @@ from inhouse.settings import load_settings
 from models import add_model, identity_model, mlp_model, write_model
 
 pytest_plugins = ["llm_fixtures", "llm_api_fixtures"]  # tiny HF models and servers for the LLM tests
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``cond`` until it is true; AssertionError after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
 
 
 class RunningServer:

@@ -4,13 +4,12 @@ ready and settled again after models come and go, without keeping unloaded model
 from __future__ import annotations
 
 import gc
-import time
 import weakref
 from pathlib import Path
 
 import httpx
 
-from conftest import run_server
+from conftest import run_server, wait_until
 from inhouse.core.heap import settle
 from models import mlp_model, write_model
 
@@ -40,13 +39,6 @@ def _infer(url: str, name: str) -> httpx.Response:
     return httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=10)
 
 
-def _until(cond: object, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_server_freezes_at_ready_and_releases_unloaded_models(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     write_model(repo, "a", mlp_model())
@@ -61,13 +53,13 @@ def test_server_freezes_at_ready_and_releases_unloaded_models(tmp_path: Path) ->
         settled = heap.settled
         r = httpx.post(f"{srv.url}/v2/repository/models/b/unload", timeout=30)
         assert r.status_code == 200, r.text
-        _until(lambda: heap.settled > settled)
+        wait_until(lambda: heap.settled > settled)
         assert ref() is None  # nothing frozen keeps the unloaded model's objects alive
         assert _infer(srv.url, "a").status_code == 200
         assert _infer(srv.url, "b").status_code == 503  # unloaded: not ready
         r = httpx.post(f"{srv.url}/v2/repository/models/b/load", timeout=30)
         assert r.status_code == 200, r.text
-        _until(lambda: heap.settled > settled + 1)
+        wait_until(lambda: heap.settled > settled + 1)
         assert _infer(srv.url, "b").status_code == 200
     assert gc.get_freeze_count() == 0  # stopped: an embedding process collects as usual again
 

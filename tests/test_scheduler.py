@@ -18,7 +18,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from conftest import RunningServer, run_server
+from conftest import RunningServer, run_server, wait_until
 from gate_backend import GATES, Gate
 from models import _model, identity_model, mlp_model, write_model
 
@@ -45,14 +45,6 @@ def _infer_body(ids: list[float], **params: Any) -> dict[str, Any]:
 
 def _stats(srv: RunningServer, name: str) -> Any:
     return srv.server.manager.resolve(name).scheduler.stats  # type: ignore[union-attr]
-
-
-def _wait(cond: Any, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 def _masked_model() -> bytes:
@@ -249,9 +241,9 @@ def test_priority_zero_is_served_before_earlier_low_priority(gate_repo: Path) ->
             assert gate.entered.acquire(timeout=10)
             stats = _stats(srv, "g-prio")
             low = [bg.post("/v2/models/g-prio/infer", _infer_body([i], priority=1)) for i in (1, 2, 3, 4)]
-            _wait(lambda: srv.server.manager.resolve("g-prio").scheduler.queue_depth() == 4)  # type: ignore
+            wait_until(lambda: srv.server.manager.resolve("g-prio").scheduler.queue_depth() == 4)  # type: ignore
             high = bg.post("/v2/models/g-prio/infer", _infer_body([9], priority=0))
-            _wait(lambda: stats.submitted == 6)
+            wait_until(lambda: stats.submitted == 6)
             gate.open.set()
             for f in [blocker, *low, high]:
                 assert f.result(10).status_code == 200
@@ -271,7 +263,7 @@ def test_full_queue_answers_429_at_once_and_loses_nothing(gate_repo: Path) -> No
             blocker = bg.post("/v2/models/g-full/infer", _infer_body([0]))
             assert gate.entered.acquire(timeout=10)
             queued = [bg.post("/v2/models/g-full/infer", _infer_body([i])) for i in (1, 2, 3)]
-            _wait(lambda: srv.server.manager.resolve("g-full").scheduler.queue_depth() == 3)  # type: ignore
+            wait_until(lambda: srv.server.manager.resolve("g-full").scheduler.queue_depth() == 3)  # type: ignore
             with srv.client() as c:
                 t0 = time.perf_counter()
                 r = c.post("/v2/models/g-full/infer", json=_infer_body([4]))
@@ -327,9 +319,9 @@ def test_client_disconnect_cancels_queued_work(gate_repo: Path) -> None:
             sock.sendall(b"POST /v2/models/g-gone/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             stats = _stats(srv, "g-gone")
-            _wait(lambda: stats.submitted == 2)
+            wait_until(lambda: stats.submitted == 2)
             sock.close()
-            _wait(lambda: stats.cancelled == 1)
+            wait_until(lambda: stats.cancelled == 1)
             gate.open.set()
             assert blocker.result(10).status_code == 200
         finally:

@@ -42,9 +42,7 @@ class HeapSettler:
         self.settled = 0
 
     def settle_now(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.close()
         took = settle()
         self.settled += 1
         log.debug("heap settled", extra={"frozen_objects": gc.get_freeze_count(), "ms": round(took * 1000, 1)})
@@ -56,11 +54,11 @@ class HeapSettler:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        self.close()
         self._timer = loop.call_later(self.delay_s, self.settle_now)
 
     def close(self) -> None:
+        """Forget a pending settle."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
