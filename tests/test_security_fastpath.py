@@ -184,6 +184,36 @@ def test_audit_writer_commits_off_the_event_loop_and_close_drains(tmp_path: Path
     log.close()
 
 
+def test_audit_entries_wait_behind_the_batch_in_flight_and_go_together(tmp_path: Path) -> None:
+    """One batch at a time goes to the writer: entries finishing while it commits one are held
+    and sent together once it has (fewer pipe writes and reads per entry under load)."""
+    log = AuditLog(tmp_path, b"s" * 32)
+    commits = GroupCommitter(log)
+
+    async def main() -> None:
+        assert await commits.start(b"s" * 32, tmp_path, False)
+        commits.in_flight = 10
+        holder = _lock_db(log.path)
+        first = asyncio.ensure_future(commits.commit(_entry(0)))
+        await asyncio.sleep(0.05)  # sent; the writer waits for the database
+        queued = []
+        for i in range(1, 6):  # one per turn of the event loop, while that batch is in flight
+            queued.append(asyncio.ensure_future(commits.commit(_entry(i))))
+            await asyncio.sleep(0.01)
+        assert (commits.commits, commits.entries) == (1, 1) and not any(q.done() for q in [first, *queued])
+        holder.rollback()
+        holder.close()
+        await asyncio.wait_for(asyncio.gather(first, *queued), 20)
+        assert (commits.commits, commits.entries, commits.by_writer) == (2, 6, 6)
+        assert _committed(log.path) == {f"r{i}" for i in range(6)}
+        await commits.close()
+
+    asyncio.run(main())
+    report = log.verify()
+    assert report.ok and report.entries == 6, report.problems
+    log.close()
+
+
 def test_audit_writer_death_fails_its_callers_and_it_is_restarted(tmp_path: Path) -> None:
     """Entries the writer held when it died fail their callers (never answered unrecorded);
     later ones are committed on the event loop until a new writer has started."""
@@ -195,14 +225,16 @@ def test_audit_writer_death_fails_its_callers_and_it_is_restarted(tmp_path: Path
         first = commits.writer_pid
         assert first is not None
         commits.in_flight = 3
-        holder = _lock_db(log.path)
+        os.kill(first, signal.SIGSTOP)  # it will not get to the batch sent next
         waiting = [asyncio.ensure_future(commits.commit(_entry(i))) for i in range(3)]
         await asyncio.sleep(0.1)
+        behind = [asyncio.ensure_future(commits.commit(_entry(i))) for i in (4, 5)]  # held behind that batch
+        await asyncio.sleep(0.05)
+        assert commits.commits == 1 and not any(w.done() for w in [*waiting, *behind])
         os.kill(first, signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 20)
         assert all(isinstance(r, AuditWriteError) for r in results), results
-        holder.rollback()
-        holder.close()
+        await asyncio.wait_for(asyncio.gather(*behind), 20)  # never sent: committed on the event loop
         await commits.commit(_entry(10))  # meanwhile: on the event loop
         for _ in range(200):
             if commits.writer_pid not in (None, first):
@@ -213,7 +245,7 @@ def test_audit_writer_death_fails_its_callers_and_it_is_restarted(tmp_path: Path
         await commits.close()
 
     asyncio.run(main())
-    assert {"r10", "r11", "r12", "r13"} <= _committed(log.path)
+    assert {"r4", "r5", "r10", "r11", "r12", "r13"} <= _committed(log.path)
     assert not {"r0", "r1", "r2"} & _committed(log.path)
     report = log.verify()
     assert report.ok, report.problems
@@ -289,17 +321,15 @@ def test_allow_list_answers_stay_right_past_the_cache_bound(tmp_path: Path) -> N
     def call(peer: str) -> Call:
         return Call(transport="http", action="infer", scope="infer", peer=peer)
 
-    async def main() -> None:
-        for i in range(5000):  # more distinct clients than the cache holds
-            await gate.admit(call(f"10.{i // 256}.{i % 256}.1"))
-            if i % 1000 == 0:
-                with pytest.raises(ForbiddenError, match="allow-list"):
-                    await gate.admit(call(f"192.168.{i // 256}.1"))
-        await gate.admit(call("10.0.0.1"))
-        with pytest.raises(ForbiddenError):
-            await gate.admit(call("::ffff:192.168.0.1"))
+    for i in range(5000):  # more distinct clients than the cache holds
+        gate.admit(call(f"10.{i // 256}.{i % 256}.1"))
+        if i % 1000 == 0:
+            with pytest.raises(ForbiddenError, match="allow-list"):
+                gate.admit(call(f"192.168.{i // 256}.1"))
+    gate.admit(call("10.0.0.1"))
+    with pytest.raises(ForbiddenError):
+        gate.admit(call("::ffff:192.168.0.1"))
 
-    asyncio.run(main())
     gate.close()
 
 
@@ -382,11 +412,14 @@ def test_audit_writer_protocol_refuses_a_bad_frame_alone(tmp_path: Path) -> None
         proc.stdin.write(frame(b"s" * 32))
         proc.stdin.flush()
         assert reply() == b""  # ready
-        good = b'[{"action": "infer", "model": "add", "status": 200, "request_id": "w1"}]'
-        proc.stdin.write(frame(good) + frame(b"not json") + frame(good.replace(b"w1", b"w2")))
+        # an entry is the JSON array of AuditEntry's fields, in order
+        good = b'[["infer", "http", null, "add", null, null, 200, null, null, "w1"]]'
+        fields_as_object = b'[{"action": "infer", "model": "add", "status": 200, "request_id": "w3"}]'
+        proc.stdin.write(frame(good) + frame(b"not json") + frame(fields_as_object) + frame(good.replace(b"w1", b"w2")))
         proc.stdin.flush()
-        answers = [reply() for _ in range(3)]
-        assert answers[0] == b"" and answers[2] == b"" and b"could not be read" in answers[1], answers
+        answers = [reply() for _ in range(4)]
+        assert answers[0] == b"" and answers[3] == b"" and b"could not be read" in answers[1], answers
+        assert b"must be an array" in answers[2], answers
         proc.send_signal(signal.SIGTERM)  # ignored: only the end of its input stops it
         time.sleep(0.2)
         assert proc.poll() is None

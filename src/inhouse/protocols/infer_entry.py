@@ -144,7 +144,7 @@ class InferEntry:
         output_fn: TextFn | None = None
         try:
             if gate.active:  # keys, address rules, rate limits or the audit log are on
-                await gate.admit(call)
+                gate.admit(call)
             else:
                 call.recorded = True  # no audit log: nothing to record
             needed, spec = body_needed(gate, route)

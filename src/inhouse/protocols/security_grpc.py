@@ -268,7 +268,7 @@ class SecurityInterceptor(CachedWrapInterceptor):
             call = new_call(context)
             exchange = None
             try:
-                await gate.admit(call)
+                gate.admit(call)
                 if request is not None:
                     exchange = check_message(call, request, None)
             except Exception as exc:

@@ -235,7 +235,7 @@ class SecurityMiddleware:
         gate = self.gate
         output_fn: TextFn | None = None
         try:
-            await gate.admit(call)
+            gate.admit(call)
             if route.kind != "other":
                 scope, receive, output_fn = await self._inspect(call, route, scope, receive, h)
         except Exception as exc:
@@ -292,7 +292,7 @@ class SecurityMiddleware:
                     forwarded_for=h.get("x-forwarded-for"), credential=_credential(h),
                     request_id=new_request_id(h.get(REQUEST_ID_HEADER)))
         try:
-            await self.gate.admit(call)
+            self.gate.admit(call)
         except Exception as exc:
             err = as_inhouse_error(exc)
             await self.gate.record(call, err.http_status, err.code, err.message)
@@ -359,12 +359,12 @@ class SecurityMiddleware:
                                      "need JSON tensor data; do not use the binary tensor data extension for it.")
         if policy is not None:
             texts: list[str] = []
+            if doc is not None and policy.deny_patterns:
 
-            def collect(s: str) -> str:
-                texts.append(s)
-                return s
+                def collect(s: str) -> str:
+                    texts.append(s)
+                    return s
 
-            if doc is not None:
                 _mapper(llm, gen)(doc, collect)
             check_policy(policy, spec.name, size=size, texts=texts,
                          tools=llm_tools(doc) if llm and doc is not None else None)
@@ -418,8 +418,8 @@ def inspect_body(gate: SecurityGate, call: Call, route: Route, spec: ModelSpec |
 def cannot_hold_text(body: bytes) -> bool:
     """Whether a v2 infer JSON body certainly has no BYTES tensor, so text rules find nothing in
     it and it need not be parsed here (the v2 parser reads it next): no ``BYTES`` in it, and no
-    ``\\u`` escape that could spell one. Only BYTES tensors may carry text."""
-    return b"BYTES" not in body and b"\\u" not in body
+    escape at all (a ``\\u`` escape could spell one). Only BYTES tensors may carry text."""
+    return b"BYTES" not in body and b"\\" not in body  # one byte: a memchr, not a substring search
 
 
 def transform_json_body(body: bytes, fn: TextFn) -> bytes:

@@ -19,9 +19,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -62,8 +62,10 @@ CREATE TABLE IF NOT EXISTS audit_meta (name TEXT PRIMARY KEY, value TEXT NOT NUL
 """
 
 
-@dataclass(slots=True)
-class AuditEntry:
+class AuditEntry(NamedTuple):
+    """One audit entry as a request's security check hands it over. A tuple: made on every
+    request, and sent to the audit writer process as a JSON array in this field order."""
+
     action: str
     transport: str = "http"
     key_id: str | None = None
@@ -76,7 +78,8 @@ class AuditEntry:
     request_id: str | None = None
     trace_id: str | None = None
     detail: dict[str, Any] | None = None
-    ts: float = field(default_factory=time.time)
+    ts: float = 0.0
+    """Unix time of the event; 0: the time it is committed."""
 
 
 @dataclass
@@ -169,9 +172,10 @@ class AuditLog:
 
     def append_many(self, entries: list[AuditEntry]) -> list[int]:
         """Commit several entries in one transaction (group commit); their sequence numbers."""
+        now = time.time()
         rows = [{
-            "seq": 0, "ts": e.ts, "transport": e.transport, "key_id": e.key_id, "action": e.action, "model": e.model,
-            "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
+            "seq": 0, "ts": e.ts or now, "transport": e.transport, "key_id": e.key_id, "action": e.action,
+            "model": e.model, "version": e.version, "client_ip": e.client_ip, "status": e.status, "code": e.code,
             "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
             "request_id": e.request_id, "trace_id": e.trace_id, "detail": _clean_detail(e.detail),
         } for e in entries]  # exactly the keys of FIELDS, in that order

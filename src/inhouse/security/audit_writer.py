@@ -72,8 +72,11 @@ class FrameReader:
         return payload
 
 
-def entry_from(item: dict[str, Any]) -> AuditEntry:
-    return AuditEntry(**item)
+def entry_from(item: list[Any]) -> AuditEntry:
+    """An entry from the JSON array the server sent (``AuditEntry``'s fields in order)."""
+    if not isinstance(item, list) or not 1 <= len(item) <= len(AuditEntry._fields):
+        raise ValueError("an audit entry must be an array of the entry's fields")
+    return AuditEntry(*item)
 
 
 def serve(data_dir: Path, fsync: bool, fd_in: int, out: Any) -> int:

@@ -83,7 +83,8 @@ class SecurityGate:
         self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync, background_checkpoint=True) \
             if settings.audit_enabled() else None
         self.commits = GroupCommitter(self.audit) if self.audit is not None else None
-        self._allowed: dict[Address, bool] = {}  # the allow-list's answer per client address
+        # per (peer, X-Forwarded-For): the client's address, and the server allow-list's answer
+        self._peers: dict[tuple[str | None, str | None], tuple[str | None, bool, Address | None]] = {}
 
         self.active = bool(self.auth or self.audit or self._allow or self._rate_ip)
 
@@ -112,24 +113,25 @@ class SecurityGate:
         return self.manager.serving_spec(model)
 
     # ---- admission ------------------------------------------------------------------------------
-    async def admit(self, call: Call) -> None:
-        """Raise 4001 / 4003 / 4029 when the call may not proceed; fill in its key and address."""
-        addr = self._resolver.resolve(call.peer, call.forwarded_for)
-        call.client_ip = address_text(addr) if addr is not None else call.peer
+    def admit(self, call: Call) -> None:
+        """Raise 4001 / 4003 / 4029 when the call may not proceed; fill in its key and address.
+        Synchronous and allocation-light: it runs on every request."""
+        peer = self._peer(call.peer, call.forwarded_for)
+        call.client_ip = peer[0]
         if call.scope == "open":
             return
         if self.commits is not None and not call.in_flight:
             call.in_flight = True
             self.commits.in_flight += 1
-        if self._allow and not self._allow_list_admits(addr):
+        if not peer[1]:
             raise ForbiddenError(f"Requests from {call.client_ip} are not allowed by this server's IP allow-list.")
         if self._rate_ip:
-            await self._limiter.hit(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
+            self._limiter.check(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
         if not self.auth or self.keys is None:
             return
         key = self._authenticate(self.keys, call.credential)
         call.key = key
-        if key.allow_ips and not in_networks(addr, key.allow_ips):
+        if key.allow_ips and not in_networks(peer[2], key.allow_ips):
             raise ForbiddenError(f"API key {key.key_id} may not be used from {call.client_ip}.")
         if call.scope != "any" and call.scope not in key.scopes:
             raise ForbiddenError(f"API key {key.key_id} lacks the '{call.scope}' scope needed for '{call.action}' "
@@ -137,17 +139,21 @@ class SecurityGate:
         self.check_model(call, call.model)
         rate = key.rate or self._rate_key
         if rate:
-            await self._limiter.hit(rate, f"key:{key.key_id}", f"API key {key.key_id}")
+            self._limiter.check(rate, f"key:{key.key_id}", f"API key {key.key_id}")
 
-    def _allow_list_admits(self, addr: Address | None) -> bool:
-        if addr is None:
-            return False
-        allowed = self._allowed.get(addr)
-        if allowed is None:
-            if len(self._allowed) >= 4096:  # many distinct clients: start over rather than grow
-                self._allowed.clear()
-            allowed = self._allowed[addr] = in_networks(addr, self._allow)
-        return allowed
+    def _peer(self, peer: str | None, forwarded_for: str | None) -> tuple[str | None, bool, Address | None]:
+        """(client address as text, admitted by the server's allow-list, the address) for a
+        connection's peer and X-Forwarded-For; remembered per pair (the same few recur)."""
+        known = self._peers.get((peer, forwarded_for))
+        if known is not None:
+            return known
+        addr = self._resolver.resolve(peer, forwarded_for)
+        text = address_text(addr) if addr is not None else peer
+        allowed = not self._allow or in_networks(addr, self._allow)
+        if len(self._peers) >= 4096:  # many distinct clients: start over rather than grow
+            self._peers.clear()
+        known = self._peers[(peer, forwarded_for)] = (text, allowed, addr)
+        return known
 
     def check_model(self, call: Call, model: str | None) -> None:
         """Called again by adapters that learn the model only from the request body."""
@@ -194,9 +200,9 @@ class SecurityGate:
         # Committed at once when this is the only request in flight, else by the audit writer
         # process together with the entries of the other requests finishing meanwhile
         # (GroupCommitter).
+        key = call.key
         await commits.commit(AuditEntry(
-            action=call.action, transport=call.transport, key_id=call.key.key_id if call.key else None,
-            model=call.model, version=call.version, client_ip=call.client_ip, status=status, code=code,
-            latency_ms=(time.perf_counter() - call.started) * 1000,
-            request_id=call.request_id if _REQUEST_ID.match(call.request_id) else redact(call.request_id),
-            trace_id=call.trace_id, detail=detail))
+            call.action, call.transport, key.key_id if key is not None else None, call.model, call.version,
+            call.client_ip, status, code, (time.perf_counter() - call.started) * 1000,
+            call.request_id if _REQUEST_ID.match(call.request_id) else redact(call.request_id), call.trace_id,
+            detail, time.time()))

@@ -5,7 +5,7 @@ error 5001 and is audited."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -18,7 +18,7 @@ def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
     return tuple(re.compile(p) for p in patterns)
 
 
-def check_policy(policy: PolicySpec, model: str, *, size: int, texts: Iterable[str] = (),
+def check_policy(policy: PolicySpec, model: str, *, size: int, texts: Sequence[str] = (),
                  tools: Iterable[str] | None = None) -> None:
     """Raise 5001 when the request breaks the model's policy. The message names the rule, never
     the matched text (it may be sensitive)."""
@@ -32,7 +32,7 @@ def check_policy(policy: PolicySpec, model: str, *, size: int, texts: Iterable[s
             raise PolicyBlockedError(
                 f"Model '{model}' may not be offered tool(s) {denied} by its content policy; allowed: "
                 f"{policy.allowed_tools or 'none'}.", details={"rule": "allowed_tools"})
-    if policy.deny_patterns:
+    if policy.deny_patterns and texts:
         rxs = _compiled(tuple(policy.deny_patterns))
         for text in texts:
             for i, rx in enumerate(rxs):

@@ -32,6 +32,13 @@ def parse_rate(text: str) -> limits.RateLimitItem:
     return limits.parse(f"{int(m.group(1))}/{m.group(2) or ''}{unit}".replace("//", "/"))
 
 
+@lru_cache(maxsize=256)
+def _limit(rate: str) -> tuple[int, float]:
+    """(requests, seconds) of a rate."""
+    item = parse_rate(rate)
+    return item.amount, float(item.get_expiry())
+
+
 class _Window:
     __slots__ = ("count", "previous", "start")
 
@@ -51,13 +58,9 @@ class RateLimiter:
         self._windows: dict[tuple[str, str], _Window] = {}
         self._hits = 0
 
-    async def hit(self, rate: str, bucket: str, who: str) -> None:
-        """Count one request for ``bucket``; raise 4029 with Retry-After when over ``rate``."""
-        self.check(rate, bucket, who)
-
     def check(self, rate: str, bucket: str, who: str) -> None:
-        item = parse_rate(rate)
-        amount, period = item.amount, float(item.get_expiry())
+        """Count one request for ``bucket``; raise 4029 with Retry-After when over ``rate``."""
+        amount, period = _limit(rate)
         now = self._clock()
         self._hits += 1
         if self._hits % self._PRUNE_EVERY == 0:
@@ -90,7 +93,7 @@ class RateLimiter:
     def _prune(self, now: float) -> None:
         """Forget buckets idle for two whole windows (they count nothing any more)."""
         stale = [k for k, w in self._windows.items()
-                 if now >= w.start + 2 * float(parse_rate(k[0]).get_expiry())]
+                 if now >= w.start + 2 * _limit(k[0])[1]]
         for k in stale:
             del self._windows[k]
 
