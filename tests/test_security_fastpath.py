@@ -264,8 +264,11 @@ def test_group_commit_failure_fails_every_caller(tmp_path: Path) -> None:
 
     results = asyncio.run(main())
     assert all(isinstance(r, sqlite3.ProgrammingError) for r in results), results
+    async def later() -> None:
+        await commits.commit(_entry(9))
+
     with pytest.raises(sqlite3.ProgrammingError):
-        asyncio.run(commits.commit(_entry(9)))
+        asyncio.run(later())
 
 
 def test_audit_log_written_by_two_processes_verifies(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import cast
 
@@ -35,6 +35,19 @@ log = logging.getLogger(__name__)
 
 _Waiters = list[asyncio.Future[None]]
 _STOP_TIMEOUT_S = 30.0  # for the writer to commit what it has after its input closed
+
+
+class _Done:
+    """An awaitable that is already done (an entry committed at once, or none to commit)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+DONE: Awaitable[None] = _Done()
 
 
 class AuditWriteError(RuntimeError):
@@ -165,17 +178,23 @@ class GroupCommitter:
         if not self._closing and self._writer is None and self._args is not None:
             await self.start(*self._args)
 
-    async def commit(self, entry: AuditEntry) -> None:
-        """Return once ``entry`` is committed; raise what prevented it otherwise."""
-        loop = asyncio.get_running_loop()
+    def commit(self, entry: AuditEntry) -> Awaitable[None]:
+        """What to await until ``entry`` is committed (already done when it was committed at
+        once); raises, or the awaitable raises, what prevented it. Not a coroutine: a request
+        awaits the future itself, without two more frames to create and resume."""
         writer = self._writer
-        alone = self.in_flight <= 0 and not self._pending and (writer is None or not writer.awaiting)
-        if alone or (self._pending and loop is not self._pending_loop):
-            self._write([entry])
-            return
-        future: asyncio.Future[None] = loop.create_future()  # its own: a cancelled request cancels only it
         if not self._pending:
+            if self.in_flight <= 0 and (writer is None or not writer.awaiting):
+                self._write([entry])  # alone: nothing could share its transaction
+                return DONE
+            loop = asyncio.get_running_loop()
             self._pending_loop = loop
+        else:
+            loop = asyncio.get_running_loop()
+            if loop is not self._pending_loop:
+                self._write([entry])
+                return DONE
+        future: asyncio.Future[None] = loop.create_future()  # its own: a cancelled request cancels only it
         self._pending.append(entry)
         self._waiters.append(future)
         if not self._flush_due and (writer is None or not writer.awaiting or loop is not self._loop):
@@ -185,7 +204,7 @@ class GroupCommitter:
             # sends fewer, larger batches and spends fewer pipe reads and writes per entry.
             self._flush_due = True
             loop.call_soon(self._flush)
-        await future
+        return future
 
     def _writer_idle(self) -> None:
         if self._pending and not self._flush_due and self._pending_loop is self._loop:

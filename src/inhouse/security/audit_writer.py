@@ -21,6 +21,7 @@ import select
 import signal
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,52 @@ def take_frame(buf: bytearray) -> bytes | None:
     return payload
 
 
-class FrameReader:
-    """Frames from a file descriptor (blocking for the first, then only what is already there)."""
+POLL_S = 0.0002
+"""While input keeps coming, the writer looks for more this often instead of blocking on the pipe."""
+BUSY_S = 0.05
+"""...for this long after the last input; then it blocks until more arrives."""
 
-    def __init__(self, fd: int) -> None:
+
+class FrameReader:
+    """Frames from a file descriptor (blocking for the first, then only what is already there).
+
+    A process blocked reading a pipe must be woken by the writing process, and on a busy
+    machine that wake-up is most of what a pipe write costs the writer (measured: 6 µs against
+    1.6 µs for a write into a pipe whose reader is asleep on a timer, more under load). The
+    server writes from its event loop, so while entries keep coming the reader polls instead
+    (every ``poll_s``) and the server's writes wake nobody; after ``busy_s`` without input it
+    blocks again, so an idle server's writer costs nothing."""
+
+    def __init__(self, fd: int, poll_s: float = POLL_S, busy_s: float = BUSY_S) -> None:
         self._fd = fd
         self._buf = bytearray()
+        self._poll_s = poll_s
+        self._busy_s = busy_s
+        self._last = -busy_s  # monotonic time of the last input
         self.eof = False
+
+    def _readable(self) -> bool:
+        return bool(select.select([self._fd], [], [], 0)[0])
+
+    def _wait(self) -> None:
+        """Until there is input: polling while recent input suggests more is coming, else blocking."""
+        while time.monotonic() - self._last < self._busy_s:
+            time.sleep(self._poll_s)
+            if self._readable():
+                return
+        select.select([self._fd], [], [])
 
     def next(self, *, block: bool) -> bytes | None:
         """The next frame; None at the end of input, or (``block=False``) when none is complete."""
         while (payload := take_frame(self._buf)) is None:
-            if self.eof or (not block and not select.select([self._fd], [], [], 0)[0]):
+            if self.eof:
                 return None
+            if not self._readable():
+                if not block:
+                    return None
+                self._wait()
             data = os.read(self._fd, 1 << 16)
+            self._last = time.monotonic()
             if not data:
                 self.eof = True
                 return None

@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from inhouse.core.manager import ModelManager
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import ForbiddenError, UnauthenticatedError
 from inhouse.security.audit import AuditEntry, AuditLog
-from inhouse.security.audit_commit import GroupCommitter
+from inhouse.security.audit_commit import DONE, GroupCommitter
 from inhouse.security.keys import ApiKey, KeyStore
 from inhouse.security.network import Address, ClientAddressResolver, address_text, in_networks
 from inhouse.security.pii import redact
@@ -186,22 +187,23 @@ class SecurityGate:
         return key
 
     # ---- audit ------------------------------------------------------------------------------------
-    async def record(self, call: Call, status: int | None, code: int | None, error: str | None = None) -> None:
-        """Commit the audit entry for a call (once), before its response goes out. If the audit
-        log cannot be written this raises: the request fails rather than go unrecorded."""
+    def record(self, call: Call, status: int | None, code: int | None, error: str | None = None) -> Awaitable[None]:
+        """Commit the audit entry for a call (once): await what this returns before the response
+        goes out. If the audit log cannot be written this (or the awaitable) raises: the request
+        fails rather than go unrecorded."""
         commits = self.commits
         if call.in_flight and commits is not None:
             call.in_flight = False
             commits.in_flight -= 1
         if call.recorded or commits is None or call.scope == "open":
-            return
+            return DONE
         call.recorded = True
         detail = {**call.detail, "error": error[:500]} if error else dict(call.detail) if call.detail else None
         # Committed at once when this is the only request in flight, else by the audit writer
         # process together with the entries of the other requests finishing meanwhile
         # (GroupCommitter).
         key = call.key
-        await commits.commit(AuditEntry(
+        return commits.commit(AuditEntry(
             call.action, call.transport, key.key_id if key is not None else None, call.model, call.version,
             call.client_ip, status, code, (time.perf_counter() - call.started) * 1000,
             call.request_id if _REQUEST_ID.match(call.request_id) else redact(call.request_id), call.trace_id,
