@@ -474,3 +474,51 @@ def test_concurrent_grpc_requests_are_all_audited_by_the_writer(repo: Path) -> N
     assert set(answered) <= set(rows) and all(rows[i]["status"] == 200 for i in answered)
     assert log.verify().ok
     log.close()
+
+
+def test_an_admitted_caller_is_remembered_and_every_check_still_holds(tmp_path: Path) -> None:
+    """A caller's next request skips the checks that do not count requests, but a revoked or
+    expired key, another model or scope, and the rate limit are still refused at once."""
+    from inhouse.errors import ForbiddenError, RateLimitedError, UnauthenticatedError
+    from inhouse.security.gate import Call, SecurityGate
+    from inhouse.settings import load_settings
+
+    store = KeyStore(tmp_path)
+    limited = store.create("limited", ["infer"], models=["add"], rate="3/minute")[0]
+    brief = store.create("brief", ["infer"], expires_at=time.time() + 1.0)[0]
+    other = store.create("other", ["infer"])[0]
+    store.close()
+    gate = SecurityGate(load_settings(None, data_dir=tmp_path, auth=True))
+
+    def call(key: str, model: str = "add", scope: Any = "infer") -> Call:
+        return Call(transport="http", action="infer", scope=scope, model=model, peer="10.1.2.3", credential=key)
+
+    first = call(limited)
+    gate.admit(first)
+    assert first.key is not None and first.client_ip == "10.1.2.3" and len(gate._admitted) == 1
+    for _ in range(2):
+        again = call(limited)
+        gate.admit(again)  # remembered
+        assert again.key is first.key and again.client_ip == "10.1.2.3"
+    with pytest.raises(RateLimitedError):  # the fourth in a minute: counted on the remembered path too
+        gate.admit(call(limited))
+    with pytest.raises(ForbiddenError, match="may not use model"):
+        gate.admit(call(limited, model="other-model"))
+    with pytest.raises(ForbiddenError, match="lacks the 'admin' scope"):
+        gate.admit(call(limited, scope="admin"))
+    with pytest.raises(UnauthenticatedError, match="not valid"):
+        gate.admit(call(limited[:-1] + ("A" if limited[-1] != "A" else "B")))
+
+    gate.admit(call(brief))
+    gate.admit(call(brief))
+    time.sleep(1.1)
+    with pytest.raises(UnauthenticatedError, match="expired"):
+        gate.admit(call(brief))
+
+    gate.admit(call(other))
+    revoker = KeyStore(tmp_path)  # another connection, as the CLI would be
+    assert revoker.revoke("other")
+    revoker.close()
+    with pytest.raises(UnauthenticatedError, match="revoked"):
+        gate.admit(call(other))
+    gate.close()

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from inhouse.core.manager import ModelManager
 from inhouse.core.spec import ModelSpec
@@ -54,6 +54,16 @@ class Call:
     in_flight: bool = False  # counted by the gate's group commit until recorded
 
 
+class _Admitted(NamedTuple):
+    generation: int
+    key: ApiKey
+    client_ip: str | None
+    expires_at: float | None
+    rate: str | None
+    bucket: str  # the key's rate-limit bucket
+    who: str
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -84,6 +94,13 @@ class SecurityGate:
         self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync, background_checkpoint=True) \
             if settings.audit_enabled() else None
         self.commits = GroupCommitter(self.audit) if self.audit is not None else None
+        # A caller admitted before, per (API key, peer, X-Forwarded-For, scope, model): the checks
+        # that do not count requests (key genuine, not revoked, address, scope, model list) hold
+        # while no key has changed (the key store's generation) and the key has not expired, so
+        # its next request skips them; rate limits are still counted on every request. Only a
+        # key that was verified in full (constant-time) is ever stored, so a lookup here needs
+        # the exact key text, and its time tells nothing about other keys.
+        self._admitted: dict[tuple[str | None, ...], _Admitted] = {}
         # per (peer, X-Forwarded-For): the client's address, and the server allow-list's answer
         self._peers: dict[tuple[str | None, str | None], tuple[str | None, bool, Address | None]] = {}
 
@@ -116,7 +133,25 @@ class SecurityGate:
     # ---- admission ------------------------------------------------------------------------------
     def admit(self, call: Call) -> None:
         """Raise 4001 / 4003 / 4029 when the call may not proceed; fill in its key and address.
-        Synchronous and allocation-light: it runs on every request."""
+        Synchronous, and short for a caller admitted before (see ``_admitted``)."""
+        keys = self.keys
+        if keys is not None and call.credential is not None and call.scope != "open":
+            memo = self._admitted.get((call.credential, call.peer, call.forwarded_for, call.scope, call.model))
+            if memo is not None and memo.generation == keys.generation() and (
+                    memo.expires_at is None or memo.expires_at > time.time()):
+                call.client_ip = memo.client_ip
+                call.key = memo.key
+                if self.commits is not None and not call.in_flight:
+                    call.in_flight = True
+                    self.commits.in_flight += 1
+                if self._rate_ip:
+                    self._limiter.check(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
+                if memo.rate:
+                    self._limiter.check(memo.rate, memo.bucket, memo.who)
+                return
+        self._admit(call)
+
+    def _admit(self, call: Call) -> None:
         peer = self._peer(call.peer, call.forwarded_for)
         call.client_ip = peer[0]
         if call.scope == "open":
@@ -130,6 +165,7 @@ class SecurityGate:
             self._limiter.check(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
         if not self.auth or self.keys is None:
             return
+        generation = self.keys.generation()
         key = self._authenticate(self.keys, call.credential)
         call.key = key
         if key.allow_ips and not in_networks(peer[2], key.allow_ips):
@@ -139,8 +175,13 @@ class SecurityGate:
                                  f"(it has: {', '.join(sorted(key.scopes))}).")
         self.check_model(call, call.model)
         rate = key.rate or self._rate_key
+        memo = _Admitted(generation, key, call.client_ip, key.expires_at, rate, f"key:{key.key_id}",
+                         f"API key {key.key_id}")
         if rate:
-            self._limiter.check(rate, f"key:{key.key_id}", f"API key {key.key_id}")
+            self._limiter.check(rate, memo.bucket, memo.who)
+        if len(self._admitted) >= 4096:  # many distinct callers: start over rather than grow
+            self._admitted.clear()
+        self._admitted[(call.credential, call.peer, call.forwarded_for, call.scope, call.model)] = memo
 
     def _peer(self, peer: str | None, forwarded_for: str | None) -> tuple[str | None, bool, Address | None]:
         """(client address as text, admitted by the server's allow-list, the address) for a

@@ -111,6 +111,7 @@ class KeyStore:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._version = -1
+        self._generation = 0  # +1 whenever the records are reloaded
         self._cache: dict[str, ApiKey] = {}
         self._verified: dict[str, tuple[bytes, ApiKey]] = {}  # key id -> (presented key, record)
         self._watch: WalWatch | None = None
@@ -200,6 +201,14 @@ class KeyStore:
                 self._verified[key_id] = (raw, rec)
         return rec
 
+    def generation(self) -> int:
+        """A number that changes whenever any key may have changed (created, revoked, by any
+        process): what a caller remembering an earlier answer checks it against."""
+        watch = self._watch
+        if watch is None or self._version < 0 or not watch.unchanged():
+            self._refresh()
+        return self._generation
+
     def _refresh(self, force: bool = False) -> None:
         """Reload the records if any connection (this one or another process's) committed since
         the last reload."""
@@ -224,6 +233,7 @@ class KeyStore:
                 for r in rows
             }
             self._verified.clear()
+            self._generation += 1
             self._version = version
             if watch is not None:
                 watch.seen(header)
