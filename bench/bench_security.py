@@ -5,7 +5,9 @@ security off, measured in the same run.
     python bench/bench_security.py [--requests 3000] [--duration 4] [--concurrency 64,1] [--rounds 2]
 
 1. In process (``--micro-only`` stops here): CPU time per request of the v2 infer hot path
-   and of the HTTP middleware, security off and on, with 1 and 8 concurrent callers.
+   and of the HTTP middleware, security off and on, with 1 and 8 concurrent callers; then the
+   event-loop thread CPU per request of the v2 infer entry with 64 callers on uvloop and the
+   audit writer process running, as in a busy server (steadier than end to end).
 2. End to end: the 32-feature MLP of ``bench/models.py`` served by ``inhouse serve`` twice
    (security off; security on), each a subprocess, loaded by ``bench/loadgen.py`` (raw
    asyncio, its own process, a few microseconds per request, so the server is the
@@ -299,6 +301,77 @@ def micro(n: int, tmp: Path, rounds: int = 3) -> None:
     asyncio.run(run_all())
 
 
+def loop_micro(n: int, tmp: Path, rounds: int = 5, callers: int = 64) -> None:
+    """Event-loop thread CPU per request of the v2 infer entry, security off and on, the way a
+    busy server runs it: uvloop, ``callers`` concurrent callers, the audit writer process
+    started (so audit entries go to it in batches). Steadier than end to end on a shared machine."""
+    import orjson
+    import uvloop
+
+    from inhouse.core.dataplane import DataPlane
+    from inhouse.core.manager import ModelManager
+    from inhouse.core.repository import ModelRepository
+    from inhouse.protocols.infer_entry import InferEntry
+    from inhouse.security.gate import SecurityGate
+    from inhouse.security.keys import KeyStore
+    from inhouse.settings import load_settings
+
+    body = orjson.dumps(BODY)
+    repo = make_repo(tmp / "loop-repo", policy=True)
+    data = tmp / "loop-data"
+    store = KeyStore(data)
+    key = store.create("bench", ["infer"], models=["add"], rate="1000000/s")[0]
+    store.close()
+
+    async def read_body() -> bytes:
+        return body
+
+    async def guard(work: Any) -> Any:
+        return await work
+
+    async def run_all() -> None:
+        manager = ModelManager(ModelRepository(repo))
+        await manager.load("add")
+        off_gate = SecurityGate(load_settings(None, data_dir=tmp / "loop-off"), manager)
+        on_gate = SecurityGate(load_settings(None, data_dir=data, auth=True, allow_ips=["127.0.0.0/8"]), manager)
+        await on_gate.start()
+        dataplane = DataPlane(manager)
+        entries = {"off": InferEntry(None, dataplane=dataplane, gate=off_gate, max_request_bytes=1 << 26),  # type: ignore[arg-type]
+                   "on": InferEntry(None, dataplane=dataplane, gate=on_gate, max_request_bytes=1 << 26)}  # type: ignore[arg-type]
+        base = {b"content-type": b"application/json", b"content-length": str(len(body)).encode()}
+        headers = {"off": base, "on": {**base, b"authorization": f"Bearer {key}".encode()}}
+
+        async def drive(which: str, count: int) -> float:
+            entry, h = entries[which], headers[which]
+
+            async def caller(k: int) -> None:
+                for _ in range(k):
+                    reply = await entry.answer("/v2/models/add/infer", "add", None, h, "127.0.0.1", read_body, guard,
+                                               time.perf_counter())
+                    assert reply.status == 200, reply
+
+            await asyncio.gather(*(caller(50) for _ in range(callers)))  # warm
+            t = time.thread_time()
+            await asyncio.gather(*(caller(count // callers) for _ in range(callers)))
+            return (time.thread_time() - t) / count * 1e6
+
+        results: dict[str, list[float]] = {"off": [], "on": []}
+        for r in range(rounds):
+            for which in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                results[which].append(await drive(which, n))
+        off, on = statistics.median(results["off"]), statistics.median(results["on"])
+        commits = on_gate.commits
+        assert commits is not None
+        print(f"v2 infer entry, {callers} callers on uvloop, audit writer running, median of {rounds}: event-loop "
+              f"thread CPU per request: security off {off:.1f} us, on {on:.1f} us (+{on - off:.1f} us; "
+              f"{commits.entries / max(commits.commits, 1):.1f} audit entries per batch)", flush=True)
+        await on_gate.aclose()
+        off_gate.close()
+        await manager.close()
+
+    uvloop.run(run_all())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=3000, help="in process: requests per measurement")
@@ -312,6 +385,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="inhouse-bench-sec-"))
     if not args.e2e_only:
         micro(args.requests, tmp, max(args.rounds, 3))
+        loop_micro(max(args.requests, 20000), tmp, max(args.rounds, 5))
     if not args.micro_only:
         end_to_end(args, tmp)
 
