@@ -3,6 +3,7 @@ policy and the audit log, all on) on an overhead-bound model, against the same s
 security off, measured in the same run.
 
     python bench/bench_security.py [--requests 3000] [--duration 4] [--concurrency 64,1] [--rounds 2]
+                                   [--transport rest|grpc]
 
 1. In process (``--micro-only`` stops here): CPU time per request of the v2 infer hot path
    and of the HTTP middleware, security off and on, with 1 and 8 concurrent callers; then the
@@ -11,7 +12,8 @@ security off, measured in the same run.
 2. End to end: the 32-feature MLP of ``bench/models.py`` served by ``inhouse serve`` twice
    (security off; security on), each a subprocess, loaded by ``bench/loadgen.py`` (raw
    asyncio, its own process, a few microseconds per request, so the server is the
-   bottleneck) at each ``--concurrency``. Both servers run throughout; each round measures off
+   bottleneck) at each ``--concurrency``; ``--transport grpc`` sends v2 gRPC instead, the API
+   key as call metadata. Both servers run throughout; each round measures off
    and on back to back, alternating which goes first. Prints, per
    concurrency, the medians of requests/s, p50 / p99 and the server's CPU per request, the
    throughput ratio on ÷ off and the p50 difference."""
@@ -66,10 +68,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(repo: Path, data: Path, secured: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start(repo: Path, data: Path, secured: bool, grpc_port: int = 0) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     args = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo),
-            "--data-dir", str(data), "--http-port", str(port), "--grpc-port", "0", "--log-level", "warning"]
+            "--data-dir", str(data), "--http-port", str(port), "--grpc-port", str(grpc_port), "--log-level", "warning"]
     env = dict(os.environ)
     if secured:
         args.append("--auth")
@@ -115,9 +117,10 @@ def mlp_payload(path: Path) -> Path:
 
 
 def loadgen(url: str, pid: int, payload: Path, concurrency: int, duration: float, warmup: float,
-            headers: list[str]) -> dict[str, Any]:
+            headers: list[str], transport: str = "rest") -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--model", "mlp", "--payload", str(payload),
-           "-c", str(concurrency), "-d", str(duration), "--warmup", str(warmup), "--server-pid", str(pid)]
+           "--transport", transport, "-c", str(concurrency), "-d", str(duration), "--warmup", str(warmup),
+           "--server-pid", str(pid)]
     for h in headers:
         cmd += ["--header", h]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -132,7 +135,13 @@ def loadgen(url: str, pid: int, payload: Path, concurrency: int, duration: float
 def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
     from inhouse.security.keys import KeyStore
 
-    payload = mlp_payload(tmp / "mlp.json")
+    if args.transport == "grpc":  # raw tensor contents (the gRPC load generator sends those)
+        from models import mlp_inputs
+        from run import payload_file
+
+        payload = payload_file(mlp_inputs(1), tmp, "mlp-raw")
+    else:
+        payload = mlp_payload(tmp / "mlp.json")
     repos = {"off": mlp_repo(tmp / "e2e-off" / "models", policy=False),
              "on": mlp_repo(tmp / "e2e-on" / "models", policy=True)}
     store = KeyStore(tmp / "e2e-on" / "data")
@@ -141,18 +150,22 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], list[dict[str, Any]]] = {(m, c): [] for m in ("off", "on") for c in levels}
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    targets: dict[str, str] = {}  # where the load generator sends its requests
     headers = {"off": [], "on": [f"Authorization: Bearer {key}"]}
     try:
         for mode in ("off", "on"):  # both up for the whole run; the idle one sleeps
-            servers[mode] = start(repos[mode], repos[mode].parent / "data", mode == "on")
+            grpc_port = free_port() if args.transport == "grpc" else 0
+            servers[mode] = start(repos[mode], repos[mode].parent / "data", mode == "on", grpc_port)
+            targets[mode] = f"127.0.0.1:{grpc_port}" if grpc_port else servers[mode][1]
             wait_ready(servers[mode][1], servers[mode][0], {"authorization": f"Bearer {key}"} if mode == "on" else {})
         for rnd in range(args.rounds):
             for c in levels:
                 # off and on back to back, alternating which goes first, so a neighbour's load
                 # drifting over the run falls on both alike
                 for mode in ("off", "on") if rnd % 2 == 0 else ("on", "off"):
-                    proc, url = servers[mode]
-                    r = loadgen(url, proc.pid, payload, c, args.duration, args.warmup, headers[mode])
+                    proc = servers[mode][0]
+                    r = loadgen(targets[mode], proc.pid, payload, c, args.duration, args.warmup, headers[mode],
+                                args.transport)
                     results[(mode, c)].append(r)
                     print(f"  round {rnd + 1} c={c:<3} security {mode:>3} {r['rps']:>8,.0f} req/s  p50 "
                           f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  server CPU "
@@ -166,7 +179,8 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
     def med(mode: str, c: int, field: str) -> float:
         return float(statistics.median(r[field] for r in results[(mode, c)]))
 
-    print(f"\nend to end, MLP over REST (bench/loadgen.py), median of {args.rounds} rounds, security off -> on:")
+    over = "gRPC" if args.transport == "grpc" else "REST"
+    print(f"\nend to end, MLP over {over} (bench/loadgen.py), median of {args.rounds} rounds, security off -> on:")
     for c in levels:
         off_rps, on_rps = med("off", c, "rps"), med("on", c, "rps")
         rounds = list(zip(results[("on", c)], results[("off", c)], strict=True))
@@ -379,6 +393,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="end to end: seconds of load before measuring")
     p.add_argument("--concurrency", default="64,1", help="end to end: comma-separated connection counts")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--transport", choices=("rest", "grpc"), default="rest",
+                   help="end to end: v2 REST, or v2 gRPC (the API key as call metadata)")
     p.add_argument("--micro-only", action="store_true", help="only the in-process measurement")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end measurement")
     args = p.parse_args()

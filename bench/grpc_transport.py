@@ -39,6 +39,9 @@ def grpc_request(model: str, payload: dict[str, Any]) -> Any:
 
 async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
     request = grpc_request(args.model, payload)
+    # --header 'Name: value' becomes call metadata (e.g. 'Authorization: Bearer KEY')
+    metadata = tuple((name.strip().lower(), value.strip())
+                     for name, _, value in (h.partition(":") for h in getattr(args, "header", None) or ()))
     target = str(args.url).removeprefix("grpc://").removeprefix("http://")
     start = time.perf_counter()
     measure_from, stop_at = start + args.warmup, start + args.warmup + args.duration
@@ -62,7 +65,7 @@ async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
             def blocking_caller() -> None:
                 while (t0 := time.perf_counter()) < stop_at:
                     try:
-                        sync_infer(request)
+                        sync_infer(request, metadata=metadata)
                         code = "OK"
                     except grpc.RpcError as err:
                         code = err.code().name  # type: ignore[attr-defined]  # grpc's call errors have it
@@ -76,7 +79,7 @@ async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
             async def caller() -> None:
                 while (t0 := time.perf_counter()) < stop_at:
                     try:
-                        await infer(request)
+                        await infer(request, metadata=metadata)
                         code = "OK"
                     except grpc.aio.AioRpcError as err:
                         code = err.code().name

@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-d", "--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--server-pid", type=int, default=None, help="report the server's CPU time per request")
-    p.add_argument("--header", action="append", default=[], help="extra request header 'Name: value' (REST; "
-                   "repeatable), e.g. 'Authorization: Bearer KEY'")
+    p.add_argument("--header", action="append", default=[], help="extra request header 'Name: value' (gRPC: call "
+                   "metadata; repeatable), e.g. 'Authorization: Bearer KEY'")
     args = p.parse_args(argv)
     if args.transport not in TRANSPORTS:
         try:
