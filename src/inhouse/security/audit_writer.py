@@ -55,7 +55,7 @@ def take_frame(buf: bytearray) -> bytes | None:
 POLL_S = 0.001
 """While input keeps coming, the writer looks for more this often instead of blocking on the pipe
 (0.2 ms was tried: 5,000 wake-ups a second on a 2-core machine took CPU from the event loop,
-and the security layer's c=64 cost varied between 4 % and 15 % from run to run; with 1 ms, 6–8 %
+and the security layer's c=64 cost varied between 4 % and 15 % from run to run; with 1 ms, 6–9 %
 and a smaller p50 cost, as batches grow: ``bench/README.md``)."""
 BUSY_S = 0.05
 """...for this long after the last input; then it blocks until more arrives."""

@@ -182,9 +182,7 @@ class KeyStore:
         key_id = split_key(presented)
         if key_id is None:
             return None
-        watch = self._watch
-        if watch is None or self._version < 0 or not watch.unchanged():  # unchanged: nothing to reload
-            self._refresh()
+        self.generation()  # reloads the records if any key changed
         raw = presented.encode()
         seen = self._verified.get(key_id)
         if seen is not None and hmac.compare_digest(raw, seen[0]):
