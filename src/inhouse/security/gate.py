@@ -57,7 +57,6 @@ class Call:
 class _Admitted(NamedTuple):
     generation: int
     key: ApiKey
-    client_ip: str | None
     expires_at: float | None
     rate: str | None
     bucket: str  # the key's rate-limit bucket
@@ -94,8 +93,8 @@ class SecurityGate:
         self.audit = AuditLog(data_dir, secret, fsync=settings.audit_fsync, background_checkpoint=True) \
             if settings.audit_enabled() else None
         self.commits = GroupCommitter(self.audit) if self.audit is not None else None
-        # A caller admitted before, per (API key, peer, X-Forwarded-For, scope, model): the checks
-        # that do not count requests (key genuine, not revoked, address, scope, model list) hold
+        # A caller admitted before, per (API key, peer, X-Forwarded-For, scope, model): the key
+        # checks (genuine, not revoked, the key's address list, scope, model list) hold
         # while no key has changed (the key store's generation) and the key has not expired, so
         # its next request skips them; rate limits are still counted on every request. Only a
         # key that was verified in full (constant-time) is ever stored, so a lookup here needs
@@ -133,25 +132,7 @@ class SecurityGate:
     # ---- admission ------------------------------------------------------------------------------
     def admit(self, call: Call) -> None:
         """Raise 4001 / 4003 / 4029 when the call may not proceed; fill in its key and address.
-        Synchronous, and short for a caller admitted before (see ``_admitted``)."""
-        keys = self.keys
-        if keys is not None and call.credential is not None and call.scope != "open":
-            memo = self._admitted.get((call.credential, call.peer, call.forwarded_for, call.scope, call.model))
-            if memo is not None and memo.generation == keys.generation() and (
-                    memo.expires_at is None or memo.expires_at > time.time()):
-                call.client_ip = memo.client_ip
-                call.key = memo.key
-                if self.commits is not None and not call.in_flight:
-                    call.in_flight = True
-                    self.commits.in_flight += 1
-                if self._rate_ip:
-                    self._limiter.check(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
-                if memo.rate:
-                    self._limiter.check(memo.rate, memo.bucket, memo.who)
-                return
-        self._admit(call)
-
-    def _admit(self, call: Call) -> None:
+        Synchronous; a caller admitted before skips the key checks (see ``_admitted``)."""
         peer = self._peer(call.peer, call.forwarded_for)
         call.client_ip = peer[0]
         if call.scope == "open":
@@ -163,25 +144,34 @@ class SecurityGate:
             raise ForbiddenError(f"Requests from {call.client_ip} are not allowed by this server's IP allow-list.")
         if self._rate_ip:
             self._limiter.check(self._rate_ip, f"ip:{call.client_ip}", f"client address {call.client_ip}")
-        if not self.auth or self.keys is None:
+        keys = self.keys
+        if not self.auth or keys is None:
             return
-        generation = self.keys.generation()
-        key = self._authenticate(self.keys, call.credential)
+        caller = (call.credential, call.peer, call.forwarded_for, call.scope, call.model)
+        memo = self._admitted.get(caller)
+        if memo is None or memo.generation != keys.generation() or (
+                memo.expires_at is not None and memo.expires_at <= time.time()):
+            memo = self._check_key(call, keys, peer[2])
+            if len(self._admitted) >= 4096:  # many distinct callers: start over rather than grow
+                self._admitted.clear()
+            self._admitted[caller] = memo
+        call.key = memo.key
+        if memo.rate:
+            self._limiter.check(memo.rate, memo.bucket, memo.who)
+
+    def _check_key(self, call: Call, keys: KeyStore, addr: Address | None) -> _Admitted:
+        """Every check of the caller's key that does not count requests; what passed, to remember."""
+        generation = keys.generation()
+        key = self._authenticate(keys, call.credential)
         call.key = key
-        if key.allow_ips and not in_networks(peer[2], key.allow_ips):
+        if key.allow_ips and not in_networks(addr, key.allow_ips):
             raise ForbiddenError(f"API key {key.key_id} may not be used from {call.client_ip}.")
         if call.scope != "any" and call.scope not in key.scopes:
             raise ForbiddenError(f"API key {key.key_id} lacks the '{call.scope}' scope needed for '{call.action}' "
                                  f"(it has: {', '.join(sorted(key.scopes))}).")
         self.check_model(call, call.model)
-        rate = key.rate or self._rate_key
-        memo = _Admitted(generation, key, call.client_ip, key.expires_at, rate, f"key:{key.key_id}",
+        return _Admitted(generation, key, key.expires_at, key.rate or self._rate_key, f"key:{key.key_id}",
                          f"API key {key.key_id}")
-        if rate:
-            self._limiter.check(rate, memo.bucket, memo.who)
-        if len(self._admitted) >= 4096:  # many distinct callers: start over rather than grow
-            self._admitted.clear()
-        self._admitted[(call.credential, call.peer, call.forwarded_for, call.scope, call.model)] = memo
 
     def _peer(self, peer: str | None, forwarded_for: str | None) -> tuple[str | None, bool, Address | None]:
         """(client address as text, admitted by the server's allow-list, the address) for a
