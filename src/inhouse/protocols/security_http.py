@@ -392,13 +392,6 @@ def inspect_body(gate: SecurityGate, call: Call, route: Route, spec: ModelSpec |
     """Apply the model's content policy and input redaction to a (decompressed) request body;
     returns the body to pass on and the function that rewrites the response texts, if any."""
     llm = route.kind == "llm"
-    if (route.kind == "v2infer" and spec is not None and spec.pii is None and not binary
-            and not gate.settings.audit_payloads and cannot_hold_text(body)):
-        # the common case on the hot path: no text anywhere in the request, so of the content
-        # policy only the size rule can apply
-        if spec.policy is not None:
-            check_policy(spec.policy, spec.name, size=len(body))
-        return body, None
     doc: dict[str, Any] | None = None
     if not binary and not (route.kind == "v2infer" and cannot_hold_text(body)):
         doc = json_object(body)
