@@ -116,6 +116,25 @@ def mlp_payload(path: Path) -> Path:
     return path
 
 
+def bench_key(data: Path, model: str) -> str:
+    """An infer key for ``model`` in the key store under ``data`` (a rate limit too high to bind)."""
+    from inhouse.security.keys import KeyStore
+
+    store = KeyStore(data)
+    key = store.create("bench", ["infer"], models=[model], rate="1000000/s")[0]
+    store.close()
+    return key
+
+
+def gates(manager: Any, off_data: Path, on_data: Path) -> tuple[Any, Any]:
+    """Two security gates over one model manager: everything off, and keys + allow-list + audit."""
+    from inhouse.security.gate import SecurityGate
+    from inhouse.settings import load_settings
+
+    return (SecurityGate(load_settings(None, data_dir=off_data), manager),
+            SecurityGate(load_settings(None, data_dir=on_data, auth=True, allow_ips=["127.0.0.0/8"]), manager))
+
+
 def loadgen(url: str, pid: int, payload: Path, concurrency: int, duration: float, warmup: float,
             headers: list[str], transport: str = "rest") -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--model", "mlp", "--payload", str(payload),
@@ -133,7 +152,6 @@ def loadgen(url: str, pid: int, payload: Path, concurrency: int, duration: float
 
 
 def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
-    from inhouse.security.keys import KeyStore
 
     if args.transport == "grpc":  # raw tensor contents (the gRPC load generator sends those)
         from models import mlp_inputs
@@ -144,9 +162,7 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> None:
         payload = mlp_payload(tmp / "mlp.json")
     repos = {"off": mlp_repo(tmp / "e2e-off" / "models", policy=False),
              "on": mlp_repo(tmp / "e2e-on" / "models", policy=True)}
-    store = KeyStore(tmp / "e2e-on" / "data")
-    key = store.create("bench", ["infer"], models=["mlp"], rate="1000000/s")[0]
-    store.close()
+    key = bench_key(tmp / "e2e-on" / "data", "mlp")
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], list[dict[str, Any]]] = {(m, c): [] for m in ("off", "on") for c in levels}
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
@@ -213,9 +229,6 @@ def micro(n: int, tmp: Path, rounds: int = 3) -> None:
     from inhouse.core.repository import ModelRepository
     from inhouse.protocols.infer_entry import InferEntry
     from inhouse.protocols.security_http import SecurityMiddleware
-    from inhouse.security.gate import SecurityGate
-    from inhouse.security.keys import KeyStore
-    from inhouse.settings import load_settings
 
     body = orjson.dumps(BODY)
 
@@ -261,18 +274,15 @@ def micro(n: int, tmp: Path, rounds: int = 3) -> None:
     repo = make_repo(tmp / "micro-repo", policy=True)
     manager = ModelManager(ModelRepository(repo))
     data = tmp / "micro-data"
-    store = KeyStore(data)
-    key = store.create("bench", ["infer"], models=["add"], rate="1000000/s")[0]
-    store.close()
+    key = bench_key(data, "add")
     base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
     async def run_all() -> None:
         nonlocal never
         never = asyncio.get_running_loop().create_future()
         await manager.load("add")
-        off_gate = SecurityGate(load_settings(None, data_dir=tmp / "micro-off"), manager)
+        off_gate, on_gate = gates(manager, tmp / "micro-off", data)
         off = SecurityMiddleware(inner, off_gate, 1 << 26)
-        on_gate = SecurityGate(load_settings(None, data_dir=data, auth=True, allow_ips=["127.0.0.0/8"]), manager)
         on = SecurityMiddleware(inner, on_gate, 1 << 26)
         auth = [*base, (b"authorization", f"Bearer {key}".encode())]
         # the v2 infer hot path (protocols/infer_entry.py) with the model call, same gates
@@ -326,16 +336,11 @@ def loop_micro(n: int, tmp: Path, rounds: int = 5, callers: int = 64) -> None:
     from inhouse.core.manager import ModelManager
     from inhouse.core.repository import ModelRepository
     from inhouse.protocols.infer_entry import InferEntry
-    from inhouse.security.gate import SecurityGate
-    from inhouse.security.keys import KeyStore
-    from inhouse.settings import load_settings
 
     body = orjson.dumps(BODY)
     repo = make_repo(tmp / "loop-repo", policy=True)
     data = tmp / "loop-data"
-    store = KeyStore(data)
-    key = store.create("bench", ["infer"], models=["add"], rate="1000000/s")[0]
-    store.close()
+    key = bench_key(data, "add")
 
     async def read_body() -> bytes:
         return body
@@ -346,8 +351,7 @@ def loop_micro(n: int, tmp: Path, rounds: int = 5, callers: int = 64) -> None:
     async def run_all() -> None:
         manager = ModelManager(ModelRepository(repo))
         await manager.load("add")
-        off_gate = SecurityGate(load_settings(None, data_dir=tmp / "loop-off"), manager)
-        on_gate = SecurityGate(load_settings(None, data_dir=data, auth=True, allow_ips=["127.0.0.0/8"]), manager)
+        off_gate, on_gate = gates(manager, tmp / "loop-off", data)
         await on_gate.start()
         dataplane = DataPlane(manager)
         entries = {"off": InferEntry(None, dataplane=dataplane, gate=off_gate, max_request_bytes=1 << 26),  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
     request = grpc_request(args.model, payload)
     # --header 'Name: value' becomes call metadata (e.g. 'Authorization: Bearer KEY')
     metadata = tuple((name.strip().lower(), value.strip())
-                     for name, _, value in (h.partition(":") for h in getattr(args, "header", None) or ()))
+                     for name, _, value in (h.partition(":") for h in args.header))
     target = str(args.url).removeprefix("grpc://").removeprefix("http://")
     start = time.perf_counter()
     measure_from, stop_at = start + args.warmup, start + args.warmup + args.duration
