@@ -4,7 +4,8 @@ pre-built request as soon as the previous answer arrived. Responses are parsed w
 asyncio protocols (no HTTP library), so a request costs the generator a few microseconds.
 
 Transports are pluggable: ``TRANSPORTS[name](args, payload) -> Result``. REST is built in; a
-gRPC transport registers itself from ``bench/grpc_transport.py`` when that module exists.
+gRPC transports (``grpc``: grpcio; ``grpc-h2load``: nghttp2's h2load) register themselves from
+``bench/grpc_transport.py`` when that module exists.
 
     python bench/loadgen.py --url http://127.0.0.1:8000 --model mlp --payload mlp.json -c 64 -d 5
 """
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.transport not in TRANSPORTS:
         try:
-            importlib.import_module(f"{args.transport}_transport")
+            # grpc and grpc-h2load both live in grpc_transport.py
+            importlib.import_module(f"{args.transport.partition('-')[0]}_transport")
         except ImportError:
             sys.exit(f"unknown transport {args.transport!r}; available: {sorted(TRANSPORTS)}")
     try:

@@ -171,7 +171,7 @@ def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[
             if time.monotonic() > end:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.2)
-        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
+        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "grpc-h2load": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
     finally:
         proc.terminate()
         try:
