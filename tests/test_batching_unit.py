@@ -255,3 +255,100 @@ async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_ten
     assert (await batcher.submit({"x": x + 1}, None, timeout_s=60))["y"][0, 0] == 2
     assert batcher.stats.expired == 1
     await batcher.close()
+
+
+class _Load:
+    """What LoopLoad answers, set by the test."""
+
+    def __init__(self) -> None:
+        self.busy = False
+
+    def saturated(self) -> bool:
+        return self.busy
+
+
+async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_while_it_comes() -> None:
+    import asyncio
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gate_backend import Gate, GateModel
+    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.spec import ModelSpec
+
+    gate = Gate()
+    spec = ModelSpec.model_validate({"name": "g", "backend": "gate",
+                                     "batching": {"max_batch_size": 64, "max_queue_delay_ms": 200}})
+    load = _Load()
+    batcher = DynamicBatcher(GateModel(gate), spec, load=load)  # type: ignore[arg-type]
+    x = np.zeros((1, 2), np.float32)
+
+    async def seconds(i: int) -> float:
+        t0 = time.monotonic()
+        assert (await batcher.submit({"x": x + i}, None))["y"][0, 0] == 2 * i
+        return time.monotonic() - t0
+
+    # a loop with idle time: a lone request runs at once, whatever the queue delay
+    assert await seconds(1) < 0.1
+    # a saturated loop: the next lone request waits the queue delay for company (a probe) ...
+    load.busy = True
+    assert await seconds(2) >= 0.19
+    # ... which found none, so the one after runs at once (a back-off of 20 ms, then 40, ...)
+    assert await seconds(3) < 0.1
+    await asyncio.sleep(0.05)
+    # a wait during which requests keep coming until near its end: they go as one batch ...
+    t0 = time.monotonic()
+    first = asyncio.ensure_future(batcher.submit({"x": x + 4}, None))
+    company = []
+    for i, at in enumerate((0.04, 0.08, 0.12, 0.17)):  # the last in the wait's final quarter
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+        company.append(asyncio.ensure_future(batcher.submit({"x": x + 5 + i}, None)))
+    await asyncio.gather(first, *company)
+    assert len(gate.calls[-1]) == 5 and gate.executed_ids()[-5:] == [4, 5, 6, 7, 8]
+    # ... and waiting paid, so the next lone request waits again (as the rule, not as a probe);
+    # that one found no company, so the one after it runs at once
+    assert batcher._hold_pays
+    assert await seconds(9) >= 0.19
+    assert not batcher._hold_pays
+    assert await seconds(10) < 0.1
+    # a wait once begun runs to its end even when the loop stops being saturated meanwhile (a
+    # request joining then would otherwise end it at once, and it would be judged as paying)
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    held = asyncio.ensure_future(batcher.submit({"x": x + 11}, None))
+    await asyncio.sleep(0.05)
+    load.busy = False
+    assert (await batcher.submit({"x": x + 12}, None))["y"][0, 0] == 24
+    assert time.monotonic() - t0 >= 0.19 and len(gate.calls[-1]) == 2
+    await held
+    assert not batcher._hold_pays
+    await batcher.close()
+
+
+def test_loop_load_is_the_loop_threads_cpu_share_over_a_window() -> None:
+    import time
+
+    from inhouse.core.scheduler import LoopLoad
+
+    clock = {"cpu": 0.0, "wall": 0.0}
+    load = LoopLoad(cpu=lambda: clock["cpu"], wall=lambda: clock["wall"], window_s=0.005)
+    clock["wall"], clock["cpu"] = 0.004, 0.004
+    assert not load.saturated()  # within the first window: not sampled yet
+    clock["wall"], clock["cpu"] = 0.010, 0.0095
+    assert load.saturated() and load.share == pytest.approx(0.95)
+    clock["wall"], clock["cpu"] = 0.012, 0.0095
+    assert load.saturated()  # the last window's answer holds until the next one closes
+    clock["wall"], clock["cpu"] = 0.020, 0.0125
+    assert not load.saturated() and load.share == pytest.approx(0.3)
+    # the real clocks: a spinning thread reads far busier than a sleeping one
+    real = LoopLoad(window_s=0.02)
+    time.sleep(0.03)
+    real.saturated()
+    idle = real.share
+    end = time.perf_counter() + 0.03
+    while time.perf_counter() < end:
+        pass
+    real.saturated()
+    assert idle < 0.2 and real.share > 0.5

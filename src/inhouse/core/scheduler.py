@@ -49,6 +49,12 @@ _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 # before other work on the loop gets its turn.
 _INLINE_MAX_S = 250e-6
 _INLINE_BURST = 8
+# Waiting for company while nothing runs (see DynamicBatcher._seeking): only on an event loop
+# this busy (CPU share over the last window), and after a wait that found none, not again for
+# a back-off that doubles from the first value to the second.
+_SATURATED_SHARE = 0.85
+_LOAD_WINDOW_S = 0.005
+_PROBE_BACKOFF_S = (0.02, 1.0)
 _NO_INPUTS: dict[str, np.ndarray] = {}
 
 
@@ -66,6 +72,26 @@ def runs_inline(cpu_s: float, rows_measured: float, rows: int) -> bool:
     for small ones still goes to an instance thread."""
     scale = max(1.0, rows / max(1.0, rows_measured))
     return cpu_s * scale < _INLINE_MAX_S
+
+
+class LoopLoad:
+    """Whether the event loop thread is saturated: its CPU time over wall time, sampled from the
+    loop at most once per window (two clock reads a window, not per request). Made on the loop:
+    ``time.thread_time`` is the calling thread's."""
+
+    def __init__(self, cpu: Callable[[], float] = time.thread_time, wall: Callable[[], float] = time.perf_counter,
+                 window_s: float = _LOAD_WINDOW_S) -> None:
+        self._cpu, self._wall, self._window = cpu, wall, window_s
+        self._t0, self._c0 = wall(), cpu()
+        self.share = 0.0
+
+    def saturated(self) -> bool:
+        t = self._wall()
+        if t - self._t0 >= self._window:
+            c = self._cpu()
+            self.share = (c - self._c0) / (t - self._t0)
+            self._t0, self._c0 = t, c
+        return self.share >= _SATURATED_SHARE
 
 
 class Scheduler(Protocol):
@@ -126,7 +152,7 @@ class DynamicBatcher:
     queue, priorities, deadlines and instances work the same."""
 
     def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
-                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER) -> None:
+                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER, load: LoopLoad | None = None) -> None:
         self._model = model
         self._spec = spec
         self._name = spec.name
@@ -149,6 +175,14 @@ class DynamicBatcher:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_at = math.inf
         self._running = 0
+        # waiting for company while nothing runs (_seeking): the loop's load (made at the first
+        # flush, on the loop), whether the last waits paid, and when a wait may be tried again
+        self._load = load
+        self._hold_pays = False
+        self._hold_started: float | None = None
+        self._last_arrival = -math.inf
+        self._probe_at = -math.inf
+        self._backoff_s = _PROBE_BACKOFF_S[0]
         self._seq = 0
         self._closed = False
         self._ema_batch_s = 0.001  # wall time per call: queue-wait estimates (Retry-After)
@@ -234,6 +268,7 @@ class DynamicBatcher:
         p.future = fut
         self._seq += 1
         p.seq = self._seq
+        self._last_arrival = p.enqueued
         if p.deadline is not None:
             heap = self._deadlines
             # requests mostly finish in the order they came: drop the finished ones at the top
@@ -297,12 +332,19 @@ class DynamicBatcher:
         inline_runs = 0
         while self._idle and not self._closed:
             now = self._clock()
-            nxt = self._queue.next_batch(now, hold=self._running > 0)
+            # a wait once begun runs to its end (delay, size or priority), so that it can be judged
+            seeking = self._running == 0 and (self._hold_started is not None or self._seeking(now))
+            nxt = self._queue.next_batch(now, hold=self._running > 0 or seeking)
             if nxt is None:
+                self._hold_started = None
                 return
             if isinstance(nxt, float):
+                if seeking and self._hold_started is None:
+                    self._hold_started = now
                 self._arm(nxt - now)
                 return
+            if self._hold_started is not None:
+                self._judge_hold(now)
             for p in nxt.expired:
                 self._expire(p)
             if not nxt.requests:
@@ -325,6 +367,36 @@ class DynamicBatcher:
             inst.busy = True
             self._running += 1
             inst.send(nxt)
+
+    def _seeking(self, now: float) -> bool:
+        """Whether a model with nothing running holds its queue for company (up to the queue
+        delay) instead of running what is there at once.
+
+        An idle model runs a lone request at once, so that it does not sit out the queue delay.
+        Under load that is right while requests come in bursts (REST: uvloop reads many sockets
+        in one turn, and they batch), but grpc.aio hands the loop one RPC per turn, so each
+        would run alone and pay a model call and its hand-offs. Waiting pays only when the loop
+        is saturated (the requests are waiting in the sockets anyway) and more keep coming than
+        one call holds: with few clients, all of them are soon in the held batch and the rest of
+        the wait is lost. So: only on a saturated loop; a wait that found company until near its
+        end keeps waiting on; one that did not stops it, and a wait is tried again after a
+        back-off (20 ms doubling to 1 s)."""
+        if self._load is None:
+            self._load = LoopLoad()
+        if not self._load.saturated():
+            return False
+        return self._hold_pays or now >= self._probe_at
+
+    def _judge_hold(self, now: float) -> None:
+        """A held batch leaves: did requests keep coming until near the end of the wait?"""
+        started, self._hold_started = self._hold_started, None
+        assert started is not None
+        if self._last_arrival >= started + 0.75 * (now - started):
+            self._hold_pays, self._backoff_s = True, _PROBE_BACKOFF_S[0]
+        else:
+            self._hold_pays = False
+            self._probe_at = now + self._backoff_s
+            self._backoff_s = min(2 * self._backoff_s, _PROBE_BACKOFF_S[1])
 
     def _record_queue(self, batch: Batch, now: float) -> None:
         observe = self._recorder.observe_queue
@@ -480,4 +552,4 @@ class DynamicBatcher:
                 fut.set_result(res)
 
 
-__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "Scheduler", "SchedulerStats", "runs_inline"]
+__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "LoopLoad", "Scheduler", "SchedulerStats", "runs_inline"]
