@@ -155,6 +155,9 @@ async def run_grpc_h2load(args: argparse.Namespace, payload: dict[str, Any]) -> 
     missing = max(0, len(answered) - received // answer_bytes)
     if missing:
         statuses["no answer (grpc-status in trailers)"] = missing
+    # streams h2load saw fail (reset, connection error, timeout) have no line in its log
+    if (m := re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", report)) and (lost := sum(map(int, m.groups()))):
+        statuses["failed in h2load"] = lost
     statuses["OK"] = len(answered) - missing
     errors = sum(n for code, n in statuses.items() if code != "OK")
     # which calls failed is unknown when some did: the percentiles then include the failed calls,
