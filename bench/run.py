@@ -326,9 +326,11 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
     floor = http_floor(args, payload) if "rest" in transports else {}
     if floor:
         print(f"  http floor (bare uvicorn app, c=64 / c=1): {floor}", flush=True)
-    g_floor = grpc_floor(args, payload) if "grpc" in transports else {}
-    if g_floor:
-        print(f"  grpc floor (bare grpc.aio server, c=64 / c=1): {g_floor}", flush=True)
+    # the gRPC floor, sent by each gRPC load generator of the run (grpcio, h2load)
+    g_floors = {t: grpc_floor(args, payload, t) for t in transports if t.startswith("grpc")}
+    for t, f in g_floors.items():
+        if f:
+            print(f"  {t} floor (bare grpc.aio server, c=64 / c=1): {f}", flush=True)
     summary = {}
     for transport in transports:
         on = next((r for r in rows if r.get("transport") == transport and r["model"] == "mlp-batch"
@@ -347,12 +349,14 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
                 on_rest["server_cpu_us_per_req"] / asgi_rest["server_cpu_us_per_req"], 2)
     if floor.get("c64", {}).get("rps") and on_rest.get("rps"):
         summary["rest_batching_c64_vs_http_floor"] = round(on_rest["rps"] / floor["c64"]["rps"], 3)
-    on_grpc = next((r for r in rows if r.get("transport") == "grpc" and r["batching"] and r["concurrency"] == 64), {})
-    if g_floor.get("c64", {}).get("server_cpu_us_per_req") and on_grpc.get("server_cpu_us_per_req"):
-        summary["grpc_batching_c64_cpu_per_req_vs_grpc_floor"] = round(
-            on_grpc["server_cpu_us_per_req"] / g_floor["c64"]["server_cpu_us_per_req"], 2)
+    for t, g_floor in g_floors.items():
+        on_grpc = next((r for r in rows if r.get("transport") == t and r["batching"] and r["concurrency"] == 64), {})
+        if g_floor.get("c64", {}).get("server_cpu_us_per_req") and on_grpc.get("server_cpu_us_per_req"):
+            summary[f"{t}_batching_c64_cpu_per_req_vs_grpc_floor"] = round(
+                on_grpc["server_cpu_us_per_req"] / g_floor["c64"]["server_cpu_us_per_req"], 2)
     print(f"mlp summary: {summary}", flush=True)
-    return {"raw": raw, "server": rows, "http_floor": floor, "grpc_floor": g_floor, "summary": summary}
+    return {"raw": raw, "server": rows, "http_floor": floor, "grpc_floor": g_floors.get("grpc", {}),
+            "grpc_floors": g_floors, "summary": summary}
 
 
 def http_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
@@ -383,9 +387,10 @@ def _floor_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {f"c{r['concurrency']}": {k: r.get(k) for k in keep} for r in rows}
 
 
-def grpc_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
-    """The same gRPC load against a bare grpc.aio server (``floor_grpc.py``) that answers every
-    ModelInfer with a fixed response: the ceiling of any Python server on this gRPC stack."""
+def grpc_floor(args: argparse.Namespace, payload: Path, transport: str = "grpc") -> dict[str, Any]:
+    """The same gRPC load (``transport``: grpc or grpc-h2load) against a bare grpc.aio server
+    (``floor_grpc.py``) that answers every ModelInfer with a fixed response: the ceiling of any
+    Python server on this gRPC stack."""
     import grpc
 
     port = free_port()
@@ -396,8 +401,8 @@ def grpc_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
                 grpc.channel_ready_future(ch).result(timeout=30)
             except grpc.FutureTimeoutError:
                 return {}
-        urls = {"grpc": f"127.0.0.1:{port}", "pid": str(proc.pid)}
-        rows = measure(args, urls, payload, [("grpc", "floor", 64), ("grpc", "floor", 1)])
+        urls = {transport: f"127.0.0.1:{port}", "pid": str(proc.pid)}
+        rows = measure(args, urls, payload, [(transport, "floor", 64), (transport, "floor", 1)])
         return _floor_summary(rows)
     finally:
         proc.terminate()
