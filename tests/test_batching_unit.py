@@ -327,13 +327,13 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     await batcher.close()
 
 
-def test_loop_load_is_the_loop_threads_cpu_share_over_a_window() -> None:
+def test_loop_load_is_the_loop_threads_busy_share_over_a_window() -> None:
     import time
 
     from inhouse.core.scheduler import LoopLoad
 
     clock = {"cpu": 0.0, "wall": 0.0}
-    load = LoopLoad(cpu=lambda: clock["cpu"], wall=lambda: clock["wall"], window_s=0.005)
+    load = LoopLoad(busy=lambda: clock["cpu"], wall=lambda: clock["wall"], window_s=0.005)
     clock["wall"], clock["cpu"] = 0.004, 0.004
     assert not load.saturated()  # within the first window: not sampled yet
     clock["wall"], clock["cpu"] = 0.010, 0.0095
