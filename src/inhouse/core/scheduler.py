@@ -55,7 +55,7 @@ _INLINE_BURST = 8
 # this busy (share of the last window it ran or waited for a CPU), and after a wait that found
 # none, not again for a back-off that doubles from the first value to the second.
 _SATURATED_SHARE = 0.85
-_LOAD_WINDOW_S = 0.005
+_LOAD_WINDOW_S = 0.02
 _PROBE_BACKOFF_S = (0.02, 1.0)
 _NO_INPUTS: dict[str, np.ndarray] = {}
 
@@ -411,7 +411,11 @@ class DynamicBatcher:
         one call holds: with few clients, all of them are soon in the held batch and the rest of
         the wait is lost. So: only on a saturated loop; a wait that found company until near its
         end keeps waiting on; one that did not stops it, and a wait is tried again after a
-        back-off (20 ms doubling to 1 s)."""
+        back-off (20 ms doubling to 1 s). Only for models whose calls are cheap enough to run on
+        the event loop (the per-call cost is what batching saves): a model computing on an
+        instance thread is compute-bound, and an idle instance had better start at once."""
+        if not (self._inline_ok and self._ema_cpu_s < _INLINE_MAX_S):
+            return False  # a model that computes on a thread: an idle instance starts at once
         if self._load is None:
             self._load = LoopLoad()
         if not self._load.saturated():
