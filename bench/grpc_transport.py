@@ -44,12 +44,19 @@ def grpc_request(model: str, payload: dict[str, Any]) -> Any:
     return req
 
 
+def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--header 'Name: value'`` as call metadata (e.g. 'Authorization: Bearer KEY')."""
+    return tuple((name.strip().lower(), value.strip()) for name, _, value in (h.partition(":") for h in args.header))
+
+
+def grpc_target(args: argparse.Namespace) -> str:
+    """``--url`` as grpcio's host:port."""
+    return str(args.url).removeprefix("grpc://").removeprefix("http://")
+
+
 async def run_grpc(args: argparse.Namespace, payload: dict[str, Any]) -> Any:
     request = grpc_request(args.model, payload)
-    # --header 'Name: value' becomes call metadata (e.g. 'Authorization: Bearer KEY')
-    metadata = tuple((name.strip().lower(), value.strip())
-                     for name, _, value in (h.partition(":") for h in args.header))
-    target = str(args.url).removeprefix("grpc://").removeprefix("http://")
+    metadata, target = call_metadata(args), grpc_target(args)
     start = time.perf_counter()
     measure_from, stop_at = start + args.warmup, start + args.warmup + args.duration
     meter = loadgen.schedule_cpu_marks(args)
@@ -126,8 +133,7 @@ async def run_grpc_h2load(args: argparse.Namespace, payload: dict[str, Any]) -> 
     if h2load is None:
         sys.exit("grpc-h2load needs h2load on PATH (Debian/Ubuntu: apt-get install nghttp2-client)")
     request = grpc_request(args.model, payload)
-    metadata = [(name.strip().lower(), value.strip()) for name, _, value in (h.partition(":") for h in args.header)]
-    target = str(args.url).removeprefix("grpc://").removeprefix("http://")
+    metadata, target = call_metadata(args), grpc_target(args)
     with grpc.insecure_channel(target) as channel:
         try:
             answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata)

@@ -414,7 +414,7 @@ class DynamicBatcher:
         back-off (20 ms doubling to 1 s). Only for models whose calls are cheap enough to run on
         the event loop (the per-call cost is what batching saves): a model computing on an
         instance thread is compute-bound, and an idle instance had better start at once."""
-        if not (self._inline_ok and self._ema_cpu_s < _INLINE_MAX_S):
+        if not (self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)):
             return False  # a model that computes on a thread: an idle instance starts at once
         if self._load is None:
             self._load = LoopLoad()
