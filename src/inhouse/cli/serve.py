@@ -42,7 +42,7 @@ def serve(
     otlp_endpoint: Annotated[
         str | None, typer.Option(help="Export traces over OTLP/HTTP to this collector (needs the otel extra).")
     ] = None,
-    # LLM serving (issue 5)
+    # LLM serving
     llm_stream_usage: Annotated[bool | None, typer.Option(
         "--llm-stream-usage/--no-llm-stream-usage",
         help="End OpenAI streams with a usage chunk unless the client opts out [on].")] = None,
