@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inhouse.core.batching import QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.scheduling.batching import QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
 from inhouse.core.spec import BatchingSpec, TensorSpec
 from inhouse.errors import InferenceError, ModelSpecError, ShapeError
 
@@ -158,7 +158,7 @@ async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher
     from inhouse.core.spec import ModelSpec
     from inhouse.errors import DeadlineExceededError
 
@@ -190,7 +190,7 @@ async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None
 
 
 def test_only_batches_predicted_cheap_run_on_the_event_loop() -> None:
-    from inhouse.core.scheduler import runs_inline
+    from inhouse.core.scheduling import runs_inline
 
     # a 20 µs model measured at ~16 rows a call: small and full batches alike run inline
     assert runs_inline(20e-6, 16, 1) and runs_inline(20e-6, 16, 64)
@@ -224,7 +224,7 @@ async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_ten
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher
     from inhouse.core.spec import ModelSpec
     from inhouse.errors import DeadlineExceededError
 
@@ -275,7 +275,7 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher
     from inhouse.core.spec import ModelSpec
 
     gate = Gate()
@@ -338,7 +338,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher
     from inhouse.core.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"name": "g", "backend": "gate",
@@ -358,7 +358,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
 def test_loop_load_is_the_loop_threads_busy_share_over_a_window() -> None:
     import time
 
-    from inhouse.core.scheduler import LoopLoad
+    from inhouse.core.scheduling import LoopLoad
 
     clock = {"cpu": 0.0, "wall": 0.0}
     load = LoopLoad(busy=lambda: clock["cpu"], wall=lambda: clock["wall"], window_s=0.005)

@@ -27,8 +27,8 @@ from typing import Protocol
 import numpy as np
 
 from inhouse.backends import LoadedModel
-from inhouse.core.batching import DONE, QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
 from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
+from inhouse.core.scheduling.batching import DONE, QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import (
     DatatypeError,
