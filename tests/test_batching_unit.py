@@ -275,7 +275,7 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduling import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher, IdleWait
     from inhouse.core.spec import ModelSpec
 
     gate = Gate()
@@ -284,7 +284,8 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     load = _Load()
     model = GateModel(gate)
     model.inline_safe = True  # type: ignore[attr-defined]  # only models cheap enough for the loop wait
-    batcher = DynamicBatcher(model, spec, load=load)  # type: ignore[arg-type]
+    wait = IdleWait(load)
+    batcher = DynamicBatcher(model, spec, wait=wait)  # type: ignore[arg-type]
     x = np.zeros((1, 2), np.float32)
 
     async def seconds(i: int) -> float:
@@ -313,9 +314,9 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     assert len(gate.calls[-1]) == 5 and gate.executed_ids()[-5:] == [4, 5, 6, 7, 8]
     # ... and waiting paid, so the next lone request waits again (as the rule, not as a probe);
     # that one found no company, so the one after it runs at once
-    assert batcher._hold_pays
+    assert wait.pays
     assert await seconds(9) >= 0.19
-    assert not batcher._hold_pays
+    assert not wait.pays
     assert await seconds(10) < 0.1
     # a wait once begun runs to its end even when the loop stops being saturated meanwhile (a
     # request joining then would otherwise end it at once, and it would be judged as paying)
@@ -327,7 +328,7 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     assert (await batcher.submit({"x": x + 12}, None))["y"][0, 0] == 24
     assert time.monotonic() - t0 >= 0.19 and len(gate.calls[-1]) == 2
     await held
-    assert not batcher._hold_pays
+    assert not wait.pays
     await batcher.close()
 
 
@@ -338,7 +339,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduling import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher, IdleWait
     from inhouse.core.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"name": "g", "backend": "gate",
@@ -346,7 +347,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
     load = _Load()
     load.busy = True
     # not inline-safe: its calls run on an instance thread, so an idle instance starts at once
-    batcher = DynamicBatcher(GateModel(Gate()), spec, load=load)  # type: ignore[arg-type]
+    batcher = DynamicBatcher(GateModel(Gate()), spec, wait=IdleWait(load))  # type: ignore[arg-type]
     x = np.zeros((1, 2), np.float32)
     for i in range(3):
         t0 = time.monotonic()

@@ -15,11 +15,9 @@ import contextvars
 import heapq
 import logging
 import math
-import os
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,7 +26,9 @@ import numpy as np
 
 from inhouse.backends import LoadedModel
 from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
-from inhouse.core.scheduling.batching import DONE, QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.scheduling.batching import DONE, QUEUED, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.scheduling.placement import INLINE_BURST, runs_inline
+from inhouse.core.scheduling.wait_policy import IdleWait, WaitPolicy
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import (
     DatatypeError,
@@ -46,83 +46,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
-# Calls this cheap (moving average) run on the event loop instead of an instance thread: a
-# thread hand-off and the wake-up back cost more than the model. At most a burst of them runs
-# before other work on the loop gets its turn.
-_INLINE_MAX_S = 250e-6
-_INLINE_BURST = 8
-# Waiting for company while nothing runs (see DynamicBatcher._seeking): only on an event loop
-# this busy (share of the last window it ran or waited for a CPU), and after a wait that found
-# none, not again for a back-off that doubles from the first value to the second.
-_SATURATED_SHARE = 0.85
-_LOAD_WINDOW_S = 0.02
-_PROBE_BACKOFF_S = (0.02, 1.0)
 _NO_INPUTS: dict[str, np.ndarray] = {}
-
-
-def runs_inline(cpu_s: float, rows_measured: float, rows: int) -> bool:
-    """Whether a batch of ``rows`` runs on the event loop, from the model's moving averages of
-    the *model call's* CPU time and of rows per call. Only the model call can run beside the
-    loop on an instance thread: joining inputs and splitting outputs are Python and hold the
-    interpreter lock wherever they run, and handing the batch to a thread and back costs more
-    than a cheap call (two wake-ups and lock hand-offs). CPU time of the calling thread decides:
-    preemption on a busy machine does not count, and neither does waiting for the lock after the
-    call, which a wall clock would add on a thread while the loop is busy. (Calls that wait on a
-    device are kept off the loop by the model itself: ``inline_safe`` is false for them.) A batch
-    larger than the measured ones is predicted to cost proportionally more (an upper bound: a
-    call's fixed cost does not grow with its rows), so a big batch of a model that is only cheap
-    for small ones still goes to an instance thread."""
-    scale = max(1.0, rows / max(1.0, rows_measured))
-    return cpu_s * scale < _INLINE_MAX_S
-
-
-def _thread_busy_clock() -> tuple[Callable[[], float], int | None]:
-    """A clock of the seconds the calling thread has been running *or runnable* (waiting for a
-    CPU): the first two fields of ``/proc/thread-self/schedstat`` on Linux, read with one
-    ``pread`` (about 1 µs); elsewhere, its CPU time. Counting the time spent runnable matters on
-    a machine whose cores are shared: a loop that always has work but is preempted (by the
-    model's threads, or a load generator) is as saturated as one that runs all the time.
-    Returns the clock and the file descriptor it reads, if any."""
-    try:
-        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return time.thread_time, None
-    try:
-        running, runnable = os.pread(fd, 128, 0).split()[:2]
-        int(running), int(runnable)
-    except (OSError, ValueError):
-        os.close(fd)
-        return time.thread_time, None
-
-    def busy() -> float:
-        running, runnable = os.pread(fd, 128, 0).split()[:2]
-        return (int(running) + int(runnable)) / 1e9
-
-    return busy, fd
-
-
-class LoopLoad:
-    """Whether the event loop thread is saturated: the share of wall time it spent running or
-    waiting for a CPU, sampled from the loop at most once per window (two clock reads a window,
-    not per request). Made on the loop: the default clock is the calling thread's."""
-
-    def __init__(self, busy: Callable[[], float] | None = None, wall: Callable[[], float] = time.perf_counter,
-                 window_s: float = _LOAD_WINDOW_S) -> None:
-        if busy is None:
-            busy, fd = _thread_busy_clock()
-            if fd is not None:
-                weakref.finalize(self, os.close, fd)
-        self._busy, self._wall, self._window = busy, wall, window_s
-        self._t0, self._b0 = wall(), busy()
-        self.share = 0.0
-
-    def saturated(self) -> bool:
-        t = self._wall()
-        if t - self._t0 >= self._window:
-            b = self._busy()
-            self.share = (b - self._b0) / (t - self._t0)
-            self._t0, self._b0 = t, b
-        return self.share >= _SATURATED_SHARE
 
 
 class Scheduler(Protocol):
@@ -183,7 +107,7 @@ class DynamicBatcher:
     queue, priorities, deadlines and instances work the same."""
 
     def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
-                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER, load: LoopLoad | None = None) -> None:
+                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER, wait: WaitPolicy | None = None) -> None:
         self._model = model
         self._spec = spec
         self._name = spec.name
@@ -206,14 +130,9 @@ class DynamicBatcher:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_at = math.inf
         self._running = 0
-        # waiting for company while nothing runs (_seeking): the loop's load (made at the first
-        # flush, on the loop), whether the last waits paid, and when a wait may be tried again
-        self._load = load
-        self._hold_pays = False
-        self._hold_started: float | None = None
+        # whether a model with nothing running holds its queue for company (wait_policy.py)
+        self._wait_policy: WaitPolicy = wait if wait is not None else IdleWait()
         self._last_arrival = -math.inf
-        self._probe_at = -math.inf
-        self._backoff_s = _PROBE_BACKOFF_S[0]
         self._seq = 0
         self._closed = False
         self._ema_batch_s = 0.001  # wall time per call: queue-wait estimates (Retry-After)
@@ -221,6 +140,9 @@ class DynamicBatcher:
         self._ema_rows = 1.0
         # pure-Python backends may hold the GIL or block; only native engines run inline
         self._inline_ok = getattr(model, "inline_safe", False)
+        # whether a lone call is cheap enough for the loop (only such models wait for company when
+        # idle); not until calls are measured, kept with the averages in _finish
+        self._cheap = False
         self.stats = SchedulerStats()
         self._recorder = recorder
         self._record = recorder is not NULL_SCHEDULER_RECORDER
@@ -361,21 +283,22 @@ class DynamicBatcher:
     def _flush(self) -> None:
         self._flush_scheduled = False
         inline_runs = 0
+        wait = self._wait_policy
         while self._idle and not self._closed:
             now = self._clock()
-            # a wait once begun runs to its end (delay, size or priority), so that it can be judged
-            seeking = self._running == 0 and (self._hold_started is not None or self._seeking(now))
+            seeking = self._running == 0 and wait.holds(now, self._cheap)
             nxt = self._queue.next_batch(now, hold=self._running > 0 or seeking)
             if nxt is None:
-                self._hold_started = None
+                if wait.started is not None:
+                    wait.abandon()
                 return
             if isinstance(nxt, float):
-                if seeking and self._hold_started is None:
-                    self._hold_started = now
+                if seeking:
+                    wait.begin(now)
                 self._arm(nxt - now)
                 return
-            if self._hold_started is not None:
-                self._judge_hold(now)
+            if wait.started is not None:
+                wait.judge(now, self._last_arrival)
             for p in nxt.expired:
                 self._expire(p)
             if not nxt.requests:
@@ -388,7 +311,7 @@ class DynamicBatcher:
                 self._finish(nxt, results, elapsed, cpu)
                 self.stats.inline_batches += 1
                 inline_runs += 1
-                if inline_runs >= _INLINE_BURST and len(self._queue):
+                if inline_runs >= INLINE_BURST and len(self._queue):
                     self._flush_scheduled = True  # let the loop breathe between bursts
                     if self._loop is not None:
                         self._loop.call_soon(self._flush)
@@ -398,40 +321,6 @@ class DynamicBatcher:
             inst.busy = True
             self._running += 1
             inst.send(nxt)
-
-    def _seeking(self, now: float) -> bool:
-        """Whether a model with nothing running holds its queue for company (up to the queue
-        delay) instead of running what is there at once.
-
-        An idle model runs a lone request at once, so that it does not sit out the queue delay.
-        Under load that is right while requests come in bursts (REST: uvloop reads many sockets
-        in one turn, and they batch), but grpc.aio hands the loop one RPC per turn, so each
-        would run alone and pay a model call and its hand-offs. Waiting pays only when the loop
-        is saturated (the requests are waiting in the sockets anyway) and more keep coming than
-        one call holds: with few clients, all of them are soon in the held batch and the rest of
-        the wait is lost. So: only on a saturated loop; a wait that found company until near its
-        end keeps waiting on; one that did not stops it, and a wait is tried again after a
-        back-off (20 ms doubling to 1 s). Only for models whose calls are cheap enough to run on
-        the event loop (the per-call cost is what batching saves): a model computing on an
-        instance thread is compute-bound, and an idle instance had better start at once."""
-        if not (self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)):
-            return False  # a model that computes on a thread: an idle instance starts at once
-        if self._load is None:
-            self._load = LoopLoad()
-        if not self._load.saturated():
-            return False
-        return self._hold_pays or now >= self._probe_at
-
-    def _judge_hold(self, now: float) -> None:
-        """A held batch leaves: did requests keep coming until near the end of the wait?"""
-        started, self._hold_started = self._hold_started, None
-        assert started is not None
-        if self._last_arrival >= started + 0.75 * (now - started):
-            self._hold_pays, self._backoff_s = True, _PROBE_BACKOFF_S[0]
-        else:
-            self._hold_pays = False
-            self._probe_at = now + self._backoff_s
-            self._backoff_s = min(2 * self._backoff_s, _PROBE_BACKOFF_S[1])
 
     def _record_queue(self, batch: Batch, now: float) -> None:
         observe = self._recorder.observe_queue
@@ -444,7 +333,6 @@ class DynamicBatcher:
     def _inline(self, batch: Batch) -> bool:
         return self._inline_ok and self._running == 0 and runs_inline(
             self._ema_cpu_s, self._ema_rows, batch.rows)
-
     def _arm(self, delay_s: float) -> None:
         if self._loop is None:
             return
@@ -569,6 +457,7 @@ class DynamicBatcher:
             else:
                 self._recorder.observe_compute(elapsed, len(batch.requests))
         self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
+        self._cheap = self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)
         st = self.stats
         st.batches += 1
         st.batched_rows += batch.rows
@@ -587,4 +476,4 @@ class DynamicBatcher:
                 fut.set_result(res)
 
 
-__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "LoopLoad", "Scheduler", "SchedulerStats", "runs_inline"]
+__all__ = ["DynamicBatcher", "Scheduler", "SchedulerStats"]
