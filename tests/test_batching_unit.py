@@ -238,8 +238,8 @@ async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_ten
     timer = None
     for i in range(20):
         assert (await batcher.submit({"x": x + i}, None, timeout_s=60))["y"][0, 0] == 2 * i
-        timer = timer or batcher._deadline_timer
-        assert batcher._deadline_timer is timer
+        timer = timer or batcher._deadlines._timer
+        assert batcher._deadlines._timer is timer
     assert len(batcher._deadlines) == 1 and all(not p.inputs for _, _, p in batcher._deadlines)
     # a request still running when its deadline passes is answered then (504), not when the model returns
     gate.open.clear()

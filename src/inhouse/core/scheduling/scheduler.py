@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import heapq
 import logging
 import math
 import queue
@@ -27,6 +26,7 @@ import numpy as np
 from inhouse.backends import LoadedModel
 from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
 from inhouse.core.scheduling.batching import DONE, QUEUED, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.scheduling.deadlines import Deadlines
 from inhouse.core.scheduling.placement import INLINE_BURST, runs_inline
 from inhouse.core.scheduling.wait_policy import IdleWait, WaitPolicy
 from inhouse.core.spec import ModelSpec
@@ -123,12 +123,7 @@ class DynamicBatcher:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        # deadlines of queued and running requests: one heap and one timer for the earliest,
-        # instead of a timer armed and cancelled per request; finished entries are dropped
-        # when they reach the top
-        self._deadlines: list[tuple[float, int, Pending]] = []
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._deadline_at = math.inf
+        self._deadlines = Deadlines(clock, self._expire)
         self._running = 0
         # whether a model with nothing running holds its queue for company (wait_policy.py)
         self._wait_policy: WaitPolicy = wait if wait is not None else IdleWait()
@@ -178,8 +173,7 @@ class DynamicBatcher:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
+        self._deadlines.close()
         for p in self._queue.drain():
             self._fail(p, ModelNotReadyError(f"Model '{self._name}' was unloaded before the request ran; retry."))
         for inst in self._instances:
@@ -223,15 +217,7 @@ class DynamicBatcher:
         p.seq = self._seq
         self._last_arrival = p.enqueued
         if p.deadline is not None:
-            heap = self._deadlines
-            # requests mostly finish in the order they came: drop the finished ones at the top
-            # as we go, so the heap holds about the live requests instead of every request of
-            # the last timeout (popping those in one go stalled the loop for milliseconds)
-            while heap and heap[0][2].state == DONE:
-                heapq.heappop(heap)
-            heapq.heappush(heap, (p.deadline, p.seq, p))
-            if p.deadline < self._deadline_at:
-                self._arm_deadline(loop, p.deadline)
+            self._deadlines.add(loop, p, p.deadline)
         if self._record:
             p.ctx = contextvars.copy_context()
         self._queue.push(p)
@@ -348,29 +334,6 @@ class DynamicBatcher:
         self._timer = None
         self._timer_at = math.inf
         self._flush()
-
-    def _arm_deadline(self, loop: asyncio.AbstractEventLoop, deadline: float, min_delay: float = 0.0) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        self._deadline_at = deadline
-        delay = max(min_delay, deadline - self._clock())
-        self._deadline_timer = loop.call_at(loop.time() + delay, self._on_deadline)
-
-    def _on_deadline(self) -> None:
-        """Expire every request whose deadline has passed; re-arm for the next one pending."""
-        self._deadline_timer = None
-        self._deadline_at = math.inf
-        heap = self._deadlines
-        now = self._clock()
-        while heap:
-            deadline, _, p = heap[0]
-            if p.state != DONE and deadline > now:
-                break
-            heapq.heappop(heap)
-            if p.state != DONE or (p.future is not None and not p.future.done()):
-                self._expire(p)
-        if heap and self._loop is not None and not self._closed:
-            self._arm_deadline(self._loop, heap[0][0], 1e-3)  # a clock that lags the loop's cannot spin it
 
     def _expire(self, p: Pending) -> None:
         """A deadline passed: a queued request is dropped (never runs); a running one is
