@@ -1,6 +1,8 @@
-"""How requests reach a loaded model: ``DynamicBatcher`` owns a model's priority queue, its
-clock, the requests' deadlines and N instance threads. Batch assembly itself lives in
-``batching.py``; this module is the concurrency around it.
+"""How requests reach a loaded model: ``DynamicBatcher`` admits them to a model's bounded
+priority queue (or answers 429 with Retry-After), runs its N instance threads and dispatches
+batches to them. The pieces it uses live beside it: batch assembly (``batching.py``), the
+deadline heap (``deadlines.py``), whether a batch runs on the loop (``placement.py``) and whether
+an idle model waits for company (``wait_policy.py``, injected).
 
 The hot path is: ``submit`` queues the request and asks for a dispatch at the end of the
 current event-loop iteration (so requests that arrive together leave together); a free
@@ -17,7 +19,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +40,7 @@ from inhouse.errors import (
     InputNameError,
     InvalidRequestError,
     ModelNotReadyError,
+    OutOfMemoryError,
     QueueFullError,
     ShapeError,
 )
@@ -45,6 +48,7 @@ from inhouse.errors import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+Result = dict[str, np.ndarray] | BaseException  # a request's outputs, or what it fails with
 _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 _NO_INPUTS: dict[str, np.ndarray] = {}
 
@@ -104,7 +108,9 @@ class DynamicBatcher:
     """Per-model dynamic batcher with priorities, a bounded queue, deadlines and N instances.
 
     ``max_batch_size: 0`` turns batching off: every request is its own backend call, but the
-    queue, priorities, deadlines and instances work the same."""
+    queue, priorities, deadlines and instances work the same. ``wait`` decides whether the model
+    holds its queue for company while nothing of it runs; by default an ``IdleWait`` of its own
+    (the rule keeps state per model)."""
 
     def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
                  recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER, wait: WaitPolicy | None = None) -> None:
@@ -353,74 +359,73 @@ class DynamicBatcher:
         if p.future is not None and not p.future.done():
             p.future.set_exception(err)
 
-    # ---- execution (instance threads) ------------------------------------------------------
+    # ---- the batch path (an instance thread, or the loop for cheap calls) ------------------
     def _execute(self, inst: _Instance, batch: Batch) -> None:
         results, elapsed, cpu = self._compute(batch)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, cpu)
 
-    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float, float]:
+    def _compute(self, batch: Batch) -> tuple[Sequence[Result], float, float]:
         """Results per request, the wall time of the whole batch, and the CPU time of the model
-        call itself (the batch's wall time when the call failed)."""
-        start = time.perf_counter()
+        call itself (the batch's wall time when the call failed). The inputs were decoded and
+        checked against the model's tensors before they were queued."""
         requests = batch.requests
-        results: list[dict[str, np.ndarray] | BaseException]
+        start = time.perf_counter()
         cpu: float | None = None
+        results: Sequence[Result]
         try:
-            ok, cpu = self._run_batch(requests)
-            results = list(ok)
-        except InhouseError as err:
-            if len(requests) > 1 and isinstance(err, _INPUT_ERRORS):
-                results = [self._run_alone(p) for p in requests]  # isolate the offending request
-            else:
-                results = [err] * len(requests)
-        except MemoryError:
-            from inhouse.errors import OutOfMemoryError
-
-            results = [OutOfMemoryError(f"Out of memory running model '{self._name}'; lower "
-                                        "batching.max_batch_size or send smaller requests.")] * len(requests)
+            feed, lengths = self._layout.join(requests)  # batch: concatenate, padding where declared
+            called = time.thread_time()  # CPU time is not inflated when the machine preempts us
+            out = self._model.predict(feed, requests[0].outputs)
+            cpu = time.thread_time() - called
+            # unbatch; split checks the count: one output row per input row
+            results = self._layout.split(requests, out, lengths)
         except Exception as exc:
-            log.exception("model call failed", extra={"model": self._name})
-            results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
+            results = self._failed(requests, exc)
         elapsed = time.perf_counter() - start
         return results, elapsed, cpu if cpu is not None else elapsed
 
-    def _run_batch(self, requests: list[Pending]) -> tuple[list[dict[str, np.ndarray]], float]:
-        feed, lengths = self._layout.join(requests)
-        # thread CPU time is not inflated when the machine preempts us, unlike wall time
-        start = time.thread_time()
-        out = self._model.predict(feed, requests[0].outputs)
-        cpu = time.thread_time() - start
-        return self._layout.split(requests, out, lengths), cpu
+    def _failed(self, requests: list[Pending], exc: Exception) -> list[Result]:
+        """What each request of a failed batch gets: a bad input among several is isolated by
+        running each request alone; an unexpected error is logged and answered without its text."""
+        if isinstance(exc, InhouseError):
+            if len(requests) > 1 and isinstance(exc, _INPUT_ERRORS):
+                return [self._run_alone(p) for p in requests]
+            return [exc] * len(requests)
+        if isinstance(exc, MemoryError):
+            return [OutOfMemoryError(f"Out of memory running model '{self._name}'; lower "
+                                     "batching.max_batch_size or send smaller requests.")] * len(requests)
+        log.error("model call failed", exc_info=exc, extra={"model": self._name})
+        return [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
 
-    def _run_alone(self, p: Pending) -> dict[str, np.ndarray] | BaseException:
+    def _run_alone(self, p: Pending) -> Result:
         try:
             return self._model.predict(p.inputs, p.outputs)
         except BaseException as err:
             return err if isinstance(err, InhouseError) else InferenceError(
                 f"Model '{self._name}' failed: {type(err).__name__}.")
 
-    def _complete(self, inst: _Instance, batch: Batch, results: list[dict[str, np.ndarray] | BaseException],
-                  elapsed: float, cpu: float) -> None:
+    # ---- after a batch (event loop): measure, record, answer --------------------------------
+    def _complete(self, inst: _Instance, batch: Batch, results: Sequence[Result], elapsed: float,
+                  cpu: float) -> None:
         inst.busy = False
         self._idle.append(inst)
         self._running -= 1
         self._finish(batch, results, elapsed, cpu)
         self._flush()
 
-    def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float,
-                cpu: float) -> None:
+    def _finish(self, batch: Batch, results: Sequence[Result], elapsed: float, cpu: float) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * cpu
+        self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
+        self._cheap = self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)
         if self._record:  # once per backend call, in the context of the batch's first request
             first = batch.requests[0].ctx if batch.requests else None
             if first is not None:
                 first.run(self._recorder.observe_compute, elapsed, len(batch.requests))
             else:
                 self._recorder.observe_compute(elapsed, len(batch.requests))
-        self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
-        self._cheap = self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)
         st = self.stats
         st.batches += 1
         st.batched_rows += batch.rows
