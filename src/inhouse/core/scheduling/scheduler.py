@@ -325,6 +325,7 @@ class DynamicBatcher:
     def _inline(self, batch: Batch) -> bool:
         return self._inline_ok and self._running == 0 and runs_inline(
             self._ema_cpu_s, self._ema_rows, batch.rows)
+
     def _arm(self, delay_s: float) -> None:
         if self._loop is None:
             return
