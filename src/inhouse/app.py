@@ -17,7 +17,7 @@ from inhouse.observability.access import ObservabilityMiddleware
 from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
 from inhouse.protocols import anthropic, kserve_rest, openai, security_rest
-from inhouse.protocols.errors import error_renderer
+from inhouse.protocols.errors import ErrorResponses, error_renderer
 from inhouse.protocols.security_http import SecurityMiddleware
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import ServerSettings
@@ -41,8 +41,10 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     if observability is not None:
         app.include_router(build_metrics_router(observability.registry))
 
+    # Routes raise; these render, in the format error_renderer picks for the path.
     async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
+        if not isinstance(exc, StarletteHTTPException):
+            raise TypeError(f"http_error got {type(exc).__name__}") from exc
         render = error_renderer(request.url.path)
         if exc.status_code == 404:
             return render(ModelNotFoundError(f"No route for {request.method} {request.url.path}."))
@@ -61,7 +63,8 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unhandled)
+    app.add_exception_handler(Exception, unhandled)  # the last resort: what a middleware itself raises
+    app.add_middleware(ErrorResponses)  # added first, so innermost: every route's InhouseError and the rest
     if settings.gzip_min_bytes > 0:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
     # v2 infer, the hot path, is answered before this app by protocols/infer_entry.py (the server

@@ -19,7 +19,7 @@ from inhouse.core.spec import ModelSpec
 from inhouse.errors import InhouseError
 from inhouse.grpc_intercept import CachedWrapInterceptor
 from inhouse.observability.context import current as current_request
-from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error
+from inhouse.protocols.errors import as_inhouse_error, grpc_abort
 from inhouse.security.gate import Call, Scope, SecurityGate, new_request_id
 from inhouse.security.pii import PieceTexts, PiiRules, Vault
 from inhouse.security.policy import check_policy, tool_names
@@ -243,8 +243,7 @@ class SecurityInterceptor(CachedWrapInterceptor):
         async def deny(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             err = as_inhouse_error(exc)
             await gate.record(call, err.http_status, err.code, err.message)
-            await context.abort(grpc.StatusCode[err.grpc_status], str(err),
-                                trailing_metadata=((ERROR_CODE_HEADER, str(err.code)),))
+            await grpc_abort(context, err)
 
         def check_message(call: Call, request: Any, exchange: PiiExchange | None) -> PiiExchange | None:
             """The key's model list, the model's content policy, then its PII rules (the request
@@ -376,8 +375,7 @@ class SecurityInterceptor(CachedWrapInterceptor):
                         stream.render(item)
                         yield item
                 except InhouseError as exc:
-                    await context.abort(grpc.StatusCode[exc.grpc_status], str(exc),
-                                        trailing_metadata=((ERROR_CODE_HEADER, str(exc.code)),))
+                    await grpc_abort(context, exc)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=handler.request_deserializer,

@@ -14,13 +14,12 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InvalidRequestError, PolicyBlockedError
 from inhouse.observability.context import current as current_request
-from inhouse.protocols.errors import ERROR_CODE_HEADER, as_inhouse_error, openai_error_response, v2_error_response
+from inhouse.protocols.errors import as_inhouse_error, error_renderer
 from inhouse.protocols.http_body import json_object, read_body
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.gate import Scope as NeedScope
@@ -104,22 +103,6 @@ def _trace_id(traceparent: str | None) -> str | None:
     # W3C trace context: version-traceid-spanid-flags
     parts = traceparent.split("-") if traceparent else []
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
-
-
-def anthropic_error_response(exc: BaseException) -> Response:
-    err = as_inhouse_error(exc)
-    kind = {"server_error": "api_error", "timeout_error": "api_error"}.get(err.openai_type, err.openai_type)
-    body = {"type": "error", "error": {"type": kind, "message": err.message}}
-    return Response(orjson.dumps(body), status_code=err.http_status, media_type="application/json",
-                    headers={ERROR_CODE_HEADER: str(err.code), **err.headers})
-
-
-def error_response(path: str, exc: BaseException) -> Response:
-    if path.startswith("/v1/messages"):
-        return anthropic_error_response(exc)
-    if path.startswith("/v1/"):
-        return openai_error_response(exc)
-    return v2_error_response(exc)
 
 
 # ---- texts inside request and response bodies --------------------------------------------------
@@ -241,7 +224,7 @@ class SecurityMiddleware:
         except Exception as exc:
             err = as_inhouse_error(exc)
             await gate.record(call, err.http_status, err.code, err.message)
-            response = error_response(path, err)
+            response = error_renderer(path)(err)
             if ctx is None:
                 response.headers[REQUEST_ID_HEADER] = call.request_id
             await response(scope, receive, send)
