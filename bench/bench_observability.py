@@ -119,7 +119,9 @@ async def _dataplane(repo: Path, n: int) -> None:
 
 async def _asgi(repo: Path, n: int) -> None:
     from inhouse.app import build_app
+    from inhouse.llm.service import LLMService
     from inhouse.observability.setup import Observability
+    from inhouse.security.gate import SecurityGate
 
     a = np.ones(4, np.float32).tolist()
     body = orjson.dumps({"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": a},
@@ -157,9 +159,9 @@ async def _asgi(repo: Path, n: int) -> None:
         settings = ServerSettings(access_log=label.endswith("+ access log"), gzip_min_bytes=0)
         mgr = ModelManager(ModelRepository(repo))
         dp = DataPlane(mgr, ServerState(started=True))
-        app = build_app(dp, settings)
-        if label != "bare":
-            Observability(settings, mgr, dp, app)
+        observability = None if label == "bare" else Observability(settings, mgr, dp).http
+        app = build_app(dp, settings, llm=LLMService(mgr), gate=SecurityGate(settings, mgr),
+                        observability=observability)
         await mgr.load("add")
         variants[label] = (app, mgr)
     logging.getLogger("inhouse.access").setLevel(logging.INFO)

@@ -202,7 +202,7 @@ def test_metadata_for_unknown_model_is_not_found(client: Any) -> None:
 
 
 def test_grpc_calls_show_in_metrics(client: Any, server: RunningServer) -> None:
-    """The observability interceptor sits on the real gRPC front end (server.grpc_interceptors)."""
+    """The observability interceptor sits on the real gRPC front end (GrpcFrontEnd.interceptors)."""
     a = np.ones((1, 4), np.float32)
     client.infer("add", _inputs(a, a))
     with pytest.raises(InferenceServerException):

@@ -404,7 +404,7 @@ def test_overload_is_429_rate_limit(tmp_path: Path, llm_models: dict[str, Path])
 
 
 def test_client_disconnect_cancels_generation(srv: RunningServer, client: openai.OpenAI) -> None:
-    llm = srv.server.app.state.llm
+    llm = srv.server.llm
     stats = srv.server.manager.resolve(CHAT).model.engine.stats  # type: ignore[union-attr]
     before = stats["generated_tokens"]
     stream = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=900, stream=True,
@@ -424,7 +424,7 @@ def test_client_disconnect_cancels_generation(srv: RunningServer, client: openai
 
 
 def test_disconnect_cancels_non_streaming_generation(srv: RunningServer) -> None:
-    llm = srv.server.app.state.llm
+    llm = srv.server.llm
     stats = srv.server.manager.resolve(CHAT).model.engine.stats  # type: ignore[union-attr]
     before = stats["generated_tokens"]
     # the tiny model writes ~1,800 tokens/s on a fast 2-core machine: give up reading well before

@@ -13,12 +13,20 @@ from inhouse import __version__
 from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InvalidRequestError, ModelNotFoundError
 from inhouse.llm.service import LLMService
-from inhouse.protocols import anthropic, kserve_rest, openai
+from inhouse.observability.access import ObservabilityMiddleware
+from inhouse.observability.endpoint import build_metrics_router
+from inhouse.observability.setup import HttpObservability
+from inhouse.protocols import anthropic, kserve_rest, openai, security_rest
 from inhouse.protocols.errors import ErrorResponses, error_renderer
+from inhouse.protocols.security_http import SecurityMiddleware
+from inhouse.security.gate import SecurityGate
 from inhouse.settings import ServerSettings
 
 
-def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
+def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService, gate: SecurityGate,
+              observability: HttpObservability | None = None) -> FastAPI:
+    """The app over the services the server built. Without ``observability`` there is no
+    ``/metrics`` route and no request metrics, tracing or access log (an app mounted on its own)."""
     app = FastAPI(
         title="inhouse",
         version=__version__,
@@ -27,20 +35,11 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.dataplane = dataplane
-    app.state.settings = settings
     app.include_router(kserve_rest.build_router(dataplane, settings.max_request_bytes))
-    # LLM routes (issue 5):
-    llm = LLMService(dataplane.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s)
-    app.state.llm = llm
     app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
-
-    # metrics route (issue 7):
-    from inhouse.observability.endpoint import build_metrics_router
-
-    app.include_router(build_metrics_router())
-
+    if observability is not None:
+        app.include_router(build_metrics_router(observability.registry))
 
     # Routes raise; these render, in the format error_renderer picks for the path.
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -70,13 +69,11 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
     # v2 infer, the hot path, is answered before this app by protocols/infer_entry.py (the server
     # puts it in front); its routes here serve the app when it is mounted on its own.
-    # security middleware (issue 6), outermost, added last:
-    from inhouse.protocols import security_rest
-    from inhouse.protocols.security_http import SecurityMiddleware
-    from inhouse.security.gate import SecurityGate
-
-    app.state.security = SecurityGate(settings, dataplane.manager)
-    app.include_router(security_rest.build_router(app.state.security, settings.max_request_bytes))
-    app.add_middleware(SecurityMiddleware, gate=app.state.security, max_request_bytes=settings.max_request_bytes)
-
+    app.include_router(security_rest.build_router(gate, settings.max_request_bytes))
+    app.add_middleware(SecurityMiddleware, gate=gate, max_request_bytes=settings.max_request_bytes)
+    # outermost, added last: even requests the security layer rejects are measured and logged
+    if observability is not None:
+        app.add_middleware(ObservabilityMiddleware, http_metrics=observability.http_metrics,
+                           tracer=observability.tracer, access_log_enabled=observability.access_log,
+                           log_client_address=observability.log_client_address)
     return app

@@ -106,8 +106,9 @@ class DatatypeError(InhouseError):
     openai_type = "invalid_request_error"
 
 
-class ContextLengthError(InhouseError):
-    """Prompt plus requested completion longer than the model's context window (LLMs)."""
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested completion longer than the model's context window (LLMs); a kind of
+    invalid request, so callers catching 2001 errors catch it too."""
 
     code, http_status, grpc_status = 2030, 400, "INVALID_ARGUMENT"
     openai_type = "invalid_request_error"

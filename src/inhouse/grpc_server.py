@@ -5,23 +5,28 @@ as REST, with the limits, keep-alive and TLS from the settings."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from inhouse.core.dataplane import DataPlane
 from inhouse.grpc_intercept import CachedWrapInterceptor, WrappingRegistrar
 from inhouse.grpc_limits import ConcurrencyLimitInterceptor
+from inhouse.listen import ListenError
+from inhouse.llm.service import LLMService
+from inhouse.observability.grpc import GrpcObservabilityInterceptor
+from inhouse.observability.metrics import GrpcMetrics
 from inhouse.protocols.grpc_health import HealthServicer
 from inhouse.protocols.kserve_grpc import SERVICE_NAME, InferenceServicer
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
 from inhouse.protocols.proto._pool import POOL
-
-if TYPE_CHECKING:
-    from inhouse.server import InhouseServer
+from inhouse.protocols.security_grpc import SecurityInterceptor
+from inhouse.security.gate import SecurityGate
+from inhouse.settings import GrpcSettings, ServerSettings
+from inhouse.tls import TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,11 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def server_options(server: InhouseServer) -> list[tuple[str, int]]:
-    g = server.settings.grpc
+class GrpcPortError(ListenError):
+    """The gRPC port cannot be opened."""
+
+
+def server_options(g: GrpcSettings) -> list[tuple[str, int]]:
     keepalive_ms = int(g.keepalive_time_s * 1000)
     return [
         ("grpc.max_receive_message_length", g.max_message_bytes),
@@ -56,58 +64,73 @@ def server_options(server: InhouseServer) -> list[tuple[str, int]]:
     ]
 
 
-async def start_grpc(server: InhouseServer) -> Callable[[], Awaitable[None]]:
-    """Bind and start; returns the coroutine function that stops it. Front-end hook for
-    ``InhouseServer.front_ends``."""
-    from inhouse.server import StartupError
+class GrpcFrontEnd:
+    """The gRPC server over the services it is given. Interceptors, outermost first:
+    observability (``grpc_server_*`` metrics, request context, access log), security, then the
+    concurrency limit when one is set."""
 
-    settings, g = server.settings, server.settings.grpc
-    interceptors: list[grpc.aio.ServerInterceptor] = list(server.grpc_interceptors)
-    if g.max_concurrent_rpcs is not None:
-        interceptors.append(ConcurrencyLimitInterceptor(g.max_concurrent_rpcs))
-    # Our handlers are coroutines; the pool only runs synchronous handlers others may add.
-    pool = ThreadPoolExecutor(max_workers=g.max_workers, thread_name_prefix="inhouse-grpc")
-    # inhouse's own interceptors wrap each handler once, as the services register, so no
-    # interceptor pipeline runs per call; any other interceptor keeps grpc's own pipeline (all of
-    # them then run there, in order)
-    at_registration = all(isinstance(i, CachedWrapInterceptor) for i in interceptors)
-    aio = grpc.aio.server(migration_thread_pool=pool, interceptors=None if at_registration else interceptors,
-                          options=server_options(server))
-    target: Any = WrappingRegistrar(aio, interceptors) if at_registration and interceptors else aio
-    llm = getattr(server.app.state, "llm", None)  # chat models stream through ModelStreamInfer (issue 5)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
-        InferenceServicer(server.dataplane, llm=llm), target)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(server.dataplane), target)
-    # what enable_server_reflection registers for a grpc.aio server (it checks the type, so call it ourselves)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(REFLECTED_SERVICES, pool=POOL), target)
+    def __init__(self, settings: ServerSettings, tls: TlsMaterial | None, dataplane: DataPlane,
+                 llm: LLMService, gate: SecurityGate, metrics: GrpcMetrics) -> None:
+        self._settings = settings
+        self._tls = tls
+        self._dataplane = dataplane
+        self._llm = llm  # chat models stream through ModelStreamInfer
+        self.interceptors: list[grpc.aio.ServerInterceptor] = [
+            GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log),
+            SecurityInterceptor(gate),
+        ]
+        if settings.grpc.max_concurrent_rpcs is not None:
+            self.interceptors.append(ConcurrencyLimitInterceptor(settings.grpc.max_concurrent_rpcs))
+        self._aio: grpc.aio.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
-    address = grpc_address(settings.host, settings.grpc_port)
-    tls = server.tls
-    try:
-        if tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca,
-                require_client_auth=tls.mutual,
+    async def start(self) -> int:
+        """Bind and start; returns the bound port (``GrpcPortError`` when it cannot listen)."""
+        settings, g, interceptors = self._settings, self._settings.grpc, self.interceptors
+        # Our handlers are coroutines; the pool only runs synchronous handlers others may add.
+        pool = ThreadPoolExecutor(max_workers=g.max_workers, thread_name_prefix="inhouse-grpc")
+        # inhouse's own interceptors wrap each handler once, as the services register, so no
+        # interceptor pipeline runs per call; any other interceptor keeps grpc's own pipeline (all of
+        # them then run there, in order)
+        at_registration = all(isinstance(i, CachedWrapInterceptor) for i in interceptors)
+        aio = grpc.aio.server(migration_thread_pool=pool, interceptors=None if at_registration else interceptors,
+                              options=server_options(g))
+        target: Any = WrappingRegistrar(aio, interceptors) if at_registration and interceptors else aio
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+            InferenceServicer(self._dataplane, llm=self._llm), target)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self._dataplane), target)
+        # what enable_server_reflection registers for a grpc.aio server (it checks the type, so call it ourselves)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(REFLECTED_SERVICES, pool=POOL), target)
+
+        address = grpc_address(settings.host, settings.grpc_port)
+        tls = self._tls
+        port: int
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca,
+                    require_client_auth=tls.mutual,
+                )
+                port = aio.add_secure_port(address, creds)
+            else:
+                port = aio.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            pool.shutdown(wait=False)
+            raise GrpcPortError(
+                f"Cannot listen for gRPC on {address}. Another process may use the port; stop it or "
+                "choose another port (--grpc-port), or turn gRPC off (grpc.enabled: false)."
             )
-            port = aio.add_secure_port(address, creds)
-        else:
-            port = aio.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        pool.shutdown(wait=False)
-        raise StartupError(
-            f"Cannot listen for gRPC on {address}. Another process may use the port; stop it or "
-            "choose another port (--grpc-port), or turn gRPC off (grpc.enabled: false)."
-        )
-    await aio.start()
-    server.grpc_port = port
-    log.info("gRPC listening", extra={"address": grpc_address(settings.host, port), "tls": tls is not None,
-                                      "mutual_tls": bool(tls and tls.mutual)})
+        await aio.start()
+        self._aio, self._pool = aio, pool
+        log.info("gRPC listening", extra={"address": grpc_address(settings.host, port), "tls": tls is not None,
+                                          "mutual_tls": bool(tls and tls.mutual)})
+        return port
 
-    async def stop() -> None:
-        await aio.stop(STOP_GRACE_S)
-        pool.shutdown(wait=False)
-
-    return stop
+    async def stop(self) -> None:
+        if self._aio is not None:
+            await self._aio.stop(STOP_GRACE_S)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -9,6 +9,9 @@ from typing import Any
 
 import orjson
 
+from inhouse.observability.context import current
+from inhouse.security.pii import PiiLogFilter
+
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -43,8 +46,6 @@ class RequestContextFilter(logging.Filter):
     """Adds the current request's id and trace id to every record logged while serving it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from inhouse.observability.context import current
-
         ctx = current()
         if ctx is not None and not hasattr(record, "request_id"):
             record.request_id = ctx.request_id
@@ -74,9 +75,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     handler.addFilter(RequestContextFilter())
-    from inhouse.security.pii import PiiLogFilter  # PII never reaches the logs (issue 6)
-
-    handler.addFilter(PiiLogFilter())
+    handler.addFilter(PiiLogFilter())  # PII never reaches the logs
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Generator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -18,11 +21,26 @@ from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.heap import HeapSettler
 from inhouse.core.manager import ModelManager
 from inhouse.core.repository import ModelRepository
+from inhouse.demo import ensure_demo_repository
 from inhouse.errors import InhouseError
+from inhouse.listen import ListenError
+from inhouse.llm.service import LLMService
+from inhouse.observability.setup import Observability
+from inhouse.observability.tracing import TracingUnavailableError
+from inhouse.protocols.http_fast import fast_protocol
+from inhouse.protocols.infer_entry import InferEntry
+from inhouse.security.gate import SecurityGate
+from inhouse.security.paths import check_model_source
+from inhouse.security.serving import ModelKeyError, exposure_problem, model_keyring, start_security
 from inhouse.settings import ServerSettings
 from inhouse.tls import TlsConfigError, TlsMaterial, load_tls, server_context
 
+if TYPE_CHECKING:
+    from inhouse.grpc_server import GrpcFrontEnd
+
 log = logging.getLogger(__name__)
+
+Stopper = Callable[[], Awaitable[None]]
 
 
 class StartupError(Exception):
@@ -56,100 +74,89 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
-# Hooks that other front ends (gRPC) register to start and stop beside HTTP.
-FrontEnd = Callable[["InhouseServer"], Awaitable[Callable[[], Awaitable[None]]]]
-
-
 class InhouseServer:
+    """One process, built here in one place and in dependency order: settings → security checks
+    (TLS, exposure, model keyring) → data plane (repository, manager, data plane) → security gate
+    (it reads model specs from the manager) → LLM service → observability → front ends (HTTP app
+    and infer entry, gRPC). Each front end is handed the services it uses, nothing more."""
+
     def __init__(self, settings: ServerSettings, repo_path: Path | None = None) -> None:
         self.settings = settings
-        if repo_path is None:
-            if settings.repo is not None:
-                repo_path = settings.repo
-            else:
-                from inhouse.demo import ensure_demo_repository
 
-                repo_path = ensure_demo_repository(settings.data_dir)
+        # security checks: refuse a misconfigured or exposed start before anything is opened
+        try:
+            self.tls: TlsMaterial | None = load_tls(settings)
+        except TlsConfigError as err:
+            raise StartupError(str(err)) from None
+        exposure = exposure_problem(settings)
+        if exposure is not None:
+            raise StartupError(exposure)
+        try:
+            keyring = model_keyring(settings)
+        except ModelKeyError as err:
+            raise StartupError(str(err)) from None
+
+        # data plane
+        if repo_path is None:
+            repo_path = settings.repo if settings.repo is not None else ensure_demo_repository(settings.data_dir)
         if not repo_path.is_dir():
             raise StartupError(f"Model repository {repo_path} does not exist or is not a folder.")
         self.repository = ModelRepository(repo_path)
         self.manager = ModelManager(
             self.repository,
+            decryptor=keyring,
             backend_options={"onnx_spinning": settings.onnx_spinning},
             drain_timeout_s=settings.drain_timeout_s,
         )
-        self.state = ServerState()
-        self.dataplane = DataPlane(self.manager, self.state)
         self._heap: HeapSettler | None = None
         if settings.gc_freeze:
             self._heap = HeapSettler()
             self.manager.listeners.append(self._heap)
-        self.app = build_app(self.dataplane, settings)
+        self.state = ServerState()
+        # a load request's 'source' may only name the repository or the configured model folders
+        self.dataplane = DataPlane(self.manager, self.state, check_source=partial(
+            check_model_source, allowed=[self.repository.root, *settings.model_dirs]))
+
+        self.security = SecurityGate(settings, self.manager)
+        try:
+            self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s)
+            try:
+                self.observability = Observability(settings, self.manager, self.dataplane)
+            except TracingUnavailableError as err:
+                raise StartupError(str(err)) from None
+
+            # front ends
+            http = self.observability.http
+            self.app = build_app(self.dataplane, settings, llm=self.llm, gate=self.security, observability=http)
+            # the hot routes (v2 infer) answered in front of the app, with the same security and observability
+            self.asgi = InferEntry(
+                self.app, dataplane=self.dataplane, gate=self.security, max_request_bytes=settings.max_request_bytes,
+                gzip_min_bytes=settings.gzip_min_bytes, http_metrics=http.http_metrics, tracer=http.tracer,
+                access_log_enabled=http.access_log, log_client_address=http.log_client_address)
+            self._grpc = self._grpc_front_end() if settings.grpc.enabled else None
+        except BaseException:
+            self.security.close()  # it opened the key store and audit log
+            raise
         self.http_port: int = settings.http_port
-        self.front_ends: list[FrontEnd] = []
-        # gRPC front end and TLS for both transports (issue 3):
-        try:
-            self.tls: TlsMaterial | None = load_tls(settings)
-        except TlsConfigError as err:
-            raise StartupError(str(err)) from None
         self.grpc_port: int | None = None
-        # grpc.aio.ServerInterceptor instances, outermost first (auth, audit, …)
-        self.grpc_interceptors: list[Any] = []
-        if settings.grpc.enabled:
-            self._add_grpc_front_end()
-
-        # security components (issue 6):
-        from inhouse.security import serving as security
-
-        exposure = security.exposure_problem(settings)
-        if exposure is not None:
-            raise StartupError(exposure)
-        self.security = self.app.state.security
-        try:
-            self.manager.set_decryptor(security.model_keyring(settings))
-        except security.ModelKeyError as err:
-            raise StartupError(str(err)) from None
-        self.dataplane.allowed_model_dirs = [self.repository.root, *settings.model_dirs]
-        self.front_ends.append(security.security_front_end)
-        if hasattr(self, "grpc_interceptors"):
-            from inhouse.protocols.security_grpc import SecurityInterceptor
-
-            self.grpc_interceptors.append(SecurityInterceptor(self.security))
-
-        # metrics / tracing (issue 7):
-        from inhouse.observability.setup import Observability
-
-        self.observability = Observability(settings, self.manager, self.dataplane, self.app)
-        self.front_ends.append(self.observability.front_end)
-        # outermost gRPC interceptor (metrics, trace context, access log) once the gRPC front end exists
-        grpc_interceptors = getattr(self, "grpc_interceptors", None)
-        if grpc_interceptors is not None:
-            grpc_interceptors.insert(0, self.observability.grpc_interceptor())
-
-        # the hot routes (v2 infer) answered in front of the app, with the same security and observability
-        from inhouse.protocols.infer_entry import InferEntry
-
-        self.asgi = InferEntry(
-            self.app, dataplane=self.dataplane, gate=self.security, max_request_bytes=settings.max_request_bytes,
-            gzip_min_bytes=settings.gzip_min_bytes, http_metrics=self.observability.http_metrics,
-            tracer=self.observability.tracer, access_log_enabled=settings.access_log,
-            log_client_address=settings.log_client_address)
 
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stoppers: list[Callable[[], Awaitable[None]]] = []
+        self._stoppers: list[Stopper] = []
         self._stopped = asyncio.Event()
 
-    def _add_grpc_front_end(self) -> None:
+    def _grpc_front_end(self) -> GrpcFrontEnd | None:
         try:
-            from inhouse.grpc_server import start_grpc
+            # lazy: an environment missing the grpc packages still serves HTTP
+            from inhouse.grpc_server import GrpcFrontEnd
         except ModuleNotFoundError as err:
             if not (err.name or "").startswith(("grpc", "google")):
                 raise
             log.warning("gRPC is off: its packages are missing from this environment (reinstall inhouse), "
                         "or set grpc.enabled: false to silence this", extra={"missing": err.name})
-            return
-        self.front_ends.append(start_grpc)
+            return None
+        return GrpcFrontEnd(self.settings, self.tls, self.dataplane, self.llm, self.security,
+                            self.observability.metrics.grpc)
 
     @property
     def grpc_target(self) -> str | None:
@@ -193,8 +200,10 @@ class InhouseServer:
                 raise StartupError("The HTTP server stopped during start-up.")
             await asyncio.sleep(0.01)
         try:
-            for front_end in self.front_ends:
-                self._stoppers.append(await front_end(self))
+            await self._start_front_ends()
+        except ListenError as err:
+            await self.stop()
+            raise StartupError(str(err)) from None
         except BaseException:
             await self.stop()
             raise
@@ -207,20 +216,24 @@ class InhouseServer:
             self._tasks.append(asyncio.create_task(self._poll()))
         log.info("ready", extra={"models": sorted(self.manager.serving())})
 
+    async def _start_front_ends(self) -> None:
+        """Beside HTTP: gRPC, the audit maintenance, the metrics port; each returns its stopper."""
+        if self._grpc is not None:
+            self.grpc_port = await self._grpc.start()
+            self._stoppers.append(self._grpc.stop)
+        self._stoppers.append(await start_security(self.security, self.settings.audit_retention_days))
+        self._stoppers.append(await self.observability.start())
+
     def _uvicorn_http(self) -> dict[str, Any]:
         """v2 infer answered on the connection (protocols/http_fast.py), unless turned off."""
         if not self.settings.http_fast_path:
             return {}
-        from inhouse.protocols.http_fast import fast_protocol
-
         return {"http": fast_protocol(self.asgi, self.settings.max_request_bytes)}
 
     def _uvicorn_tls(self) -> dict[str, Any]:
         tls = self.tls
         if tls is None:
             return {}
-        import ssl
-
         return {
             "ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path),
             "ssl_ca_certs": str(tls.client_ca_path) if tls.client_ca_path else None,
@@ -296,8 +309,6 @@ class InhouseServer:
 
     async def run(self) -> None:
         """Start, serve until asked to stop (SIGINT / SIGTERM), stop gracefully."""
-        import signal
-
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):

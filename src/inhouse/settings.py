@@ -3,6 +3,7 @@ defaults) and then passed down. Nothing else in inhouse reads the environment.""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from inhouse.rates import parse_rate
 
 DEFAULT_CONFIG_FILE = "inhouse.yaml"
 
@@ -66,16 +69,16 @@ class ServerSettings(BaseSettings):
     model_key_file: Path | None = None
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
 
-    # ---- scheduling (issue 4) ----
+    # ---- scheduling ----
 
-    # ---- LLM serving (issue 5) ----
+    # ---- LLM serving ----
     llm_stream_usage: bool = Field(default=True, description="end every OpenAI stream with a usage chunk, "
                                    "even when the client did not set stream_options.include_usage")
     llm_max_pending: int = Field(default=512, ge=1, description="requests per LLM (running and waiting) "
                                  "before new ones get 429 'rate limit'")
     llm_timeout_s: float | None = Field(default=None, gt=0, description="deadline for one generation request")
 
-    # ---- security (issue 6) ----
+    # ---- security ----
     allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "
                                  "liveness; empty: any address")
     trusted_proxies: list[str] = Field(default_factory=list, description="proxies whose X-Forwarded-For is believed")
@@ -91,8 +94,6 @@ class ServerSettings(BaseSettings):
     @field_validator("allow_ips", "trusted_proxies")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
         for item in v:
             try:
                 ipaddress.ip_network(item.strip(), strict=False)
@@ -104,15 +105,13 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _rate(cls, v: str | None) -> str | None:
         if v is not None:
-            from inhouse.security.ratelimit import parse_rate
-
             parse_rate(v)
         return v
 
     def audit_enabled(self) -> bool:
         return self.auth if self.audit is None else self.audit
 
-    # ---- observability (issue 7) ----
+    # ---- observability ----
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="also serve /metrics on this port (e.g. 9091)")
     metrics_host: str | None = Field(default=None, description="address of the metrics port (default: host)")
@@ -122,7 +121,7 @@ class ServerSettings(BaseSettings):
     otel_service_name: str = "inhouse"
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
-    # ---- tooling / deployment (issue 8) ----
+    # ---- tooling / deployment ----
 
     @classmethod
     def settings_customise_sources(

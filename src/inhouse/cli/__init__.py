@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import chat, convert, doctor, infer, models, serve, service
+from inhouse.cli import chat, convert, doctor, infer, models, security, serve, service
 
 app = typer.Typer(
     name="inhouse",
@@ -18,17 +18,15 @@ app.command("serve")(serve.serve)
 app.add_typer(models.app, name="models")
 # ---- command groups added by other modules register below, one line each ----
 
-# security (issue 6):
-from inhouse.cli import security as _security  # noqa: E402
+# security:
+app.add_typer(security.keys_app, name="keys")
+app.add_typer(security.audit_app, name="audit")
+app.command("encrypt")(security.encrypt)
 
-app.add_typer(_security.keys_app, name="keys")
-app.add_typer(_security.audit_app, name="audit")
-app.command("encrypt")(_security.encrypt)
-
-# observability (issue 7):
+# observability:
 app.command("doctor")(doctor.doctor)
 
-# tooling (issue 8):
+# tooling:
 app.command("convert")(convert.convert)
 app.command("quantize")(convert.quantize)
 app.command("infer")(infer.infer)

@@ -69,6 +69,7 @@ def convert(
                          ] = "serving_default",
 ) -> None:
     """Convert a trained model to ONNX, write a model.yaml, and check it against the original."""
+    # lazy: the converters import onnx (and the framework of the source); other commands start without it
     from inhouse.tools.convert import ConvertOptions
     from inhouse.tools.convert import convert as run_convert
 
@@ -111,6 +112,7 @@ def quantize(
                                                     "by more.")] = None,
 ) -> None:
     """Write an INT8 or FP16 version of a model as its next version."""
+    # lazy: quantization imports onnx and onnxruntime's tools; other commands start without them
     from inhouse.tools.quantize import quantize as run_quantize
 
     if int8 and fp16:

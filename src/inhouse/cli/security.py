@@ -4,6 +4,7 @@ server's data directory (no running server needed; a running server sees key cha
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,10 @@ import orjson
 import typer
 import yaml
 
+from inhouse.core.spec import find_spec_file
+from inhouse.errors import ArtefactIntegrityError
 from inhouse.security.audit import AuditLog
+from inhouse.security.crypto import ModelKeyError, encrypt_file, key_id, new_key_file, read_key_file, write_atomic
 from inhouse.security.keys import KeySpecError, KeyStore
 from inhouse.security.secret import SecretError, load_or_create_secret
 from inhouse.settings import SettingsError, load_settings
@@ -185,8 +189,6 @@ def encrypt(
 ) -> None:
     """Encrypt a model's artefacts in place with AES-256-GCM (or rotate them to a new key).
     Every file is replaced atomically: a crash midway loses nothing, just run it again."""
-    from inhouse.security.crypto import ModelKeyError, encrypt_file, key_id, new_key_file, read_key_file
-
     try:
         key = new_key_file(key_file) if new_key else read_key_file(key_file)
         old = {key_id(k): k for k in (read_key_file(p) for p in old_key_file or [])}
@@ -200,8 +202,6 @@ def encrypt(
                    for p in v.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise _fail(f"{model_dir} has no version folders with files to encrypt.", 2)
-    from inhouse.errors import ArtefactIntegrityError
-
     counts: dict[str, int] = {}
     for f in files:
         try:
@@ -217,11 +217,6 @@ def encrypt(
 def _update_spec(model_dir: Path, kid: str, files: list[Path]) -> None:
     """Mark the model as encrypted (a plaintext replacement is then refused) and refresh listed
     checksums, which cover the stored (encrypted) bytes."""
-    import hashlib
-
-    from inhouse.core.spec import find_spec_file
-    from inhouse.security.crypto import write_atomic
-
     spec_file = find_spec_file(model_dir) or model_dir / "model.yaml"
     doc = (yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else None) or {"name": model_dir.name}
     doc["encryption"] = {"key_id": kid}

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from inhouse.cli.doctor import diagnose
 from inhouse.logs import configure_logging
 from inhouse.settings import SettingsError, load_settings
 
@@ -41,7 +42,7 @@ def serve(
     otlp_endpoint: Annotated[
         str | None, typer.Option(help="Export traces over OTLP/HTTP to this collector (needs the otel extra).")
     ] = None,
-    # LLM serving (issue 5)
+    # LLM serving
     llm_stream_usage: Annotated[bool | None, typer.Option(
         "--llm-stream-usage/--no-llm-stream-usage",
         help="End OpenAI streams with a usage chunk unless the client opts out [on].")] = None,
@@ -62,6 +63,7 @@ def serve(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    # lazy: the server pulls in the web stack and every backend; other commands start without it
     from inhouse.server import InhouseServer, StartupError
 
     async def _main() -> None:
@@ -72,8 +74,6 @@ def serve(
         _run(_main())
     except StartupError as err:
         typer.echo(f"error: {err}", err=True)
-        from inhouse.cli.doctor import diagnose
-
         diagnose(settings)  # the same findings and fixes as `inhouse doctor`
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

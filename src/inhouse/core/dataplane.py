@@ -5,6 +5,7 @@ Nothing here knows about HTTP or gRPC."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,14 +41,19 @@ class ServerState:
     extensions: list[str] = field(default_factory=lambda: list(EXTENSIONS))
 
 
+SourceCheck = Callable[[object, Path], object]
+"""Raises when a load request's ``source`` (relative to the model folder given) may not be used."""
+
+
 class DataPlane:
-    def __init__(self, manager: ModelManager, state: ServerState | None = None) -> None:
+    def __init__(self, manager: ModelManager, state: ServerState | None = None,
+                 check_source: SourceCheck | None = None) -> None:
         self.manager = manager
         self.state = state or ServerState()
         self.observer: InferObserver | None = None  # metrics (set by the server when enabled)
         self.statistics: StatisticsSource | None = None  # the v2 statistics extension (set with the metrics)
-        # Folders a load request may point a model's 'source' at (empty: no check).
-        self.allowed_model_dirs: list[Path] = []
+        # injected by the server (security's folder rule), so the core never imports security
+        self._check_source = check_source
 
     # ---- health and metadata --------------------------------------------------------------
     def live(self) -> bool:
@@ -116,11 +122,8 @@ class DataPlane:
         return entries
 
     async def load_model(self, name: str, overrides: dict[str, Any] | None = None) -> list[ModelVersion]:
-        if overrides and "source" in overrides and self.allowed_model_dirs:
-            from inhouse.security.paths import check_model_source
-
-            base = self.manager.repository.model_dir(name)
-            check_model_source(overrides["source"], base, self.allowed_model_dirs)
+        if overrides and "source" in overrides and self._check_source is not None:
+            self._check_source(overrides["source"], self.manager.repository.model_dir(name))
         return await self.manager.load(name, overrides)
 
     async def unload_model(self, name: str) -> list[ModelVersion]:

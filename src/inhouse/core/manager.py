@@ -26,7 +26,14 @@ from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
 from inhouse.core.spec import ModelSpec
-from inhouse.errors import InhouseError, ModelLoadError, ModelNotFoundError, ModelNotReadyError, ModelSpecError
+from inhouse.errors import (
+    InhouseError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ModelSpecError,
+    OutOfMemoryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +252,6 @@ class ModelManager:
             self._notify(mv.name, mv.version, ModelState.FAILED)
             raise
         except MemoryError:
-            from inhouse.errors import OutOfMemoryError
             err2 = OutOfMemoryError(f"Out of memory while loading model '{mv.name}' version {mv.version}.")
             mv.state, mv.reason, mv.code = ModelState.FAILED, err2.message, err2.code
             self._notify(mv.name, mv.version, ModelState.FAILED)

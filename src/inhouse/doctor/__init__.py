@@ -4,51 +4,17 @@ own with ``register_check``."""
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
 
-from inhouse.settings import ServerSettings
+from inhouse.doctor import checks, security_checks  # noqa: F401 - registers the built-in checks, in this order
+from inhouse.doctor.findings import CHECKS, Check, DoctorOptions, Finding, Severity, register_check
 
-
-class Severity(enum.IntEnum):
-    OK = 0
-    INFO = 1
-    WARNING = 2
-    ERROR = 3
-
-
-@dataclass(frozen=True)
-class Finding:
-    area: str  # "config", "model iris", "port", "tls", ...
-    severity: Severity
-    message: str
-    fix: str = ""
-
-
-@dataclass(frozen=True)
-class DoctorOptions:
-    settings: ServerSettings
-    repo: Path | None
-    load_models: bool = False  # actually load every model (slow; catches opset / graph problems)
-    check_ports: bool = True
-
-
-Check = Callable[[DoctorOptions], Iterable[Finding]]
-_CHECKS: list[tuple[str, Check]] = []
-
-
-def register_check(name: str, check: Check) -> None:
-    """Add a check (e.g. the key store and audit chain from the security module)."""
-    _CHECKS.append((name, check))
+__all__ = ["Check", "DoctorOptions", "Finding", "Severity", "register_check", "run_checks", "worst"]
 
 
 def run_checks(options: DoctorOptions) -> list[Finding]:
-    from inhouse.doctor import checks, security_checks  # noqa: F401 - registers the built-in checks
-
     findings: list[Finding] = []
-    for name, check in list(_CHECKS):
+    for name, check in list(CHECKS):
         try:
             findings.extend(check(options))
         except Exception as err:  # a broken check is a finding, not a crash

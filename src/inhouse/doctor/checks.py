@@ -12,9 +12,10 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+from inhouse.backends import LoadContext, get_backend
 from inhouse.core.repository import ModelRepository
 from inhouse.core.spec import ModelSpec
-from inhouse.doctor import DoctorOptions, Finding, Severity, register_check
+from inhouse.doctor.findings import DoctorOptions, Finding, Severity, register_check
 from inhouse.errors import InhouseError
 
 GiB = 1024**3
@@ -56,8 +57,6 @@ def _check_model(repo: ModelRepository, name: str, o: DoctorOptions) -> Iterator
             yield f
     else:
         try:
-            from inhouse.backends import get_backend
-
             get_backend(spec.backend)
         except InhouseError as err:
             problems += 1
@@ -73,6 +72,7 @@ def _check_model(repo: ModelRepository, name: str, o: DoctorOptions) -> Iterator
 
 
 def _check_providers(spec: ModelSpec, area: str) -> Iterator[Finding]:
+    # lazy: onnxruntime loads its providers on import; only onnxruntime models need it
     from inhouse.backends.onnx import resolve_providers
 
     try:
@@ -114,8 +114,6 @@ def _check_files(model_dir: Path, spec: ModelSpec, versions: list[int], area: st
 
 
 def _try_load(repo: ModelRepository, spec: ModelSpec, versions: list[int], area: str) -> Iterator[Finding]:
-    from inhouse.backends import LoadContext, get_backend
-
     backend = get_backend(spec.backend)
     for v in versions:
         ctx = LoadContext(model_dir=repo.root / spec.name, version_dir=repo.root / spec.name / str(v), spec=spec)

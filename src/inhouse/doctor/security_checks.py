@@ -7,7 +7,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-from inhouse.doctor import DoctorOptions, Finding, Severity, register_check
+from inhouse.doctor.findings import DoctorOptions, Finding, Severity, register_check
 from inhouse.security.audit import AUDIT_DB, AuditLog
 from inhouse.security.keys import KEYS_DB, KeyStore
 from inhouse.security.secret import SecretError, load_or_create_secret

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from inhouse.errors import InvalidRequestError
+from inhouse.llm.context_window import check_context
 
 _BATCH = 32
 
@@ -39,10 +40,7 @@ class Encoder:
             raise InvalidRequestError("The input is empty; send at least one text to embed.")
         ids = [self._encode(t) for t in texts]
         for i, row in enumerate(ids):
-            if len(row) > self.max_model_len:
-                raise InvalidRequestError(
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, input {i} "
-                    f"has {len(row)} tokens. Please shorten it.", details={"param": "input"})
+            check_context(self.max_model_len, len(row), None, input_index=i)
             if not row:
                 raise InvalidRequestError(f"Input {i} is empty; every input needs at least one token.")
         out = [self._run(ids[i:i + _BATCH]) for i in range(0, len(ids), _BATCH)]

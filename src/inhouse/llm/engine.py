@@ -23,6 +23,7 @@ import torch
 
 from inhouse.core.recorders import NULL_LLM_RECORDER, LLMRecorder
 from inhouse.errors import InferenceError, InvalidRequestError, ModelNotReadyError, QueueFullError
+from inhouse.llm.context_window import check_context
 from inhouse.llm.detokenizer import IncrementalDetokenizer
 from inhouse.llm.kv_cache import KVCache
 from inhouse.llm.runner import DecoderRunner, StepRow
@@ -146,12 +147,7 @@ class Engine:
             raise InvalidRequestError("The prompt is empty; send at least one token of input.")
         if want is not None and want < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {want}.")
-        total = n + (want or 0)
-        if n >= self.max_model_len or total > self.max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({n} in the messages, {want or 0} in the completion). Please reduce the length "
-                "of the messages or completion.", details={"param": "messages", "code": "context_length_exceeded"})
+        check_context(self.max_model_len, n, want or 0)
         _check_sampling(request.sampling)
         vocab = self._runner.embed.num_embeddings
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]

@@ -17,7 +17,6 @@ import numpy as np
 
 from inhouse.core.manager import ModelManager, ModelVersion
 from inhouse.errors import (
-    ContextLengthError,
     DeadlineExceededError,
     InferenceError,
     InhouseError,
@@ -25,7 +24,9 @@ from inhouse.errors import (
     ModelNotFoundError,
     QueueFullError,
 )
+from inhouse.llm import constraint as cons
 from inhouse.llm.chat import merge_consecutive
+from inhouse.llm.context_window import check_context
 from inhouse.llm.decoder import CallMode, ChoiceDecoder
 from inhouse.llm.events import Event, Prompt, TextDelta, Usage
 from inhouse.llm.reasoning import get_reasoning_parser
@@ -178,8 +179,6 @@ class LLMService:
 
     def _constraint_factory(self, engine: LLMEngine, req: ChatRequest | CompletionRequest,
                             mode: CallMode) -> Any:
-        from inhouse.llm import constraint as cons
-
         schema: dict[str, Any] | None
         if isinstance(req, ChatRequest) and mode == "required":
             assert req.tools is not None
@@ -233,14 +232,7 @@ class LLMService:
         limit = engine.max_model_len
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be at least 1.", details={"param": "max_tokens"})
-        wanted = sampling.max_tokens if sampling.max_tokens is not None else 0
-        if prompt_len + wanted > limit or prompt_len >= limit:
-            total = prompt_len + wanted
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{max(total, prompt_len + 1)} tokens ({prompt_len} in the messages, {wanted} in the "
-                "completion). Please reduce the length of the messages or completion.",
-                details={"param": "messages"})
+        check_context(limit, prompt_len, sampling.max_tokens or 0)
         if sampling.max_tokens is None:
             return replace(sampling, max_tokens=limit - prompt_len)
         return sampling

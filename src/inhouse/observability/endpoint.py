@@ -11,8 +11,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.errors import ModelNotFoundError
-from inhouse.protocols.errors import v2_error_response
+from inhouse.listen import ListenError
 
 
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
@@ -21,21 +20,18 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     return encoder(registry), content_type
 
 
-def build_metrics_router() -> APIRouter:
+def build_metrics_router(registry: CollectorRegistry) -> APIRouter:
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
-        registry = getattr(request.app.state, "metrics_registry", None)
-        if registry is None:
-            return v2_error_response(ModelNotFoundError("Metrics are not enabled on this server."))
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, media_type=None, headers={"Content-Type": content_type})
 
     return router
 
 
-class MetricsPortError(Exception):
+class MetricsPortError(ListenError):
     """The dedicated metrics port cannot be opened."""
 
 

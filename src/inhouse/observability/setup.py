@@ -1,34 +1,44 @@
 """Wires metrics, access logs and tracing into one server: the only module that knows all
-the pieces. ``InhouseServer`` builds one ``Observability`` and registers its front end."""
+the pieces. The server builds one ``Observability`` before its front ends and hands each of
+them the part it uses (``http`` for the HTTP app and the infer entry, ``metrics.grpc`` for gRPC)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from inhouse.core.dataplane import DataPlane
 from inhouse.core.manager import ModelManager
-from inhouse.observability.access import HttpMetrics, ObservabilityMiddleware
+from inhouse.observability.access import HttpMetrics
 from inhouse.observability.collectors import GpuCollector, ModelCollector, ProcessCollector
-from inhouse.observability.endpoint import MetricsPortError, MetricsServer
+from inhouse.observability.endpoint import MetricsServer
 from inhouse.observability.metrics import LifecycleRecorder, Metrics
 from inhouse.observability.observer import RequestObserver
+from inhouse.observability.tracing import Tracer
 from inhouse.settings import ServerSettings
-
-if TYPE_CHECKING:
-    from inhouse.observability.grpc import GrpcObservabilityInterceptor
-    from inhouse.observability.tracing import Tracer
-    from inhouse.server import InhouseServer
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class HttpObservability:
+    """What an HTTP front end needs to be observed: the registry ``/metrics`` serves, request
+    metrics, tracing and the access-log switches."""
+
+    registry: CollectorRegistry
+    http_metrics: HttpMetrics
+    tracer: Tracer | None
+    access_log: bool
+    log_client_address: bool
+
+
 class Observability:
-    def __init__(self, settings: ServerSettings, manager: ModelManager, dataplane: DataPlane, app: FastAPI,
+    """Raises ``TracingUnavailableError`` when tracing is asked for and cannot run."""
+
+    def __init__(self, settings: ServerSettings, manager: ModelManager, dataplane: DataPlane,
                  registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
@@ -43,39 +53,18 @@ class Observability:
         dataplane.statistics = self.metrics.statistics
         self.tracer: Tracer | None = None
         if settings.otlp_endpoint:
-            from inhouse.observability.tracing import Tracer, TracingUnavailableError
-            from inhouse.server import StartupError
-
-            try:
-                self.tracer = Tracer(settings.otlp_endpoint, settings.otel_service_name, settings.trace_sample_ratio)
-            except TracingUnavailableError as err:
-                raise StartupError(str(err)) from None
+            self.tracer = Tracer(settings.otlp_endpoint, settings.otel_service_name, settings.trace_sample_ratio)
         self.http_metrics = HttpMetrics(self.metrics)
-        app.state.metrics_registry = self.registry
-        # added after build_app: outermost, so even requests the security layer rejects are logged
-        app.add_middleware(ObservabilityMiddleware, http_metrics=self.http_metrics, tracer=self.tracer,
-                           access_log_enabled=settings.access_log, log_client_address=settings.log_client_address)
+        self.http = HttpObservability(self.registry, self.http_metrics, self.tracer, settings.access_log,
+                                      settings.log_client_address)
         self.metrics_server: MetricsServer | None = None
-        self._grpc: GrpcObservabilityInterceptor | None = None
 
-    def grpc_interceptor(self) -> GrpcObservabilityInterceptor:
-        """The grpc.aio server interceptor (``grpc_server_*`` metrics, request context, access log)."""
-        if self._grpc is None:
-            from inhouse.observability.grpc import GrpcObservabilityInterceptor
-
-            self._grpc = GrpcObservabilityInterceptor(self.metrics.grpc, access_log_enabled=self.settings.access_log)
-        return self._grpc
-
-    async def front_end(self, server: InhouseServer) -> Callable[[], Awaitable[None]]:
-        """Starts the dedicated metrics port if configured; returns the stopper."""
+    async def start(self) -> Callable[[], Awaitable[None]]:
+        """Starts the dedicated metrics port if configured (``MetricsPortError`` when it cannot
+        listen); returns the stopper."""
         s = self.settings
         if s.metrics_port is not None:
-            from inhouse.server import StartupError
-
-            try:
-                self.metrics_server = MetricsServer(self.registry, s.metrics_host or s.host, s.metrics_port)
-            except MetricsPortError as err:
-                raise StartupError(str(err)) from None
+            self.metrics_server = MetricsServer(self.registry, s.metrics_host or s.host, s.metrics_port)
             log.info("metrics listening", extra={"port": self.metrics_server.port})
 
         async def stop() -> None:
@@ -95,4 +84,3 @@ def _failure_code(manager: ModelManager) -> Callable[[str, int | None], int | No
         return None
 
     return code
-

@@ -13,11 +13,11 @@ import grpc
 from google.protobuf import json_format
 
 from inhouse.core.dataplane import DataPlane, parse_version
+from inhouse.core.load_params import load_overrides
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.llm.service import LLMService
 from inhouse.protocols.errors import grpc_abort
-from inhouse.protocols.http_body import json_object
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
 from inhouse.protocols.v2_generate import generation_stream, is_generation_request, stream_error
@@ -38,21 +38,6 @@ def _unary(fn: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
             await grpc_abort(context, exc)
             raise  # unreachable: abort raises
     return wrapper
-
-
-def _load_overrides(params: dict[str, Any]) -> dict[str, Any] | None:
-    unknown = [k for k in params if k != "config"]
-    if unknown:
-        raise InvalidRequestError(
-            f"Unsupported load parameter(s) {unknown}; only 'config' (a JSON object merged over "
-            "model.yaml) is accepted."
-        )
-    if "config" not in params:
-        return None
-    raw = params["config"]
-    if not isinstance(raw, str | bytes):
-        raise InvalidRequestError("Load parameter 'config' must be a JSON object in string_param or bytes_param.")
-    return json_object(raw, "Load parameter 'config'")
 
 
 def _index_entry(e: IndexEntry) -> Any:
@@ -191,7 +176,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._check_repository(request.repository_name)
         if not request.model_name:
             raise InvalidRequestError("RepositoryModelLoadRequest.model_name is empty; name the model to load.")
-        overrides = _load_overrides(parameters_dict(request.parameters))
+        overrides = load_overrides(parameters_dict(request.parameters), "Load parameter 'config'")
         await self._dp.load_model(request.model_name, overrides)
         return pb.RepositoryModelLoadResponse()
 

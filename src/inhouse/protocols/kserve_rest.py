@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.core.dataplane import DataPlane, parse_version
+from inhouse.core.load_params import load_overrides
 from inhouse.core.manager import IndexEntry
 from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
@@ -178,18 +179,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidRequestError("'parameters' must be a JSON object.")
-        overrides = None
-        if "config" in params:
-            raw = params["config"]
-            if isinstance(raw, str | bytes):
-                overrides = json_object(raw, "parameters.config")
-            elif isinstance(raw, dict):
-                overrides = raw
-            else:
-                raise InvalidRequestError("parameters.config must be a JSON object.")
-        unknown = [k for k in params if k != "config"]
-        if unknown:
-            raise InvalidRequestError(f"Unsupported load parameter(s) {unknown}; only 'config' is accepted.")
+        overrides = load_overrides(params, "parameters.config")
         versions = await dataplane.load_model(model, overrides)
         return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "READY"})
 

@@ -8,28 +8,12 @@ request, several times the rest of the security check on a small model (``bench/
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from functools import lru_cache
 
-import limits
-
 from inhouse.errors import RateLimitedError
-
-_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
-          "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
-_RATE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+)?\s*([a-z]+?)s?\s*$")
-
-
-@lru_cache(maxsize=256)
-def parse_rate(text: str) -> limits.RateLimitItem:
-    """``200/s``, ``1000/min``, ``50 per hour``, ``10/5s`` → a rate-limit item."""
-    m = _RATE.match(text.lower())
-    unit = _UNITS.get(m.group(3)) if m else None
-    if m is None or unit is None or int(m.group(1)) <= 0:
-        raise ValueError(f"'{text}' is not a rate; write COUNT/UNIT, e.g. 200/s, 1000/min, 50/hour.")
-    return limits.parse(f"{int(m.group(1))}/{m.group(2) or ''}{unit}".replace("//", "/"))
+from inhouse.rates import parse_rate as parse_rate  # re-exported: key files name rates too
 
 
 @lru_cache(maxsize=256)

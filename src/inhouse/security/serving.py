@@ -10,13 +10,10 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from inhouse.security.crypto import KEY_ENV, Keyring, ModelKeyError, parse_key, read_key_file
+from inhouse.security.gate import SecurityGate
 from inhouse.settings import ServerSettings
-
-if TYPE_CHECKING:
-    from inhouse.server import InhouseServer
 
 log = logging.getLogger("inhouse.security")
 
@@ -56,12 +53,10 @@ def model_keyring(settings: ServerSettings) -> Keyring:
     return Keyring(keys)
 
 
-async def security_front_end(server: InhouseServer) -> Callable[[], Awaitable[None]]:
+async def start_security(gate: SecurityGate, days: float | None) -> Callable[[], Awaitable[None]]:
     """Starts the audit writer process; checkpoints the audit log's WAL every second and prunes
-    it to the retention period (at start, then hourly), off the request path. The stores are
-    closed by the server once every request has drained (``InhouseServer.stop``)."""
-    gate = server.security
-    days = server.settings.audit_retention_days
+    it to ``days`` of retention (at start, then hourly), off the request path. Returns the
+    stopper; the stores are closed by the server once every request has drained."""
     task: asyncio.Task[None] | None = None
     await gate.start()
     if gate.audit is not None:
@@ -92,4 +87,4 @@ async def security_front_end(server: InhouseServer) -> Callable[[], Awaitable[No
     return stop
 
 
-__all__ = ["ModelKeyError", "exposure_problem", "is_loopback", "model_keyring", "security_front_end"]
+__all__ = ["ModelKeyError", "exposure_problem", "is_loopback", "model_keyring", "start_security"]

@@ -16,7 +16,7 @@ import onnx
 from inhouse.errors import ConversionError, ModelFormatError
 from inhouse.tools import convert_hf, convert_tabular, convert_tf, convert_torch
 from inhouse.tools.onnx_info import check_runtime_loads, choose_opset, graph_io, write_version
-from inhouse.tools.samples import ExampleInput, load_npz, parse_example_input, random_array
+from inhouse.tools.samples import ExampleInput, inputs_for_spec, load_npz, parse_example_input, random_array
 from inhouse.tools.verify import Comparison, compare, run, session
 
 TORCH_SUFFIXES = {".pt", ".pth", ".pt2", ".ts", ".torchscript", ".jit"}
@@ -234,8 +234,6 @@ def _samples_for(onnx_bytes: bytes, opts: ConvertOptions) -> dict[str, np.ndarra
     inputs, _ = graph_io(onnx.load_from_string(onnx_bytes))
     if opts.samples is not None:
         return load_npz(opts.samples, [i["name"] for i in inputs])
-    from inhouse.tools.samples import inputs_for_spec
-
     return inputs_for_spec(inputs, high=opts.int_high)
 
 
