@@ -69,11 +69,12 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     # puts it in front); its routes here serve the app when it is mounted on its own.
     # security middleware (issue 6), outermost, added last:
     from inhouse.protocols import security_rest
-    from inhouse.protocols.security_http import SecurityMiddleware
+    from inhouse.protocols.security_http import SecurityMiddleware, guard_docs
     from inhouse.security.gate import SecurityGate
 
     app.state.security = SecurityGate(settings, dataplane.manager)
     app.include_router(security_rest.build_router(app.state.security, settings.max_request_bytes))
     app.add_middleware(SecurityMiddleware, gate=app.state.security, max_request_bytes=settings.max_request_bytes)
+    guard_docs(app)
 
     return app

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from inhouse.errors import ModelNotFoundError
 from inhouse.protocols.errors import v2_error_response
+from inhouse.security.pipeline import Guard, guarded
 
 
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
@@ -25,6 +26,7 @@ def build_metrics_router() -> APIRouter:
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", summary="Prometheus metrics")
+    @guarded(Guard("metrics", "metrics"))
     async def metrics(request: Request) -> Response:
         registry = getattr(request.app.state, "metrics_registry", None)
         if registry is None:

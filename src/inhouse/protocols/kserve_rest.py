@@ -3,6 +3,7 @@ Routes parse, call the data plane, and render; nothing else."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,11 +12,12 @@ from starlette.responses import Response
 
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
-from inhouse.core.types import InferRequest
+from inhouse.core.types import InferRequest, InferResponse
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.errors import v2_error_response
-from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
+from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, json_object, read_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
+from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
 
 _TENSOR_SCHEMA = {
     "type": "object",
@@ -80,21 +82,32 @@ def parse_rest_infer(body: bytes, header_length: str | None, priority: str | Non
     return req
 
 
+async def infer_answer(dataplane: DataPlane, body: bytes | BodyReader, guard: InferGuard[InferResponse],
+                       header_length: str | None, priority: str | None, model: str,
+                       version: str | None) -> tuple[bytes, dict[str, str]]:
+    """The one v2 REST infer: read the body (unless already read), parse, infer, render (body and
+    headers), whatever carried the request (the routed endpoint, the ASGI entry, the HTTP fast
+    path). ``guard`` awaits the inference and cancels it when the client goes away."""
+    try:
+        raw = body if isinstance(body, bytes) else await body()
+        req = parse_rest_infer(raw, header_length, priority, model, version)
+    except Exception as exc:
+        dataplane.infer_rejected(model, exc)
+        raise
+    resp = await guard(dataplane.infer(req))
+    return render_infer_response(resp, req)
+
+
 async def infer_response(dataplane: DataPlane, request: Request, model: str, version: str | None,
                          max_request_bytes: int) -> Response:
     """POST /v2/models/{model}[/versions/{version}]/infer through the web framework. A server
     answers these routes in ``protocols/infer_entry.py`` before the framework sees them; this
     route serves the app when it is mounted on its own, and documents the API."""
     try:
-        try:
-            body = await read_body(request, max_request_bytes)
-            req = parse_rest_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(PRIORITY_HEADER),
-                                   model, version)
-        except Exception as exc:
-            dataplane.infer_rejected(model, exc)
-            raise
-        resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
-        content, headers = render_infer_response(resp, req)
+        content, headers = await infer_answer(
+            dataplane, functools.partial(read_body, request, max_request_bytes),
+            functools.partial(cancel_on_disconnect, request.receive), request.headers.get(HEADER_LENGTH),
+            request.headers.get(PRIORITY_HEADER), model, version)
         return Response(content, headers=headers)
     except Exception as exc:
         return v2_error_response(exc)
@@ -117,6 +130,37 @@ def infer_target(path: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _map_nested(value: Any, fn: TextFn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_nested(v, fn) for v in value]
+    return value
+
+
+def map_v2_texts(doc: Any, fn: TextFn) -> None:
+    """The texts of a v2 infer request: the elements of its BYTES input tensors."""
+    tensors = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(tensors, list):
+        return
+    for t in tensors:
+        if isinstance(t, dict) and t.get("datatype") == "BYTES" and "data" in t:
+            t["data"] = _map_nested(t["data"], fn)
+
+
+def cannot_hold_text(body: bytes) -> bool:
+    """Whether a v2 infer JSON body certainly has no BYTES tensor, so text rules find nothing in
+    it and it need not be parsed for them (the v2 parser reads it next): no ``BYTES`` in it, and
+    no escape at all (a ``\\u`` escape could spell one). Only BYTES tensors may carry text."""
+    return b"BYTES" not in body and b"\\" not in body  # one byte: a memchr, not a substring search
+
+
+V2_INFER_TEXTS = Texts(request=map_v2_texts, skip=cannot_hold_text)
+INFER_GUARD = Guard("infer", "infer", model="path", texts=V2_INFER_TEXTS)
+_METADATA, _READY, _CONFIG = (Guard(f"model.{what}", "infer", model="path") for what in ("metadata", "ready", "config"))
+_HEALTH = Guard("health", "metrics")
+
+
 def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     router = APIRouter(tags=["KServe v2"])
 
@@ -127,14 +171,17 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         return json_object(body)
 
     @router.get("/v2", summary="Server metadata")
+    @guarded(Guard("server.metadata", "infer"))
     async def server_metadata() -> Response:
         return _json(dataplane.server_metadata())
 
     @router.get("/v2/health/live", summary="Liveness")
+    @guarded(Guard("health.live", "open"))
     async def health_live() -> Response:
         return _json({"live": True})
 
     @router.get("/v2/health/ready", summary="Readiness")
+    @guarded(_HEALTH)
     async def health_ready() -> Response:
         ready = dataplane.ready()
         return _json({"ready": ready}, 200 if ready else 503)
@@ -142,6 +189,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     @router.get("/v2/models/stats", summary="Inference statistics of every serving model")
     @router.get("/v2/models/{model}/stats", summary="Inference statistics of a model")
     @router.get("/v2/models/{model}/versions/{version}/stats", summary="Inference statistics of a model version")
+    @guarded(Guard("model.stats", "infer", model="path", every_model=True))
     async def model_statistics(model: str = "", version: str | None = None) -> Response:
         try:
             return _json({"model_stats": dataplane.model_statistics(model, parse_version(version))})
@@ -150,6 +198,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
 
     @router.get("/v2/models/{model}", summary="Model metadata")
     @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+    @guarded(_METADATA)
     async def model_metadata(model: str, version: str | None = None) -> Response:
         try:
             return _json(dataplane.model_metadata(model, parse_version(version)))
@@ -158,6 +207,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
 
     @router.get("/v2/models/{model}/ready", summary="Model readiness")
     @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+    @guarded(_READY)
     async def model_ready(model: str, version: str | None = None) -> Response:
         try:
             v = parse_version(version)
@@ -170,6 +220,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
 
     @router.get("/v2/models/{model}/config", summary="Effective model spec")
     @router.get("/v2/models/{model}/versions/{version}/config", summary="Effective model spec of a version")
+    @guarded(_CONFIG)
     async def model_config(model: str, version: str | None = None) -> Response:
         try:
             return _json(dataplane.model_config(model, parse_version(version)))
@@ -179,10 +230,12 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     @router.post(INFER_PATH, summary="Inference", openapi_extra=_INFER_DOC)
     @router.post(INFER_VERSION_PATH, summary="Inference on a version",
                  openapi_extra=_INFER_DOC)
+    @guarded(INFER_GUARD)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
         return await infer_response(dataplane, request, model, version, max_request_bytes)
 
     @router.post("/v2/repository/index", summary="Repository index")
+    @guarded(Guard("repository.index", "admin"))
     async def repository_index(request: Request) -> Response:
         try:
             doc = await optional_json(request)
@@ -192,6 +245,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
             return v2_error_response(exc)
 
     @router.post("/v2/repository/models/{model}/load", summary="Load or reload a model", openapi_extra=_LOAD_DOC)
+    @guarded(Guard("repository.load", "admin", model="path"))
     async def repository_load(request: Request, model: str) -> Response:
         try:
             doc = await optional_json(request)
@@ -216,6 +270,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
             return v2_error_response(exc)
 
     @router.post("/v2/repository/models/{model}/unload", summary="Unload a model")
+    @guarded(Guard("repository.unload", "admin", model="path"))
     async def repository_unload(request: Request, model: str) -> Response:
         try:
             await optional_json(request)
@@ -225,6 +280,7 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
             return v2_error_response(exc)
 
     @router.get("/health", summary="Overall health, for humans and load balancers", tags=["health"])
+    @guarded(_HEALTH)
     async def health() -> Response:
         serving = {n: [str(v.version) for v in vs] for n, vs in dataplane.manager.serving().items()}
         ready = dataplane.ready()
