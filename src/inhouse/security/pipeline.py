@@ -18,7 +18,7 @@ import orjson
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InvalidRequestError, PolicyBlockedError
 from inhouse.security.gate import Call, Scope, SecurityGate
-from inhouse.security.pii import PieceTexts, PiiRules, redact
+from inhouse.security.pii import PieceTexts, PiiRules, Vault, redact
 from inhouse.security.policy import check_policy
 
 TextFn = Callable[[str], str]
@@ -41,6 +41,7 @@ class Texts:
     tools: Callable[[Any], list[str] | None] | None = None  # the tool names a request offers
     skip: Callable[[bytes], bool] | None = None  # a raw body that certainly holds no text: not parsed
     stream: StreamVisitor | None = None  # the texts of one event of a streamed answer
+    answer: Callable[[Any, Exchange], None] | None = None  # an answer message's texts, in place (gRPC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +139,18 @@ def check_request(call: Call, spec: ModelSpec | None, texts: Texts, doc: Any, si
     if pii is None or not pii.inputs or doc is None:
         return None
     rules = rules if rules is not None else PiiRules(pii)
+    redact_request(call, texts, doc, rules)
+    return rules
+
+
+def redact_request(call: Call, texts: Texts, doc: Any, rules: PiiRules) -> None:
+    """Numbered placeholders for the PII in a request's texts, in place."""
+    if not rules.spec.inputs:
+        return
     before = len(rules.vault.originals)
     texts.request(doc, rules.redact_input)
     if len(rules.vault.originals) > before:
         call.detail["pii_redacted"] = len(rules.vault.originals)
-    return rules
 
 
 def output_rules(spec: ModelSpec | None, redacted: PiiRules | None) -> TextFn | None:
@@ -161,6 +169,48 @@ def output_rules(spec: ModelSpec | None, redacted: PiiRules | None) -> TextFn | 
 def audit_payload(gate: SecurityGate, call: Call, body: bytes) -> None:
     if gate.settings.audit_payloads:
         call.detail["request"] = redact(body[:4096].decode("utf-8", "replace"))
+
+
+class Exchange:
+    """The PII state of one call or stream: its requests share one vault, so an answer is
+    restored whichever request it belongs to (up to the last ``STREAM_VAULT_LIMIT`` values, so a
+    long-lived stream's memory stays bounded); each model's rules, and the answer pieces held
+    back per model (see :class:`~inhouse.security.pii.PieceTexts`)."""
+
+    STREAM_VAULT_LIMIT = 4096
+
+    def __init__(self, spec_for: Callable[[str], ModelSpec | None], texts: Texts) -> None:
+        self._spec_for = spec_for
+        self.texts = texts
+        self.vault = Vault(limit=self.STREAM_VAULT_LIMIT)
+        self._rules: dict[str, PiiRules | None] = {}
+        self._pieces: dict[str, PieceTexts] = {}
+
+    def rules(self, model: str) -> PiiRules | None:
+        if model not in self._rules:
+            spec = self._spec_for(model)
+            pii = spec.pii if spec is not None else None
+            self._rules[model] = PiiRules(pii, self.vault) if pii is not None else None
+        return self._rules[model]
+
+    def pieces(self, model: str, rules: PiiRules) -> PieceTexts:
+        found = self._pieces.get(model)
+        if found is None:
+            found = self._pieces[model] = PieceTexts(rules.output)
+        return found
+
+    def held(self, model: str) -> PieceTexts | None:
+        return self._pieces.get(model)
+
+    def redact_request(self, call: Call, request: Any, model: str) -> None:
+        rules = self.rules(model)
+        if rules is not None:
+            redact_request(call, self.texts, request, rules)
+
+    def render(self, answer: Any) -> None:
+        """An answer message's texts restored or masked, in place, by the protocol's visitor."""
+        if self.texts.answer is not None:
+            self.texts.answer(answer, self)
 
 
 # ---- answer texts ---------------------------------------------------------------------------
