@@ -10,7 +10,8 @@ Nothing here is a second implementation: the caller record, admission, body insp
 the answer's texts are the security pipeline's, through the HTTP adapter's functions the
 middleware uses (:mod:`~inhouse.protocols.security_http`) and the route's own declaration
 (``kserve_rest.INFER_GUARD``); parsing, inference and rendering are
-:func:`~inhouse.protocols.kserve_rest.infer_answer`, which the routed endpoint calls too;
+:func:`~inhouse.protocols.kserve_rest.infer_request` and ``render_infer_response``, which the routed
+endpoint calls too;
 metrics and log lines are the
 observability layer's (:class:`~inhouse.observability.access.HttpMetrics`,
 :func:`~inhouse.observability.access.log_access`). What is gone is the per-request cost of
@@ -40,11 +41,11 @@ from inhouse.protocols.kserve_rest import (
     INFER_PATH,
     INFER_VERSION_PATH,
     PRIORITY_HEADER,
-    infer_answer,
+    infer_request,
     infer_target,
 )
 from inhouse.protocols.security_http import admit, inspect_body
-from inhouse.protocols.v2_json import HEADER_LENGTH
+from inhouse.protocols.v2_json import HEADER_LENGTH, render_infer_response
 from inhouse.security.gate import Call, SecurityGate
 from inhouse.security.pipeline import TextFn, open_call, rules_apply, transform_json_body
 
@@ -152,10 +153,18 @@ class InferEntry:
             err = as_inhouse_error(exc)
             await gate.record(call, err.http_status, err.code, err.message)
             return self._error(err, ctx)
+        dataplane = self._dataplane
         try:
-            content, extra = await infer_answer(self._dataplane, read_body if body is None else body, guard,
-                                                header_text(h.get(_HEADER_LENGTH)), header_text(h.get(_PRIORITY)),
-                                                model, version)
+            try:
+                if body is None:
+                    body = await read_body()
+            except Exception as exc:
+                dataplane.infer_rejected(model, exc)
+                raise
+            req = infer_request(dataplane, body, header_text(h.get(_HEADER_LENGTH)), header_text(h.get(_PRIORITY)),
+                                model, version)
+            resp = await guard(dataplane.infer(req))
+            content, extra = render_infer_response(resp, req)
         except Exception as exc:
             err = as_inhouse_error(exc)
             status, headers, content = self._error(err, ctx)

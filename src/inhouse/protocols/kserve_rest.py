@@ -3,7 +3,6 @@ Routes parse, call the data plane, and render; nothing else."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from fastapi import APIRouter
@@ -12,10 +11,10 @@ from starlette.responses import Response
 
 from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
-from inhouse.core.types import InferRequest, InferResponse
+from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.errors import v2_error_response
-from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, json_object, read_body
+from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
 
@@ -82,20 +81,17 @@ def parse_rest_infer(body: bytes, header_length: str | None, priority: str | Non
     return req
 
 
-async def infer_answer(dataplane: DataPlane, body: bytes | BodyReader, guard: InferGuard[InferResponse],
-                       header_length: str | None, priority: str | None, model: str,
-                       version: str | None) -> tuple[bytes, dict[str, str]]:
-    """The one v2 REST infer: read the body (unless already read), parse, infer, render (body and
-    headers), whatever carried the request (the routed endpoint, the ASGI entry, the HTTP fast
-    path). ``guard`` awaits the inference and cancels it when the client goes away."""
+def infer_request(dataplane: DataPlane, body: bytes, header_length: str | None, priority: str | None, model: str,
+                  version: str | None) -> InferRequest:
+    """The one v2 REST infer request parser, whatever carried the request (the routed endpoint,
+    the ASGI entry, the HTTP fast path): a request refused here counts in the model's failure
+    statistics. The caller then awaits ``dataplane.infer`` and renders with
+    ``render_infer_response`` (no coroutine of its own: the fast path's cost is per call)."""
     try:
-        raw = body if isinstance(body, bytes) else await body()
-        req = parse_rest_infer(raw, header_length, priority, model, version)
+        return parse_rest_infer(body, header_length, priority, model, version)
     except Exception as exc:
         dataplane.infer_rejected(model, exc)
         raise
-    resp = await guard(dataplane.infer(req))
-    return render_infer_response(resp, req)
 
 
 async def infer_response(dataplane: DataPlane, request: Request, model: str, version: str | None,
@@ -104,10 +100,15 @@ async def infer_response(dataplane: DataPlane, request: Request, model: str, ver
     answers these routes in ``protocols/infer_entry.py`` before the framework sees them; this
     route serves the app when it is mounted on its own, and documents the API."""
     try:
-        content, headers = await infer_answer(
-            dataplane, functools.partial(read_body, request, max_request_bytes),
-            functools.partial(cancel_on_disconnect, request.receive), request.headers.get(HEADER_LENGTH),
-            request.headers.get(PRIORITY_HEADER), model, version)
+        try:
+            body = await read_body(request, max_request_bytes)
+        except Exception as exc:
+            dataplane.infer_rejected(model, exc)
+            raise
+        req = infer_request(dataplane, body, request.headers.get(HEADER_LENGTH),
+                            request.headers.get(PRIORITY_HEADER), model, version)
+        resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
+        content, headers = render_infer_response(resp, req)
         return Response(content, headers=headers)
     except Exception as exc:
         return v2_error_response(exc)
