@@ -142,6 +142,7 @@ def test_classify_and_peer() -> None:
     assert classify_grpc(f"/{SVC}/ModelMetadata") == ("model.metadata", "infer", "name")
     assert classify_grpc("/grpc.health.v1.Health/Check")[1] == "open"
     assert classify_grpc("/grpc.reflection.v1alpha.ServerReflection/X")[1] == "any"
+    assert classify_grpc(f"/{SVC}/SomethingNew")[1] == "admin"  # undeclared in a declared service: fail closed
     assert peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"
     assert peer_address("ipv6:[::1]:5555") == "::1"
     assert peer_address("unix:/tmp/x") is None

@@ -33,9 +33,15 @@ def declared_rpcs() -> dict[str, Guard]:
 
 
 def guard_for(method: str, guards: Mapping[str, Guard]) -> Guard:
-    """The declared guard of a full gRPC method name; a method nobody declared (reflection)
-    needs any valid key."""
-    return guards.get(method) or Guard(method.rsplit("/", 1)[-1] or "other", "any")
+    """The declared guard of a full gRPC method name (looked up once per method, when it is
+    wrapped). A method its own service left undeclared is admins' only (fail closed); one of a
+    service nobody declared (reflection) needs any valid key."""
+    found = guards.get(method)
+    if found is not None:
+        return found
+    service, _, name = method.rpartition("/")
+    declared = any(m.startswith(service + "/") for m in guards)
+    return Guard(name or "other", "admin" if declared else "any")
 
 
 def peer_address(peer: str | None) -> str | None:

@@ -91,6 +91,16 @@ def credential(authorization: str | None, api_key: str | None) -> str | None:
     return api_key
 
 
+def open_call(transport: str, guard: Guard, *, model: str | None, version: str | None, peer: str | None,
+              forwarded_for: str | None, authorization: str | None, api_key: str | None, request_id: str,
+              trace_id: str | None) -> Call:
+    """The caller record of one request, whatever carried it (the one place a ``Call`` is made
+    and the credential read)."""
+    return Call(transport=transport, action=guard.action, scope=guard.scope, model=model, version=version, peer=peer,
+                forwarded_for=forwarded_for, credential=credential(authorization, api_key), request_id=request_id,
+                trace_id=trace_id)
+
+
 # ---- request texts --------------------------------------------------------------------------
 def rules_apply(gate: SecurityGate, guard: Guard, model: str | None) -> tuple[bool, ModelSpec | None]:
     """Whether the request's texts must be read (the body names the model, payloads are
@@ -276,12 +286,3 @@ class SseStream:
             out.append(b"\n".join(lines))
         return b"\n\n".join(out)
 
-
-def open_call(transport: str, guard: Guard, *, model: str | None, version: str | None, peer: str | None,
-              forwarded_for: str | None, authorization: str | None, api_key: str | None, request_id: str,
-              trace_id: str | None) -> Call:
-    """The caller record of one request, whatever carried it (the one place a ``Call`` is made
-    and the credential read)."""
-    return Call(transport=transport, action=guard.action, scope=guard.scope, model=model, version=version, peer=peer,
-                forwarded_for=forwarded_for, credential=credential(authorization, api_key), request_id=request_id,
-                trace_id=trace_id)
