@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inhouse.core.batching import QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.scheduling.batching import QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
 from inhouse.core.spec import BatchingSpec, TensorSpec
 from inhouse.errors import InferenceError, ModelSpecError, ShapeError
 
@@ -158,7 +158,7 @@ async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher
     from inhouse.core.spec import ModelSpec
     from inhouse.errors import DeadlineExceededError
 
@@ -190,7 +190,7 @@ async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None
 
 
 def test_only_batches_predicted_cheap_run_on_the_event_loop() -> None:
-    from inhouse.core.scheduler import runs_inline
+    from inhouse.core.scheduling import runs_inline
 
     # a 20 µs model measured at ~16 rows a call: small and full batches alike run inline
     assert runs_inline(20e-6, 16, 1) and runs_inline(20e-6, 16, 64)
@@ -224,7 +224,7 @@ async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_ten
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher
     from inhouse.core.spec import ModelSpec
     from inhouse.errors import DeadlineExceededError
 
@@ -238,8 +238,8 @@ async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_ten
     timer = None
     for i in range(20):
         assert (await batcher.submit({"x": x + i}, None, timeout_s=60))["y"][0, 0] == 2 * i
-        timer = timer or batcher._deadline_timer
-        assert batcher._deadline_timer is timer
+        timer = timer or batcher._deadlines._timer
+        assert batcher._deadlines._timer is timer
     assert len(batcher._deadlines) == 1 and all(not p.inputs for _, _, p in batcher._deadlines)
     # a request still running when its deadline passes is answered then (504), not when the model returns
     gate.open.clear()
@@ -275,7 +275,7 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher, IdleWait
     from inhouse.core.spec import ModelSpec
 
     gate = Gate()
@@ -284,7 +284,8 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     load = _Load()
     model = GateModel(gate)
     model.inline_safe = True  # type: ignore[attr-defined]  # only models cheap enough for the loop wait
-    batcher = DynamicBatcher(model, spec, load=load)  # type: ignore[arg-type]
+    wait = IdleWait(load)
+    batcher = DynamicBatcher(model, spec, wait=wait)  # type: ignore[arg-type]
     x = np.zeros((1, 2), np.float32)
 
     async def seconds(i: int) -> float:
@@ -313,9 +314,9 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     assert len(gate.calls[-1]) == 5 and gate.executed_ids()[-5:] == [4, 5, 6, 7, 8]
     # ... and waiting paid, so the next lone request waits again (as the rule, not as a probe);
     # that one found no company, so the one after it runs at once
-    assert batcher._hold_pays
+    assert wait.pays
     assert await seconds(9) >= 0.19
-    assert not batcher._hold_pays
+    assert not wait.pays
     assert await seconds(10) < 0.1
     # a wait once begun runs to its end even when the loop stops being saturated meanwhile (a
     # request joining then would otherwise end it at once, and it would be judged as paying)
@@ -327,7 +328,7 @@ async def test_an_idle_model_waits_for_company_only_on_a_saturated_loop_and_whil
     assert (await batcher.submit({"x": x + 12}, None))["y"][0, 0] == 24
     assert time.monotonic() - t0 >= 0.19 and len(gate.calls[-1]) == 2
     await held
-    assert not batcher._hold_pays
+    assert not wait.pays
     await batcher.close()
 
 
@@ -338,7 +339,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gate_backend import Gate, GateModel
-    from inhouse.core.scheduler import DynamicBatcher
+    from inhouse.core.scheduling import DynamicBatcher, IdleWait
     from inhouse.core.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"name": "g", "backend": "gate",
@@ -346,7 +347,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
     load = _Load()
     load.busy = True
     # not inline-safe: its calls run on an instance thread, so an idle instance starts at once
-    batcher = DynamicBatcher(GateModel(Gate()), spec, load=load)  # type: ignore[arg-type]
+    batcher = DynamicBatcher(GateModel(Gate()), spec, wait=IdleWait(load))  # type: ignore[arg-type]
     x = np.zeros((1, 2), np.float32)
     for i in range(3):
         t0 = time.monotonic()
@@ -358,7 +359,7 @@ async def test_a_model_computing_on_a_thread_never_waits_for_company_when_idle()
 def test_loop_load_is_the_loop_threads_busy_share_over_a_window() -> None:
     import time
 
-    from inhouse.core.scheduler import LoopLoad
+    from inhouse.core.scheduling import LoopLoad
 
     clock = {"cpu": 0.0, "wall": 0.0}
     load = LoopLoad(busy=lambda: clock["cpu"], wall=lambda: clock["wall"], window_s=0.005)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import run_server
 from inhouse.cli import app
 from inhouse.client import InhouseClient
-from inhouse.core.batching import Pending, TensorLayout
+from inhouse.core.scheduling.batching import Pending, TensorLayout
 from inhouse.core.spec import load_spec_file
 from inhouse.errors import ConversionError
 from inhouse.tools.convert import ConvertOptions, convert

@@ -14,7 +14,7 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InvalidRequestError, ModelNotFoundError
 from inhouse.llm.service import LLMService
 from inhouse.protocols import anthropic, kserve_rest, openai
-from inhouse.protocols.errors import error_renderer
+from inhouse.protocols.errors import ErrorResponses, error_renderer
 from inhouse.settings import ServerSettings
 
 
@@ -42,8 +42,10 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
     app.include_router(build_metrics_router())
 
 
+    # Routes raise; these render, in the format error_renderer picks for the path.
     async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
+        if not isinstance(exc, StarletteHTTPException):
+            raise TypeError(f"http_error got {type(exc).__name__}") from exc
         render = error_renderer(request.url.path)
         if exc.status_code == 404:
             return render(ModelNotFoundError(f"No route for {request.method} {request.url.path}."))
@@ -62,7 +64,8 @@ def build_app(dataplane: DataPlane, settings: ServerSettings) -> FastAPI:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unhandled)
+    app.add_exception_handler(Exception, unhandled)  # the last resort: what a middleware itself raises
+    app.add_middleware(ErrorResponses)  # added first, so innermost: every route's InhouseError and the rest
     if settings.gzip_min_bytes > 0:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
     # v2 infer, the hot path, is answered before this app by protocols/infer_entry.py (the server

@@ -24,7 +24,7 @@ from inhouse.core.datatypes import numpy_dtype
 from inhouse.core.memory import pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository
-from inhouse.core.scheduler import DynamicBatcher, Scheduler
+from inhouse.core.scheduling import DynamicBatcher, Scheduler
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InhouseError, ModelLoadError, ModelNotFoundError, ModelNotReadyError, ModelSpecError
 

@@ -31,7 +31,7 @@ from inhouse.llm.requests import ChatRequest, JsonFormat
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams
 from inhouse.protocols import openai
-from inhouse.protocols.errors import anthropic_error_body, anthropic_error_response, as_inhouse_error
+from inhouse.protocols.errors import anthropic_error_body, as_inhouse_error
 from inhouse.protocols.llm_http import (
     LenientModel,
     first_and_rest,
@@ -253,17 +253,14 @@ class AnthropicRoutes:
 
     @guarded(Guard("messages", "infer", model="model", texts=TEXTS))
     async def messages(self, request: Request) -> Response:
-        try:
-            body = await parse_json_model(request, MessagesBody, self.limit)
-            req = messages_request(body)
-            mid = "msg_" + uuid.uuid4().hex[:24]
-            events = self.service.chat(req)
-            if body.stream:
-                _, stream = await first_and_rest(events)
-                return sse_response(self._stream(stream, mid, body.model))
-            collected = await until_disconnected(request, _collect(events))
-        except Exception as exc:
-            return anthropic_error_response(exc)
+        body = await parse_json_model(request, MessagesBody, self.limit)
+        req = messages_request(body)
+        mid = "msg_" + uuid.uuid4().hex[:24]
+        events = self.service.chat(req)
+        if body.stream:
+            _, stream = await first_and_rest(events)
+            return sse_response(self._stream(stream, mid, body.model))
+        collected = await until_disconnected(request, _collect(events))
         done = aggregate(collected, 1)
         c = done.choices[0]
         content: list[dict[str, Any]] = []
@@ -321,14 +318,11 @@ class AnthropicRoutes:
 
     @guarded(Guard("messages.count_tokens", "infer", model="model", texts=TEXTS))
     async def count_tokens(self, request: Request) -> Response:
-        try:
-            body = await parse_json_model(request, CountTokensBody, self.limit)
-            req = ChatRequest(model=body.model,
-                              messages=normalize_messages(to_openai_messages(body.system, body.messages), body.model),
-                              tools=_tools(body.tools), template_kwargs=_template_kwargs(body.thinking))
-            n = await self.service.count_tokens(req)
-        except Exception as exc:
-            return anthropic_error_response(exc)
+        body = await parse_json_model(request, CountTokensBody, self.limit)
+        req = ChatRequest(model=body.model,
+                          messages=normalize_messages(to_openai_messages(body.system, body.messages), body.model),
+                          tools=_tools(body.tools), template_kwargs=_template_kwargs(body.thinking))
+        n = await self.service.count_tokens(req)
         return json_response({"input_tokens": n})
 
 

@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inhouse.core.dataplane import DataPlane
-from inhouse.errors import InhouseError
+from inhouse.errors import InhouseError, ModelNotFoundError
+from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.kserve_grpc import SERVICE_NAME
 from inhouse.security.pipeline import Guard
 
@@ -54,8 +55,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # u
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         status = self.status(request.service)
         if status == _UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"Unknown service '{request.service}': not a model in the repository.")
+            await grpc_abort(context, ModelNotFoundError(
+                f"Unknown service '{request.service}': not a model in the repository."))
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

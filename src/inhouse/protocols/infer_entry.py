@@ -34,7 +34,7 @@ from inhouse.errors import InhouseError
 from inhouse.observability.access import HttpMetrics, log_access
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.tracing import Tracer
-from inhouse.protocols.errors import as_inhouse_error, v2_error_response
+from inhouse.protocols.errors import as_inhouse_error, v2_error_parts
 from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, header_text, receive_body
 from inhouse.protocols.kserve_rest import (
     INFER_GUARD,
@@ -64,8 +64,7 @@ class Reply(NamedTuple):
 
 def error_reply(exc: BaseException) -> Reply:
     """The v2 error answer for any exception (an unexpected one becomes a logged 9000)."""
-    resp = v2_error_response(exc)
-    return Reply(resp.status_code, list(resp.raw_headers), bytes(resp.body))
+    return Reply(*v2_error_parts(exc))
 
 
 class InferEntry:

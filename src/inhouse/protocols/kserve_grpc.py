@@ -17,11 +17,11 @@ from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.llm.service import LLMService
-from inhouse.protocols.errors import as_inhouse_error, grpc_error
+from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.http_body import json_object
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
-from inhouse.protocols.v2_generate import generation_stream, is_generation_request
+from inhouse.protocols.v2_generate import generation_stream, is_generation_request, stream_error
 from inhouse.protocols.v2_grpc import parameters_dict, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import Exchange, Guard, Texts
 from inhouse.security.policy import tool_names
@@ -32,18 +32,13 @@ _Resp = TypeVar("_Resp")
 _Handler = Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    code, details, metadata = grpc_error(exc)
-    await context.abort(code, details, trailing_metadata=metadata)
-
-
 def _unary(fn: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
         try:
             return await fn(self, request, context)
         except Exception as exc:
-            await abort(context, exc)
+            await grpc_abort(context, exc)
             raise  # unreachable: abort raises
     return wrapper
 
@@ -283,11 +278,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 resp = await self._dp.infer(req)
                 out = pb.ModelStreamInferResponse(infer_response=render_infer_response(resp, req))
             except Exception as exc:
-                out = pb.ModelStreamInferResponse(
-                    error_message=str(as_inhouse_error(exc)),
-                    infer_response=pb.ModelInferResponse(model_name=msg.model_name,
-                                                         model_version=msg.model_version, id=msg.id),
-                )
+                out = stream_error(msg, exc)
             results.put_nowait((out, True))
 
         async def read() -> None:
@@ -311,7 +302,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     window.release()  # only once sent: a client that stops reading stops being read
             await reader
         except Exception as exc:
-            await abort(context, exc)
+            await grpc_abort(context, exc)
         finally:
             reader.cancel()
             for task in list(pending):

@@ -13,7 +13,6 @@ from inhouse.core.dataplane import DataPlane, parse_version
 from inhouse.core.manager import IndexEntry
 from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
-from inhouse.protocols.errors import v2_error_response
 from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
@@ -100,18 +99,15 @@ async def infer_response(dataplane: DataPlane, request: Request, model: str, ver
     answers these routes in ``protocols/infer_entry.py`` before the framework sees them; this
     route serves the app when it is mounted on its own, and documents the API."""
     try:
-        try:
-            body = await read_body(request, max_request_bytes)
-        except Exception as exc:
-            dataplane.infer_rejected(model, exc)
-            raise
-        req = infer_request(dataplane, body, request.headers.get(HEADER_LENGTH),
-                            request.headers.get(PRIORITY_HEADER), model, version)
-        resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
-        content, headers = render_infer_response(resp, req)
-        return Response(content, headers=headers)
+        body = await read_body(request, max_request_bytes)
     except Exception as exc:
-        return v2_error_response(exc)
+        dataplane.infer_rejected(model, exc)
+        raise
+    req = infer_request(dataplane, body, request.headers.get(HEADER_LENGTH), request.headers.get(PRIORITY_HEADER),
+                        model, version)
+    resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
+    content, headers = render_infer_response(resp, req)
+    return Response(content, headers=headers)
 
 
 PRIORITY_HEADER = "inhouse-priority"
@@ -192,41 +188,29 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     @router.get("/v2/models/{model}/versions/{version}/stats", summary="Inference statistics of a model version")
     @guarded(Guard("model.stats", "infer", model="path", every_model=True))
     async def model_statistics(model: str = "", version: str | None = None) -> Response:
-        try:
-            return _json({"model_stats": dataplane.model_statistics(model, parse_version(version))})
-        except Exception as exc:
-            return v2_error_response(exc)
+        return _json({"model_stats": dataplane.model_statistics(model, parse_version(version))})
 
     @router.get("/v2/models/{model}", summary="Model metadata")
     @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
     @guarded(_METADATA)
     async def model_metadata(model: str, version: str | None = None) -> Response:
-        try:
-            return _json(dataplane.model_metadata(model, parse_version(version)))
-        except Exception as exc:
-            return v2_error_response(exc)
+        return _json(dataplane.model_metadata(model, parse_version(version)))
 
     @router.get("/v2/models/{model}/ready", summary="Model readiness")
     @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
     @guarded(_READY)
     async def model_ready(model: str, version: str | None = None) -> Response:
-        try:
-            v = parse_version(version)
-            ready = dataplane.model_ready(model, v)
-            if not ready:
-                dataplane.manager.repository.model_dir(model)  # unknown → 404
-            return _json({"name": model, "ready": ready}, 200 if ready else 503)
-        except Exception as exc:
-            return v2_error_response(exc)
+        v = parse_version(version)
+        ready = dataplane.model_ready(model, v)
+        if not ready:
+            dataplane.manager.repository.model_dir(model)  # unknown → 404
+        return _json({"name": model, "ready": ready}, 200 if ready else 503)
 
     @router.get("/v2/models/{model}/config", summary="Effective model spec")
     @router.get("/v2/models/{model}/versions/{version}/config", summary="Effective model spec of a version")
     @guarded(_CONFIG)
     async def model_config(model: str, version: str | None = None) -> Response:
-        try:
-            return _json(dataplane.model_config(model, parse_version(version)))
-        except Exception as exc:
-            return v2_error_response(exc)
+        return _json(dataplane.model_config(model, parse_version(version)))
 
     @router.post(INFER_PATH, summary="Inference", openapi_extra=_INFER_DOC)
     @router.post(INFER_VERSION_PATH, summary="Inference on a version",
@@ -238,47 +222,38 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     @router.post("/v2/repository/index", summary="Repository index")
     @guarded(Guard("repository.index", "admin"))
     async def repository_index(request: Request) -> Response:
-        try:
-            doc = await optional_json(request)
-            ready_only = bool(doc.get("ready", False))
-            return _json([_index_doc(e) for e in dataplane.repository_index(ready_only)])
-        except Exception as exc:
-            return v2_error_response(exc)
+        doc = await optional_json(request)
+        ready_only = bool(doc.get("ready", False))
+        return _json([_index_doc(e) for e in dataplane.repository_index(ready_only)])
 
     @router.post("/v2/repository/models/{model}/load", summary="Load or reload a model", openapi_extra=_LOAD_DOC)
     @guarded(Guard("repository.load", "admin", model="path"))
     async def repository_load(request: Request, model: str) -> Response:
-        try:
-            doc = await optional_json(request)
-            params = doc.get("parameters") or {}
-            if not isinstance(params, dict):
-                raise InvalidRequestError("'parameters' must be a JSON object.")
-            overrides = None
-            if "config" in params:
-                raw = params["config"]
-                if isinstance(raw, str | bytes):
-                    overrides = json_object(raw, "parameters.config")
-                elif isinstance(raw, dict):
-                    overrides = raw
-                else:
-                    raise InvalidRequestError("parameters.config must be a JSON object.")
-            unknown = [k for k in params if k != "config"]
-            if unknown:
-                raise InvalidRequestError(f"Unsupported load parameter(s) {unknown}; only 'config' is accepted.")
-            versions = await dataplane.load_model(model, overrides)
-            return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "READY"})
-        except Exception as exc:
-            return v2_error_response(exc)
+        doc = await optional_json(request)
+        params = doc.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidRequestError("'parameters' must be a JSON object.")
+        overrides = None
+        if "config" in params:
+            raw = params["config"]
+            if isinstance(raw, str | bytes):
+                overrides = json_object(raw, "parameters.config")
+            elif isinstance(raw, dict):
+                overrides = raw
+            else:
+                raise InvalidRequestError("parameters.config must be a JSON object.")
+        unknown = [k for k in params if k != "config"]
+        if unknown:
+            raise InvalidRequestError(f"Unsupported load parameter(s) {unknown}; only 'config' is accepted.")
+        versions = await dataplane.load_model(model, overrides)
+        return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "READY"})
 
     @router.post("/v2/repository/models/{model}/unload", summary="Unload a model")
     @guarded(Guard("repository.unload", "admin", model="path"))
     async def repository_unload(request: Request, model: str) -> Response:
-        try:
-            await optional_json(request)
-            versions = await dataplane.unload_model(model)
-            return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "UNLOADED"})
-        except Exception as exc:
-            return v2_error_response(exc)
+        await optional_json(request)
+        versions = await dataplane.unload_model(model)
+        return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "UNLOADED"})
 
     @router.get("/health", summary="Overall health, for humans and load balancers", tags=["health"])
     @guarded(_HEALTH)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
@@ -101,5 +101,3 @@ async def first_and_rest(gen: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
 
     return first, rest()
 
-
-ErrorRenderer = Callable[[BaseException], Response]

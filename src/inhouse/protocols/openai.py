@@ -16,7 +16,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.errors import InvalidRequestError
+from inhouse.errors import InvalidRequestError, ModelNotFoundError
 from inhouse.llm.chat import normalize_messages, normalize_tools
 from inhouse.llm.events import (
     ChoiceEnd,
@@ -32,7 +32,7 @@ from inhouse.llm.events import (
 from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams, TokenLogprob
-from inhouse.protocols.errors import as_inhouse_error, openai_error_body, openai_error_response
+from inhouse.protocols.errors import as_inhouse_error, openai_error_body
 from inhouse.protocols.llm_http import (
     LenientModel,
     first_and_rest,
@@ -339,18 +339,15 @@ class OpenAIRoutes:
     # ---- chat ----------------------------------------------------------------------------------
     @guarded(Guard("chat.completions", "infer", model="model", texts=TEXTS))
     async def chat(self, request: Request) -> Response:
-        try:
-            body = await parse_json_model(request, ChatCompletionBody, self.limit)
-            req = chat_request(body)
-            rid, created = f"chatcmpl-{req.request_id}", int(time.time())
-            events = self.service.chat(req)
-            if body.stream:
-                _, stream = await first_and_rest(events)
-                usage = _want_usage(body.stream_options, self.stream_usage_default)
-                return sse_response(self._chat_stream(stream, rid, created, body.model, req.n, usage))
-            collected = await until_disconnected(request, _collect(events))
-        except Exception as exc:
-            return openai_error_response(exc)
+        body = await parse_json_model(request, ChatCompletionBody, self.limit)
+        req = chat_request(body)
+        rid, created = f"chatcmpl-{req.request_id}", int(time.time())
+        events = self.service.chat(req)
+        if body.stream:
+            _, stream = await first_and_rest(events)
+            usage = _want_usage(body.stream_options, self.stream_usage_default)
+            return sse_response(self._chat_stream(stream, rid, created, body.model, req.n, usage))
+        collected = await until_disconnected(request, _collect(events))
         done = aggregate(collected, req.n)
         choices = []
         for c in done.choices:
@@ -406,18 +403,15 @@ class OpenAIRoutes:
     # ---- completions ---------------------------------------------------------------------------
     @guarded(Guard("completions", "infer", model="model", texts=TEXTS))
     async def completions(self, request: Request) -> Response:
-        try:
-            body = await parse_json_model(request, CompletionBody, self.limit)
-            req = completion_request(body)
-            rid, created = f"cmpl-{req.request_id}", int(time.time())
-            events = self.service.complete(req)
-            if body.stream:
-                _, stream = await first_and_rest(events)
-                usage = _want_usage(body.stream_options, self.stream_usage_default)
-                return sse_response(self._completion_stream(stream, rid, created, body.model, usage))
-            collected = await until_disconnected(request, _collect(events))
-        except Exception as exc:
-            return openai_error_response(exc)
+        body = await parse_json_model(request, CompletionBody, self.limit)
+        req = completion_request(body)
+        rid, created = f"cmpl-{req.request_id}", int(time.time())
+        events = self.service.complete(req)
+        if body.stream:
+            _, stream = await first_and_rest(events)
+            usage = _want_usage(body.stream_options, self.stream_usage_default)
+            return sse_response(self._completion_stream(stream, rid, created, body.model, usage))
+        collected = await until_disconnected(request, _collect(events))
         done = aggregate(collected, len(req.prompts) * req.n)
         choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c.logprobs),
                     "finish_reason": c.finish_reason} for c in done.choices]
@@ -449,26 +443,23 @@ class OpenAIRoutes:
     # ---- embeddings ----------------------------------------------------------------------------
     @guarded(Guard("embeddings", "infer", model="model", texts=TEXTS))
     async def embeddings(self, request: Request) -> Response:
-        try:
-            body = await parse_json_model(request, EmbeddingBody, self.limit)
-            inputs: list[str] | list[list[int]]
-            if isinstance(body.input, str):
-                inputs = [body.input]
-            elif body.input and all(isinstance(x, int) for x in body.input):
-                inputs = [[int(x) for x in body.input]]  # type: ignore[arg-type]  # checked: all ints
-            else:
-                inputs = cast(list[str] | list[list[int]], list(body.input))
-            vectors, tokens, _ = await until_disconnected(request, self.service.embed(body.model, inputs))
-            if body.dimensions is not None:
-                if body.dimensions > vectors.shape[1]:
-                    raise InvalidRequestError(
-                        f"dimensions {body.dimensions} is larger than the model's {vectors.shape[1]}.",
-                        details={"param": "dimensions"})
-                vectors = vectors[:, : body.dimensions]
-                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-                vectors = vectors / np.where(norms == 0, 1, norms)
-        except Exception as exc:
-            return openai_error_response(exc)
+        body = await parse_json_model(request, EmbeddingBody, self.limit)
+        inputs: list[str] | list[list[int]]
+        if isinstance(body.input, str):
+            inputs = [body.input]
+        elif body.input and all(isinstance(x, int) for x in body.input):
+            inputs = [[int(x) for x in body.input]]  # type: ignore[arg-type]  # checked: all ints
+        else:
+            inputs = cast(list[str] | list[list[int]], list(body.input))
+        vectors, tokens, _ = await until_disconnected(request, self.service.embed(body.model, inputs))
+        if body.dimensions is not None:
+            if body.dimensions > vectors.shape[1]:
+                raise InvalidRequestError(
+                    f"dimensions {body.dimensions} is larger than the model's {vectors.shape[1]}.",
+                    details={"param": "dimensions"})
+            vectors = vectors[:, : body.dimensions]
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.where(norms == 0, 1, norms)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         data = []
         for i, v in enumerate(vectors):
@@ -494,12 +485,10 @@ class OpenAIRoutes:
         for m in self.service.served_models():
             if m.id == wanted:
                 return json_response(self._model_doc(m))
-        from inhouse.errors import ModelNotFoundError
-
         names = ", ".join(m.id for m in self.service.served_models()) or "none"
-        return openai_error_response(ModelNotFoundError(
+        raise ModelNotFoundError(
             f"The model '{wanted}' does not exist on this server. Served models: {names}.",
-            details={"param": "model"}))
+            details={"param": "model"})
 
 
 async def _collect(events: AsyncIterator[Event]) -> list[Event]:

@@ -19,7 +19,7 @@ from inhouse.errors import InhouseError
 from inhouse.grpc_intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import as_inhouse_error as as_error
-from inhouse.protocols.errors import grpc_error
+from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.kserve_grpc import request_size
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.pipeline import Exchange, Guard, check_request, open_call
@@ -54,11 +54,6 @@ def peer_address(peer: str | None) -> str | None:
     if kind == "ipv6":
         return rest.rsplit(":", 1)[0].strip("[]").split("%")[0]
     return None
-
-
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    code, details, metadata = grpc_error(exc)
-    await context.abort(code, details, trailing_metadata=metadata)
 
 
 class _Rpc:
@@ -109,7 +104,7 @@ class _Rpc:
         except Exception as exc:
             err = as_error(exc)
             await self.gate.record(call, err.http_status, err.code, err.message)
-            await abort(context, err)
+            await grpc_abort(context, err)
         return call, exchange
 
     async def finish(self, call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
@@ -226,7 +221,7 @@ class SecurityInterceptor(CachedWrapInterceptor):
                         stream.render(item)
                         yield item
                 except InhouseError as exc:
-                    await abort(context, exc)
+                    await grpc_abort(context, exc)
 
             return stream_stream
 

@@ -97,6 +97,14 @@ def _response(req: InferRequest, name: str, text: str, params: dict[str, Any]) -
     return pb.ModelStreamInferResponse(infer_response=msg)
 
 
+def stream_error(msg: Any, exc: BaseException) -> Any:
+    """The in-band answer of a ModelStreamInfer request that failed: the stream goes on, so the
+    error is a response (``[code] message``) naming the request it answers, not a status."""
+    return pb.ModelStreamInferResponse(
+        error_message=str(as_inhouse_error(exc)),
+        infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id))
+
+
 async def generation_stream(llm: LLMService, msg: Any, timeout_s: float | None) -> AsyncIterator[tuple[Any, bool]]:
     """(response, is_final) pairs; a failure becomes a final response with ``error_message``."""
     try:
@@ -140,7 +148,4 @@ async def generation_stream(llm: LLMService, msg: Any, timeout_s: float | None) 
                     "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                     "cached_tokens": ev.cached_tokens}), True
     except Exception as exc:
-        yield pb.ModelStreamInferResponse(
-            error_message=str(as_inhouse_error(exc)),
-            infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version,
-                                                 id=msg.id)), True
+        yield stream_error(msg, exc), True

@@ -1,6 +1,8 @@
-"""How requests reach a loaded model: ``DynamicBatcher`` owns a model's priority queue, its
-clock, the requests' deadlines and N instance threads. Batch assembly itself lives in
-``batching.py``; this module is the concurrency around it.
+"""How requests reach a loaded model: ``DynamicBatcher`` admits them to a model's bounded
+priority queue (or answers 429 with Retry-After), runs its N instance threads and dispatches
+batches to them. The pieces it uses live beside it: batch assembly (``batching.py``), the
+deadline heap (``deadlines.py``), whether a batch runs on the loop (``placement.py``) and whether
+an idle model waits for company (``wait_policy.py``, injected).
 
 The hot path is: ``submit`` queues the request and asks for a dispatch at the end of the
 current event-loop iteration (so requests that arrive together leave together); a free
@@ -12,23 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import heapq
 import logging
 import math
-import os
 import queue
 import threading
 import time
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from inhouse.backends import LoadedModel
-from inhouse.core.batching import DONE, QUEUED, RUNNING, Batch, BatchQueue, Pending, TensorLayout
 from inhouse.core.recorders import NULL_SCHEDULER_RECORDER, SchedulerRecorder
+from inhouse.core.scheduling.batching import DONE, QUEUED, Batch, BatchQueue, Pending, TensorLayout
+from inhouse.core.scheduling.deadlines import Deadlines
+from inhouse.core.scheduling.placement import INLINE_BURST, runs_inline
+from inhouse.core.scheduling.wait_policy import IdleWait, WaitPolicy
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import (
     DatatypeError,
@@ -38,6 +40,7 @@ from inhouse.errors import (
     InputNameError,
     InvalidRequestError,
     ModelNotReadyError,
+    OutOfMemoryError,
     QueueFullError,
     ShapeError,
 )
@@ -45,84 +48,9 @@ from inhouse.errors import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+Result = dict[str, np.ndarray] | BaseException  # a request's outputs, or what it fails with
 _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
-# Calls this cheap (moving average) run on the event loop instead of an instance thread: a
-# thread hand-off and the wake-up back cost more than the model. At most a burst of them runs
-# before other work on the loop gets its turn.
-_INLINE_MAX_S = 250e-6
-_INLINE_BURST = 8
-# Waiting for company while nothing runs (see DynamicBatcher._seeking): only on an event loop
-# this busy (share of the last window it ran or waited for a CPU), and after a wait that found
-# none, not again for a back-off that doubles from the first value to the second.
-_SATURATED_SHARE = 0.85
-_LOAD_WINDOW_S = 0.02
-_PROBE_BACKOFF_S = (0.02, 1.0)
 _NO_INPUTS: dict[str, np.ndarray] = {}
-
-
-def runs_inline(cpu_s: float, rows_measured: float, rows: int) -> bool:
-    """Whether a batch of ``rows`` runs on the event loop, from the model's moving averages of
-    the *model call's* CPU time and of rows per call. Only the model call can run beside the
-    loop on an instance thread: joining inputs and splitting outputs are Python and hold the
-    interpreter lock wherever they run, and handing the batch to a thread and back costs more
-    than a cheap call (two wake-ups and lock hand-offs). CPU time of the calling thread decides:
-    preemption on a busy machine does not count, and neither does waiting for the lock after the
-    call, which a wall clock would add on a thread while the loop is busy. (Calls that wait on a
-    device are kept off the loop by the model itself: ``inline_safe`` is false for them.) A batch
-    larger than the measured ones is predicted to cost proportionally more (an upper bound: a
-    call's fixed cost does not grow with its rows), so a big batch of a model that is only cheap
-    for small ones still goes to an instance thread."""
-    scale = max(1.0, rows / max(1.0, rows_measured))
-    return cpu_s * scale < _INLINE_MAX_S
-
-
-def _thread_busy_clock() -> tuple[Callable[[], float], int | None]:
-    """A clock of the seconds the calling thread has been running *or runnable* (waiting for a
-    CPU): the first two fields of ``/proc/thread-self/schedstat`` on Linux, read with one
-    ``pread`` (about 1 µs); elsewhere, its CPU time. Counting the time spent runnable matters on
-    a machine whose cores are shared: a loop that always has work but is preempted (by the
-    model's threads, or a load generator) is as saturated as one that runs all the time.
-    Returns the clock and the file descriptor it reads, if any."""
-    try:
-        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return time.thread_time, None
-    try:
-        running, runnable = os.pread(fd, 128, 0).split()[:2]
-        int(running), int(runnable)
-    except (OSError, ValueError):
-        os.close(fd)
-        return time.thread_time, None
-
-    def busy() -> float:
-        running, runnable = os.pread(fd, 128, 0).split()[:2]
-        return (int(running) + int(runnable)) / 1e9
-
-    return busy, fd
-
-
-class LoopLoad:
-    """Whether the event loop thread is saturated: the share of wall time it spent running or
-    waiting for a CPU, sampled from the loop at most once per window (two clock reads a window,
-    not per request). Made on the loop: the default clock is the calling thread's."""
-
-    def __init__(self, busy: Callable[[], float] | None = None, wall: Callable[[], float] = time.perf_counter,
-                 window_s: float = _LOAD_WINDOW_S) -> None:
-        if busy is None:
-            busy, fd = _thread_busy_clock()
-            if fd is not None:
-                weakref.finalize(self, os.close, fd)
-        self._busy, self._wall, self._window = busy, wall, window_s
-        self._t0, self._b0 = wall(), busy()
-        self.share = 0.0
-
-    def saturated(self) -> bool:
-        t = self._wall()
-        if t - self._t0 >= self._window:
-            b = self._busy()
-            self.share = (b - self._b0) / (t - self._t0)
-            self._t0, self._b0 = t, b
-        return self.share >= _SATURATED_SHARE
 
 
 class Scheduler(Protocol):
@@ -180,10 +108,12 @@ class DynamicBatcher:
     """Per-model dynamic batcher with priorities, a bounded queue, deadlines and N instances.
 
     ``max_batch_size: 0`` turns batching off: every request is its own backend call, but the
-    queue, priorities, deadlines and instances work the same."""
+    queue, priorities, deadlines and instances work the same. ``wait`` decides whether the model
+    holds its queue for company while nothing of it runs; by default an ``IdleWait`` of its own
+    (the rule keeps state per model)."""
 
     def __init__(self, model: LoadedModel, spec: ModelSpec, *, clock: Clock = time.monotonic,
-                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER, load: LoopLoad | None = None) -> None:
+                 recorder: SchedulerRecorder = NULL_SCHEDULER_RECORDER, wait: WaitPolicy | None = None) -> None:
         self._model = model
         self._spec = spec
         self._name = spec.name
@@ -199,21 +129,11 @@ class DynamicBatcher:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        # deadlines of queued and running requests: one heap and one timer for the earliest,
-        # instead of a timer armed and cancelled per request; finished entries are dropped
-        # when they reach the top
-        self._deadlines: list[tuple[float, int, Pending]] = []
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._deadline_at = math.inf
+        self._deadlines = Deadlines(clock, self._expire)
         self._running = 0
-        # waiting for company while nothing runs (_seeking): the loop's load (made at the first
-        # flush, on the loop), whether the last waits paid, and when a wait may be tried again
-        self._load = load
-        self._hold_pays = False
-        self._hold_started: float | None = None
+        # whether a model with nothing running holds its queue for company (wait_policy.py)
+        self._wait_policy: WaitPolicy = wait if wait is not None else IdleWait()
         self._last_arrival = -math.inf
-        self._probe_at = -math.inf
-        self._backoff_s = _PROBE_BACKOFF_S[0]
         self._seq = 0
         self._closed = False
         self._ema_batch_s = 0.001  # wall time per call: queue-wait estimates (Retry-After)
@@ -221,6 +141,9 @@ class DynamicBatcher:
         self._ema_rows = 1.0
         # pure-Python backends may hold the GIL or block; only native engines run inline
         self._inline_ok = getattr(model, "inline_safe", False)
+        # whether a lone call is cheap enough for the loop (only such models wait for company when
+        # idle); not until calls are measured, kept with the averages in _finish
+        self._cheap = False
         self.stats = SchedulerStats()
         self._recorder = recorder
         self._record = recorder is not NULL_SCHEDULER_RECORDER
@@ -256,8 +179,7 @@ class DynamicBatcher:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
+        self._deadlines.close()
         for p in self._queue.drain():
             self._fail(p, ModelNotReadyError(f"Model '{self._name}' was unloaded before the request ran; retry."))
         for inst in self._instances:
@@ -301,15 +223,7 @@ class DynamicBatcher:
         p.seq = self._seq
         self._last_arrival = p.enqueued
         if p.deadline is not None:
-            heap = self._deadlines
-            # requests mostly finish in the order they came: drop the finished ones at the top
-            # as we go, so the heap holds about the live requests instead of every request of
-            # the last timeout (popping those in one go stalled the loop for milliseconds)
-            while heap and heap[0][2].state == DONE:
-                heapq.heappop(heap)
-            heapq.heappush(heap, (p.deadline, p.seq, p))
-            if p.deadline < self._deadline_at:
-                self._arm_deadline(loop, p.deadline)
+            self._deadlines.add(loop, p, p.deadline)
         if self._record:
             p.ctx = contextvars.copy_context()
         self._queue.push(p)
@@ -361,21 +275,22 @@ class DynamicBatcher:
     def _flush(self) -> None:
         self._flush_scheduled = False
         inline_runs = 0
+        wait = self._wait_policy
         while self._idle and not self._closed:
             now = self._clock()
-            # a wait once begun runs to its end (delay, size or priority), so that it can be judged
-            seeking = self._running == 0 and (self._hold_started is not None or self._seeking(now))
+            seeking = self._running == 0 and wait.holds(now, self._cheap)
             nxt = self._queue.next_batch(now, hold=self._running > 0 or seeking)
             if nxt is None:
-                self._hold_started = None
+                if wait.started is not None:
+                    wait.abandon()
                 return
             if isinstance(nxt, float):
-                if seeking and self._hold_started is None:
-                    self._hold_started = now
+                if seeking:
+                    wait.begin(now)
                 self._arm(nxt - now)
                 return
-            if self._hold_started is not None:
-                self._judge_hold(now)
+            if wait.started is not None:
+                wait.judge(now, self._last_arrival)
             for p in nxt.expired:
                 self._expire(p)
             if not nxt.requests:
@@ -388,7 +303,7 @@ class DynamicBatcher:
                 self._finish(nxt, results, elapsed, cpu)
                 self.stats.inline_batches += 1
                 inline_runs += 1
-                if inline_runs >= _INLINE_BURST and len(self._queue):
+                if inline_runs >= INLINE_BURST and len(self._queue):
                     self._flush_scheduled = True  # let the loop breathe between bursts
                     if self._loop is not None:
                         self._loop.call_soon(self._flush)
@@ -398,40 +313,6 @@ class DynamicBatcher:
             inst.busy = True
             self._running += 1
             inst.send(nxt)
-
-    def _seeking(self, now: float) -> bool:
-        """Whether a model with nothing running holds its queue for company (up to the queue
-        delay) instead of running what is there at once.
-
-        An idle model runs a lone request at once, so that it does not sit out the queue delay.
-        Under load that is right while requests come in bursts (REST: uvloop reads many sockets
-        in one turn, and they batch), but grpc.aio hands the loop one RPC per turn, so each
-        would run alone and pay a model call and its hand-offs. Waiting pays only when the loop
-        is saturated (the requests are waiting in the sockets anyway) and more keep coming than
-        one call holds: with few clients, all of them are soon in the held batch and the rest of
-        the wait is lost. So: only on a saturated loop; a wait that found company until near its
-        end keeps waiting on; one that did not stops it, and a wait is tried again after a
-        back-off (20 ms doubling to 1 s). Only for models whose calls are cheap enough to run on
-        the event loop (the per-call cost is what batching saves): a model computing on an
-        instance thread is compute-bound, and an idle instance had better start at once."""
-        if not (self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)):
-            return False  # a model that computes on a thread: an idle instance starts at once
-        if self._load is None:
-            self._load = LoopLoad()
-        if not self._load.saturated():
-            return False
-        return self._hold_pays or now >= self._probe_at
-
-    def _judge_hold(self, now: float) -> None:
-        """A held batch leaves: did requests keep coming until near the end of the wait?"""
-        started, self._hold_started = self._hold_started, None
-        assert started is not None
-        if self._last_arrival >= started + 0.75 * (now - started):
-            self._hold_pays, self._backoff_s = True, _PROBE_BACKOFF_S[0]
-        else:
-            self._hold_pays = False
-            self._probe_at = now + self._backoff_s
-            self._backoff_s = min(2 * self._backoff_s, _PROBE_BACKOFF_S[1])
 
     def _record_queue(self, batch: Batch, now: float) -> None:
         observe = self._recorder.observe_queue
@@ -461,29 +342,6 @@ class DynamicBatcher:
         self._timer_at = math.inf
         self._flush()
 
-    def _arm_deadline(self, loop: asyncio.AbstractEventLoop, deadline: float, min_delay: float = 0.0) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        self._deadline_at = deadline
-        delay = max(min_delay, deadline - self._clock())
-        self._deadline_timer = loop.call_at(loop.time() + delay, self._on_deadline)
-
-    def _on_deadline(self) -> None:
-        """Expire every request whose deadline has passed; re-arm for the next one pending."""
-        self._deadline_timer = None
-        self._deadline_at = math.inf
-        heap = self._deadlines
-        now = self._clock()
-        while heap:
-            deadline, _, p = heap[0]
-            if p.state != DONE and deadline > now:
-                break
-            heapq.heappop(heap)
-            if p.state != DONE or (p.future is not None and not p.future.done()):
-                self._expire(p)
-        if heap and self._loop is not None and not self._closed:
-            self._arm_deadline(self._loop, heap[0][0], 1e-3)  # a clock that lags the loop's cannot spin it
-
     def _expire(self, p: Pending) -> None:
         """A deadline passed: a queued request is dropped (never runs); a running one is
         answered now and its result discarded when it arrives."""
@@ -502,73 +360,73 @@ class DynamicBatcher:
         if p.future is not None and not p.future.done():
             p.future.set_exception(err)
 
-    # ---- execution (instance threads) ------------------------------------------------------
+    # ---- the batch path (an instance thread, or the loop for cheap calls) ------------------
     def _execute(self, inst: _Instance, batch: Batch) -> None:
         results, elapsed, cpu = self._compute(batch)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._complete, inst, batch, results, elapsed, cpu)
 
-    def _compute(self, batch: Batch) -> tuple[list[dict[str, np.ndarray] | BaseException], float, float]:
+    def _compute(self, batch: Batch) -> tuple[Sequence[Result], float, float]:
         """Results per request, the wall time of the whole batch, and the CPU time of the model
-        call itself (the batch's wall time when the call failed)."""
-        start = time.perf_counter()
+        call itself (the batch's wall time when the call failed). The inputs were decoded and
+        checked against the model's tensors before they were queued."""
         requests = batch.requests
-        results: list[dict[str, np.ndarray] | BaseException]
+        start = time.perf_counter()
         cpu: float | None = None
+        results: Sequence[Result]
         try:
-            ok, cpu = self._run_batch(requests)
-            results = list(ok)
-        except InhouseError as err:
-            if len(requests) > 1 and isinstance(err, _INPUT_ERRORS):
-                results = [self._run_alone(p) for p in requests]  # isolate the offending request
-            else:
-                results = [err] * len(requests)
-        except MemoryError:
-            from inhouse.errors import OutOfMemoryError
-
-            results = [OutOfMemoryError(f"Out of memory running model '{self._name}'; lower "
-                                        "batching.max_batch_size or send smaller requests.")] * len(requests)
+            feed, lengths = self._layout.join(requests)  # batch: concatenate, padding where declared
+            called = time.thread_time()  # CPU time is not inflated when the machine preempts us
+            out = self._model.predict(feed, requests[0].outputs)
+            cpu = time.thread_time() - called
+            # unbatch; split checks the count: one output row per input row
+            results = self._layout.split(requests, out, lengths)
         except Exception as exc:
-            log.exception("model call failed", extra={"model": self._name})
-            results = [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
+            results = self._failed(requests, exc)
         elapsed = time.perf_counter() - start
         return results, elapsed, cpu if cpu is not None else elapsed
 
-    def _run_batch(self, requests: list[Pending]) -> tuple[list[dict[str, np.ndarray]], float]:
-        feed, lengths = self._layout.join(requests)
-        # thread CPU time is not inflated when the machine preempts us, unlike wall time
-        start = time.thread_time()
-        out = self._model.predict(feed, requests[0].outputs)
-        cpu = time.thread_time() - start
-        return self._layout.split(requests, out, lengths), cpu
+    def _failed(self, requests: list[Pending], exc: Exception) -> list[Result]:
+        """What each request of a failed batch gets: a bad input among several is isolated by
+        running each request alone; an unexpected error is logged and answered without its text."""
+        if isinstance(exc, InhouseError):
+            if len(requests) > 1 and isinstance(exc, _INPUT_ERRORS):
+                return [self._run_alone(p) for p in requests]
+            return [exc] * len(requests)
+        if isinstance(exc, MemoryError):
+            return [OutOfMemoryError(f"Out of memory running model '{self._name}'; lower "
+                                     "batching.max_batch_size or send smaller requests.")] * len(requests)
+        log.error("model call failed", exc_info=exc, extra={"model": self._name})
+        return [InferenceError(f"Model '{self._name}' failed: {type(exc).__name__}.")] * len(requests)
 
-    def _run_alone(self, p: Pending) -> dict[str, np.ndarray] | BaseException:
+    def _run_alone(self, p: Pending) -> Result:
         try:
             return self._model.predict(p.inputs, p.outputs)
         except BaseException as err:
             return err if isinstance(err, InhouseError) else InferenceError(
                 f"Model '{self._name}' failed: {type(err).__name__}.")
 
-    def _complete(self, inst: _Instance, batch: Batch, results: list[dict[str, np.ndarray] | BaseException],
-                  elapsed: float, cpu: float) -> None:
+    # ---- after a batch (event loop): measure, record, answer --------------------------------
+    def _complete(self, inst: _Instance, batch: Batch, results: Sequence[Result], elapsed: float,
+                  cpu: float) -> None:
         inst.busy = False
         self._idle.append(inst)
         self._running -= 1
         self._finish(batch, results, elapsed, cpu)
         self._flush()
 
-    def _finish(self, batch: Batch, results: list[dict[str, np.ndarray] | BaseException], elapsed: float,
-                cpu: float) -> None:
+    def _finish(self, batch: Batch, results: Sequence[Result], elapsed: float, cpu: float) -> None:
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         self._ema_cpu_s = 0.8 * self._ema_cpu_s + 0.2 * cpu
+        self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
+        self._cheap = self._inline_ok and runs_inline(self._ema_cpu_s, self._ema_rows, 1)
         if self._record:  # once per backend call, in the context of the batch's first request
             first = batch.requests[0].ctx if batch.requests else None
             if first is not None:
                 first.run(self._recorder.observe_compute, elapsed, len(batch.requests))
             else:
                 self._recorder.observe_compute(elapsed, len(batch.requests))
-        self._ema_rows = 0.8 * self._ema_rows + 0.2 * batch.rows
         st = self.stats
         st.batches += 1
         st.batched_rows += batch.rows
@@ -587,4 +445,4 @@ class DynamicBatcher:
                 fut.set_result(res)
 
 
-__all__ = ["DONE", "QUEUED", "RUNNING", "DynamicBatcher", "LoopLoad", "Scheduler", "SchedulerStats", "runs_inline"]
+__all__ = ["DynamicBatcher", "Scheduler", "SchedulerStats"]
