@@ -215,14 +215,37 @@ def test_keys_api(secured: tuple[RunningServer, dict[str, str]]) -> None:
 
 
 def test_route_classification_fails_closed() -> None:
-    from inhouse.protocols.security_http import classify
+    from fastapi import FastAPI
+
+    from inhouse.protocols import anthropic, kserve_rest, openai, security_rest
+    from inhouse.protocols.security_http import RouteGuards
+    from inhouse.security.pipeline import Guard, Texts, guarded
+
+    app = FastAPI()
+    for router in (kserve_rest.build_router(None, 1), openai.build_router(None, 1, False),  # type: ignore[arg-type]
+                   anthropic.build_router(None, 1), security_rest.build_router(None, 1)):  # type: ignore[arg-type]
+        app.include_router(router)
+    generate = Texts(request=lambda doc, fn: None)
+
+    @app.post("/v2/models/{model}/versions/{version}/generate_stream")
+    @guarded(Guard("generate_stream", "infer", model="path", texts=generate))
+    async def generate_stream(model: str, version: str) -> None:  # a route declared as an adapter would
+        return None
+
+    guards = RouteGuards()
+
+    def classify(method: str, path: str) -> Guard:
+        return guards.find({"type": "http", "method": method, "path": path, "root_path": "", "app": app})[0]
 
     assert classify("GET", "/v2/health/live").scope == "open"
     assert classify("GET", "/v2/health/live/").scope != "open"  # only the exact liveness paths are open
-    r = classify("POST", "/v2/models/m/versions/2/generate_stream")
-    assert (r.scope, r.model, r.version, r.kind) == ("infer", "m", "2", "v2gen")
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/versions/2/generate_stream", "root_path": "",
+             "app": app}
+    r, params = guards.find(scope)
+    assert (r.scope, params["model"], params["version"], r.texts) == ("infer", "m", "2", generate)
     assert classify("POST", "/v2/repository/models/m/load").scope == "admin"
     assert classify("DELETE", "/v2/security/keys/x").action == "keys.revoke"
     assert classify("GET", "/v1/models/some/model").scope == "infer"
-    assert classify("POST", "/v1/something-new").scope == "infer"
+    assert classify("POST", "/v1/chat/completions").model == "model"  # named in the body
+    assert classify("POST", "/v1/something-new").scope == "admin"  # undeclared, even under /v1: admins only
     assert classify("GET", "/internal/debug").scope == "admin"  # unknown routes: admins only

@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from inhouse.protocols.security_grpc import SecurityInterceptor, classify_grpc, peer_address
+from inhouse.protocols.security_grpc import SecurityInterceptor, declared_rpcs, guard_for, peer_address
 from inhouse.security.audit import AuditLog
 from inhouse.security.gate import Call, SecurityGate
 from inhouse.security.keys import KeyStore
@@ -131,11 +131,18 @@ async def test_grpc_auth_matrix(grpc_target: tuple[str, dict[str, str], Path]) -
 
 
 def test_classify_and_peer() -> None:
+    rpcs = declared_rpcs()
+
+    def classify_grpc(method: str) -> tuple[str, str, str | None]:
+        guard = guard_for(method, rpcs)
+        return guard.action, guard.scope, guard.model
+
     assert classify_grpc(f"/{SVC}/ServerLive")[1] == "open"
     assert classify_grpc(f"/{SVC}/RepositoryModelUnload")[1] == "admin"
     assert classify_grpc(f"/{SVC}/ModelMetadata") == ("model.metadata", "infer", "name")
     assert classify_grpc("/grpc.health.v1.Health/Check")[1] == "open"
     assert classify_grpc("/grpc.reflection.v1alpha.ServerReflection/X")[1] == "any"
+    assert classify_grpc(f"/{SVC}/SomethingNew")[1] == "admin"  # undeclared in a declared service: fail closed
     assert peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"
     assert peer_address("ipv6:[::1]:5555") == "::1"
     assert peer_address("unix:/tmp/x") is None
@@ -302,17 +309,18 @@ def test_streamed_generation_pieces_are_restored() -> None:
     """Generated text arrives in pieces that cut placeholders apart; each request id is joined
     on its own, and the final response flushes what was held back."""
     from inhouse.core.spec import ModelSpec
+    from inhouse.protocols.kserve_grpc import TEXTS
     from inhouse.protocols.proto import grpc_service_pb2 as pb
-    from inhouse.protocols.security_grpc import PiiExchange
+    from inhouse.security.pipeline import Exchange
 
     spec = ModelSpec.model_validate({"name": "chat", "backend": "transformers", "task": "chat",
                                      "pii": {"inputs": True, "outputs": "restore"}})
-    exchange = PiiExchange(lambda model: spec if model == "chat" else None)
+    exchange = Exchange(lambda model: spec if model == "chat" else None, TEXTS)
     for rid, text in (("a", b"call 13800138000"), ("b", b"\xff\xfe not utf-8, mail a@b.io")):
         req = pb.ModelInferRequest(model_name="chat", id=rid, inputs=[pb.ModelInferRequest.InferInputTensor(
             name="text_input", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(
                 bytes_contents=[text]))])
-        exchange.redact_request(Call(transport="grpc", action="infer.stream", scope="infer"), req)
+        exchange.redact_request(Call(transport="grpc", action="infer.stream", scope="infer"), req, "chat")
         assert req.inputs[0].contents.bytes_contents[0] in (b"call [PHONE_1]", b"\xff\xfe not utf-8, mail [EMAIL_1]")
 
     def piece(rid: str, text: str, final: bool) -> str:

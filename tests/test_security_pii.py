@@ -161,14 +161,15 @@ def test_logs_are_redacted() -> None:
 def test_streamed_placeholders_are_restored_across_deltas() -> None:
     import json
 
-    from inhouse.protocols.security_http import SseTexts
+    from inhouse.protocols import anthropic, openai
+    from inhouse.security.pipeline import SseStream
 
     vault = Vault()
     red = Redactor().redact("call 13800138000 or mail a@b.io", vault)
     assert red == "call [PHONE_1] or mail [EMAIL_1]"
     # the model streams its answer in small pieces that cut the placeholders apart
     pieces = ["Sure: ", "[PH", "ONE", "_1", "] and [", "EMAIL_1]", "."]
-    stream = SseTexts(vault.restore)
+    stream = SseStream(vault.restore, openai.stream_texts)
     out = []
     for i, piece in enumerate(pieces):
         chunk = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
@@ -179,7 +180,7 @@ def test_streamed_placeholders_are_restored_across_deltas() -> None:
                 out.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
     assert "".join(out) == "Sure: 13800138000 and a@b.io."
     # Anthropic: text held at the end of a block is flushed in an extra delta before the block stops
-    stream = SseTexts(vault.restore)
+    stream = SseStream(vault.restore, anthropic.stream_texts)
     first = stream.transform(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
                              b'"delta":{"type":"text_delta","text":"x [EMAIL"}}\n\n')
     last = stream.transform(b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n')

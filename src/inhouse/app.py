@@ -18,7 +18,7 @@ from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
 from inhouse.protocols import anthropic, kserve_rest, openai, security_rest
 from inhouse.protocols.errors import ErrorResponses, error_renderer
-from inhouse.protocols.security_http import SecurityMiddleware
+from inhouse.protocols.security_http import SecurityMiddleware, guard_docs
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import ServerSettings
 
@@ -76,4 +76,5 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
         app.add_middleware(ObservabilityMiddleware, http_metrics=observability.http_metrics,
                            tracer=observability.tracer, access_log_enabled=observability.access_log,
                            log_client_address=observability.log_client_address)
+    guard_docs(app)
     return app

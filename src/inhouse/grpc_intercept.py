@@ -4,15 +4,52 @@ more than the checks they run). Subclasses say how to wrap in ``_wrap``.
 
 The same wrappers can be applied when the services register instead of on each call
 (:class:`WrappingRegistrar`): the gRPC front end does that, so no interceptor pipeline (one
-coroutine per interceptor and a handler lookup per RPC) runs on the hot path at all."""
+coroutine per interceptor and a handler lookup per RPC) runs on the hot path at all.
+
+The four kinds of RPC are told apart here, once: an interceptor writes one wrapper for the
+RPCs that answer with one message (``_unary``: unary-unary, stream-unary) and one for those
+that stream their answers (``_streaming``: unary-stream, stream-stream); the :class:`RpcKind`
+it gets says whether the request is one message or a stream of them."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 import grpc.aio
+
+
+class RpcKind(NamedTuple):
+    label: str  # the ``grpc_type`` label of the grpc_server_* metrics
+    client_streaming: bool
+
+
+UNARY = RpcKind("unary", False)
+SERVER_STREAM = RpcKind("server_stream", False)
+CLIENT_STREAM = RpcKind("client_stream", True)
+BIDI_STREAM = RpcKind("bidi_stream", True)
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+"""A handler answering one message; its first argument is the request, or the request stream."""
+Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+"""A handler streaming its answers."""
+
+
+def rewrap(handler: grpc.RpcMethodHandler, unary: Callable[[Unary, RpcKind], Unary],
+           streaming: Callable[[Streaming, RpcKind], Streaming]) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped by ``unary`` or ``streaming``, by its kind."""
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, UNARY), **codec)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream, SERVER_STREAM), **codec)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, CLIENT_STREAM), **codec)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream, BIDI_STREAM), **codec)
+    return handler
 
 
 class CachedWrapInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
@@ -39,6 +76,13 @@ class CachedWrapInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return rewrap(handler, lambda behavior, kind: self._unary(behavior, method, kind),
+                      lambda behavior, kind: self._streaming(behavior, method, kind))
+
+    def _unary(self, behavior: Unary, method: str, kind: RpcKind) -> Unary:
+        raise NotImplementedError
+
+    def _streaming(self, behavior: Streaming, method: str, kind: RpcKind) -> Streaming:
         raise NotImplementedError
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from inhouse.errors import ConcurrencyLimitError
-from inhouse.grpc_intercept import CachedWrapInterceptor
+from inhouse.grpc_intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 from inhouse.protocols.errors import grpc_error
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -34,37 +34,23 @@ class ConcurrencyLimitInterceptor(CachedWrapInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if method.startswith(self._exempt):
             return handler
-        codec = {"request_deserializer": handler.request_deserializer,
-                 "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        return super()._wrap(handler, method)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._enter(context)
-                try:
-                    return await inner_uu(request, context)
-                finally:
-                    self.active -= 1
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
+    def _unary(self, behavior: Unary, method: str, kind: RpcKind) -> Unary:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._enter(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                self.active -= 1
+        return unary
 
-            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._enter(context)
-                try:
-                    return await inner_su(requests, context)
-                finally:
-                    self.active -= 1
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
-        inner_stream = handler.unary_stream or handler.stream_stream
-        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
-                else grpc.stream_stream_rpc_method_handler)
-
+    def _streaming(self, behavior: Streaming, method: str, kind: RpcKind) -> Streaming:
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self._enter(context)
             try:
-                async for item in inner_stream(request, context):
+                async for item in behavior(request, context):
                     yield item
             finally:
                 self.active -= 1
-        return make(streaming, **codec)
+        return streaming

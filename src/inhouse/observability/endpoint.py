@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.listen import ListenError
+from inhouse.security.pipeline import Guard, guarded
 
 
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
@@ -24,6 +25,7 @@ def build_metrics_router(registry: CollectorRegistry) -> APIRouter:
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", summary="Prometheus metrics")
+    @guarded(Guard("metrics", "metrics"))
     async def metrics(request: Request) -> Response:
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, media_type=None, headers={"Content-Type": content_type})

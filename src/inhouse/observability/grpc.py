@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from inhouse.grpc_intercept import CachedWrapInterceptor
+from inhouse.grpc_intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.metrics import GrpcMetrics
 
@@ -48,20 +48,6 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
         self.metrics = metrics
         self._log = access_log_enabled
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        codec = {"request_deserializer": handler.request_deserializer,
-                 "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method, "unary"), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method, "server_stream"), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, "client_stream"), **codec)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method, "bidi_stream"), **codec)
-
     def _begin(self, started: Any, context: Any) -> RequestContext:
         started.inc()
         traceparent = request_id = None
@@ -89,9 +75,9 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
                     extra["code"] = ctx.code
                 access_log.log(level, "rpc", extra=extra)
 
-    def _unary(self, behavior: Any, method: str, kind: str) -> Any:
+    def _unary(self, behavior: Unary, method: str, kind: RpcKind) -> Unary:
         service, name = _split(method)
-        labels = (kind, service, name)
+        labels = (kind.label, service, name)
         # the series of this method, looked up once (grpc series are never removed)
         started, seconds_hist = self.metrics.started.labels(*labels), self.metrics.seconds.labels(*labels)
 
@@ -112,9 +98,9 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
 
         return wrapped
 
-    def _streaming(self, behavior: Any, method: str, kind: str) -> Any:
+    def _streaming(self, behavior: Streaming, method: str, kind: RpcKind) -> Streaming:
         service, name = _split(method)
-        labels = (kind, service, name)
+        labels = (kind.label, service, name)
 
         started, seconds_hist = self.metrics.started.labels(*labels), self.metrics.seconds.labels(*labels)
 

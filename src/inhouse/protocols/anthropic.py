@@ -30,6 +30,7 @@ from inhouse.llm.events import (
 from inhouse.llm.requests import ChatRequest, JsonFormat
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams
+from inhouse.protocols import openai
 from inhouse.protocols.errors import anthropic_error_body, as_inhouse_error
 from inhouse.protocols.llm_http import (
     LenientModel,
@@ -40,6 +41,8 @@ from inhouse.protocols.llm_http import (
     sse_response,
     until_disconnected,
 )
+from inhouse.security.pii import PieceTexts
+from inhouse.security.pipeline import Guard, Texts, guarded, map_all_texts
 
 
 class MessagesBody(LenientModel):
@@ -224,11 +227,31 @@ def _input(arguments: str) -> Any:
     return value if isinstance(value, dict) else {"value": value}
 
 
+# ---- what the security layer reads: request texts as OpenAI's, and streamed events --------
+def stream_texts(doc: Any, pieces: PieceTexts) -> list[Any]:
+    """One streamed event: a text delta goes through ``pieces`` per content block; text held
+    back at the end of a block is flushed in an extra delta before the block stops."""
+    if not isinstance(doc, dict):
+        return [doc]
+    kind, key, delta = doc.get("type"), f"a{doc.get('index', 0)}", doc.get("delta")
+    if kind == "content_block_delta" and isinstance(delta, dict) and isinstance(delta.get("text"), str):
+        delta["text"] = pieces.piece(key, delta["text"], False)
+    elif kind == "content_block_stop" and key in pieces.held:
+        flush = {"type": "content_block_delta", "index": doc.get("index", 0),
+                 "delta": {"type": "text_delta", "text": pieces.piece(key, "", True)}}
+        return [flush, map_all_texts(doc, pieces.fn)]
+    return [map_all_texts(doc, pieces.fn)]
+
+
+TEXTS = Texts(request=openai.map_request_texts, tools=openai.request_tools, stream=stream_texts)
+
+
 class AnthropicRoutes:
     def __init__(self, service: LLMService, max_request_bytes: int) -> None:
         self.service = service
         self.limit = max_request_bytes
 
+    @guarded(Guard("messages", "infer", model="model", texts=TEXTS))
     async def messages(self, request: Request) -> Response:
         body = await parse_json_model(request, MessagesBody, self.limit)
         req = messages_request(body)
@@ -293,6 +316,7 @@ class AnthropicRoutes:
         except Exception as exc:
             yield sse_event("error", anthropic_error_body(as_inhouse_error(exc)))
 
+    @guarded(Guard("messages.count_tokens", "infer", model="model", texts=TEXTS))
     async def count_tokens(self, request: Request) -> Response:
         body = await parse_json_model(request, CountTokensBody, self.limit)
         req = ChatRequest(model=body.model,

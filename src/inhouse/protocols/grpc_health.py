@@ -18,6 +18,11 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InhouseError, ModelNotFoundError
 from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.kserve_grpc import SERVICE_NAME
+from inhouse.security.pipeline import Guard
+
+RPC_GUARDS: dict[str, Guard] = {f"/grpc.health.v1.Health/{name}": Guard("health.live", "open")
+                                 for name in ("Check", "Watch")}
+"""Health checks are open: not checked, not audited (a load balancer has no key)."""
 
 _SERVING: int = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING

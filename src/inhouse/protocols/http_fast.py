@@ -14,9 +14,11 @@ unchanged, so routing, streaming and WebSockets are uvicorn's as before.
 Connection semantics follow uvicorn's: keep-alive and its timeout, ``Connection: close``,
 HTTP/1.0, pipelined requests answered in order, graceful shutdown (in-flight answers finish,
 then the connection closes), and a client that disconnects cancels its queued inference.
-``http_fast_path: false`` in the settings turns this off. The subclass relies on uvicorn's
-protocol internals (its parser callbacks, ``cycle``, ``pipeline``, ``flow``, keep-alive timer),
-so ``pyproject.toml`` pins uvicorn to the minor version ``tests/test_http_fast.py`` passes on."""
+``http_fast_path: false`` in the settings turns this off. This module is the only code that
+touches uvicorn's internals; the answer itself is :class:`~inhouse.protocols.infer_entry.InferEntry`'s.
+
+uvicorn pin: ``pyproject.toml`` allows only 0.54.x, because this subclass reads uvicorn's
+protocol internals (parser callbacks, ``cycle``, ``pipeline``, ``flow``, keep-alive timer)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,13 @@ and the access log run inline in one coroutine, in front of the web application.
 request goes to the application and its middleware stack (observability, security,
 compression, routing) unchanged.
 
-Nothing here is a second implementation: admission and audit are
-:class:`~inhouse.security.gate.SecurityGate`'s, body inspection is the security layer's
-(:func:`~inhouse.protocols.security_http.inspect_body`), metrics and log lines are the
+Nothing here is a second implementation: the caller record, admission, body inspection and
+the answer's texts are the security pipeline's, through the HTTP adapter's functions the
+middleware uses (:mod:`~inhouse.protocols.security_http`) and the route's own declaration
+(``kserve_rest.INFER_GUARD``); parsing, inference and rendering are
+:func:`~inhouse.protocols.kserve_rest.infer_request` and ``render_infer_response``, which the routed
+endpoint calls too;
+metrics and log lines are the
 observability layer's (:class:`~inhouse.observability.access.HttpMetrics`,
 :func:`~inhouse.observability.access.log_access`). What is gone is the per-request cost of
 five stacked middlewares (closures, wrapped ``send`` callables, copied messages and scopes);
@@ -33,22 +37,17 @@ from inhouse.observability.tracing import Tracer
 from inhouse.protocols.errors import as_inhouse_error, v2_error_parts
 from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, header_text, receive_body
 from inhouse.protocols.kserve_rest import (
+    INFER_GUARD,
     INFER_PATH,
     INFER_VERSION_PATH,
     PRIORITY_HEADER,
+    infer_request,
     infer_target,
-    parse_rest_infer,
 )
-from inhouse.protocols.security_http import (
-    Route,
-    TextFn,
-    body_needed,
-    credential,
-    inspect_body,
-    transform_json_body,
-)
+from inhouse.protocols.security_http import admit, inspect_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, render_infer_response
 from inhouse.security.gate import Call, SecurityGate
+from inhouse.security.pipeline import TextFn, open_call, rules_apply, transform_json_body
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +114,12 @@ class InferEntry:
         ctx = new_context(h.get(b"traceparent"), h.get(b"x-request-id"), time.time_ns())
         span = self._tracer.start_request(ctx, f"POST {path}") if self._tracer is not None else None
         token = activate(ctx)
-        route = Route("infer", "infer", model, version, "v2infer")
-        call = Call(transport="http", action="infer", scope="infer", model=model, version=version, peer=peer,
-                    forwarded_for=header_text(h.get(b"x-forwarded-for")),
-                    credential=credential(header_text(h.get(b"authorization")), header_text(h.get(b"x-api-key"))),
-                    request_id=ctx.request_id, trace_id=ctx.trace_id)
+        call = open_call("http", INFER_GUARD, model=model, version=version, peer=peer,
+                         forwarded_for=header_text(h.get(b"x-forwarded-for")),
+                         authorization=header_text(h.get(b"authorization")), api_key=header_text(h.get(b"x-api-key")),
+                         request_id=ctx.request_id, trace_id=ctx.trace_id)
         try:
-            status, headers, body = await self._respond(read_body, guard, h, ctx, call, route, model, version)
+            status, headers, body = await self._respond(read_body, guard, h, ctx, call, model, version)
         except BaseException:
             self._finish(path, peer, ctx, span, version, 500, start)
             raise
@@ -135,7 +133,7 @@ class InferEntry:
         return Reply(status, headers, body)
 
     async def _respond(self, read_body: BodyReader, guard: InferGuard[InferResponse], h: dict[bytes, bytes],
-                       ctx: RequestContext, call: Call, route: Route, model: str,
+                       ctx: RequestContext, call: Call, model: str,
                        version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Status, headers and body of the answer; the audit entry is committed before it."""
         gate = self._gate
@@ -143,13 +141,13 @@ class InferEntry:
         output_fn: TextFn | None = None
         try:
             if gate.active:  # keys, address rules, rate limits or the audit log are on
-                gate.admit(call)
+                admit(gate, INFER_GUARD, call)
             else:
                 call.recorded = True  # no audit log: nothing to record
-            needed, spec = body_needed(gate, route)
+            needed, spec = rules_apply(gate, INFER_GUARD, model)
             if needed:
                 body = await read_body()
-                body, output_fn = inspect_body(gate, call, route, spec, body, _HEADER_LENGTH in h)
+                body, output_fn = inspect_body(gate, call, INFER_GUARD, spec, body, _HEADER_LENGTH in h)
         except Exception as exc:  # refused by the security layer: never compressed
             err = as_inhouse_error(exc)
             await gate.record(call, err.http_status, err.code, err.message)
@@ -159,11 +157,11 @@ class InferEntry:
             try:
                 if body is None:
                     body = await read_body()
-                req = parse_rest_infer(body, header_text(h.get(_HEADER_LENGTH)), header_text(h.get(_PRIORITY)),
-                                       model, version)
             except Exception as exc:
                 dataplane.infer_rejected(model, exc)
                 raise
+            req = infer_request(dataplane, body, header_text(h.get(_HEADER_LENGTH)), header_text(h.get(_PRIORITY)),
+                                model, version)
             resp = await guard(dataplane.infer(req))
             content, extra = render_infer_response(resp, req)
         except Exception as exc:

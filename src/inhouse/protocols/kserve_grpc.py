@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,6 +23,8 @@ from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
 from inhouse.protocols.v2_generate import generation_stream, is_generation_request, stream_error
 from inhouse.protocols.v2_grpc import parameters_dict, parse_infer_request, render_infer_response
+from inhouse.security.pipeline import Exchange, Guard, Texts
+from inhouse.security.policy import tool_names
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 _Req = TypeVar("_Req")
@@ -44,6 +47,139 @@ def _index_entry(e: IndexEntry) -> Any:
     return pb.RepositoryIndexResponse.ModelIndex(
         name=e.name, version="" if e.version is None else str(e.version), state=str(e.state), reason=e.reason,
     )
+
+
+# ---- what the security layer reads: BYTES tensors of requests and answers, and each RPC's guard
+def _raw_elements(blob: bytes) -> list[bytes] | None:
+    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then the bytes),
+    or None when the blob is malformed (the request is then refused when it is parsed)."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            return None
+        n = int.from_bytes(blob[pos:pos + 4], "little")
+        if pos + 4 + n > len(blob):
+            return None
+        out.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def _raw_blob(elements: list[bytes]) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def _tensor_texts(request: Any, index: int) -> list[str]:
+    """The elements of one BYTES input of a ModelInferRequest, as text (typed contents or raw)."""
+    tensor = request.inputs[index]
+    if getattr(tensor, "datatype", "") != "BYTES":
+        return []
+    texts = [b.decode("utf-8", "replace") for b in tensor.contents.bytes_contents]
+    raw = getattr(request, "raw_input_contents", ())
+    if index < len(raw):
+        texts.extend(b.decode("utf-8", "replace") for b in _raw_elements(raw[index]) or ())
+    return texts
+
+
+def _bytes_texts(request: Any) -> list[str]:
+    return [t for i in range(len(getattr(request, "inputs", ()) or ())) for t in _tensor_texts(request, i)]
+
+
+def _element_fn(fn: Callable[[str], str]) -> Callable[[bytes], bytes]:
+    """A text rule applied to one BYTES element. Bytes that are not UTF-8 survive unchanged
+    (surrogate escapes), while the text around them is still inspected."""
+    def apply(b: bytes) -> bytes:
+        text = b.decode("utf-8", "surrogateescape")
+        out = fn(text)
+        return b if out == text else out.encode("utf-8", "surrogateescape")
+    return apply
+
+
+def map_bytes_tensors(tensors: Any, raw: Any, fn: Callable[[str, str], str]) -> None:
+    """Rewrite, in place, every element of the BYTES tensors of a ModelInferRequest (``inputs``
+    and ``raw_input_contents``) or ModelInferResponse (``outputs`` and ``raw_output_contents``)
+    with ``fn(tensor name, text)``."""
+    for i, tensor in enumerate(tensors):
+        if tensor.datatype != "BYTES":
+            continue
+        apply = _element_fn(functools.partial(fn, tensor.name))
+        values = tensor.contents.bytes_contents
+        if len(values):
+            new = [apply(b) for b in values]
+            del values[:]
+            values.extend(new)
+        if i < len(raw):
+            elements = _raw_elements(raw[i])
+            if elements:
+                raw[i] = _raw_blob([apply(e) for e in elements])
+
+
+def offered_tools(request: Any) -> list[str] | None:
+    """The tool names of a generation request's ``tools`` input (one BYTES element holding a
+    JSON array), if it has one. Anything else in ``tools`` is refused when the request is
+    parsed, before it reaches the model."""
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name == "tools":
+            texts = _tensor_texts(request, i)
+            try:
+                return tool_names(json.loads(texts[0])) if len(texts) == 1 else None
+            except ValueError:
+                return None
+    return None
+
+
+def map_request_texts(request: Any, fn: Callable[[str], str]) -> None:
+    """The texts of a ModelInferRequest: the elements of its BYTES inputs."""
+    map_bytes_tensors(request.inputs, request.raw_input_contents, lambda _name, text: fn(text))
+
+
+def answer_texts(response: Any, exchange: Exchange) -> None:
+    """A ModelInferResponse, or a ModelStreamInferResponse (one piece of a generation): its
+    BYTES outputs through the model's rules; streamed ``text_output`` pieces are joined where a
+    placeholder is split between them, per request id."""
+    stream = hasattr(response, "error_message")
+    msg = response.infer_response if stream else response
+    rules = exchange.rules(msg.model_name) if msg.model_name else None
+    if rules is None or not rules.changes_outputs:
+        return
+    if stream and response.error_message:
+        held = exchange.held(msg.model_name)
+        if held is not None:
+            held.drop(msg.id)
+        return
+    if "triton_final_response" not in msg.parameters:  # a whole answer, not a piece of one
+        map_bytes_tensors(msg.outputs, msg.raw_output_contents, lambda _name, text: rules.output(text))
+        return
+    pieces = exchange.pieces(msg.model_name, rules)
+    final = msg.parameters["triton_final_response"].bool_param
+    map_bytes_tensors(msg.outputs, msg.raw_output_contents, lambda name, text: pieces.piece(
+        msg.id, text, final) if name == "text_output" else rules.output(text))
+    if final:
+        pieces.drop(msg.id)
+
+
+def request_size(request: Any) -> int:
+    return int(request.ByteSize()) if hasattr(request, "ByteSize") else 0
+
+
+TEXTS = Texts(request=map_request_texts, tools=offered_tools, answer=answer_texts)
+_RPC = f"/{SERVICE_NAME}/"
+RPC_GUARDS: dict[str, Guard] = {
+    _RPC + "ServerLive": Guard("health.live", "open"),
+    _RPC + "ServerReady": Guard("health", "metrics"),
+    _RPC + "ServerMetadata": Guard("server.metadata", "infer"),
+    _RPC + "ModelReady": Guard("model.ready", "infer", model="name"),
+    _RPC + "ModelMetadata": Guard("model.metadata", "infer", model="name"),
+    _RPC + "ModelConfig": Guard("model.config", "infer", model="name"),
+    _RPC + "ModelStatistics": Guard("model.statistics", "infer", model="name", every_model=True),
+    _RPC + "ModelInfer": Guard("infer", "infer", model="model_name", texts=TEXTS),
+    _RPC + "ModelStreamInfer": Guard("infer.stream", "infer", model="model_name", texts=TEXTS),
+    _RPC + "RepositoryIndex": Guard("repository.index", "admin"),
+    _RPC + "RepositoryModelLoad": Guard("repository.load", "admin", model="model_name"),
+    _RPC + "RepositoryModelUnload": Guard("repository.unload", "admin", model="model_name"),
+}
+"""What each RPC of the service needs of the security layer (its scope, the request field
+naming the model, the texts its messages carry)."""
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

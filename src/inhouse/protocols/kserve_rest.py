@@ -16,6 +16,7 @@ from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
 from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
+from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
 
 _TENSOR_SCHEMA = {
     "type": "object",
@@ -80,6 +81,19 @@ def parse_rest_infer(body: bytes, header_length: str | None, priority: str | Non
     return req
 
 
+def infer_request(dataplane: DataPlane, body: bytes, header_length: str | None, priority: str | None, model: str,
+                  version: str | None) -> InferRequest:
+    """The one v2 REST infer request parser, whatever carried the request (the routed endpoint,
+    the ASGI entry, the HTTP fast path): a request refused here counts in the model's failure
+    statistics. The caller then awaits ``dataplane.infer`` and renders with
+    ``render_infer_response`` (no coroutine of its own: the fast path's cost is per call)."""
+    try:
+        return parse_rest_infer(body, header_length, priority, model, version)
+    except Exception as exc:
+        dataplane.infer_rejected(model, exc)
+        raise
+
+
 async def infer_response(dataplane: DataPlane, request: Request, model: str, version: str | None,
                          max_request_bytes: int) -> Response:
     """POST /v2/models/{model}[/versions/{version}]/infer through the web framework. A server
@@ -87,11 +101,11 @@ async def infer_response(dataplane: DataPlane, request: Request, model: str, ver
     route serves the app when it is mounted on its own, and documents the API."""
     try:
         body = await read_body(request, max_request_bytes)
-        req = parse_rest_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(PRIORITY_HEADER),
-                               model, version)
     except Exception as exc:
         dataplane.infer_rejected(model, exc)
         raise
+    req = infer_request(dataplane, body, request.headers.get(HEADER_LENGTH), request.headers.get(PRIORITY_HEADER),
+                        model, version)
     resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
     content, headers = render_infer_response(resp, req)
     return Response(content, headers=headers)
@@ -114,6 +128,37 @@ def infer_target(path: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _map_nested(value: Any, fn: TextFn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_nested(v, fn) for v in value]
+    return value
+
+
+def map_v2_texts(doc: Any, fn: TextFn) -> None:
+    """The texts of a v2 infer request: the elements of its BYTES input tensors."""
+    tensors = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(tensors, list):
+        return
+    for t in tensors:
+        if isinstance(t, dict) and t.get("datatype") == "BYTES" and "data" in t:
+            t["data"] = _map_nested(t["data"], fn)
+
+
+def cannot_hold_text(body: bytes) -> bool:
+    """Whether a v2 infer JSON body certainly has no BYTES tensor, so text rules find nothing in
+    it and it need not be parsed for them (the v2 parser reads it next): no ``BYTES`` in it, and
+    no escape at all (a ``\\u`` escape could spell one). Only BYTES tensors may carry text."""
+    return b"BYTES" not in body and b"\\" not in body  # one byte: a memchr, not a substring search
+
+
+V2_INFER_TEXTS = Texts(request=map_v2_texts, skip=cannot_hold_text)
+INFER_GUARD = Guard("infer", "infer", model="path", texts=V2_INFER_TEXTS)
+_METADATA, _READY, _CONFIG = (Guard(f"model.{what}", "infer", model="path") for what in ("metadata", "ready", "config"))
+_HEALTH = Guard("health", "metrics")
+
+
 def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     router = APIRouter(tags=["KServe v2"])
 
@@ -124,14 +169,17 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         return json_object(body)
 
     @router.get("/v2", summary="Server metadata")
+    @guarded(Guard("server.metadata", "infer"))
     async def server_metadata() -> Response:
         return _json(dataplane.server_metadata())
 
     @router.get("/v2/health/live", summary="Liveness")
+    @guarded(Guard("health.live", "open"))
     async def health_live() -> Response:
         return _json({"live": True})
 
     @router.get("/v2/health/ready", summary="Readiness")
+    @guarded(_HEALTH)
     async def health_ready() -> Response:
         ready = dataplane.ready()
         return _json({"ready": ready}, 200 if ready else 503)
@@ -139,16 +187,19 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
     @router.get("/v2/models/stats", summary="Inference statistics of every serving model")
     @router.get("/v2/models/{model}/stats", summary="Inference statistics of a model")
     @router.get("/v2/models/{model}/versions/{version}/stats", summary="Inference statistics of a model version")
+    @guarded(Guard("model.stats", "infer", model="path", every_model=True))
     async def model_statistics(model: str = "", version: str | None = None) -> Response:
         return _json({"model_stats": dataplane.model_statistics(model, parse_version(version))})
 
     @router.get("/v2/models/{model}", summary="Model metadata")
     @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+    @guarded(_METADATA)
     async def model_metadata(model: str, version: str | None = None) -> Response:
         return _json(dataplane.model_metadata(model, parse_version(version)))
 
     @router.get("/v2/models/{model}/ready", summary="Model readiness")
     @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+    @guarded(_READY)
     async def model_ready(model: str, version: str | None = None) -> Response:
         v = parse_version(version)
         ready = dataplane.model_ready(model, v)
@@ -158,22 +209,26 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
 
     @router.get("/v2/models/{model}/config", summary="Effective model spec")
     @router.get("/v2/models/{model}/versions/{version}/config", summary="Effective model spec of a version")
+    @guarded(_CONFIG)
     async def model_config(model: str, version: str | None = None) -> Response:
         return _json(dataplane.model_config(model, parse_version(version)))
 
     @router.post(INFER_PATH, summary="Inference", openapi_extra=_INFER_DOC)
     @router.post(INFER_VERSION_PATH, summary="Inference on a version",
                  openapi_extra=_INFER_DOC)
+    @guarded(INFER_GUARD)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:
         return await infer_response(dataplane, request, model, version, max_request_bytes)
 
     @router.post("/v2/repository/index", summary="Repository index")
+    @guarded(Guard("repository.index", "admin"))
     async def repository_index(request: Request) -> Response:
         doc = await optional_json(request)
         ready_only = bool(doc.get("ready", False))
         return _json([_index_doc(e) for e in dataplane.repository_index(ready_only)])
 
     @router.post("/v2/repository/models/{model}/load", summary="Load or reload a model", openapi_extra=_LOAD_DOC)
+    @guarded(Guard("repository.load", "admin", model="path"))
     async def repository_load(request: Request, model: str) -> Response:
         doc = await optional_json(request)
         params = doc.get("parameters") or {}
@@ -184,12 +239,14 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "READY"})
 
     @router.post("/v2/repository/models/{model}/unload", summary="Unload a model")
+    @guarded(Guard("repository.unload", "admin", model="path"))
     async def repository_unload(request: Request, model: str) -> Response:
         await optional_json(request)
         versions = await dataplane.unload_model(model)
         return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "UNLOADED"})
 
     @router.get("/health", summary="Overall health, for humans and load balancers", tags=["health"])
+    @guarded(_HEALTH)
     async def health() -> Response:
         serving = {n: [str(v.version) for v in vs] for n, vs in dataplane.manager.serving().items()}
         ready = dataplane.ready()

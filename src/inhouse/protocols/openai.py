@@ -42,6 +42,9 @@ from inhouse.protocols.llm_http import (
     sse_response,
     until_disconnected,
 )
+from inhouse.security.pii import PieceTexts
+from inhouse.security.pipeline import Guard, TextFn, Texts, guarded, map_all_texts
+from inhouse.security.policy import tool_names
 
 
 class StreamOptions(LenientModel):
@@ -265,6 +268,68 @@ def _want_usage(opts: StreamOptions | None, default: bool) -> bool:
     return opts.include_usage
 
 
+# ---- what the security layer reads: the texts of requests and of streamed chunks ------------
+def map_content(value: Any, fn: TextFn) -> Any:
+    """A message 'content' / 'system' / 'prompt' / 'input': a string, or a list of strings or
+    parts with 'text' (and nested 'content', as in tool results)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            if isinstance(item, dict):
+                if isinstance(item.get("text"), str):
+                    item["text"] = fn(item["text"])
+                if "content" in item:
+                    item["content"] = map_content(item["content"], fn)
+                out.append(item)
+            else:
+                out.append(map_content(item, fn))
+        return out
+    return value
+
+
+def map_request_texts(doc: Any, fn: TextFn) -> None:
+    """The texts of a chat, completion or embedding request (also Anthropic's messages)."""
+    if not isinstance(doc, dict):
+        return
+    for key in ("system", "prompt", "input", "instructions"):
+        if key in doc:
+            doc[key] = map_content(doc[key], fn)
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        for msg in messages:
+            if isinstance(msg, dict) and "content" in msg:
+                msg["content"] = map_content(msg["content"], fn)
+
+
+def request_tools(doc: Any) -> list[str] | None:
+    return tool_names(doc.get("tools")) if isinstance(doc, dict) else None
+
+
+def stream_texts(doc: Any, pieces: PieceTexts) -> list[Any]:
+    """One chat or completion chunk: each choice's text goes through ``pieces`` (a placeholder
+    split between chunks of a choice is joined first), then every other text."""
+    if not isinstance(doc, dict):
+        return [doc]
+    choices = doc.get("choices")
+    if isinstance(choices, list):
+        for c in choices:
+            if not isinstance(c, dict):
+                continue
+            key, final = f"c{c.get('index', 0)}", c.get("finish_reason") is not None
+            delta = c.get("delta")
+            if isinstance(delta, dict) and (isinstance(delta.get("content"), str) or (final and key in pieces.held)):
+                delta["content"] = pieces.piece(key, delta.get("content") or "", final)
+            elif isinstance(c.get("text"), str):
+                c["text"] = pieces.piece(key, c["text"], final)
+    return [map_all_texts(doc, pieces.fn)]
+
+
+TEXTS = Texts(request=map_request_texts, tools=request_tools, stream=stream_texts)
+_MODELS = Guard("models.list", "infer")
+
+
 class OpenAIRoutes:
     def __init__(self, service: LLMService, max_request_bytes: int, stream_usage_default: bool) -> None:
         self.service = service
@@ -272,6 +337,7 @@ class OpenAIRoutes:
         self.stream_usage_default = stream_usage_default
 
     # ---- chat ----------------------------------------------------------------------------------
+    @guarded(Guard("chat.completions", "infer", model="model", texts=TEXTS))
     async def chat(self, request: Request) -> Response:
         body = await parse_json_model(request, ChatCompletionBody, self.limit)
         req = chat_request(body)
@@ -335,6 +401,7 @@ class OpenAIRoutes:
         yield b"data: [DONE]\n\n"
 
     # ---- completions ---------------------------------------------------------------------------
+    @guarded(Guard("completions", "infer", model="model", texts=TEXTS))
     async def completions(self, request: Request) -> Response:
         body = await parse_json_model(request, CompletionBody, self.limit)
         req = completion_request(body)
@@ -374,6 +441,7 @@ class OpenAIRoutes:
         yield b"data: [DONE]\n\n"
 
     # ---- embeddings ----------------------------------------------------------------------------
+    @guarded(Guard("embeddings", "infer", model="model", texts=TEXTS))
     async def embeddings(self, request: Request) -> Response:
         body = await parse_json_model(request, EmbeddingBody, self.limit)
         inputs: list[str] | list[list[int]]
@@ -407,9 +475,11 @@ class OpenAIRoutes:
             doc["max_model_len"] = m.max_model_len
         return doc
 
+    @guarded(_MODELS)
     async def models(self, request: Request) -> Response:
         return json_response({"object": "list", "data": [self._model_doc(m) for m in self.service.served_models()]})
 
+    @guarded(_MODELS)
     async def model(self, request: Request) -> Response:
         wanted = request.path_params["model"]
         for m in self.service.served_models():

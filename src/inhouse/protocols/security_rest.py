@@ -14,6 +14,7 @@ from inhouse.errors import ForbiddenError, InvalidRequestError, ModelNotFoundErr
 from inhouse.protocols.http_body import read_body
 from inhouse.security.gate import SecurityGate
 from inhouse.security.keys import KeySpecError, KeyStore
+from inhouse.security.pipeline import Guard, guarded
 
 _CREATE_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["name", "scopes"],
@@ -50,10 +51,12 @@ def build_router(gate: SecurityGate, max_request_bytes: int) -> APIRouter:
         return gate.keys
 
     @router.get("/v2/security/keys", summary="List API keys (never the keys themselves)")
+    @guarded(Guard("keys.list", "admin"))
     async def list_keys() -> Response:
         return _json([k.public() for k in store().list()])
 
     @router.post("/v2/security/keys", summary="Create an API key (returned once)", openapi_extra=_CREATE_DOC)
+    @guarded(Guard("keys.create", "admin"))
     async def create_key(request: Request) -> Response:
         keys = store()
         try:
@@ -78,6 +81,7 @@ def build_router(gate: SecurityGate, max_request_bytes: int) -> APIRouter:
         return _json({"key": key, **rec.public()}, 201)
 
     @router.delete("/v2/security/keys/{key_id}", summary="Revoke an API key (by key id or name)")
+    @guarded(Guard("keys.revoke", "admin"))
     async def revoke_key(key_id: str) -> Response:
         ids = store().revoke(key_id)
         if not ids:

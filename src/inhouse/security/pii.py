@@ -32,7 +32,10 @@ _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}
 # Every detector needs an '@', a run of 7+ digits (spaces, dots, dashes, brackets allowed) or two
 # colons: one cheap search rules out most strings (log lines, ids, paths) before the detectors run.
 _MAYBE = re.compile(r"@|\d[\d\s().+-]{5,}\d|:[0-9A-Fa-f]*:")
-_PLACEHOLDER = re.compile(r"\[(EMAIL|CN_ID|PHONE|BANK_CARD|IP)_(\d{1,6})\]")
+# A placeholder, and what may be the start of one at the end of a streamed piece (held back
+# until the next piece says): both from the labels, so they cannot drift apart.
+_PLACEHOLDER = re.compile(rf"\[({'|'.join(_LABELS.values())})_(\d{{1,6}})\]")
+_PARTIAL_PLACEHOLDER = re.compile(rf"\[[A-Z_]{{0,{max(map(len, _LABELS.values())) + 1}}}\d{{0,6}}$")
 
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
@@ -221,9 +224,6 @@ class PiiRules:
 @lru_cache(maxsize=64)
 def _redactor(detectors: tuple[str, ...]) -> Redactor:
     return Redactor(detectors)
-
-
-_PARTIAL_PLACEHOLDER = re.compile(r"\[[A-Z_]{0,10}\d{0,6}$")
 
 
 class PieceTexts:
