@@ -71,8 +71,8 @@ def latency(stub: pb_grpc.GRPCInferenceServiceStub, model: str, n: int) -> list[
 def micro(n: int) -> float:
     """CPU microseconds per request of redacting the request and restoring the response."""
     from inhouse.core.spec import ModelSpec
-    from inhouse.protocols.security_grpc import PiiExchange
     from inhouse.security.gate import Call
+    from inhouse.transports.grpc.security import PiiExchange
 
     spec = ModelSpec.model_validate({"name": "echo-pii", "backend": "onnxruntime",
                                      "pii": {"inputs": True, "outputs": "restore"}})

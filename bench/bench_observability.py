@@ -118,10 +118,10 @@ async def _dataplane(repo: Path, n: int) -> None:
 
 
 async def _asgi(repo: Path, n: int) -> None:
-    from inhouse.app import build_app
     from inhouse.llm.service import LLMService
     from inhouse.observability.setup import Observability
     from inhouse.security.gate import SecurityGate
+    from inhouse.transports.http.app import build_app
 
     a = np.ones(4, np.float32).tolist()
     body = orjson.dumps({"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": a},

@@ -227,8 +227,8 @@ def micro(n: int, tmp: Path, rounds: int = 3) -> None:
     from inhouse.core.dataplane import DataPlane
     from inhouse.core.manager import ModelManager
     from inhouse.core.repository import ModelRepository
-    from inhouse.protocols.infer_entry import InferEntry
-    from inhouse.protocols.security_http import SecurityMiddleware
+    from inhouse.transports.http.infer_entry import InferEntry
+    from inhouse.transports.http.security import SecurityMiddleware
 
     body = orjson.dumps(BODY)
 
@@ -285,7 +285,7 @@ def micro(n: int, tmp: Path, rounds: int = 3) -> None:
         off = SecurityMiddleware(inner, off_gate, 1 << 26)
         on = SecurityMiddleware(inner, on_gate, 1 << 26)
         auth = [*base, (b"authorization", f"Bearer {key}".encode())]
-        # the v2 infer hot path (protocols/infer_entry.py) with the model call, same gates
+        # the v2 infer hot path (transports/http/infer_entry.py) with the model call, same gates
         dataplane = DataPlane(manager)
         hot_off = InferEntry(inner, dataplane=dataplane, gate=off_gate, max_request_bytes=1 << 26)
         hot_on = InferEntry(inner, dataplane=dataplane, gate=on_gate, max_request_bytes=1 << 26)
@@ -335,7 +335,7 @@ def loop_micro(n: int, tmp: Path, rounds: int = 5, callers: int = 64) -> None:
     from inhouse.core.dataplane import DataPlane
     from inhouse.core.manager import ModelManager
     from inhouse.core.repository import ModelRepository
-    from inhouse.protocols.infer_entry import InferEntry
+    from inhouse.transports.http.infer_entry import InferEntry
 
     body = orjson.dumps(BODY)
     repo = make_repo(tmp / "loop-repo", policy=True)

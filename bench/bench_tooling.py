@@ -1,4 +1,4 @@
-"""Benchmarks for the model tooling (issue 8), as ratios against references measured in the
+"""Benchmarks for the model tooling, as ratios against references measured in the
 same run on the same machine:
 
 1. ``inhouse quantize``: latency of the INT8 and FP16 versions of a small Transformer encoder

@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inhouse.observability.context import current, parse_traceparent
-from inhouse.observability.grpc import GrpcObservabilityInterceptor
 from inhouse.observability.metrics import Metrics
+from inhouse.transports.grpc.observability import GrpcObservabilityInterceptor
 
 SERVICE = "inference.GRPCInferenceService"
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from inhouse.grpc_intercept import CachedWrapInterceptor, WrappingRegistrar
+from inhouse.transports.grpc.intercept import CachedWrapInterceptor, WrappingRegistrar
 
 SERVICE = "inference.GRPCInferenceService"
 

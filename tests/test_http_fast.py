@@ -1,4 +1,4 @@
-"""The HTTP fast path (protocols/http_fast.py) answers v2 infer straight from the connection.
+"""The HTTP fast path (transports/http/fast_path.py) answers v2 infer straight from the connection.
 These tests speak raw HTTP/1.1 over sockets to a real server and check that it answers exactly
 as the ASGI path does (a percent-encoded target is left to uvicorn and the ASGI entry, so both
 paths are reachable on one server), and that the connection rules hold: keep-alive mixed with
@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from conftest import RunningServer, run_server
-from inhouse.protocols.http_fast import FastInferProtocol
+from inhouse.transports.http.fast_path import FastInferProtocol
 from models import add_model, write_model
 
 _VOLATILE = {b"traceparent", b"x-request-id", b"date", b"server"}

@@ -16,6 +16,11 @@ UPWARD = [
     ("inhouse.core", "inhouse.security"), ("inhouse.core", "inhouse.protocols"),
     ("inhouse.settings", "inhouse.security"), ("inhouse.settings", "inhouse.protocols"),
     ("inhouse.observability", "inhouse.protocols"),
+    ("inhouse.security", "inhouse.protocols"), ("inhouse.llm", "inhouse.protocols"),
+    # transports sit on top: nothing below them reaches up into a front end
+    *((low, "inhouse.transports") for low in ("inhouse.core", "inhouse.settings", "inhouse.security",
+                                              "inhouse.observability", "inhouse.llm", "inhouse.protocols",
+                                              "inhouse.backends")),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The hot-path entry for v2 infer (protocols/infer_entry.py) answers exactly as the web
+"""The hot-path entry for v2 infer (transports/http/infer_entry.py) answers exactly as the web
 application's own middleware stack and routed endpoint do: the same status, body and headers
 for good and bad requests, with and without an API key requirement. Both are driven on the
 server's own event loop through httpx's ASGI transport."""

@@ -217,13 +217,14 @@ def test_keys_api(secured: tuple[RunningServer, dict[str, str]]) -> None:
 def test_route_classification_fails_closed() -> None:
     from fastapi import FastAPI
 
-    from inhouse.protocols import anthropic, kserve_rest, openai, security_rest
-    from inhouse.protocols.security_http import RouteGuards
+    from inhouse.protocols import anthropic, keys_admin, openai
+    from inhouse.protocols.kserve_v2 import rest
     from inhouse.security.pipeline import Guard, Texts, guarded
+    from inhouse.transports.http.security import RouteGuards
 
     app = FastAPI()
-    for router in (kserve_rest.build_router(None, 1), openai.build_router(None, 1, False),  # type: ignore[arg-type]
-                   anthropic.build_router(None, 1), security_rest.build_router(None, 1)):  # type: ignore[arg-type]
+    for router in (rest.build_router(None, 1), openai.build_router(None, 1, False),  # type: ignore[arg-type]
+                   anthropic.build_router(None, 1), keys_admin.build_router(None, 1)):  # type: ignore[arg-type]
         app.include_router(router)
     generate = Texts(request=lambda doc, fn: None)
 

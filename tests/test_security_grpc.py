@@ -14,11 +14,11 @@ import grpc
 import grpc.aio
 import pytest
 
-from inhouse.protocols.security_grpc import SecurityInterceptor, declared_rpcs, guard_for, peer_address
 from inhouse.security.audit import AuditLog
 from inhouse.security.gate import Call, SecurityGate
 from inhouse.security.keys import KeyStore
 from inhouse.settings import load_settings
+from inhouse.transports.grpc.security import SecurityInterceptor, declared_rpcs, guard_for, peer_address
 
 SVC = "inference.GRPCInferenceService"
 
@@ -309,7 +309,7 @@ def test_streamed_generation_pieces_are_restored() -> None:
     """Generated text arrives in pieces that cut placeholders apart; each request id is joined
     on its own, and the final response flushes what was held back."""
     from inhouse.core.spec import ModelSpec
-    from inhouse.protocols.kserve_grpc import TEXTS
+    from inhouse.protocols.kserve_v2.grpc_service import TEXTS
     from inhouse.protocols.proto import grpc_service_pb2 as pb
     from inhouse.security.pipeline import Exchange
 

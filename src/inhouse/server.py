@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from inhouse.app import build_app
 from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.heap import HeapSettler
 from inhouse.core.manager import ModelManager
@@ -27,16 +26,17 @@ from inhouse.listen import ListenError
 from inhouse.llm.service import LLMService
 from inhouse.observability.setup import Observability
 from inhouse.observability.tracing import TracingUnavailableError
-from inhouse.protocols.http_fast import fast_protocol
-from inhouse.protocols.infer_entry import InferEntry
 from inhouse.security.gate import SecurityGate
 from inhouse.security.paths import check_model_source
 from inhouse.security.serving import ModelKeyError, exposure_problem, model_keyring, start_security
 from inhouse.settings import ServerSettings
-from inhouse.tls import TlsConfigError, TlsMaterial, load_tls, server_context
+from inhouse.transports.http.app import build_app
+from inhouse.transports.http.fast_path import fast_protocol
+from inhouse.transports.http.infer_entry import InferEntry
+from inhouse.transports.tls import TlsConfigError, TlsMaterial, load_tls, server_context
 
 if TYPE_CHECKING:
-    from inhouse.grpc_server import GrpcFrontEnd
+    from inhouse.transports.grpc.server import GrpcFrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class InhouseServer:
     def _grpc_front_end(self) -> GrpcFrontEnd | None:
         try:
             # lazy: an environment missing the grpc packages still serves HTTP
-            from inhouse.grpc_server import GrpcFrontEnd
+            from inhouse.transports.grpc.server import GrpcFrontEnd
         except ModuleNotFoundError as err:
             if not (err.name or "").startswith(("grpc", "google")):
                 raise
@@ -225,7 +225,7 @@ class InhouseServer:
         self._stoppers.append(await self.observability.start())
 
     def _uvicorn_http(self) -> dict[str, Any]:
-        """v2 infer answered on the connection (protocols/http_fast.py), unless turned off."""
+        """v2 infer answered on the connection (transports/http/fast_path.py), unless turned off."""
         if not self.settings.http_fast_path:
             return {}
         return {"http": fast_protocol(self.asgi, self.settings.max_request_bytes)}

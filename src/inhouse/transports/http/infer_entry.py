@@ -8,9 +8,9 @@ compression, routing) unchanged.
 
 Nothing here is a second implementation: the caller record, admission, body inspection and
 the answer's texts are the security pipeline's, through the HTTP adapter's functions the
-middleware uses (:mod:`~inhouse.protocols.security_http`) and the route's own declaration
-(``kserve_rest.INFER_GUARD``); parsing, inference and rendering are
-:func:`~inhouse.protocols.kserve_rest.infer_request` and ``render_infer_response``, which the routed
+middleware uses (:mod:`~inhouse.transports.http.security`) and the route's own declaration
+(``protocols.kserve_v2.rest.INFER_GUARD``); parsing, inference and rendering are
+:func:`~inhouse.protocols.kserve_v2.rest.infer_request` and ``render_infer_response``, which the routed
 endpoint calls too;
 metrics and log lines are the
 observability layer's (:class:`~inhouse.observability.access.HttpMetrics`,
@@ -36,7 +36,8 @@ from inhouse.observability.context import RequestContext, activate, deactivate, 
 from inhouse.observability.tracing import Tracer
 from inhouse.protocols.errors import as_inhouse_error, v2_error_parts
 from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, header_text, receive_body
-from inhouse.protocols.kserve_rest import (
+from inhouse.protocols.kserve_v2.json_wire import HEADER_LENGTH, render_infer_response
+from inhouse.protocols.kserve_v2.rest import (
     INFER_GUARD,
     INFER_PATH,
     INFER_VERSION_PATH,
@@ -44,10 +45,9 @@ from inhouse.protocols.kserve_rest import (
     infer_request,
     infer_target,
 )
-from inhouse.protocols.security_http import admit, inspect_body
-from inhouse.protocols.v2_json import HEADER_LENGTH, render_infer_response
 from inhouse.security.gate import Call, SecurityGate
 from inhouse.security.pipeline import TextFn, open_call, rules_apply, transform_json_body
+from inhouse.transports.http.security import admit, inspect_body
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class InferEntry:
     async def answer(self, path: str, model: str, version: str | None, h: dict[bytes, bytes], peer: str | None,
                      read_body: BodyReader, guard: InferGuard[InferResponse], start: float) -> Reply:
         """The whole answer to one v2 infer request, whatever carried it (the ASGI entry above or
-        the HTTP fast path, ``protocols/http_fast.py``): trace context, security gate, body rules,
+        the HTTP fast path, ``transports/http/fast_path.py``): trace context, security gate, body rules,
         inference, the audit entry, and the metrics and access-log line, which are recorded before
         the caller sends the answer (a client holding its answer finds them there). ``read_body``
         returns the (decoded) request body; ``guard`` awaits the inference and cancels it when the

@@ -13,20 +13,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from inhouse.core.dataplane import DataPlane
-from inhouse.grpc_intercept import CachedWrapInterceptor, WrappingRegistrar
-from inhouse.grpc_limits import ConcurrencyLimitInterceptor
 from inhouse.listen import ListenError
 from inhouse.llm.service import LLMService
-from inhouse.observability.grpc import GrpcObservabilityInterceptor
 from inhouse.observability.metrics import GrpcMetrics
-from inhouse.protocols.grpc_health import HealthServicer
-from inhouse.protocols.kserve_grpc import SERVICE_NAME, InferenceServicer
+from inhouse.protocols.kserve_v2.grpc_service import SERVICE_NAME, InferenceServicer
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
 from inhouse.protocols.proto._pool import POOL
-from inhouse.protocols.security_grpc import SecurityInterceptor
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import GrpcSettings, ServerSettings
-from inhouse.tls import TlsMaterial
+from inhouse.transports.grpc.health import HealthServicer
+from inhouse.transports.grpc.intercept import CachedWrapInterceptor, WrappingRegistrar
+from inhouse.transports.grpc.limits import ConcurrencyLimitInterceptor
+from inhouse.transports.grpc.observability import GrpcObservabilityInterceptor
+from inhouse.transports.grpc.security import SecurityInterceptor
+from inhouse.transports.tls import TlsMaterial
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from inhouse.core.manager import IndexEntry
 from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
-from inhouse.protocols.v2_json import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
+from inhouse.protocols.kserve_v2.json_wire import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
 
 _TENSOR_SCHEMA = {
@@ -97,7 +97,7 @@ def infer_request(dataplane: DataPlane, body: bytes, header_length: str | None, 
 async def infer_response(dataplane: DataPlane, request: Request, model: str, version: str | None,
                          max_request_bytes: int) -> Response:
     """POST /v2/models/{model}[/versions/{version}]/infer through the web framework. A server
-    answers these routes in ``protocols/infer_entry.py`` before the framework sees them; this
+    answers these routes in ``transports/http/infer_entry.py`` before the framework sees them; this
     route serves the app when it is mounted on its own, and documents the API."""
     try:
         body = await read_body(request, max_request_bytes)

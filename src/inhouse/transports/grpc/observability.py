@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from inhouse.grpc_intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.metrics import GrpcMetrics
+from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
 access_log = logging.getLogger("inhouse.access")
 

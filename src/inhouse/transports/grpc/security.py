@@ -1,7 +1,7 @@
 """The gRPC edge of the security layer: a grpc.aio server interceptor over the same pipeline
 the HTTP middleware runs (:mod:`inhouse.security.pipeline`). Each RPC's
 :class:`~inhouse.security.pipeline.Guard` is declared by the servicer module that serves it
-(``kserve_grpc.RPC_GUARDS``, ``grpc_health.RPC_GUARDS``); the API key comes from the
+(``grpc_service.RPC_GUARDS``, ``health.RPC_GUARDS``); the API key comes from the
 ``authorization: Bearer`` or ``x-api-key`` metadata, the client address from the peer, and the
 audit entry is committed before the answer is sent."""
 
@@ -16,20 +16,21 @@ import grpc
 import grpc.aio
 
 from inhouse.errors import InhouseError
-from inhouse.grpc_intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import as_inhouse_error as as_error
 from inhouse.protocols.errors import grpc_abort
-from inhouse.protocols.kserve_grpc import request_size
+from inhouse.protocols.kserve_v2.grpc_service import request_size
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.pipeline import Exchange, Guard, check_request, open_call
+from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
 
 def declared_rpcs() -> dict[str, Guard]:
     """The guards the servicer modules declare, by full method name."""
-    from inhouse.protocols import grpc_health, kserve_grpc
+    from inhouse.protocols.kserve_v2 import grpc_service
+    from inhouse.transports.grpc import health
 
-    return {**kserve_grpc.RPC_GUARDS, **grpc_health.RPC_GUARDS}
+    return {**grpc_service.RPC_GUARDS, **health.RPC_GUARDS}
 
 
 def guard_for(method: str, guards: Mapping[str, Guard]) -> Guard:

@@ -28,8 +28,8 @@ from inhouse.llm.requests import ChatRequest, CompletionRequest
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams
 from inhouse.protocols.errors import as_inhouse_error
+from inhouse.protocols.kserve_v2.grpc_wire import parse_infer_request, render_infer_response
 from inhouse.protocols.proto import grpc_service_pb2 as pb
-from inhouse.protocols.v2_grpc import parse_infer_request, render_infer_response
 
 INPUTS = ("text_input", "messages")
 DEFAULT_MAX_TOKENS = 256

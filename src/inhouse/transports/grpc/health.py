@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InhouseError, ModelNotFoundError
 from inhouse.protocols.errors import grpc_abort
-from inhouse.protocols.kserve_grpc import SERVICE_NAME
+from inhouse.protocols.kserve_v2.grpc_service import SERVICE_NAME
 from inhouse.security.pipeline import Guard
 
 RPC_GUARDS: dict[str, Guard] = {f"/grpc.health.v1.Health/{name}": Guard("health.live", "open")

@@ -5,7 +5,7 @@ uvicorn's httptools protocol spends, per request, more CPU than a small model do
 dict, a request/response cycle object with an ``asyncio.Event``, ``receive``/``send`` message dicts,
 two transport writes. :class:`FastInferProtocol` is that protocol with one change: when the
 parser has the headers of a v2 infer request, it collects the body itself, hands the request to
-:meth:`~inhouse.protocols.infer_entry.InferEntry.answer` (the same function the ASGI entry calls:
+:meth:`~inhouse.transports.http.infer_entry.InferEntry.answer` (the same function the ASGI entry calls:
 security gate, inference, audit entry, metrics, access log) and writes the answer in one write.
 Every other request (and an infer request it does not take: percent-encoded or absolute-form
 target, ``Expect: 100-continue``, a request pipelined behind one in flight) goes through uvicorn
@@ -15,7 +15,7 @@ Connection semantics follow uvicorn's: keep-alive and its timeout, ``Connection:
 HTTP/1.0, pipelined requests answered in order, graceful shutdown (in-flight answers finish,
 then the connection closes), and a client that disconnects cancels its queued inference.
 ``http_fast_path: false`` in the settings turns this off. This module is the only code that
-touches uvicorn's internals; the answer itself is :class:`~inhouse.protocols.infer_entry.InferEntry`'s.
+touches uvicorn's internals; the answer itself is :class:`~inhouse.transports.http.infer_entry.InferEntry`'s.
 
 uvicorn pin: ``pyproject.toml`` allows only 0.54.x, because this subclass reads uvicorn's
 protocol internals (parser callbacks, ``cycle``, ``pipeline``, ``flow``, keep-alive timer)."""
@@ -31,8 +31,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from inhouse.core.types import InferResponse
 from inhouse.errors import CancelledError
 from inhouse.protocols.http_body import check_declared_length, client_gone, decode_body, header_text, too_large
-from inhouse.protocols.infer_entry import InferEntry, Reply, error_reply
-from inhouse.protocols.kserve_rest import infer_target
+from inhouse.protocols.kserve_v2.rest import infer_target
+from inhouse.transports.http.infer_entry import InferEntry, Reply, error_reply
 
 _CRLF = b"\r\n"
 _CLOSE = b"connection: close\r\n"

@@ -16,11 +16,12 @@ from inhouse.llm.service import LLMService
 from inhouse.observability.access import ObservabilityMiddleware
 from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
-from inhouse.protocols import anthropic, kserve_rest, openai, security_rest
+from inhouse.protocols import anthropic, keys_admin, openai
 from inhouse.protocols.errors import ErrorResponses, error_renderer
-from inhouse.protocols.security_http import SecurityMiddleware, guard_docs
+from inhouse.protocols.kserve_v2 import rest
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import ServerSettings
+from inhouse.transports.http.security import SecurityMiddleware, guard_docs
 
 
 def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService, gate: SecurityGate,
@@ -35,7 +36,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
         docs_url="/docs",
         redoc_url=None,
     )
-    app.include_router(kserve_rest.build_router(dataplane, settings.max_request_bytes))
+    app.include_router(rest.build_router(dataplane, settings.max_request_bytes))
     app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
     if observability is not None:
@@ -67,9 +68,9 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     app.add_middleware(ErrorResponses)  # added first, so innermost: every route's InhouseError and the rest
     if settings.gzip_min_bytes > 0:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
-    # v2 infer, the hot path, is answered before this app by protocols/infer_entry.py (the server
+    # v2 infer, the hot path, is answered before this app by transports/http/infer_entry.py (the server
     # puts it in front); its routes here serve the app when it is mounted on its own.
-    app.include_router(security_rest.build_router(gate, settings.max_request_bytes))
+    app.include_router(keys_admin.build_router(gate, settings.max_request_bytes))
     app.add_middleware(SecurityMiddleware, gate=gate, max_request_bytes=settings.max_request_bytes)
     # outermost, added last: even requests the security layer rejects are measured and logged
     if observability is not None:

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 
 from inhouse.errors import ConcurrencyLimitError
-from inhouse.grpc_intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 from inhouse.protocols.errors import grpc_error
+from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 

@@ -19,10 +19,10 @@ from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.llm.service import LLMService
 from inhouse.protocols.errors import grpc_abort
+from inhouse.protocols.kserve_v2.generate import generation_stream, is_generation_request, stream_error
+from inhouse.protocols.kserve_v2.grpc_wire import parameters_dict, parse_infer_request, render_infer_response
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
-from inhouse.protocols.v2_generate import generation_stream, is_generation_request, stream_error
-from inhouse.protocols.v2_grpc import parameters_dict, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import Exchange, Guard, Texts
 from inhouse.security.policy import tool_names
 

@@ -12,8 +12,8 @@ from inhouse.core.dataplane import parse_version
 from inhouse.core.datatypes import array_from_raw, check_shape, element_count, numpy_dtype, raw_bytes
 from inhouse.core.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 from inhouse.errors import DatatypeError, InvalidRequestError, ShapeError
+from inhouse.protocols.kserve_v2.json_wire import _priority, _timeout_s
 from inhouse.protocols.proto import grpc_service_pb2 as pb
-from inhouse.protocols.v2_json import _priority, _timeout_s
 
 # The typed field of InferTensorContents that carries each datatype (FP16 has none: raw only).
 CONTENTS_FIELD: Final[dict[str, str]] = {

@@ -1,0 +1,1 @@
+"""The gRPC front end: the grpc.aio server, its interceptors, health checking."""
