@@ -266,12 +266,17 @@ def test_inference_statistics(client: Any, server: RunningServer) -> None:
     assert inf.queue.count == 3 and inf.compute_infer.count == 3 and inf.compute_infer.ns > 0
     assert s.inference_count == 3 and 1 <= s.execution_count <= 3 and s.last_inference > 0
     assert sum(b.compute_infer.count for b in s.batch_stats) == s.execution_count
+    # perf_analyzer aborts when the three compute counts differ
+    assert inf.compute_input.count == inf.compute_output.count == inf.compute_infer.count
+    assert all(b.compute_input.count == b.compute_output.count == b.compute_infer.count for b in s.batch_stats)
 
     every = {m.name for m in client.get_inference_statistics().model_stats}
     assert every == {"add", "mlp", "echo-str", "echo-i64"}
     with server.client() as c:
         rest = c.get("/v2/models/add/stats").json()["model_stats"][0]
         assert rest["inference_stats"]["success"]["count"] == 3 and rest["execution_count"] == s.execution_count
+        compute = ("compute_input", "compute_infer", "compute_output")
+        assert {rest["inference_stats"][k]["count"] for k in compute} == {3}
         assert c.get("/v2/models/add/versions/1/stats").json()["model_stats"][0]["version"] == "1"
         assert {m["name"] for m in c.get("/v2/models/stats").json()["model_stats"]} == every
         r = c.get("/v2/models/no-such-model/stats")
