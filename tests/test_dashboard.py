@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RunningServer
@@ -78,12 +81,16 @@ def test_every_query_names_an_exported_metric(server: RunningServer) -> None:
                 {"name": "a", "shape": [1, 4], "datatype": "FP32", "data": a},
                 {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": a}]})
         exported = exported_sample_names(c.get("/metrics").text)
-    # GPU metrics appear only where a GPU is; take their names from the collector itself
-    exported |= {fam.name for fam in GpuCollector().describe()}
     queries = dashboard_queries() + alert_queries()
     assert len(queries) > 30
     used = set().union(*(metric_names(q) for q in queries))
-    missing = sorted(used - exported - PROMETHEUS_OWN)
+    # GPU metrics appear only where a GPU is: without one they are the only names allowed to be
+    # absent, and test_gpu_collector_exports_what_it_describes checks the collector really emits them
+    gpu = {fam.name for fam in GpuCollector().describe()}
+    assert gpu <= used, f"the dashboard / alerts show no panel for GPU metrics {sorted(gpu - used)}"
+    absent_here = set() if GpuCollector().gpus else gpu
+    assert not exported & absent_here, "GPU metrics exported although this machine has no GPU"
+    missing = sorted(used - exported - PROMETHEUS_OWN - absent_here)
     assert not missing, f"dashboard / alerts use metrics the server does not export: {missing}"
     # the panels the issue asks for are there
     for needed in ("model_inference_latency_seconds_bucket", "inhouse_inference_requests_total", "inhouse_queue_depth",
@@ -91,6 +98,51 @@ def test_every_query_names_an_exported_metric(server: RunningServer) -> None:
                    "inhouse_llm_time_to_first_token_seconds_bucket", "process_resident_memory_bytes",
                    "gpu_memory_usage_bytes", "grpc_server_handled_total"):
         assert needed in used
+
+
+class _Nvml:
+    """Stands in for the NVIDIA driver (``pynvml``) with two GPUs, so the collector's own
+    ``collect`` runs on a machine without one (method names are pynvml's)."""
+
+    class _Memory:
+        used, total = 3 << 30, 16 << 30
+
+    class _Rates:
+        gpu = 40
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"Test GPU"
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> _Memory:
+        return self._Memory()
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> _Rates:
+        return self._Rates()
+
+
+def test_gpu_collector_exports_what_it_describes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names the dashboard test allows to be absent without a GPU are the ones the collector
+    really exports when there is one."""
+    monkeypatch.setitem(sys.modules, "pynvml", _Nvml())
+    collector = GpuCollector()
+    assert collector.gpus == 2
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    families = {fam.name: fam for fam in text_string_to_metric_families(text)}
+    assert set(families) == {fam.name for fam in collector.describe()}
+    assert all(f.type == "gauge" and len(f.samples) == 2 for f in families.values())
+    assert families["gpu_memory_usage_bytes"].samples[1].labels == {"gpu": "1", "name": "Test GPU"}
+    assert families["gpu_utilization_ratio"].samples[0].value == 0.4
 
 
 def test_alert_rules_cover_the_failure_modes() -> None:

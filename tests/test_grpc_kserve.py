@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import queue
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+import yaml
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningServer
+from conftest import RunningServer, run_server, wait_until
+from gate_backend import GATES, Gate
 from inhouse.protocols.proto import grpc_service_pb2 as ours
 
 
@@ -139,6 +142,62 @@ def test_priority_and_timeout_parameters(client: Any) -> None:
     np.testing.assert_allclose(r.as_numpy("out"), a * 2)
     r = client.infer("add", _inputs(a, a), client_timeout=10)  # a gRPC deadline
     np.testing.assert_allclose(r.as_numpy("out"), a * 2)
+
+
+def _gate_input(rid: float) -> list[Any]:
+    x = tgrpc.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.array([[rid, 0.0]], np.float32))
+    return [x]
+
+
+def test_priority_and_timeout_take_effect(tmp_path: Path) -> None:
+    """Over gRPC, with a model the test holds busy: a priority-1 request overtakes queued
+    priority-2 ones (tritonclient leaves out ``priority=0``, Triton's "default level"); a request
+    whose Triton ``timeout`` or gRPC deadline passes in the queue gets DEADLINE_EXCEEDED and never
+    runs."""
+    repo = tmp_path / "models"
+    (repo / "g" / "1").mkdir(parents=True)
+    (repo / "g" / "model.yaml").write_text(yaml.safe_dump({"name": "g", "backend": "gate", "batching": {
+        "max_batch_size": 2, "priority_levels": 3, "default_timeout_ms": 20000}}))
+    GATES["g"] = gate = Gate()
+    with run_server(repo) as srv:
+        client = tgrpc.InferenceServerClient(srv.grpc_target)
+        results: queue.Queue[tuple[float, Any]] = queue.Queue()
+        scheduler: Any = srv.server.manager.resolve("g").scheduler
+
+        def send(rid: float, **kw: Any) -> None:
+            client.async_infer("g", _gate_input(rid), lambda result, error: results.put((rid, error)), **kw)
+
+        try:
+            gate.open.clear()
+            send(0)
+            assert gate.entered.acquire(timeout=10)
+            for rid in (1, 2, 3, 4):
+                send(rid, priority=2)
+            wait_until(lambda: scheduler.queue_depth() == 4)
+            send(9, priority=1)
+            wait_until(lambda: scheduler.stats.submitted == 6)
+            gate.open.set()
+            done = dict(results.get(timeout=30) for _ in range(6))
+            assert all(e is None for e in done.values()), done
+            assert gate.executed_ids()[:2] == [0, 9]  # the priority-1 request jumped the queue
+
+            gate.open.clear()
+            send(10)
+            assert gate.entered.acquire(timeout=10)
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("g", _gate_input(7), timeout=150_000)  # µs, as Triton
+            assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "3002" in err.value.message()
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("g", _gate_input(8), client_timeout=0.3)  # a gRPC deadline
+            assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            wait_until(lambda: scheduler.queue_depth() == 0)  # both left the queue while the model was busy
+            gate.open.set()
+            assert results.get(timeout=30) == (10, None)
+        finally:
+            gate.open.set()
+            client.close()
+    assert 7 not in gate.executed_ids() and 8 not in gate.executed_ids()
 
 
 def test_repository_index_load_unload(client: Any, server: RunningServer) -> None:
@@ -266,12 +325,17 @@ def test_inference_statistics(client: Any, server: RunningServer) -> None:
     assert inf.queue.count == 3 and inf.compute_infer.count == 3 and inf.compute_infer.ns > 0
     assert s.inference_count == 3 and 1 <= s.execution_count <= 3 and s.last_inference > 0
     assert sum(b.compute_infer.count for b in s.batch_stats) == s.execution_count
+    # perf_analyzer aborts when the three compute counts differ
+    assert inf.compute_input.count == inf.compute_output.count == inf.compute_infer.count
+    assert all(b.compute_input.count == b.compute_output.count == b.compute_infer.count for b in s.batch_stats)
 
     every = {m.name for m in client.get_inference_statistics().model_stats}
     assert every == {"add", "mlp", "echo-str", "echo-i64"}
     with server.client() as c:
         rest = c.get("/v2/models/add/stats").json()["model_stats"][0]
         assert rest["inference_stats"]["success"]["count"] == 3 and rest["execution_count"] == s.execution_count
+        compute = ("compute_input", "compute_infer", "compute_output")
+        assert {rest["inference_stats"][k]["count"] for k in compute} == {3}
         assert c.get("/v2/models/add/versions/1/stats").json()["model_stats"][0]["version"] == "1"
         assert {m["name"] for m in c.get("/v2/models/stats").json()["model_stats"]} == every
         r = c.get("/v2/models/no-such-model/stats")

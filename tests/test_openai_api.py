@@ -75,21 +75,33 @@ def test_models_list_has_served_names(client: openai.OpenAI) -> None:
 
 
 # ---- basic chat -----------------------------------------------------------------------------------
+def _shared_template_len(srv: RunningServer) -> int:
+    """Prompt tokens any two one-message chats can share (the template around the user's text):
+    at most this many of a new text's prompt come from the prefix cache."""
+    return prompt_len(srv, [{"role": "user", "content": ""}])
+
+
 def test_chat_json_usage_and_alias(srv: RunningServer, client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=6, temperature=0,
+    messages = [{"role": "user", "content": "Tell me the weather in Tokyo in celsius for each day, please."}]
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=6, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert r.object == "chat.completion" and r.model == "gpt-4o-mini"
     choice = r.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason == "length"
     assert r.usage.completion_tokens == 6
-    assert r.usage.prompt_tokens == prompt_len(srv, HELLO)
+    n = prompt_len(srv, messages)
+    assert r.usage.prompt_tokens == n
     assert r.usage.total_tokens == r.usage.prompt_tokens + 6
-    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    assert r.usage.prompt_tokens_details.cached_tokens <= _shared_template_len(srv) < n - 10
+    # the same prompt again: all of it but the last token (whose logits start decoding) is cached
+    again = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=1, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
 
 
 def test_stream_role_first_finish_last_usage_by_default(srv: RunningServer, client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5, temperature=0,
+    messages = [{"role": "user", "content": "Which city has more people, Paris or London, and by how many?"}]
+    chunks = list(client.chat.completions.create(model=CHAT, messages=messages, max_tokens=5, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -97,12 +109,14 @@ def test_stream_role_first_finish_last_usage_by_default(srv: RunningServer, clie
     usage = chunks[-1]
     assert usage.choices == [] and usage.usage is not None  # sent although not asked for
     assert usage.usage.completion_tokens == 5
-    assert usage.usage.prompt_tokens == prompt_len(srv, HELLO)
-    assert usage.usage.prompt_tokens_details.cached_tokens >= 0
+    n = prompt_len(srv, messages)
+    assert usage.usage.prompt_tokens == n
+    assert usage.usage.prompt_tokens_details.cached_tokens <= _shared_template_len(srv) < n - 10
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    same = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5, temperature=0,
+    same = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=5, temperature=0,
                                           extra_body={"ignore_eos": True})
     assert text == same.choices[0].message.content
+    assert same.usage.prompt_tokens_details.cached_tokens == n - 1  # the stream's prompt, reused
 
 
 def test_stream_usage_can_be_turned_off_and_done_marker(srv: RunningServer) -> None:

@@ -15,6 +15,7 @@ from inhouse.cli import app
 from inhouse.client import InhouseClient
 from inhouse.errors import ConversionError, ModelFormatError
 from inhouse.tools.convert import ConvertOptions, convert
+from inhouse.tools.onnx_info import versions_in as versions
 from inhouse.tools.quantize import quantize
 from models import mlp_model, write_model
 
@@ -89,3 +90,41 @@ def test_bad_quantize_requests(tmp_path: Path) -> None:
         quantize(mdir, "fp16")
     res = runner.invoke(app, ["quantize", str(mdir), "--int8", "--fp16"])
     assert res.exit_code == 2 and "choose one" in res.output
+
+
+def test_int8_of_a_converted_logistic_regression_says_there_is_nothing_to_quantize(tmp_path: Path) -> None:
+    """convert → quantize on a scikit-learn linear model: its one LinearClassifier (ai.onnx.ml)
+    has no weights INT8 covers, so quantize says so, exits 0 and writes nothing."""
+    import onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 30))
+    joblib.dump(LogisticRegression().fit(x, x[:, 0] > 0), tmp_path / "lr.pkl")
+    mdir = tmp_path / "models" / "lr"
+    res = runner.invoke(app, ["convert", str(tmp_path / "lr.pkl"), "--out", str(mdir), "--features", "30"])
+    assert res.exit_code == 0, res.output
+    opsets = [o.domain for o in onnx.load(str(mdir / "1" / "model.onnx")).opset_import]
+    assert sorted(opsets) == ["", "ai.onnx.ml"]  # one import per domain
+    res = runner.invoke(app, ["quantize", str(mdir), "--int8"])
+    assert res.exit_code == 0, res.output
+    assert "nothing to quantize" in res.output and "LinearClassifier (ai.onnx.ml)" in res.output
+    assert "No version was written" in res.output and "wrote" not in res.output
+    assert versions(mdir) == [1]
+
+
+def test_int8_of_a_graph_that_imports_its_opset_twice(tmp_path: Path) -> None:
+    """A model listing the default domain twice (what skl2onnx wrote for ai.onnx.ml-only graphs,
+    and onnxruntime serves) is quantized, not refused with the quantizer's internal message."""
+    import onnx
+
+    model = onnx.load_from_string(mlp_model(features=32, hidden=256, classes=4))
+    model.opset_import.append(onnx.helper.make_opsetid("", model.opset_import[0].version))
+    mdir = write_model(tmp_path / "models", "mlp", model.SerializeToString())
+    r = quantize(mdir, "int8")
+    assert r.note is None and r.version == 2 and r.size_after < r.size_before
+    ops = {n.op_type for n in onnx.load(str(mdir / "2" / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    with run_server(tmp_path / "models") as srv, InhouseClient(srv.url) as c:
+        got, header = c.infer("mlp", {"features": np.ones((2, 32), np.float32)})
+    assert header["model_version"] == "2" and got["probabilities"].shape == (2, 4)

@@ -82,7 +82,23 @@ def test_mutual_tls_on_both_transports(repo: Path, pki: Pki) -> None:
         plain.close()
 
 
+def _tls11_client(pki: Pki) -> ssl.SSLContext | None:
+    """A client that offers only TLS 1.0 / 1.1, or None when this OpenSSL cannot build one."""
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(pki.ca.cert)
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.TLSv1
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+    except (ValueError, ssl.SSLError):
+        return None
+    return old
+
+
 def test_tls_versions(repo: Path, pki: Pki) -> None:
+    unchecked = []  # ports whose TLS 1.1 refusal this OpenSSL cannot test; every other check still runs
     with run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key) as srv:
         ports = {"h2": srv.grpc_port, "http/1.1": srv.server.http_port}
         for alpn, port in ports.items():
@@ -90,25 +106,23 @@ def test_tls_versions(repo: Path, pki: Pki) -> None:
             tls12 = _https(pki, client=False)
             tls12.maximum_version = ssl.TLSVersion.TLSv1_2
             assert _handshake(port, tls12, alpn) == "TLSv1.2"
-            old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            old.load_verify_locations(pki.ca.cert)
-            old.set_ciphers("DEFAULT:@SECLEVEL=0")
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    old.minimum_version = ssl.TLSVersion.TLSv1
-                    old.maximum_version = ssl.TLSVersion.TLSv1_1
-            except (ValueError, ssl.SSLError):
-                pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+            old = _tls11_client(pki)
+            if old is None:
+                unchecked.append(alpn)
+                continue
             with pytest.raises((ssl.SSLError, ConnectionError)) as err:
                 _handshake(port, old, alpn)
-            if "NO_PROTOCOLS_AVAILABLE" in str(err.value):
-                pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+            if "NO_PROTOCOLS_AVAILABLE" in str(err.value):  # the client refused to send its hello
+                unchecked.append(alpn)
+                continue
             print(f"TLS 1.1 client on {alpn}: {err.value}")
         # TLS without a client CA: no client certificate needed, on both ports
         with httpx.Client(base_url=f"https://localhost:{ports['http/1.1']}", verify=_https(pki, client=False)) as c:
             assert c.get("/v2/health/live").status_code == 200
         assert _grpc(srv, pki, client=False).is_server_live()
+    if unchecked:
+        pytest.skip(f"TLS 1.3 and 1.2 checked on both ports; this OpenSSL cannot offer TLS 1.1, so its refusal "
+                    f"was not checked on {', '.join(unchecked)}")
 
 
 @pytest.mark.parametrize("case", ["missing-cert", "mismatch", "ca-without-cert", "key-only", "bad-ca",

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
+import socket
+import threading
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -115,17 +120,80 @@ def test_requested_outputs_and_binary_data_output(client: httpclient.InferenceSe
         client.infer("add", ins, outputs=[httpclient.InferRequestedOutput("nope")])
 
 
+class _Wire:
+    """A TCP relay in front of the server that keeps every byte each way, so a test sees what a
+    client really sent and received (headers and compressed bodies)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self.sent = bytearray()
+        self.received = bytearray()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            for src, dst, log in ((client, upstream, self.sent), (upstream, client, self.received)):
+                threading.Thread(target=self._pipe, args=(src, dst, log), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(1 << 16):
+                log += chunk
+                dst.sendall(chunk)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _head_and_body(raw: bytes) -> tuple[dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:])
+    headers = {k.lower(): v for k, v in fields.items()}
+    return headers, body[: int(headers["content-length"])]
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_request_and_response_compression(client: httpclient.InferenceServerClient, algorithm: str) -> None:
+def test_request_and_response_compression(triton_server: RunningServer, algorithm: str) -> None:
+    """Seen on the wire: tritonclient's compressed request is smaller than the tensors and
+    decoded by the server; the answer comes back gzip-compressed when gzip is accepted (responses
+    are compressed with gzip only, so a deflate-only client gets plain bytes)."""
     a = np.random.default_rng(0).standard_normal((400, 4)).astype(np.float32)
-    ins = []
-    for name in ("a", "b"):
-        i = httpclient.InferInput(name, [400, 4], "FP32")
-        i.set_data_from_numpy(a, binary_data=algorithm == "gzip")
-        ins.append(i)
-    result = client.infer("add", ins, request_compression_algorithm=algorithm,
-                          response_compression_algorithm=algorithm)
-    np.testing.assert_allclose(result.as_numpy("out"), a * 2, rtol=1e-6)
+    wire = _Wire(triton_server.url.removeprefix("http://"))
+    client = httpclient.InferenceServerClient(wire.address)
+    try:
+        ins = []
+        for name in ("a", "b"):
+            i = httpclient.InferInput(name, [400, 4], "FP32")
+            i.set_data_from_numpy(np.zeros_like(a) if name == "b" else a, binary_data=algorithm == "gzip")
+            ins.append(i)
+        result = client.infer("add", ins, request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("out"), a, rtol=1e-6)
+    finally:
+        client.close()
+        wire.close()
+    sent_headers, sent_body = _head_and_body(bytes(wire.sent))
+    assert sent_headers["content-encoding"] == algorithm
+    unpack = gzip.decompress if algorithm == "gzip" else zlib.decompress
+    assert len(sent_body) < len(unpack(sent_body))
+    got_headers, got_body = _head_and_body(bytes(wire.received))
+    if algorithm == "gzip":
+        assert got_headers["content-encoding"] == "gzip"
+        plain = gzip.decompress(got_body)
+        assert len(got_body) < len(plain) and len(plain) >= 400 * 4 * 4  # the FP32 output, at least
+    else:
+        assert "content-encoding" not in got_headers and len(got_body) >= 400 * 4 * 4
 
 
 def test_health_and_metadata(client: httpclient.InferenceServerClient) -> None:

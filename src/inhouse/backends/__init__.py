@@ -66,6 +66,23 @@ class LoadContext:
         with open(self.version_dir / relative, "rb") as f:
             self._check_sha256(rel_to_model, expected, hashlib.file_digest(f, "sha256").hexdigest())
 
+    def verify_listed(self) -> None:
+        """Check every file that ``files.sha256`` lists in this version folder, for a runtime that
+        reads the whole folder itself (transformers' ``from_pretrained``): call it before any of the
+        folder is read. Raises 1004 on a mismatch, 1005 for a listed file that is missing."""
+        prefix = f"{self.version_dir.name}/"
+        for rel_to_model in sorted(self.spec.files.sha256):
+            if not rel_to_model.startswith(prefix):
+                continue  # another version's file
+            relative = rel_to_model.removeprefix(prefix)
+            path = self.version_dir / relative
+            if not path.resolve().is_relative_to(self.version_dir.resolve()) or not path.is_file():
+                raise ModelSpecError(
+                    f"Model '{self.spec.name}': files.sha256 lists '{rel_to_model}', which is not a file in "
+                    f"{self.version_dir}; restore it, or remove it from files.sha256."
+                )
+            self.verify_file(relative)
+
     def _check_sha256(self, rel_to_model: str, expected: str, actual: str) -> None:
         if actual != expected:
             raise ArtefactIntegrityError(

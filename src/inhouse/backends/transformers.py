@@ -57,6 +57,10 @@ class TransformersBackend:
         files = HfFiles(ctx, source)
         try:
             if not files.encrypted:
+                # from_pretrained reads the folder itself, past read_artefact's per-file check;
+                # hashing also brings the files into the page cache for the reads that follow
+                progress(0, "verifying checksums")
+                ctx.verify_listed()
                 _page_in(source, progress)
             if spec.task in ("chat", "generate"):
                 return GenerativeModel.load(spec, files, device, dtype, progress)

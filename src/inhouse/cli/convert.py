@@ -125,6 +125,9 @@ def quantize(
                              tolerance=tolerance, step=step)
     except InhouseError as err:
         raise _fail(err) from None
+    if r.note is not None:
+        typer.echo(f"note: {r.note}")
+        return
     typer.echo(f"wrote {r.artefact} (version {r.version}, {mode.upper()} of version {r.source_version})")
     typer.echo(f"size: {_size(r.size_before)} -> {_size(r.size_after)} "
                f"({r.size_after / max(r.size_before, 1):.0%})")

@@ -5,8 +5,10 @@
 Fed by the same hooks as the Prometheus metrics (one request done or failed; one request's queue
 wait; one backend call and its batch size): a few integer additions under a lock per request.
 Durations are cumulative nanoseconds, as Triton reports them. inhouse does not time input and output
-conversion apart from the backend call, so ``compute_input`` / ``compute_output`` stay zero and the
-whole call is ``compute_infer``; there is no response cache, so ``cache_hit`` / ``cache_miss`` are zero."""
+conversion apart from the backend call: the whole call is ``compute_infer``, and ``compute_input`` /
+``compute_output`` carry the same counts with zero time, because clients such as ``perf_analyzer``
+refuse statistics whose three compute counts differ. There is no response cache, so ``cache_hit`` /
+``cache_miss`` are zero."""
 
 from __future__ import annotations
 
@@ -88,12 +90,13 @@ class VersionStatistics:
                     "success": _duration(self.success_n, self.success_ns),
                     "fail": _duration(self.fail_n, self.fail_ns),
                     "queue": _duration(self.queue_n, self.queue_ns),
-                    "compute_input": zero, "compute_infer": _duration(self.infer_n, self.infer_ns),
-                    "compute_output": zero, "cache_hit": zero, "cache_miss": zero,
+                    "compute_input": _duration(self.infer_n, 0),
+                    "compute_infer": _duration(self.infer_n, self.infer_ns),
+                    "compute_output": _duration(self.infer_n, 0), "cache_hit": zero, "cache_miss": zero,
                 },
                 "batch_stats": [
-                    {"batch_size": size, "compute_input": zero, "compute_infer": _duration(n, ns),
-                     "compute_output": zero}
+                    {"batch_size": size, "compute_input": _duration(n, 0), "compute_infer": _duration(n, ns),
+                     "compute_output": _duration(n, 0)}
                     for size, (n, ns) in sorted(self._batches.items())
                 ],
             }

@@ -11,6 +11,7 @@ import numpy as np
 
 from inhouse.errors import ConversionError
 from inhouse.tools.extras import require
+from inhouse.tools.onnx_info import merge_opset_imports
 
 ML_OPSET = 3
 
@@ -86,7 +87,7 @@ def export(model: Any, features: int, opset: int) -> bytes:
         raise
     except Exception as err:
         raise ConversionError(f"Converting the {type(model).__name__} failed: {err}") from None
-    return bytes(_rename_outputs(onx, is_classifier(model)).SerializeToString())
+    return bytes(merge_opset_imports(_rename_outputs(onx, is_classifier(model))).SerializeToString())
 
 
 def _rename_outputs(onx: Any, classifier: bool) -> Any:

@@ -60,6 +60,20 @@ def choose_opset(requested: int | None) -> int:
     return requested
 
 
+def merge_opset_imports(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One opset import per domain, the highest version: skl2onnx can list the default domain
+    twice, which onnxruntime serves but its quantizer refuses ("Failed to find proper ai.onnx
+    domain")."""
+    best: dict[str, int] = {}
+    for o in model.opset_import:
+        domain = "" if o.domain == "ai.onnx" else o.domain
+        best[domain] = max(best.get(domain, 0), o.version)
+    if len(best) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(helper.make_opsetid(d, v) for d, v in best.items())
+    return model
+
+
 def check_runtime_loads(onnx_bytes: bytes) -> None:
     """Fail with code 1001 when the installed onnxruntime cannot load the graph."""
     import onnxruntime as ort

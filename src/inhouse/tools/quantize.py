@@ -1,6 +1,8 @@
 """``inhouse quantize``: dynamic INT8 (onnxruntime.quantization) or FP16 (onnxconverter-common)
 versions of a served ONNX model, written as a new version, with an optional accuracy and
-speed check against the source version on this machine."""
+speed check against the source version on this machine. INT8 quantizes what has constant
+weights (MatMul, Gemm, Conv, Gather, …); a graph with none of these (e.g. a scikit-learn linear
+model, one ``ai.onnx.ml`` operator) gets a note and no new version."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import onnx
 
 from inhouse.errors import ConversionError, ModelFormatError
 from inhouse.tools.extras import require
-from inhouse.tools.onnx_info import graph_io, read_spec_doc, versions_in, write_version
+from inhouse.tools.onnx_info import graph_io, merge_opset_imports, read_spec_doc, versions_in, write_version
 from inhouse.tools.samples import load_npz
 from inhouse.tools.verify import Comparison, compare, median_latency, run, session
 
@@ -35,6 +37,7 @@ class QuantizeResult:
     comparison: Comparison | None = None
     latency_before_s: float | None = None
     latency_after_s: float | None = None
+    note: str | None = None  # set when nothing was written, saying why
 
     @property
     def speedup(self) -> float | None:
@@ -107,7 +110,7 @@ def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
         # Exporters record intermediate shapes (value_info) that the quantizer's own shape
         # inference may contradict (the torch.export exporter does): let it infer them afresh.
         del model.graph.value_info[:]
-        onnx.save(model, str(pre))
+        onnx.save(merge_opset_imports(model), str(pre))
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger
@@ -120,6 +123,10 @@ def quantize_bytes(src: Path, mode: Mode, per_channel: bool = False) -> bytes:
         return out.read_bytes()
 
 
+def _eight_bit_weights(model: onnx.ModelProto) -> int:
+    return sum(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in model.graph.initializer)
+
+
 def quantize(model_dir: Path, mode: Mode, *, version: int | None = None, check: Path | None = None,
              per_channel: bool = False, tolerance: float | None = None,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
@@ -127,6 +134,16 @@ def quantize(model_dir: Path, mode: Mode, *, version: int | None = None, check: 
     step(f"{'quantizing' if mode == 'int8' else 'converting'} version {src_version} to {mode.upper()}")
     data = quantize_bytes(src, mode, per_channel)
     result = QuantizeResult(model_dir, src_version, 0, src, mode, src.stat().st_size, len(data))
+    if mode == "int8":
+        original = onnx.load(str(src))
+        if _eight_bit_weights(onnx.load_from_string(data)) <= _eight_bit_weights(original):
+            ops = sorted({f"{n.op_type} ({n.domain})" if n.domain else n.op_type for n in original.graph.node})
+            result.version, result.size_after = src_version, result.size_before
+            result.note = (f"nothing to quantize: dynamic INT8 quantizes the constant weights of MatMul, Gemm, "
+                           f"Conv, Gather and similar operators, and version {src_version} has none "
+                           f"(its operators: {', '.join(ops)}). No version was written; serve version "
+                           f"{src_version} as it is.")
+            return result
     if check is not None:
         inputs_spec, _ = graph_io(onnx.load(str(src)))
         samples = load_npz(check, [i["name"] for i in inputs_spec])
