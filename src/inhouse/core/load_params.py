@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
+from inhouse.core.json_doc import json_object
 from inhouse.errors import InvalidRequestError
 
 
@@ -28,10 +27,4 @@ def load_overrides(params: Mapping[str, Any], what: str) -> dict[str, Any] | Non
         return raw
     if not isinstance(raw, str | bytes):
         raise InvalidRequestError(f"{what} must be a JSON object, or a string holding one.")
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise InvalidRequestError(f"{what} is not valid JSON: {err}.") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"{what} must be a JSON object.")
-    return doc
+    return json_object(raw, what)

@@ -8,7 +8,6 @@ import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import orjson
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -141,14 +140,3 @@ async def cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, T], *
         raise client_gone(task) from None
     finally:
         watch.stop()
-
-
-def json_object(raw: bytes | str, what: str = "Request body") -> dict[str, Any]:
-    """``raw`` parsed as a JSON object, or a 2001 error naming ``what``."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise InvalidRequestError(f"{what} is not valid JSON: {err}.") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"{what} must be a JSON object.")
-    return doc

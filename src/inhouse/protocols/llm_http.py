@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from inhouse.core.json_doc import json_object
 from inhouse.errors import InvalidRequestError
-from inhouse.protocols.http_body import json_object, read_body
+from inhouse.protocols.http_body import read_body
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.core.dataplane import DataPlane, parse_version
+from inhouse.core.json_doc import json_object
 from inhouse.core.load_params import load_overrides
 from inhouse.core.manager import IndexEntry
 from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
-from inhouse.protocols.http_body import cancel_on_disconnect, json_object, read_body
+from inhouse.protocols.http_body import cancel_on_disconnect, read_body
 from inhouse.protocols.kserve_v2.json_wire import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
 

@@ -14,10 +14,11 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inhouse.core.json_doc import json_object
 from inhouse.core.spec import ModelSpec
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import as_inhouse_error, error_renderer
-from inhouse.protocols.http_body import json_object, read_body
+from inhouse.protocols.http_body import read_body
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.pipeline import (
     UNDECLARED,
