@@ -93,10 +93,11 @@ def test_chat_stream_matches_the_whole_answer(client: ollama.Client) -> None:
 
 def test_stream_is_ndjson_by_default(srv: RunningServer) -> None:
     with httpx.Client(base_url=srv.url, timeout=60) as h, h.stream(
-            "POST", "/api/chat", json={"model": CHAT, "messages": HELLO, "options": {"num_predict": 3}}) as resp:
+            "POST", "/api/chat", json={"model": CHAT, "messages": HELLO, "options": {"num_predict": 300}}) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/x-ndjson")
+        assert "content-encoding" not in resp.headers  # lines are never held back by compression
         lines = [json.loads(ln) for ln in resp.iter_lines() if ln]
-    assert lines[-1]["done"] is True and lines[-1]["eval_count"] <= 3
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] <= 300
     assert {"model", "created_at", "message", "done"} <= set(lines[0])
 
 
@@ -296,3 +297,21 @@ def test_pii_placeholders_restored_in_streamed_answer(secured: tuple[RunningServ
     whole = c.generate(model=PII_MODEL, prompt="Write to alice@example.com please.", format=schema,
                        options={"num_predict": 60})
     assert json.loads(whole.response) == {"to": "alice@example.com"}
+
+
+def test_ndjson_framing_restores_placeholders_split_across_lines_and_reads() -> None:
+    from inhouse.protocols import ollama as adapter
+    from inhouse.security.pii import Redactor, Vault
+    from inhouse.security.pipeline import NdjsonStream, stream_framing
+
+    assert stream_framing(b"application/x-ndjson; charset=utf-8") is NdjsonStream
+    vault = Vault()
+    assert Redactor().redact("mail a@b.io", vault) == "mail [EMAIL_1]"
+    stream = NdjsonStream(vault.restore, adapter.stream_texts)
+    pieces = ["Sure: [EM", "AIL", "_1", "] ok", ""]
+    data = b"".join(json.dumps({"model": "m", "message": {"role": "assistant", "content": p},
+                                "done": i == len(pieces) - 1}).encode() + b"\n" for i, p in enumerate(pieces))
+    out = b"".join(stream.feed(data[i:i + 7], True) for i in range(0, len(data), 7)) + stream.feed(b"", False)
+    docs = [json.loads(line) for line in out.split(b"\n") if line]
+    assert len(docs) == len(pieces) and docs[-1]["done"] is True
+    assert "".join(d["message"]["content"] for d in docs) == "Sure: a@b.io ok"
