@@ -172,6 +172,11 @@ def test_generate_stream_raw_and_load(srv: RunningServer, client: ollama.Client)
     assert raw.prompt_eval_count == len(tok("Once upon a time")["input_ids"])
     loaded = client.generate(model=CHAT)  # Ollama's way to load a model: it is loaded already
     assert loaded.done and loaded.done_reason == "load"
+    assert client.chat(model=CHAT, messages=[]).done_reason == "load"
+    # keep_alive 0 is accepted, but a model other clients use stays loaded
+    client.generate(model=CHAT, prompt="hi", keep_alive=0, options={"num_predict": 1, "presence_penalty": 0.5,
+                                                                     "frequency_penalty": 0.5})
+    assert CHAT in {m.model for m in client.ps().models}
 
 
 # ---- embeddings ---------------------------------------------------------------------------------
@@ -218,6 +223,9 @@ def test_bad_input_in_ollamas_error_shape(srv: RunningServer, client: ollama.Cli
          400, "num_ctx"),
         (lambda: client.generate(model=CHAT, prompt="x", suffix="y"), 400, "suffix"),
         (lambda: client.chat(model=CHAT, messages=HELLO, options={"num_predict": 0}), 400, "num_predict"),
+        (lambda: client.generate(model=CHAT, prompt="x", template="{{ .Prompt }}"), 400, "template"),
+        (lambda: client.generate(model=CHAT, prompt="x", context=[1, 2, 3]), 400, "context"),
+        (lambda: client.embed(model=BERT, input="word " * 3000), 400, "context length"),
     ]
     for call, status, text in bad:
         with pytest.raises(ollama.ResponseError) as e:
@@ -255,7 +263,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path
         tuple[RunningServer, dict[str, str]]]:
     root = build_llm_repo(tmp_path_factory.mktemp("ollama") / "models", llm_models, only=[BERT])
     write_llm_model(root, PII_MODEL, llm_models["qwen2"], {"max_model_len": 512, "engine": {"max_num_seqs": 4},
-                                                           "pii": {"inputs": True, "outputs": "restore"}})
+                                                           "pii": {"inputs": True, "outputs": "restore"},
+                                                           "policy": {"deny_patterns": ["secret project"]}})
     data = root.parent / "data"
     store = KeyStore(data)
     keys = {"infer": store.create("app", ["infer"])[0],
@@ -280,6 +289,13 @@ def test_api_key_required_and_model_list_enforced(secured: tuple[RunningServer, 
     assert limited.embed(model=BERT, input="hi").embeddings
     ok = ollama.Client(host=srv.url, headers={"Authorization": f"Bearer {keys['infer']}"})
     assert ok.chat(model=PII_MODEL, messages=HELLO, options={"num_predict": 2}).done
+    with pytest.raises(ollama.ResponseError) as e:  # the model's content policy reads Ollama's texts
+        ok.generate(model=PII_MODEL, prompt="tell me about the secret project", system="be brief")
+    assert e.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as e:
+        ok.chat(model=PII_MODEL, messages=[{"role": "user", "content": "the secret project?"}],
+                stream=True).__next__()
+    assert e.value.status_code == 400
 
 
 def test_pii_placeholders_restored_in_streamed_answer(secured: tuple[RunningServer, dict[str, str]]) -> None:
