@@ -207,6 +207,12 @@ def test_bad_input_in_ollamas_error_shape(srv: RunningServer, client: ollama.Cli
         assert r.status_code == 400 and "format" in r.json()["error"]
         r = h.get("/api/no-such-route")
         assert r.status_code == 404 and set(r.json()) == {"error"}
+    with pytest.raises(ollama.ResponseError) as e:  # nothing is pulled: models come from the repository
+        client.pull(CHAT)
+    assert e.value.status_code == 400 and "repository" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete(CHAT)
+    assert e.value.status_code == 400 and CHAT in {m.model for m in client.list().models}
     bad: list[tuple[Any, int, str]] = [
         (lambda: client.chat(model="nope", messages=HELLO), 404, "model 'nope' not found"),
         (lambda: client.generate(model="nope", prompt="hi", stream=True).__next__(), 404, "not found"),
@@ -331,3 +337,14 @@ def test_ndjson_framing_restores_placeholders_split_across_lines_and_reads() -> 
     docs = [json.loads(line) for line in out.split(b"\n") if line]
     assert len(docs) == len(pieces) and docs[-1]["done"] is True
     assert "".join(d["message"]["content"] for d in docs) == "Sure: a@b.io ok"
+
+
+def test_error_after_the_stream_started_arrives_in_band(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    root = build_llm_repo(tmp_path / "models", llm_models, only=[CHAT])
+    with run_server(root, llm_timeout_s=0.2) as s:
+        c = ollama.Client(host=s.url, timeout=60)
+        got: list[Any] = []
+        with pytest.raises(ollama.ResponseError, match="deadline"):
+            for chunk in c.chat(model=CHAT, messages=HELLO, options={**GREEDY, "num_predict": 1000}, stream=True):
+                got.append(chunk)
+        assert got and not any(ch.done for ch in got)  # pieces came first, then the error line

@@ -591,6 +591,15 @@ class OllamaRoutes:
         return json_response({"embedding": np.asarray(vectors[0], dtype=np.float32).tolist()})
 
 
+    # ---- model management: inhouse serves its repository, nothing is pulled or created ----------
+    @guarded(Guard("ollama.manage", "infer"))
+    async def manage(self, request: Request) -> Response:
+        raise InvalidRequestError(
+            f"{request.url.path} is not supported: inhouse serves the models in its repository. Put the model's "
+            "folder in the repository and load it (inhouse models load NAME, or POST "
+            "/v2/repository/models/NAME/load with an admin key).")
+
+
 def build_router(service: LLMService, manager: ModelManager, max_request_bytes: int) -> APIRouter:
     routes = OllamaRoutes(service, manager, max_request_bytes)
     router = APIRouter(prefix="/api", tags=["Ollama"])
@@ -602,4 +611,7 @@ def build_router(service: LLMService, manager: ModelManager, max_request_bytes: 
     router.add_api_route("/generate", routes.generate, methods=["POST"])
     router.add_api_route("/embed", routes.embed, methods=["POST"])
     router.add_api_route("/embeddings", routes.embeddings, methods=["POST"])
+    for path in ("/pull", "/push", "/create", "/copy"):
+        router.add_api_route(path, routes.manage, methods=["POST"], include_in_schema=False)
+    router.add_api_route("/delete", routes.manage, methods=["DELETE"], include_in_schema=False)
     return router
