@@ -60,7 +60,7 @@ def test_version_tags_ps_show(client: ollama.Client) -> None:
     assert tag.size and tag.size > 0 and tag.digest and len(tag.digest) == 64 and tag.modified_at is not None
     running = {m.model: m for m in client.ps().models}
     assert {CHAT, LLAMA, BERT} <= set(running) and "gpt-4o-mini" not in running
-    assert running[CHAT].context_length == 1024
+    assert running[CHAT].context_length == 1024 and running[CHAT].expires_at.year == 9999  # type: ignore[union-attr]
     shown = client.show(CHAT)
     assert shown.capabilities is not None and {"completion", "tools"} <= set(shown.capabilities)
     assert "thinking" not in shown.capabilities

@@ -411,8 +411,9 @@ class OllamaRoutes:
         return self._sizes[key]
 
     def _details(self, mv: ModelVersion) -> dict[str, Any]:
+        dtype = mv.spec.dtype
         return {"parent_model": "", "format": mv.spec.backend, "family": "", "families": None,
-                "parameter_size": "", "quantization_level": mv.spec.dtype}
+                "parameter_size": "", "quantization_level": "" if dtype == "auto" else dtype.upper()}
 
     def _entry(self, m: ServedModel, mv: ModelVersion) -> dict[str, Any]:
         return {"name": m.id, "model": m.id, "modified_at": _iso(mv.loaded_at), "size": self._size(mv),
@@ -436,7 +437,8 @@ class OllamaRoutes:
             mv = self.manager.resolve(m.model)
             device = mv.spec.instances.device
             size = self._size(mv)
-            out.append({**self._entry(m, mv), "expires_at": "0001-01-01T00:00:00Z",
+            # loaded until an admin unloads it: Ollama's "forever" (a negative keep_alive) is a far date
+            out.append({**self._entry(m, mv), "expires_at": "9999-12-31T23:59:59Z",
                         "size_vram": 0 if device == "cpu" else size, "context_length": m.max_model_len})
         return json_response({"models": out})
 
