@@ -244,6 +244,8 @@ def test_num_ctx_bounds_the_answer(srv: RunningServer, client: ollama.Client) ->
     n = prompt_len(srv, HELLO)
     r = client.chat(model=CHAT, messages=HELLO, options={**GREEDY, "num_ctx": n + 3})
     assert r.eval_count == 3 and r.done_reason == "length"
+    raw = client.generate(model=CHAT, prompt="Once upon a time", raw=True, options={**GREEDY, "num_ctx": 16})
+    assert raw.prompt_eval_count and raw.eval_count == 16 - raw.prompt_eval_count and raw.done_reason == "length"
 
 
 def test_client_disconnect_cancels_generation(srv: RunningServer) -> None:

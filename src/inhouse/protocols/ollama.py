@@ -6,6 +6,7 @@ its events come back as Ollama's chunks. Nothing else."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
@@ -236,17 +237,6 @@ def _think_kwargs(think: bool | str | None, mv: ModelVersion, model: str) -> dic
     return {"enable_thinking": think is not False}
 
 
-def _raw_fits(num_ctx: int, max_tokens: int | None) -> Callable[[Prompt], None]:
-    """A raw prompt is counted by the service: check it against ``num_ctx`` once it is."""
-    def check(p: Prompt) -> None:
-        if p.prompt_tokens + (max_tokens or 1) > num_ctx:
-            raise ContextLengthError(
-                f"The prompt has {p.prompt_tokens} tokens; with num_predict it does not fit options.num_ctx "
-                f"{num_ctx}. Raise num_ctx, lower num_predict or shorten the prompt.",
-                details={"param": "options.num_ctx"})
-    return check
-
-
 # ---- rendering ----------------------------------------------------------------------------------
 class Timing:
     """Nanosecond durations of one request, as Ollama reports them, from when the events came:
@@ -465,11 +455,18 @@ class OllamaRoutes:
             "capabilities": capabilities, "modified_at": _iso(mv.loaded_at)})
 
     # ---- chat and generate ----------------------------------------------------------------------
-    async def _fit_context(self, req: ChatRequest, num_ctx: int | None) -> None:
+    async def _fit_context(self, req: ChatRequest | CompletionRequest, num_ctx: int | None, mv: ModelVersion) -> None:
         """A smaller ``num_ctx`` than the model's window: the prompt and the answer must fit it."""
         if num_ctx is None:
             return
-        n = await self.service.count_tokens(req)
+        if isinstance(req, ChatRequest):
+            n = await self.service.count_tokens(req)
+        else:  # a raw prompt, tokenized as the service will
+            tokenizer = getattr(getattr(mv.model, "engine", None), "tokenizer", None)
+            if tokenizer is None:
+                raise ModelNotFoundError(f"model '{req.model}' was unloaded mid-request; retry.")
+            ids = await asyncio.to_thread(tokenizer, req.prompts[0], add_special_tokens=True)
+            n = len(ids["input_ids"])
         if n >= num_ctx:
             raise ContextLengthError(f"The prompt has {n} tokens, which does not leave room for an answer in "
                                      f"options.num_ctx {num_ctx}; raise num_ctx or shorten the prompt.",
@@ -485,20 +482,16 @@ class OllamaRoutes:
         return json_response(doc)
 
     async def _answer(self, request: Request, events: AsyncIterator[Event], model: str, piece: Piece, stream: bool,
-                      timing: Timing, check: Callable[[Prompt], None] | None = None) -> Response:
+                      timing: Timing) -> Response:
         if stream:
             first, rest = await first_and_rest(events)
             timing.saw(first)
-            if check is not None and isinstance(first, Prompt):
-                check(first)
             return ndjson_response(_ndjson(rest, model, piece, timing))
 
         async def collect() -> list[Event]:
             out = []
             async for ev in events:
                 timing.saw(ev)
-                if check is not None and isinstance(ev, Prompt):
-                    check(ev)
                 out.append(ev)
             return out
 
@@ -525,7 +518,7 @@ class OllamaRoutes:
                           sampling=sampling, tools=normalize_tools(body.tools),
                           response_format=_format(body.format),
                           template_kwargs=_think_kwargs(body.think, mv, body.model))
-        await self._fit_context(req, num_ctx)
+        await self._fit_context(req, num_ctx, mv)
         return await self._answer(request, self.service.chat(req), body.model, _chat_piece, body.stream, timing)
 
     @guarded(Guard("ollama.generate", "infer", model="model", texts=TEXTS))
@@ -550,19 +543,18 @@ class OllamaRoutes:
         sampling, num_ctx = _sampling(body.options, served)
         fmt = _format(body.format)
         events: AsyncIterator[Event]
-        check: Callable[[Prompt], None] | None = None
         if body.raw:
-            events = self.service.complete(CompletionRequest(model=body.model, prompts=[body.prompt],
-                                                             sampling=sampling, response_format=fmt))
-            check = _raw_fits(num_ctx, sampling.max_tokens) if num_ctx is not None else None
+            raw = CompletionRequest(model=body.model, prompts=[body.prompt], sampling=sampling, response_format=fmt)
+            await self._fit_context(raw, num_ctx, mv)
+            events = self.service.complete(raw)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
                 {"role": "user", "content": body.prompt}]
             req = ChatRequest(model=body.model, messages=normalize_messages(messages, body.model), sampling=sampling,
                               response_format=fmt, template_kwargs=_think_kwargs(body.think, mv, body.model))
-            await self._fit_context(req, num_ctx)
+            await self._fit_context(req, num_ctx, mv)
             events = self.service.chat(req)
-        return await self._answer(request, events, body.model, _generate_piece, body.stream, timing, check)
+        return await self._answer(request, events, body.model, _generate_piece, body.stream, timing)
 
     # ---- embeddings -----------------------------------------------------------------------------
     @guarded(Guard("ollama.embed", "infer", model="model", texts=TEXTS))
