@@ -63,6 +63,12 @@ def anthropic_error_body(err: InhouseError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": f"[{err.code}] {err.message}"}}
 
 
+def ollama_error_body(err: InhouseError) -> dict[str, Any]:
+    """https://github.com/ollama/ollama/blob/main/docs/api.md#errors: ``{"error": "..."}``, the
+    plain message (the code travels in the header), with the HTTP status of our table."""
+    return {"error": err.message}
+
+
 # ---- HTTP responses ---------------------------------------------------------------------------
 def v2_error_parts(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """The v2 error as (status, raw headers, body): what both the Starlette response and the hot
@@ -91,11 +97,14 @@ def _json_error(body: Callable[[InhouseError], dict[str, Any]]) -> Callable[[Bas
 
 openai_error_response = _json_error(openai_error_body)
 anthropic_error_response = _json_error(anthropic_error_body)
+ollama_error_response = _json_error(ollama_error_body)
 
 
 def error_renderer(path: str) -> Callable[[BaseException], Response]:
     """The error format a client of ``path`` understands: Anthropic's on /v1/messages,
-    OpenAI's elsewhere on /v1, KServe v2's everywhere else."""
+    OpenAI's elsewhere on /v1, Ollama's on /api, KServe v2's everywhere else."""
+    if path.startswith("/api/"):
+        return ollama_error_response
     if path.startswith("/v1/messages"):
         return anthropic_error_response
     if path.startswith("/v1/") or path == "/v1":

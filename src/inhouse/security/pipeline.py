@@ -286,3 +286,47 @@ class SseStream:
             out.append(b"\n".join(lines))
         return b"\n\n".join(out)
 
+
+
+class NdjsonStream:
+    """The state of one newline-delimited JSON answer (one event per line) whose texts are
+    rewritten: the bytes of a line not yet complete, and the protocol's event visitor."""
+
+    __slots__ = ("_pending", "_visit", "pieces")
+
+    def __init__(self, fn: TextFn, visit: StreamVisitor | None) -> None:
+        self.pieces = PieceTexts(fn)
+        self._visit = visit or whole_event
+        self._pending = b""
+
+    def feed(self, data: bytes, more: bool) -> bytes:
+        """The complete lines so far, rewritten; a partial one waits for the rest."""
+        buf = self._pending + data
+        lines, _, rest = buf.rpartition(b"\n") if more else (buf, b"", b"")
+        self._pending = rest
+        return self.transform(lines + (b"\n" if more and lines else b""))
+
+    def transform(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for line in data.split(b"\n"):
+            if not line.strip():
+                out.append(line)
+                continue
+            try:
+                docs = self._visit(orjson.loads(line), self.pieces)
+            except orjson.JSONDecodeError:
+                out.append(line)
+                continue
+            out.extend(orjson.dumps(d) for d in docs)
+        return b"\n".join(out)
+
+
+AnswerStream = SseStream | NdjsonStream
+_STREAM_FRAMINGS: dict[bytes, type[AnswerStream]] = {b"text/event-stream": SseStream,
+                                                      b"application/x-ndjson": NdjsonStream}
+
+
+def stream_framing(content_type: bytes) -> type[AnswerStream] | None:
+    """How a streamed answer of this media type splits into events (server-sent events or one
+    JSON document per line); None for an answer that is not a stream of events."""
+    return _STREAM_FRAMINGS.get(content_type.split(b";", 1)[0].strip().lower())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.gzip import GZipMiddleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -16,7 +16,7 @@ from inhouse.llm.service import LLMService
 from inhouse.observability.access import ObservabilityMiddleware
 from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
-from inhouse.protocols import anthropic, keys_admin, openai
+from inhouse.protocols import anthropic, keys_admin, ollama, openai
 from inhouse.protocols.errors import ErrorResponses, error_renderer
 from inhouse.protocols.kserve_v2 import rest
 from inhouse.security.gate import SecurityGate
@@ -39,6 +39,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     app.include_router(rest.build_router(dataplane, settings.max_request_bytes))
     app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
+    app.include_router(ollama.build_router(llm, dataplane.manager, settings.max_request_bytes))
     if observability is not None:
         app.include_router(build_metrics_router(observability.registry))
 
@@ -67,7 +68,9 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     app.add_exception_handler(Exception, unhandled)  # the last resort: what a middleware itself raises
     app.add_middleware(ErrorResponses)  # added first, so innermost: every route's InhouseError and the rest
     if settings.gzip_min_bytes > 0:
-        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+        # streams of events (SSE, Ollama's NDJSON) must reach the client as they come, not in zlib's blocks
+        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes,
+                           exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, "application/x-ndjson"))
     # v2 infer, the hot path, is answered before this app by transports/http/infer_entry.py (the server
     # puts it in front); its routes here serve the app when it is mounted on its own.
     app.include_router(keys_admin.build_router(gate, settings.max_request_bytes))

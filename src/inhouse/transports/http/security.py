@@ -22,8 +22,8 @@ from inhouse.protocols.http_body import read_body
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.pipeline import (
     UNDECLARED,
+    AnswerStream,
     Guard,
-    SseStream,
     TextFn,
     audit_payload,
     body_model,
@@ -33,6 +33,7 @@ from inhouse.security.pipeline import (
     open_call,
     output_rules,
     rules_apply,
+    stream_framing,
     transform_json_body,
 )
 
@@ -153,7 +154,7 @@ class _Answer:
         self.start: Message | None = None  # held back: an error, or an answer whose texts are rewritten
         self.error = False
         self.held: list[bytes] = []
-        self.stream: SseStream | None = None
+        self.stream: AnswerStream | None = None
 
 
 class SecurityMiddleware:
@@ -201,16 +202,16 @@ class SecurityMiddleware:
                 headers = [*message.get("headers", []), *extra]
                 message = {**message, "headers": headers}
                 ctype = next((v for k, v in headers if k == b"content-type"), b"")
-                sse = ctype.startswith(b"text/event-stream")
-                if message["status"] >= 400 and not sse:
+                framing = stream_framing(ctype)
+                if message["status"] >= 400 and framing is None:
                     answer.start, answer.error = message, True  # recorded with its message once the body is here
                     return
                 await gate.record(call, message["status"], _error_code(headers))
-                if output_fn is None or not (sse or ctype.startswith(b"application/json")):
+                if output_fn is None or not (framing is not None or ctype.startswith(b"application/json")):
                     await send(message)
-                elif sse:
+                elif framing is not None:
                     message["headers"] = [(k, v) for k, v in headers if k != b"content-length"]
-                    answer.stream = SseStream(output_fn, stream_fn)
+                    answer.stream = framing(output_fn, stream_fn)
                     await send(message)
                 else:
                     answer.start = message
@@ -297,7 +298,7 @@ def _error_code(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def _error_message(body: bytes) -> str | None:
-    """The message of an error body in any of our formats (v2, OpenAI, Anthropic)."""
+    """The message of an error body in any of our formats (v2 and Ollama, OpenAI, Anthropic)."""
     try:
         doc = orjson.loads(body[:65536]) if body else None
     except orjson.JSONDecodeError:
