@@ -21,7 +21,7 @@ import numpy as np
 
 from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
-from inhouse.core.memory import pin_mmap_threshold
+from inhouse.core.memory import available_memory_bytes, pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
@@ -274,6 +274,7 @@ class ModelManager:
 
     def _load_blocking(self, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
         backend = get_backend(mv.spec.backend)
+        check_memory(mv.spec)
         model_dir = self.repository.root / mv.name
         ctx = LoadContext(model_dir=model_dir, version_dir=model_dir / str(mv.version), spec=mv.spec,
                           decryptor=self._decryptor, options=self._backend_options,
@@ -402,6 +403,21 @@ class ModelManager:
                 await self.unload(name)
         await self.settle()
         self._loader.shutdown(wait=False)
+
+
+def check_memory(spec: ModelSpec) -> None:
+    """Refuse a load whose ``resources.memory`` cannot fit before it starts, instead of
+    letting the machine swap or the kernel kill the server halfway through."""
+    need = spec.resources.memory
+    if need is None:
+        return
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise OutOfMemoryError(
+            f"Model '{spec.name}' declares resources.memory of {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is available; unload another model, free memory, or lower "
+            "resources.memory if the model needs less."
+        )
 
 
 def synthetic_inputs(model: LoadedModel, batch: int = 1) -> dict[str, np.ndarray]:
