@@ -5,10 +5,9 @@ Nothing here knows about HTTP or gRPC."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from inhouse.core.triton_config import triton_config
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
 from inhouse.errors import (
     DatatypeError,
+    ForbiddenError,
     InferenceError,
     InhouseError,
     InputNameError,
@@ -41,8 +41,11 @@ class ServerState:
     extensions: list[str] = field(default_factory=lambda: list(EXTENSIONS))
 
 
-SourceCheck = Callable[[object, Path], object]
-"""Raises when a load request's ``source`` (relative to the model folder given) may not be used."""
+class SourceCheck(Protocol):
+    """Raises when a path a load request names (``source``, relative to the model folder given,
+    or the setting ``what``) may not be used; returns it resolved."""
+
+    def __call__(self, source: object, base: Path, *, what: str = ...) -> Path: ...
 
 
 class DataPlane:
@@ -133,6 +136,18 @@ class DataPlane:
         if overrides and "source" in overrides and self._check_source is not None:
             self._check_source(overrides["source"], self.manager.repository.model_dir(name))
         return await self.manager.load(name, overrides)
+
+    async def load_model_from(self, name: str, model_path: str, config_path: str = "") -> list[ModelVersion]:
+        """Load ``name`` from ``model_path`` with the spec at ``config_path`` (OpenClaw's
+        LoadModel). Both must lie inside the repository or ``model_dirs``: a server that loads
+        whatever path a client names can be made to run any file on the machine."""
+        if self._check_source is None:
+            raise ForbiddenError("This server has no rule for which folders models may come from, so it "
+                                 "loads models by name only; configure model_dirs.")
+        root = self.manager.repository.root
+        folder = self._check_source(model_path, root, what="model_path")
+        spec_file = self._check_source(config_path, root, what="config_path") if config_path else None
+        return await self.manager.load_from(name, folder, spec_file)
 
     async def unload_model(self, name: str) -> list[ModelVersion]:
         return await self.manager.unload(name)

@@ -23,9 +23,9 @@ from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_ba
 from inhouse.core.datatypes import numpy_dtype
 from inhouse.core.memory import available_memory_bytes, pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
-from inhouse.core.repository import ModelRepository
+from inhouse.core.repository import ModelRepository, link_layout
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
-from inhouse.core.spec import ModelSpec
+from inhouse.core.spec import ModelSpec, find_spec_file
 from inhouse.errors import (
     InhouseError,
     ModelLoadError,
@@ -239,6 +239,22 @@ class ModelManager:
                     self._spawn(self._retire(old))
             return [new_table[v] for v in wanted]
 
+    async def load_from(self, name: str, folder: Path, spec_file: Path | None) -> list[ModelVersion]:
+        """Load ``name`` from a folder outside the repository's layout (see
+        ``repository.link_layout``). The spec is read first, so a bad one links nothing; a failed
+        load puts back whatever the name was linked to before."""
+        link = link_layout(name, folder, spec_file)
+        self.repository.read_linked_spec(name, link)
+        if (self.repository.linked(name) is None and self.repository.model_dir_if_any(name) == folder
+                and link.spec_file == find_spec_file(folder)):
+            return await self.load(name)  # the repository's own folder for this model: an ordinary load
+        previous = self.repository.link(name, link)
+        try:
+            return await self.load(name)
+        except InhouseError:
+            self.repository.link(name, previous)
+            raise
+
     async def _load_version(self, mv: ModelVersion) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -275,8 +291,9 @@ class ModelManager:
     def _load_blocking(self, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
         backend = get_backend(mv.spec.backend)
         check_memory(mv.spec)
-        model_dir = self.repository.root / mv.name
-        ctx = LoadContext(model_dir=model_dir, version_dir=model_dir / str(mv.version), spec=mv.spec,
+        model_dir = self.repository.model_dir(mv.name)
+        ctx = LoadContext(model_dir=model_dir, version_dir=self.repository.version_dir(mv.name, mv.version),
+                          spec=mv.spec,
                           decryptor=self._decryptor, options=self._backend_options,
                           progress=lambda pct, what: setattr(mv, "reason", f"{what}: {pct:.0f}%"))
         model = backend.load(ctx)

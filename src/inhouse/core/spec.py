@@ -428,9 +428,16 @@ def find_spec_file(model_dir: Path) -> Path | None:
 def load_spec_file(model_dir: Path, overrides: dict[str, Any] | None = None) -> ModelSpec:
     """Read a model folder's spec. A folder with no spec file gets defaults (ONNX, I/O from
     the graph) so a bare ``NAME/1/model.onnx`` serves as is."""
-    path = find_spec_file(model_dir)
+    return read_spec_path(find_spec_file(model_dir), model_dir.name, overrides,
+                          default_source=model_dir / SPEC_FILENAMES[0])
+
+
+def read_spec_path(path: Path | None, name: str, overrides: dict[str, Any] | None = None, *,
+                   default_source: Path | None = None, name_from: str = "its folder") -> ModelSpec:
+    """The spec in ``path`` (defaults when None) for the model called ``name``; a spec naming
+    another model is refused (``name_from`` says where ``name`` came from, for the message)."""
     data: Any = {}
-    source = str(model_dir / SPEC_FILENAMES[0])
+    source = str(path or default_source or SPEC_FILENAMES[0])
     if path is not None:
         source = str(path)
         try:
@@ -448,11 +455,10 @@ def load_spec_file(model_dir: Path, overrides: dict[str, Any] | None = None) -> 
             raise ModelSpecError(f"{source} must be a mapping of keys to values.")
         data = _deep_merge(data, overrides)
         source += " (with load-time overrides)"
-    spec = parse_spec(data, source, default_name=model_dir.name)
-    if spec.name != model_dir.name:
+    spec = parse_spec(data, source, default_name=name)
+    if spec.name != name:
         raise ModelSpecError(
-            f"{source}: name '{spec.name}' differs from its folder '{model_dir.name}'; "
-            "rename one so they match."
+            f"{source}: name '{spec.name}' differs from {name_from} '{name}'; rename one so they match."
         )
     return spec
 
