@@ -212,3 +212,49 @@ def test_bad_guide_files_fail_to_load_over_rest(tmp_path: Path) -> None:
         # nothing broke: a good model still loads beside them
         write_guide_model(root, servable(), name="finance-bert-v1")
         assert c.post("/v2/repository/models/finance-bert-v1/load").status_code == 200
+
+
+# ---- a Triton model folder (config.pbtxt) ----------------------------------------------------
+TRITON_CONFIG = """\
+name: "triton-bert"
+platform: "onnxruntime_onnx"
+max_batch_size: 8  # Triton's convention: the batch dimension is implied
+input [
+  { name: "input_ids", data_type: TYPE_INT64, dims: [ -1 ] },
+  { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }
+]
+output [ { name: "logits", data_type: TYPE_FP32, dims: [ 2 ] } ]
+dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 500 }
+instance_group [ { count: 2, kind: KIND_CPU } ]
+version_policy: { latest: { num_versions: 1 } }
+"""
+
+
+def write_triton_model(root: Path, name: str, config: str) -> None:
+    mdir = root / name
+    (mdir / "1").mkdir(parents=True)
+    (mdir / "1" / "model.onnx").write_bytes(bert_like_model())
+    (mdir / "config.pbtxt").write_text(config.replace('"triton-bert"', f'"{name}"'))
+
+
+def test_triton_folder_serves(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_triton_model(root, "triton-bert", TRITON_CONFIG)
+    write_triton_model(root, "unsupported", TRITON_CONFIG + "optimization { graph { level: 1 } }\n")
+    write_triton_model(root, "typo", TRITON_CONFIG.replace("max_batch_size", "max_batch_sise"))
+    write_triton_model(root, "torch", TRITON_CONFIG.replace("onnxruntime_onnx", "pytorch_libtorch"))
+    write_triton_model(root, "broken", TRITON_CONFIG.replace("input [", "input [ {"))
+    with run_server(root, load="triton-bert") as srv, srv.client() as c:
+        meta = c.get("/v2/models/triton-bert").json()
+        assert [t["shape"] for t in meta["inputs"]] == [[-1, -1], [-1, -1]]
+        assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
+        cfg = c.get("/v2/models/triton-bert/config").json()
+        assert cfg["batching"]["max_batch_size"] == 8 and cfg["batching"]["preferred_batch_sizes"] == [4, 8]
+        assert cfg["batching"]["max_queue_delay_ms"] == 0.5 and cfg["instances"] == {"count": 2, "device": "cpu"}
+        r = c.post("/v2/models/triton-bert/infer", json=_request([[1, 2]], [[1, 1]]))
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [3, -3]
+        _expect(c.post("/v2/repository/models/unsupported/load"), 422, 1005, "config.pbtxt", "'optimization'",
+                "not supported")
+        _expect(c.post("/v2/repository/models/typo/load"), 422, 1005, "did you mean 'max_batch_size'?")
+        _expect(c.post("/v2/repository/models/torch/load"), 422, 1001, "pytorch_libtorch")
+        _expect(c.post("/v2/repository/models/broken/load"), 422, 1005, "not valid protobuf text")

@@ -57,6 +57,7 @@ def test_generate_matches_the_completions_api(llm_api_server: RunningServer) -> 
         assert isinstance(doc["text_output"], str) and doc["text_output"]
         assert doc["finish_reason"] in ("length", "stop") and 0 < doc["completion_tokens"] <= 8
         assert doc["prompt_tokens"] > 0
+        assert "generate" in c.get("/v2").json()["extensions"]
         ref = openai.OpenAI(base_url=llm_api_server.url + "/v1", api_key="none").completions.create(
             model=CHAT, prompt=PROMPT, max_tokens=8, temperature=0)
         assert doc["text_output"] == ref.choices[0].text  # the same engine, the same greedy text

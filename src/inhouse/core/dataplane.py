@@ -29,7 +29,7 @@ from inhouse.errors import (
 )
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy", "model_configuration",
-              "statistics"]
+              "statistics", "generate"]
 
 
 @dataclass

@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from inhouse.core.datatypes import DATATYPES
+from inhouse.core.triton_pbtxt import spec_from_pbtxt
 from inhouse.errors import ModelSpecError
 
-SPEC_FILENAMES = ("model.yaml", "model_spec.yaml")
+SPEC_FILENAMES = ("model.yaml", "model_spec.yaml", "config.pbtxt")  # the first one found is read
 
 
 class _Strict(BaseModel):
@@ -441,7 +442,9 @@ def read_spec_path(path: Path | None, name: str, overrides: dict[str, Any] | Non
     if path is not None:
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            # a folder copied from a Triton repository: its config.pbtxt says what model.yaml would
+            data = spec_from_pbtxt(text, source) if path.suffix == ".pbtxt" else yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
