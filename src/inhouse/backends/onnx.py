@@ -21,6 +21,7 @@ from inhouse.errors import (
     InputNameError,
     ModelFormatError,
     ModelLoadError,
+    ModelSpecError,
     OutOfMemoryError,
     ShapeError,
 )
@@ -60,14 +61,24 @@ def resolve_providers(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     """The execution providers to ask for, in priority order, with their options.
     An unavailable provider is an error that lists the available ones."""
     wanted: list[ProviderSpec] = spec.onnxruntime.provider_list()
+    available = ort.get_available_providers()
     if not wanted:
         device = spec.instances.device
+        has_cuda = "CUDAExecutionProvider" in available
+        if device == "auto":
+            device = "cuda" if has_cuda else "cpu"
         if device.startswith(("cuda", "gpu")):
+            if not has_cuda and spec.resources.gpu > 0:
+                raise ModelSpecError(
+                    f"Model '{spec.name}' asks for resources.gpu: {spec.resources.gpu}, but this onnxruntime "
+                    f"build sees no CUDA GPU (available: {', '.join(available)}). Install onnxruntime-gpu on a "
+                    "machine with a GPU, set resources.allow_cpu_fallback: true to run on the CPU, or remove "
+                    "resources.gpu."
+                )
             idx = device.partition(":")[2] or "0"
             wanted = [ProviderSpec(name="cuda", options={"device_id": int(idx)})]
         else:
             wanted = [ProviderSpec(name="cpu")]
-    available = ort.get_available_providers()
     out: list[tuple[str, dict[str, Any]]] = []
     for p in wanted:
         full = PROVIDER_ALIASES.get(p.name.lower(), p.name)

@@ -90,6 +90,10 @@ def _device(spec: ModelSpec) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith(("cuda", "gpu")):
         if not torch.cuda.is_available():
+            if spec.resources.gpu > 0:
+                raise ModelSpecError(f"Model '{spec.name}' asks for resources.gpu: {spec.resources.gpu} but "
+                                     "PyTorch sees no CUDA GPU; set resources.allow_cpu_fallback: true to run "
+                                     "on the CPU, or remove resources.gpu.")
             raise ModelFormatError(f"Model '{spec.name}' asks for device '{d}' but PyTorch sees no CUDA GPU; "
                                    "set instances.device to cpu or auto.")
         return torch.device(d.replace("gpu", "cuda"))

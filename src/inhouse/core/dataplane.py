@@ -5,10 +5,9 @@ Nothing here knows about HTTP or gRPC."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from inhouse.core.triton_config import triton_config
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
 from inhouse.errors import (
     DatatypeError,
+    ForbiddenError,
     InferenceError,
     InhouseError,
     InputNameError,
@@ -29,7 +29,7 @@ from inhouse.errors import (
 )
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy", "model_configuration",
-              "statistics"]
+              "statistics", "generate"]
 
 
 @dataclass
@@ -41,8 +41,11 @@ class ServerState:
     extensions: list[str] = field(default_factory=lambda: list(EXTENSIONS))
 
 
-SourceCheck = Callable[[object, Path], object]
-"""Raises when a load request's ``source`` (relative to the model folder given) may not be used."""
+class SourceCheck(Protocol):
+    """Raises when a path a load request names (``source``, relative to the model folder given,
+    or the setting ``what``) may not be used; returns it resolved."""
+
+    def __call__(self, source: object, base: Path, *, what: str = ...) -> Path: ...
 
 
 class DataPlane:
@@ -74,13 +77,18 @@ class DataPlane:
         if model is None:
             raise InferenceError(f"Model '{name}' was unloaded while being read; retry.")
         versions = [str(v.version) for v in self.manager.serving().get(name, [])]
-        return {
+        meta: dict[str, Any] = {
             "name": name,
             "versions": versions if version is None else [str(mv.version)],
             "platform": model.platform,
             "inputs": [_tensor_meta(t) for t in model.inputs],
             "outputs": [_tensor_meta(t) for t in model.outputs],
         }
+        if mv.spec.version is not None:
+            # v2 metadata has no label field; MLServer keeps a model's own version string in
+            # "parameters", where v2 clients that do not know it ignore it
+            meta["parameters"] = {"version": mv.spec.version}
+        return meta
 
     def model_config(self, name: str, version: int | None = None) -> dict[str, Any]:
         """The effective model spec, plus Triton's config keys (``max_batch_size``, ``input``,
@@ -92,8 +100,11 @@ class DataPlane:
         if mv.model is not None:
             spec["inputs"] = [t.model_dump(exclude_none=True) for t in mv.model.inputs]
             spec["outputs"] = [t.model_dump(exclude_none=True) for t in mv.model.outputs]
+        label = spec.pop("version", None)
         cfg.update(spec)
         cfg["version"] = mv.version
+        if label is not None:
+            cfg["version_label"] = label
         return cfg
 
     def model_statistics(self, name: str = "", version: int | None = None) -> list[dict[str, Any]]:
@@ -125,6 +136,18 @@ class DataPlane:
         if overrides and "source" in overrides and self._check_source is not None:
             self._check_source(overrides["source"], self.manager.repository.model_dir(name))
         return await self.manager.load(name, overrides)
+
+    async def load_model_from(self, name: str, model_path: str, config_path: str = "") -> list[ModelVersion]:
+        """Load ``name`` from ``model_path`` with the spec at ``config_path`` (OpenClaw's
+        LoadModel). Both must lie inside the repository or ``model_dirs``: a server that loads
+        whatever path a client names can be made to run any file on the machine."""
+        if self._check_source is None:
+            raise ForbiddenError("This server has no rule for which folders models may come from, so it "
+                                 "loads models by name only; configure model_dirs.")
+        root = self.manager.repository.root
+        folder = self._check_source(model_path, root, what="model_path")
+        spec_file = self._check_source(config_path, root, what="config_path") if config_path else None
+        return await self.manager.load_from(name, folder, spec_file)
 
     async def unload_model(self, name: str) -> list[ModelVersion]:
         return await self.manager.unload(name)
@@ -172,6 +195,7 @@ def _tensor_meta(t: TensorSpec) -> dict[str, Any]:
 
 def validate_inputs(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     feed: dict[str, np.ndarray] = {}
+    sizes: dict[str, tuple[str, int]] | None = None  # named dimension → (input, size) first seen
     for tensor in request.inputs:
         name = tensor.name
         spec = None
@@ -202,11 +226,31 @@ def validate_inputs(request: InferRequest, specs: list[TensorSpec]) -> dict[str,
                 f"not match {want} (-1 is any size)."
             )
         feed[name] = tensor.data
+        if spec.dim_names is not None:
+            sizes = _check_named_dims(request, spec, shape, sizes)
     if len(feed) < len(specs):
         missing = [t.name for t in specs if t.name not in feed and not t.optional]
         if missing:
             raise InputNameError(f"Model '{request.model}' needs input(s) {missing}, which the request lacks.")
     return feed
+
+
+def _check_named_dims(request: InferRequest, spec: TensorSpec, shape: list[int],
+                      sizes: dict[str, tuple[str, int]] | None) -> dict[str, tuple[str, int]]:
+    """A dimension name written twice in the spec (``sequence`` on input_ids and attention_mask)
+    is one size: every input naming it must have that size in this request."""
+    seen = {} if sizes is None else sizes
+    for i, dim in enumerate(spec.dim_names or ()):
+        if dim is None:
+            continue
+        first = seen.setdefault(dim, (spec.name, shape[i]))
+        if first[1] != shape[i]:
+            raise ShapeError(
+                f"Dimension '{dim}' of model '{request.model}' is {first[1]} in input '{first[0]}' but "
+                f"{shape[i]} in input '{spec.name}' (shape {shape}); inputs sharing a named dimension "
+                "must have the same size in it."
+            )
+    return seen
 
 
 def validate_outputs(request: InferRequest, specs: list[TensorSpec]) -> list[str] | None:

@@ -21,11 +21,11 @@ import numpy as np
 
 from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
-from inhouse.core.memory import pin_mmap_threshold
+from inhouse.core.memory import available_memory_bytes, pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
-from inhouse.core.repository import ModelRepository
+from inhouse.core.repository import ModelRepository, link_layout
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
-from inhouse.core.spec import ModelSpec
+from inhouse.core.spec import ModelSpec, find_spec_file
 from inhouse.errors import (
     InhouseError,
     ModelLoadError,
@@ -239,6 +239,22 @@ class ModelManager:
                     self._spawn(self._retire(old))
             return [new_table[v] for v in wanted]
 
+    async def load_from(self, name: str, folder: Path, spec_file: Path | None) -> list[ModelVersion]:
+        """Load ``name`` from a folder outside the repository's layout (see
+        ``repository.link_layout``). The spec is read first, so a bad one links nothing; a failed
+        load puts back whatever the name was linked to before."""
+        link = link_layout(name, folder, spec_file)
+        self.repository.read_linked_spec(name, link)
+        if (self.repository.linked(name) is None and self.repository.model_dir_if_any(name) == folder
+                and link.spec_file == find_spec_file(folder)):
+            return await self.load(name)  # the repository's own folder for this model: an ordinary load
+        previous = self.repository.link(name, link)
+        try:
+            return await self.load(name)
+        except InhouseError:
+            self.repository.link(name, previous)
+            raise
+
     async def _load_version(self, mv: ModelVersion) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -274,8 +290,10 @@ class ModelManager:
 
     def _load_blocking(self, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
         backend = get_backend(mv.spec.backend)
-        model_dir = self.repository.root / mv.name
-        ctx = LoadContext(model_dir=model_dir, version_dir=model_dir / str(mv.version), spec=mv.spec,
+        check_memory(mv.spec)
+        model_dir = self.repository.model_dir(mv.name)
+        ctx = LoadContext(model_dir=model_dir, version_dir=self.repository.version_dir(mv.name, mv.version),
+                          spec=mv.spec,
                           decryptor=self._decryptor, options=self._backend_options,
                           progress=lambda pct, what: setattr(mv, "reason", f"{what}: {pct:.0f}%"))
         model = backend.load(ctx)
@@ -402,6 +420,21 @@ class ModelManager:
                 await self.unload(name)
         await self.settle()
         self._loader.shutdown(wait=False)
+
+
+def check_memory(spec: ModelSpec) -> None:
+    """Refuse a load whose ``resources.memory`` cannot fit before it starts, instead of
+    letting the machine swap or the kernel kill the server halfway through."""
+    need = spec.resources.memory
+    if need is None:
+        return
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise OutOfMemoryError(
+            f"Model '{spec.name}' declares resources.memory of {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is available; unload another model, free memory, or lower "
+            "resources.memory if the model needs less."
+        )
 
 
 def synthetic_inputs(model: LoadedModel, batch: int = 1) -> dict[str, np.ndarray]:

@@ -9,21 +9,30 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from inhouse.core.datatypes import DATATYPES
+from inhouse.core.triton_pbtxt import spec_from_pbtxt
 from inhouse.errors import ModelSpecError
 
-SPEC_FILENAMES = ("model.yaml", "model_spec.yaml")
+SPEC_FILENAMES = ("model.yaml", "model_spec.yaml", "config.pbtxt")  # the first one found is read
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+_DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
 class TensorSpec(_Strict):
     name: str
-    dtype: str = Field(description="KServe v2 datatype: " + ", ".join(DATATYPES))
-    shape: list[int] = Field(description="-1 marks a dynamic dimension")
+    dtype: str = Field(description="KServe v2 datatype (" + ", ".join(DATATYPES) + ") or its numpy "
+                       "name (int64, float32, …)")
+    shape: list[int] = Field(description="-1 or a name (batch, sequence, …) marks a dynamic dimension")
+    # the names written in ``shape`` ([None, "sequence"]); a name used twice across one model's
+    # inputs must have one size per request. Set from ``shape``, never written in model.yaml.
+    dim_names: list[str | None] | None = Field(default=None, exclude=True, repr=False)
     pad_value: float | int | None = Field(
         default=None, description="If set, variable-length inputs are padded with it to batch together"
     )
@@ -35,12 +44,40 @@ class TensorSpec(_Strict):
         if isinstance(v, str):
             up = v.upper()
             aliases = {"FLOAT32": "FP32", "FLOAT": "FP32", "FLOAT16": "FP16", "FLOAT64": "FP64",
-                       "DOUBLE": "FP64", "STRING": "BYTES", "TYPE_FP32": "FP32"}
+                       "DOUBLE": "FP64", "HALF": "FP16", "STRING": "BYTES", "STR": "BYTES", "OBJECT": "BYTES",
+                       "BOOL_": "BOOL", "TYPE_FP32": "FP32"}
             up = aliases.get(up, up)
             if up not in DATATYPES:
                 raise ValueError(f"'{v}' is not a datatype; write one of {', '.join(DATATYPES)}")
             return up
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_dims(cls, data: Any) -> Any:
+        """Named dimensions (``[batch, sequence]``, as the deployment guides write them) are
+        dynamic; their names are kept beside the shape for the request-time agreement check."""
+        if not isinstance(data, dict):
+            return data
+        if "dim_names" in data:
+            raise ValueError("dim_names is not a key of its own; write the names in shape, e.g. [batch, sequence]")
+        shape = data.get("shape")
+        if not isinstance(shape, list) or not any(isinstance(d, str) for d in shape):
+            return data
+        names: list[str | None] = []
+        dims: list[Any] = []
+        for d in shape:
+            if isinstance(d, str) and d.strip().lstrip("-").isdigit():
+                d = int(d)
+            if isinstance(d, str):
+                if not _DIM_NAME.match(d):
+                    raise ValueError(f"shape dimension {d!r} is neither a number nor a name such as 'batch'")
+                names.append(d)
+                dims.append(-1)
+            else:
+                names.append(None)
+                dims.append(d)
+        return {**data, "shape": dims, "dim_names": names}
 
     @field_validator("shape")
     @classmethod
@@ -163,6 +200,94 @@ class EngineSpec(_Strict):
     gpu_memory_fraction: float = Field(default=0.85, gt=0, le=1)
 
 
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?|[kmgtp]|)B?\s*$")
+_MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+                 "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40, "PI": 2**50}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes of a Kubernetes-style quantity: ``8Gi`` (binary), ``8G`` (decimal), or a number."""
+    if isinstance(value, bool):
+        raise ValueError("memory must be a size such as 8Gi or 512Mi")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("memory must be positive")
+        return int(value)
+    m = _MEMORY.match(value)
+    if m is None:
+        raise ValueError(f"memory {value!r} is not a size; write e.g. 8Gi, 512Mi or 2G")
+    size = int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ValueError("memory must be positive")
+    return size
+
+
+class ResourcesSpec(_Strict):
+    """What a model needs from the machine (the deployment guides' ``resources``)."""
+
+    cpu: float | None = Field(default=None, gt=0, description="cores; sets onnxruntime.intra_op_threads when "
+                              "that is not set (Kubernetes millicores like 500m are accepted)")
+    memory: int | None = Field(default=None, description="RAM the model needs (8Gi, 512Mi, 2G); checked "
+                               "against available memory before loading (1003 when it cannot fit)")
+    gpu: int = Field(default=0, ge=0, description="GPUs; > 0 places the model on the first CUDA device")
+    allow_cpu_fallback: bool = Field(default=False, description="with gpu > 0: run on the CPU when no GPU "
+                                     "is present instead of failing the load")
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            try:
+                return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+            except ValueError:
+                raise ValueError(f"cpu {v!r} is not a number of cores (2, 0.5 or 500m)") from None
+        return v
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None else parse_memory(v)
+
+
+# model.yaml ``format`` (as the deployment guides write it) → the backend that serves it
+FORMAT_BACKENDS: dict[str, str] = {
+    "onnx": "onnxruntime",
+    "transformers": "transformers", "huggingface": "transformers", "hf": "transformers",
+    "safetensors": "transformers", "pytorch": "transformers",
+}
+
+
+def _resolve_format(data: dict[str, Any]) -> dict[str, Any]:
+    """``format: ONNX`` and ``engine: onnxruntime`` name the backend; they must agree with each
+    other and with ``backend`` when several are written."""
+    out = dict(data)
+    named: list[tuple[str, str]] = []
+    if isinstance(out.get("backend"), str):
+        named.append(("backend", out["backend"]))
+    engine = out.get("engine")
+    if isinstance(engine, str):
+        named.append(("engine", engine))
+        del out["engine"]
+    fmt = out.pop("format", None)
+    if fmt is not None:
+        backend = FORMAT_BACKENDS.get(str(fmt).strip().lower())
+        if backend is None:
+            raise PydanticCustomError(
+                "format", "format '{fmt}' is not one inhouse serves; write one of {known}",
+                {"fmt": fmt, "known": ", ".join(sorted(FORMAT_BACKENDS))})
+        named.append((f"format {fmt}", backend))
+    if named:
+        first_key, first = named[0]
+        for key, value in named[1:]:
+            if value != first:
+                raise PydanticCustomError(
+                    "backend_conflict", "{a} ({b}) contradicts {c} ({d}); write one of them, or make them agree",
+                    {"a": key, "b": value, "c": first_key, "d": first})
+        out["backend"] = first
+    return out
+
+
 class ModelSpec(BaseModel):
     """Everything inhouse needs to serve one model. Unknown keys are rejected with a suggestion,
     except under ``parameters`` (free-form, passed to the backend) and the sections owned by
@@ -171,6 +296,8 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    version: str | None = Field(default=None, max_length=128, description="a label for people (1.0.0), "
+                                "shown in model metadata; serving versions are the numbered folders")
     backend: str = "onnxruntime"
     task: Literal["tensor", "embedding", "classification", "chat", "generate"] = "tensor"
     description: str = ""
@@ -185,6 +312,7 @@ class ModelSpec(BaseModel):
     policy: PolicySpec | None = None
     pii: PiiSpec | None = None
     onnxruntime: OnnxRuntimeSpec = Field(default_factory=OnnxRuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     labels: list[str] | None = Field(default=None, description="class names, for classification models")
     # ---- transformers backend: encoders and causal LMs ----
     source: str | None = Field(default=None, description="a local Hugging Face folder (absolute, or "
@@ -199,6 +327,30 @@ class ModelSpec(BaseModel):
     normalize: bool = True
     engine: EngineSpec = Field(default_factory=EngineSpec)
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guide_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("version"), int | float) \
+                and not isinstance(data.get("version"), bool):
+            data = {**data, "version": str(data["version"])}  # version: 1 is a label too
+        return _resolve_format(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _apply_resources(self) -> ModelSpec:
+        """``resources`` fills the settings it implies, unless they are written explicitly."""
+        res = self.resources
+        if res.cpu is not None and "intra_op_threads" not in self.onnxruntime.model_fields_set:
+            self.onnxruntime.intra_op_threads = max(1, round(res.cpu))
+        if res.gpu > 0:
+            if "device" in self.instances.model_fields_set:
+                if not self.instances.device.startswith(("cuda", "gpu", "auto")):
+                    raise ValueError(f"resources.gpu: {res.gpu} contradicts instances.device: "
+                                     f"{self.instances.device}; remove one of them")
+            else:
+                # auto: the GPU when there is one, else the CPU (the fallback the spec allows)
+                self.instances.device = "auto" if res.allow_cpu_fallback else "cuda"
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelSpec:
@@ -277,13 +429,22 @@ def find_spec_file(model_dir: Path) -> Path | None:
 def load_spec_file(model_dir: Path, overrides: dict[str, Any] | None = None) -> ModelSpec:
     """Read a model folder's spec. A folder with no spec file gets defaults (ONNX, I/O from
     the graph) so a bare ``NAME/1/model.onnx`` serves as is."""
-    path = find_spec_file(model_dir)
+    return read_spec_path(find_spec_file(model_dir), model_dir.name, overrides,
+                          default_source=model_dir / SPEC_FILENAMES[0])
+
+
+def read_spec_path(path: Path | None, name: str, overrides: dict[str, Any] | None = None, *,
+                   default_source: Path | None = None, name_from: str = "its folder") -> ModelSpec:
+    """The spec in ``path`` (defaults when None) for the model called ``name``; a spec naming
+    another model is refused (``name_from`` says where ``name`` came from, for the message)."""
     data: Any = {}
-    source = str(model_dir / SPEC_FILENAMES[0])
+    source = str(path or default_source or SPEC_FILENAMES[0])
     if path is not None:
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            # a folder copied from a Triton repository: its config.pbtxt says what model.yaml would
+            data = spec_from_pbtxt(text, source) if path.suffix == ".pbtxt" else yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -297,11 +458,10 @@ def load_spec_file(model_dir: Path, overrides: dict[str, Any] | None = None) -> 
             raise ModelSpecError(f"{source} must be a mapping of keys to values.")
         data = _deep_merge(data, overrides)
         source += " (with load-time overrides)"
-    spec = parse_spec(data, source, default_name=model_dir.name)
-    if spec.name != model_dir.name:
+    spec = parse_spec(data, source, default_name=name)
+    if spec.name != name:
         raise ModelSpecError(
-            f"{source}: name '{spec.name}' differs from its folder '{model_dir.name}'; "
-            "rename one so they match."
+            f"{source}: name '{spec.name}' differs from {name_from} '{name}'; rename one so they match."
         )
     return spec
 

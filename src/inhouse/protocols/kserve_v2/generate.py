@@ -10,12 +10,17 @@ OpenAI-form tools, for ``messages``); parameters ``max_tokens`` (default 256), `
 ``text_output`` (the new text; ``reasoning_output`` for thinking split off by a reasoning
 parser), parameter ``triton_final_response``; tool calls the model made come in one response
 with BYTES output ``tool_calls`` (a JSON array of OpenAI-form calls) before the final one, which
-also carries ``finish_reason``, ``prompt_tokens``, ``completion_tokens`` and ``cached_tokens``."""
+also carries ``finish_reason``, ``prompt_tokens``, ``completion_tokens`` and ``cached_tokens``.
+
+The same pieces serve the REST generate extension (``generate_rest.py``): :class:`Generation`
+is what a request asks for, whatever its wire format, and :func:`generation_pieces` turns it into
+:class:`Piece` objects each transport renders."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,8 +65,8 @@ def _tools(req: InferRequest) -> list[dict[str, Any]] | None:
     return normalize_tools(tools)
 
 
-def _tool_choice(req: InferRequest, tools: list[dict[str, Any]] | None) -> str:
-    choice = req.parameters.get("tool_choice", "auto")
+def _tool_choice(parameters: dict[str, Any], tools: list[dict[str, Any]] | None) -> str:
+    choice = parameters.get("tool_choice", "auto")
     if not isinstance(choice, str) or not choice:
         raise InvalidRequestError("Parameter 'tool_choice' must be 'auto', 'none', 'required' or a function name.")
     if choice != "auto" and choice != "none" and not tools:
@@ -72,7 +77,9 @@ def _tool_choice(req: InferRequest, tools: list[dict[str, Any]] | None) -> str:
 def _sampling(p: dict[str, Any]) -> SamplingParams:
     stop = p.get("stop")
     stops: list[str] = []
-    if isinstance(stop, str) and stop:
+    if isinstance(stop, list):  # REST sends JSON, so a list arrives as one
+        stops = [str(s) for s in stop]
+    elif isinstance(stop, str) and stop:
         try:
             parsed = json.loads(stop)
             stops = [str(s) for s in parsed] if isinstance(parsed, list) else [stop]
@@ -105,47 +112,88 @@ def stream_error(msg: Any, exc: BaseException) -> Any:
         infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id))
 
 
+@dataclass(slots=True)
+class Generation:
+    """One generation request, as any transport carries it: a raw prompt or chat messages (a
+    JSON array), tools (OpenAI form) for chat, and the sampling parameters by name."""
+
+    model: str
+    prompt: str | None = None
+    messages: str | list[Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One answer of a generation: a piece of ``output`` (text_output, reasoning_output, or
+    tool_calls as a JSON array); the final one carries ``parameters`` (finish_reason, token counts)."""
+
+    output: str
+    text: str
+    final: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def generation_of(req: InferRequest) -> Generation:
+    """The generation a v2 infer request (BYTES inputs ``text_input`` / ``messages`` / ``tools``) asks for."""
+    return Generation(model=req.model, prompt=_text(req, "text_input"), messages=_text(req, "messages"),
+                      tools=_tools(req), parameters=req.parameters, timeout_s=req.timeout_s,
+                      priority=req.priority or 0)
+
+
+def _events(llm: LLMService, g: Generation) -> AsyncIterator[Event]:
+    sampling = _sampling(g.parameters)
+    if g.messages is not None:
+        chat = g.messages
+        if isinstance(chat, str):
+            try:
+                chat = json.loads(chat)
+            except ValueError:
+                raise InvalidRequestError("Input 'messages' must be a JSON array of chat messages.") from None
+        tool_choice = _tool_choice(g.parameters, g.tools)
+        return llm.chat(ChatRequest(model=g.model, messages=normalize_messages(chat, g.model), sampling=sampling,
+                                    tools=g.tools, tool_choice=tool_choice, timeout_s=g.timeout_s,
+                                    priority=g.priority))
+    if g.tools is not None:
+        raise InvalidRequestError("Input 'tools' needs 'messages' (a chat request), not 'text_input'.")
+    return llm.complete(CompletionRequest(model=g.model, prompts=[g.prompt or ""], sampling=sampling,
+                                          timeout_s=g.timeout_s, priority=g.priority))
+
+
+async def generation_pieces(llm: LLMService, g: Generation) -> AsyncIterator[Piece]:
+    """The pieces of one generation, the last one final. Request errors (unknown model, context
+    too long, overload) raise before the first piece."""
+    end: ChoiceEnd | None = None
+    calls: list[ToolCall] = []
+    async for ev in _events(llm, g):
+        if isinstance(ev, TextDelta) and ev.text:
+            yield Piece("text_output", ev.text)
+        elif isinstance(ev, ReasoningDelta):
+            yield Piece("reasoning_output", ev.text)
+        elif isinstance(ev, ToolCallStart):
+            calls.append(ToolCall(ev.id, ev.name, ""))
+        elif isinstance(ev, ToolCallArgs):
+            calls[ev.call].arguments += ev.fragment
+        elif isinstance(ev, ChoiceEnd):
+            end = ev
+            if calls:
+                yield Piece("tool_calls", json.dumps([
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]))
+        elif isinstance(ev, Usage):
+            yield Piece("text_output", "", final=True, parameters={
+                "finish_reason": end.finish_reason if end else "stop", "prompt_tokens": ev.prompt_tokens,
+                "completion_tokens": ev.completion_tokens, "cached_tokens": ev.cached_tokens})
+
+
 async def generation_stream(llm: LLMService, msg: Any, timeout_s: float | None) -> AsyncIterator[tuple[Any, bool]]:
     """(response, is_final) pairs; a failure becomes a final response with ``error_message``."""
     try:
         req = parse_infer_request(msg, timeout_s)
-        sampling = _sampling(req.parameters)
-        messages, prompt, tools = _text(req, "messages"), _text(req, "text_input"), _tools(req)
-        events: AsyncIterator[Event]
-        if messages is not None:
-            try:
-                chat = json.loads(messages)
-            except ValueError:
-                raise InvalidRequestError("Input 'messages' must be a JSON array of chat messages.") from None
-            events = llm.chat(ChatRequest(model=req.model, messages=normalize_messages(chat, req.model),
-                                          sampling=sampling, tools=tools, tool_choice=_tool_choice(req, tools),
-                                          timeout_s=req.timeout_s, priority=req.priority or 0))
-        else:
-            if tools is not None:
-                raise InvalidRequestError("Input 'tools' needs 'messages' (a chat request), not 'text_input'.")
-            events = llm.complete(CompletionRequest(model=req.model, prompts=[prompt or ""], sampling=sampling,
-                                                    timeout_s=req.timeout_s, priority=req.priority or 0))
-        end: ChoiceEnd | None = None
-        calls: list[ToolCall] = []
-        async for ev in events:
-            if isinstance(ev, TextDelta) and ev.text:
-                yield _response(req, "text_output", ev.text, {"triton_final_response": False}), False
-            elif isinstance(ev, ReasoningDelta):
-                yield _response(req, "reasoning_output", ev.text, {"triton_final_response": False}), False
-            elif isinstance(ev, ToolCallStart):
-                calls.append(ToolCall(ev.id, ev.name, ""))
-            elif isinstance(ev, ToolCallArgs):
-                calls[ev.call].arguments += ev.fragment
-            elif isinstance(ev, ChoiceEnd):
-                end = ev
-                if calls:
-                    yield _response(req, "tool_calls", json.dumps([
-                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                        for c in calls]), {"triton_final_response": False}), False
-            elif isinstance(ev, Usage):
-                yield _response(req, "text_output", "", {
-                    "triton_final_response": True, "finish_reason": end.finish_reason if end else "stop",
-                    "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                    "cached_tokens": ev.cached_tokens}), True
+        async for p in generation_pieces(llm, generation_of(req)):
+            yield _response(req, p.output, p.text, {"triton_final_response": p.final, **p.parameters}), p.final
     except Exception as exc:
         yield stream_error(msg, exc), True

@@ -1,7 +1,7 @@
 """The gRPC edge of the security layer: a grpc.aio server interceptor over the same pipeline
 the HTTP middleware runs (:mod:`inhouse.security.pipeline`). Each RPC's
 :class:`~inhouse.security.pipeline.Guard` is declared by the servicer module that serves it
-(``grpc_service.RPC_GUARDS``, ``health.RPC_GUARDS``); the API key comes from the
+(``grpc_service.RPC_GUARDS``, ``openclaw_grpc.RPC_GUARDS``, ``health.RPC_GUARDS``); the API key comes from the
 ``authorization: Bearer`` or ``x-api-key`` metadata, the client address from the peer, and the
 audit entry is committed before the answer is sent."""
 
@@ -27,10 +27,11 @@ from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, St
 
 def declared_rpcs() -> dict[str, Guard]:
     """The guards the servicer modules declare, by full method name."""
+    from inhouse.protocols import openclaw_grpc
     from inhouse.protocols.kserve_v2 import grpc_service
     from inhouse.transports.grpc import health
 
-    return {**grpc_service.RPC_GUARDS, **health.RPC_GUARDS}
+    return {**grpc_service.RPC_GUARDS, **openclaw_grpc.RPC_GUARDS, **health.RPC_GUARDS}
 
 
 def guard_for(method: str, guards: Mapping[str, Guard]) -> Guard:

@@ -1,5 +1,6 @@
 """The gRPC front end: a grpc.aio server in the server's own event loop, serving KServe v2
-(``inference.GRPCInferenceService``), health checking and reflection over the same data plane
+(``inference.GRPCInferenceService``), OpenClaw's ``openclaw.api.v1.ModelService``, health
+checking and reflection over the same data plane
 as REST, with the limits, keep-alive and TLS from the settings."""
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.listen import ListenError
 from inhouse.llm.service import LLMService
 from inhouse.observability.metrics import GrpcMetrics
+from inhouse.protocols import openclaw_grpc
 from inhouse.protocols.kserve_v2.grpc_service import SERVICE_NAME, InferenceServicer
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
+from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as openclaw_pb_grpc
 from inhouse.protocols.proto._pool import POOL
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import GrpcSettings, ServerSettings
@@ -35,8 +38,8 @@ log = logging.getLogger(__name__)
 for _file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
     POOL.AddSerializedFile(_file.serialized_pb)
 
-REFLECTED_SERVICES = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                      reflection.SERVICE_NAME)
+REFLECTED_SERVICES = (SERVICE_NAME, openclaw_grpc.SERVICE_NAME,
+                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
 STOP_GRACE_S = 5.0
 
 
@@ -98,6 +101,8 @@ class GrpcFrontEnd:
         target: Any = WrappingRegistrar(aio, interceptors) if at_registration and interceptors else aio
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
             InferenceServicer(self._dataplane, llm=self._llm), target)
+        openclaw_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+            openclaw_grpc.ModelServicer(self._dataplane), target)
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self._dataplane), target)
         # what enable_server_reflection registers for a grpc.aio server (it checks the type, so call it ourselves)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

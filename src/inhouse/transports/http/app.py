@@ -18,7 +18,7 @@ from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
 from inhouse.protocols import anthropic, keys_admin, ollama, openai
 from inhouse.protocols.errors import ErrorResponses, error_renderer
-from inhouse.protocols.kserve_v2 import rest
+from inhouse.protocols.kserve_v2 import generate_rest, rest
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import ServerSettings
 from inhouse.transports.http.security import SecurityMiddleware, guard_docs
@@ -37,6 +37,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
         redoc_url=None,
     )
     app.include_router(rest.build_router(dataplane, settings.max_request_bytes))
+    app.include_router(generate_rest.build_router(dataplane, llm, settings.max_request_bytes))
     app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
     app.include_router(ollama.build_router(llm, dataplane.manager, settings.max_request_bytes))
