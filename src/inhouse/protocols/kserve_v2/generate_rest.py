@@ -24,11 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.core.dataplane import DataPlane, parse_version
+from inhouse.core.json_doc import json_object
 from inhouse.errors import InvalidRequestError, ModelNotFoundError
 from inhouse.llm.chat import normalize_tools
 from inhouse.llm.service import LLMService
 from inhouse.protocols.errors import as_inhouse_error
-from inhouse.protocols.http_body import json_object, read_body
+from inhouse.protocols.http_body import read_body
 from inhouse.protocols.kserve_v2.generate import Generation, Piece, generation_pieces
 from inhouse.protocols.llm_http import first_and_rest, json_response, sse_data, sse_response, until_disconnected
 from inhouse.security.pii import PieceTexts
