@@ -16,7 +16,7 @@ from inhouse.llm.service import LLMService
 from inhouse.observability.access import ObservabilityMiddleware
 from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
-from inhouse.protocols import anthropic, keys_admin, openai
+from inhouse.protocols import anthropic, keys_admin, openai, openai_responses
 from inhouse.protocols.errors import ErrorResponses, error_renderer
 from inhouse.protocols.kserve_v2 import rest
 from inhouse.security.gate import SecurityGate
@@ -38,6 +38,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     )
     app.include_router(rest.build_router(dataplane, settings.max_request_bytes))
     app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
+    app.include_router(openai_responses.build_router(llm, settings.max_request_bytes))
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
     if observability is not None:
         app.include_router(build_metrics_router(observability.registry))

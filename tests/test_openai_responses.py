@@ -1,0 +1,277 @@
+"""The OpenAI Responses API through the official ``openai`` SDK (``client.responses``) and raw
+httpx where the wire format itself is the point, against a real server with tiny random chat
+models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from conftest import RunningServer, run_server
+from inhouse.security.keys import KeyStore
+from llm_api_fixtures import CHAT, LLAMA, THINK, build_llm_repo
+
+pytestmark = pytest.mark.timeout(600)
+
+ADD_TOOL = {"type": "function", "name": "add", "description": "Add two numbers.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": -99, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def srv(llm_api_server: RunningServer) -> RunningServer:
+    return llm_api_server
+
+
+@pytest.fixture(scope="module")
+def client(srv: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-responses", max_retries=0, timeout=120)
+
+
+def _events(srv: RunningServer, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of a streamed response, read off the wire."""
+    out = []
+    with srv.client() as c, c.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                out.append((name, json.loads(line[6:])))
+    return out
+
+
+def _runs(names: list[str]) -> list[str]:
+    """Event names with repeats in a row collapsed."""
+    return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+
+
+# ---- text -----------------------------------------------------------------------------------------
+def test_create_text_usage_and_store(client: openai.OpenAI) -> None:
+    r = client.responses.create(model=CHAT, input="Hello there, how are you?", instructions="Be brief.",
+                                max_output_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == CHAT
+    assert r.status == "incomplete" and r.incomplete_details and r.incomplete_details.reason == "max_output_tokens"
+    assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
+    assert r.output_text and r.output_text == r.output[0].content[0].text
+    assert r.usage and r.usage.output_tokens == 6 and r.usage.input_tokens > 0
+    assert r.usage.total_tokens == r.usage.input_tokens + 6
+    # stored by default: retrievable, then deletable
+    again = client.responses.retrieve(r.id)
+    assert again.id == r.id and again.output_text == r.output_text
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.responses.retrieve(r.id)
+
+
+def test_completed_status_when_the_model_stops(client: openai.OpenAI) -> None:
+    r = client.responses.create(model=CHAT, input=[{"role": "user", "content": "Hi"}], max_output_tokens=400,
+                                temperature=0.7, top_p=0.9)
+    assert r.status in ("completed", "incomplete")  # a random model may not stop, but usually does
+    assert r.usage and r.usage.output_tokens <= 400
+    if r.status == "completed":
+        assert r.incomplete_details is None and r.output[0].status == "completed"
+
+
+def test_stream_event_sequence(srv: RunningServer, client: openai.OpenAI) -> None:
+    body = {"model": CHAT, "input": "Hello there", "max_output_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "store": False}
+    events = _events(srv, body)
+    names = [n for n, _ in events]
+    assert names[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert names[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert all(d["type"] == n for n, d in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert events[-4][1]["text"] == text
+    final = events[-1][1]["response"]
+    assert final["usage"]["output_tokens"] == 5 and final["output"][0]["content"][0]["text"] == text
+    assert final["id"] == events[0][1]["response"]["id"]
+    # the same through the SDK, raw events and the accumulating helper
+    sdk = list(client.responses.create(**{k: v for k, v in body.items() if k != "ignore_eos"}, stream=True,
+                                       extra_body={"ignore_eos": True}))
+    assert _runs([e.type for e in sdk]) == _runs(names)  # deltas may be cut differently
+    # the SDK's accumulating helper checks item identities and wants response.completed
+    person = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}
+    with client.responses.stream(model=LLAMA, input="Hello there, how are you?", max_output_tokens=200,
+                                 temperature=1.0, store=False, extra_body={"seed": 1}, text=person) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        done = stream.get_final_response()
+    assert done.status == "completed" and done.output_text == "".join(deltas)
+    jsonschema.validate(json.loads(done.output_text), PERSON)
+    # store: false keeps nothing
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(final["id"])
+
+
+def test_reasoning_items_from_think_tags(srv: RunningServer, client: openai.OpenAI) -> None:
+    r = client.responses.create(model=THINK, input="Hello there", max_output_tokens=8, temperature=0,
+                                reasoning={"effort": "medium"}, extra_body={"ignore_eos": True})
+    kinds = [o.type for o in r.output]
+    assert kinds[0] == "reasoning"  # still thinking at the token limit
+    reasoning = r.output[0].content[0].text  # type: ignore[union-attr]
+    assert reasoning
+    events = _events(srv, {"model": THINK, "input": "Hello there", "max_output_tokens": 8, "temperature": 0,
+                           "ignore_eos": True, "store": False})
+    streamed = "".join(d["delta"] for n, d in events if n == "response.reasoning_text.delta")
+    assert streamed == reasoning
+    assert events[2][1]["item"]["type"] == "reasoning"
+    off = client.responses.create(model=THINK, input="Hello there", max_output_tokens=8, temperature=0,
+                                  reasoning={"effort": "none"}, extra_body={"ignore_eos": True})
+    assert [o.type for o in off.output] == ["message"] and off.output_text
+
+
+# ---- tools ----------------------------------------------------------------------------------------
+def test_tool_round_trip(client: openai.OpenAI) -> None:
+    first = client.responses.create(model=CHAT, input="Add 2 and 3.", tools=[ADD_TOOL],
+                                    tool_choice={"type": "function", "name": "add"}, max_output_tokens=120,
+                                    temperature=0)
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "add" and calls[0].call_id
+    args = json.loads(calls[0].arguments)
+    jsonschema.validate(args, ADD_TOOL["parameters"])
+    # stateless: the call and its output sent back as input items
+    result = {"type": "function_call_output", "call_id": calls[0].call_id, "output": str(args["a"] + args["b"])}
+    final = client.responses.create(
+        model=CHAT, tools=[ADD_TOOL], tool_choice="none", max_output_tokens=6, temperature=0, store=False,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Add 2 and 3."}]},
+               calls[0].model_dump(exclude_none=True), result], extra_body={"ignore_eos": True})
+    assert [o.type for o in final.output] == ["message"] and final.output_text
+    # stateful: only the output, after previous_response_id
+    chained = client.responses.create(model=CHAT, previous_response_id=first.id, input=[result], tools=[ADD_TOOL],
+                                      tool_choice="none", max_output_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert chained.previous_response_id == first.id and chained.output_text == final.output_text
+
+
+def test_required_tool_call_streams_arguments(srv: RunningServer) -> None:
+    events = _events(srv, {"model": CHAT, "input": "add", "tools": [ADD_TOOL], "tool_choice": "required",
+                           "parallel_tool_calls": False, "max_output_tokens": 120, "store": False})
+    names = [n for n, _ in events]
+    added = next(d for n, d in events if n == "response.output_item.added")
+    assert added["item"]["type"] == "function_call" and added["item"]["name"] == "add"
+    deltas = [d for n, d in events if n == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and all(d["item_id"] == added["item"]["id"] for d in deltas)
+    done = next(d for n, d in events if n == "response.function_call_arguments.done")
+    assert done["arguments"] == "".join(d["delta"] for d in deltas)
+    jsonschema.validate(json.loads(done["arguments"]), ADD_TOOL["parameters"])
+    assert names[-1] == "response.completed"
+    item = events[-1][1]["response"]["output"][0]
+    assert item["type"] == "function_call" and item["arguments"] == done["arguments"]
+
+
+# ---- structured output ----------------------------------------------------------------------------
+def test_json_schema_and_json_object(client: openai.OpenAI) -> None:
+    for seed in (1, 2):
+        r = client.responses.create(model=LLAMA, input="Hello there, how are you?", max_output_tokens=200,
+                                    temperature=1.0, store=False, extra_body={"seed": seed},
+                                    text={"format": {"type": "json_schema", "name": "person", "schema": PERSON,
+                                                     "strict": True}})
+        assert r.status == "completed"
+        jsonschema.validate(json.loads(r.output_text), PERSON)
+        assert r.text and r.text.format and r.text.format.type == "json_schema"
+    r = client.responses.create(model=CHAT, input="Hello there, how are you?", max_output_tokens=200,
+                                temperature=0.7, store=False, text={"format": {"type": "json_object"}},
+                                extra_body={"seed": 11})
+    assert r.status == "completed" and isinstance(json.loads(r.output_text), dict)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def test_bad_input(srv: RunningServer, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match=r"call_nope.*matches no function_call") as e:
+        client.responses.create(model=CHAT, input=[
+            {"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "call_nope", "output": "1"}])
+    assert e.value.body["param"] == "input[1].call_id"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError, match=r"does not exist.*Served models") as e:
+        client.responses.create(model="no-such-model", input="hi")
+    assert e.value.body["code"] == "1002"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError, match="not found") as e:
+        client.responses.create(model=CHAT, input="hi", previous_response_id="resp_nope")
+    assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    bad_bodies: list[tuple[dict[str, Any], str]] = [
+        ({"model": CHAT, "input": [42]}, "input[0] must be an object"),
+        ({"model": CHAT, "input": [{"type": "bogus"}]}, "input[0].type 'bogus' is not supported"),
+        ({"model": CHAT, "input": [{"role": "robot", "content": "x"}]}, "input[0].role must be"),
+        ({"model": CHAT, "input": [{"role": "user", "content": [{"type": "weird"}]}]}, "unknown part type 'weird'"),
+        ({"model": CHAT, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+         "accepts text only"),
+        ({"model": CHAT, "input": [{"type": "function_call", "name": "add"}]}, "needs a 'call_id'"),
+        ({"model": CHAT, "input": "hi", "tools": [{"type": "web_search"}]}, "function tools only"),
+        ({"model": CHAT, "input": "hi", "tool_choice": "required"}, "needs 'tools'"),
+        ({"model": CHAT, "input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice must be"),
+        ({"model": CHAT, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "schema"),
+        ({"model": CHAT}, "'input' is required"),
+        ({"model": CHAT, "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": CHAT, "input": "hi", "background": True}, "background"),
+        ({"input": "hi"}, "model"),
+    ]
+    with srv.client() as c:
+        for body, message in bad_bodies:
+            r = c.post("/v1/responses", json=body)
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert message in err["message"] and err["type"] == "invalid_request_error", (body, err)
+        r = c.post("/v1/responses", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "2001"
+        # unknown fields are accepted (and logged)
+        r = c.post("/v1/responses", json={"model": CHAT, "input": "hi", "max_output_tokens": 2, "store": False,
+                                          "some_future_field": {"x": 1}})
+        assert r.status_code == 200, r.text
+        assert c.delete("/v1/responses/resp_nope").status_code == 404
+    # the server is still fine
+    assert client.responses.create(model=CHAT, input="hi", max_output_tokens=2, store=False).output
+
+
+def test_store_is_per_key(srv: RunningServer) -> None:
+    mine = openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-alice", max_retries=0, timeout=120)
+    theirs = openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-bob", max_retries=0, timeout=120)
+    r = mine.responses.create(model=CHAT, input="secret plans", max_output_tokens=3)
+    assert mine.responses.retrieve(r.id).id == r.id
+    with pytest.raises(openai.NotFoundError) as e:
+        theirs.responses.retrieve(r.id)
+    assert "secret" not in str(e.value.body)
+    with pytest.raises(openai.NotFoundError):
+        theirs.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        theirs.responses.create(model=CHAT, input="more", previous_response_id=r.id, max_output_tokens=2)
+    mine.responses.delete(r.id)
+
+
+def test_store_with_auth_keys(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    root = build_llm_repo(tmp_path / "models", llm_models, only=[CHAT])
+    data = tmp_path / "data"
+    store = KeyStore(data)
+    alice, bob = store.create("alice", ["infer"])[0], store.create("bob", ["infer"])[0]
+    metrics = store.create("prom", ["metrics"])[0]
+    store.close()
+    with run_server(root, auth=True, data_dir=data) as s:
+        a = openai.OpenAI(base_url=s.url + "/v1", api_key=alice, max_retries=0, timeout=120)
+        b = openai.OpenAI(base_url=s.url + "/v1", api_key=bob, max_retries=0, timeout=120)
+        r = a.responses.create(model=CHAT, input="hello", max_output_tokens=3)
+        follow = a.responses.create(model=CHAT, input="and?", previous_response_id=r.id, max_output_tokens=3)
+        assert follow.previous_response_id == r.id
+        with pytest.raises(openai.NotFoundError):
+            b.responses.retrieve(r.id)
+        with pytest.raises(openai.NotFoundError):
+            b.responses.create(model=CHAT, input="x", previous_response_id=r.id, max_output_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).responses.retrieve(r.id)
+        with pytest.raises(openai.PermissionDeniedError):  # the GET route needs the infer scope too
+            openai.OpenAI(base_url=s.url + "/v1", api_key=metrics, max_retries=0).responses.retrieve(r.id)
+        assert a.responses.retrieve(r.id).id == r.id
+        with httpx.Client(base_url=s.url) as c:
+            assert c.get(f"/v1/responses/{r.id}").status_code == 401
