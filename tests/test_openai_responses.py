@@ -5,6 +5,7 @@ models."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 
 from conftest import RunningServer, run_server
 from inhouse.security.keys import KeyStore
-from llm_api_fixtures import CHAT, LLAMA, THINK, build_llm_repo
+from llm_api_fixtures import CHAT, LLAMA, THINK
+from llm_fixtures import write_llm_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -251,27 +253,100 @@ def test_store_is_per_key(srv: RunningServer) -> None:
     mine.responses.delete(r.id)
 
 
-def test_store_with_auth_keys(tmp_path: Path, llm_models: dict[str, Path]) -> None:
-    root = build_llm_repo(tmp_path / "models", llm_models, only=[CHAT])
-    data = tmp_path / "data"
-    store = KeyStore(data)
-    alice, bob = store.create("alice", ["infer"])[0], store.create("bob", ["infer"])[0]
-    metrics = store.create("prom", ["metrics"])[0]
+@pytest.fixture(scope="module")
+def guarded_srv(tmp_path_factory: pytest.TempPathFactory,
+                llm_models: dict[str, Path]) -> Iterator[tuple[RunningServer, dict[str, str]]]:
+    """API keys on; the chat model has a content policy and PII redaction."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    root = tmp / "models"
+    root.mkdir()
+    write_llm_model(root, CHAT, llm_models["qwen2"], {
+        "max_model_len": 1024, "policy": {"deny_patterns": ["secret project"], "allowed_tools": ["add"]},
+        "pii": {"inputs": True, "outputs": "restore"}})
+    store = KeyStore(tmp / "data")
+    keys = {name: store.create(name, [scope])[0]
+            for name, scope in (("alice", "infer"), ("bob", "infer"), ("prom", "metrics"))}
     store.close()
-    with run_server(root, auth=True, data_dir=data) as s:
-        a = openai.OpenAI(base_url=s.url + "/v1", api_key=alice, max_retries=0, timeout=120)
-        b = openai.OpenAI(base_url=s.url + "/v1", api_key=bob, max_retries=0, timeout=120)
-        r = a.responses.create(model=CHAT, input="hello", max_output_tokens=3)
-        follow = a.responses.create(model=CHAT, input="and?", previous_response_id=r.id, max_output_tokens=3)
-        assert follow.previous_response_id == r.id
-        with pytest.raises(openai.NotFoundError):
-            b.responses.retrieve(r.id)
-        with pytest.raises(openai.NotFoundError):
-            b.responses.create(model=CHAT, input="x", previous_response_id=r.id, max_output_tokens=2)
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).responses.retrieve(r.id)
-        with pytest.raises(openai.PermissionDeniedError):  # the GET route needs the infer scope too
-            openai.OpenAI(base_url=s.url + "/v1", api_key=metrics, max_retries=0).responses.retrieve(r.id)
-        assert a.responses.retrieve(r.id).id == r.id
-        with httpx.Client(base_url=s.url) as c:
-            assert c.get(f"/v1/responses/{r.id}").status_code == 401
+    with run_server(root, auth=True, data_dir=tmp / "data") as s:
+        yield s, keys
+
+
+def test_store_with_auth_keys(guarded_srv: tuple[RunningServer, dict[str, str]]) -> None:
+    s, keys = guarded_srv
+    a, b = (openai.OpenAI(base_url=s.url + "/v1", api_key=keys[n], max_retries=0, timeout=120)
+            for n in ("alice", "bob"))
+    r = a.responses.create(model=CHAT, input="hello", max_output_tokens=3)
+    follow = a.responses.create(model=CHAT, input="and?", previous_response_id=r.id, max_output_tokens=3)
+    assert follow.previous_response_id == r.id
+    with pytest.raises(openai.NotFoundError):
+        b.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.create(model=CHAT, input="x", previous_response_id=r.id, max_output_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).responses.retrieve(r.id)
+    with pytest.raises(openai.PermissionDeniedError):  # the GET route needs the infer scope too
+        openai.OpenAI(base_url=s.url + "/v1", api_key=keys["prom"], max_retries=0).responses.retrieve(r.id)
+    assert a.responses.retrieve(r.id).id == r.id
+    with httpx.Client(base_url=s.url) as c:
+        assert c.get(f"/v1/responses/{r.id}").status_code == 401
+        assert c.post("/v1/responses", json={"model": CHAT, "input": "hi"}).status_code == 401
+
+
+def test_policy_reads_input_items_instructions_and_tools(guarded_srv: tuple[RunningServer, dict[str, str]]) -> None:
+    s, keys = guarded_srv
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key=keys["alice"], max_retries=0, timeout=120)
+    blocked: list[dict[str, Any]] = [
+        {"input": "tell me about the secret project"},
+        {"input": "hi", "instructions": "mention the secret project"},
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": "the secret project?"}]}]},
+        {"input": [{"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{}"},
+                   {"type": "function_call_output", "call_id": "c1", "output": "the secret project"}]},
+        {"input": "hi", "tools": [{"type": "function", "name": "delete_database", "parameters": {}}]},
+    ]
+    for extra in blocked:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model=CHAT, max_output_tokens=2, **extra)
+        assert e.value.body["code"] == "5001", extra  # type: ignore[index]
+    # PII in the input is redacted before the model sees it; the request still works
+    r = c.responses.create(model=CHAT, input="mail a@b.io or call 13800138000", max_output_tokens=3)
+    assert r.output
+    events = []
+    with httpx.Client(base_url=s.url, headers={"authorization": f"Bearer {keys['alice']}"}, timeout=60) as h, \
+            h.stream("POST", "/v1/responses", json={"model": CHAT, "input": "mail a@b.io", "stream": True,
+                                                    "max_output_tokens": 3, "store": False}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+
+
+def test_streamed_placeholders_are_restored_across_deltas() -> None:
+    from inhouse.protocols import openai_responses
+    from inhouse.security.pii import Redactor, Vault
+    from inhouse.security.pipeline import SseStream
+
+    vault = Vault()
+    assert Redactor().redact("call 13800138000 or mail a@b.io", vault) == "call [PHONE_1] or mail [EMAIL_1]"
+    stream = SseStream(vault.restore, openai_responses.stream_texts)
+
+    def send(doc: dict[str, Any]) -> list[dict[str, Any]]:
+        data = b"event: " + doc["type"].encode() + b"\ndata: " + json.dumps(doc).encode() + b"\n\n"
+        return [json.loads(line[6:]) for line in stream.transform(data).split(b"\n") if line.startswith(b"data: ")]
+
+    item = {"output_index": 0, "content_index": 0, "item_id": "msg_1"}
+    out: list[dict[str, Any]] = []
+    for i, piece in enumerate(["Sure: ", "[PH", "ONE", "_1", "] and [", "EMAIL_1"]):
+        out += send({"type": "response.output_text.delta", "sequence_number": 3 + i, "delta": piece, **item})
+    # the last piece is held until the part ends: flushed in a delta before output_text.done
+    out += send({"type": "response.output_text.done", "sequence_number": 9, "text": "Sure: [PHONE_1] and [EMAIL_1",
+                 **item})
+    out += send({"type": "response.completed", "sequence_number": 10, "response": {
+        "id": "resp_13800138000", "output": [{"id": "msg_1", "type": "message", "content": [
+            {"type": "output_text", "text": "[EMAIL_1]"}]}]}})
+    deltas = [d["delta"] for d in out if d["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == "Sure: 13800138000 and [EMAIL_1"
+    assert [d["type"] for d in out[-3:]] == ["response.output_text.delta", "response.output_text.done",
+                                             "response.completed"]
+    assert out[-2]["text"] == "Sure: 13800138000 and [EMAIL_1"
+    final = out[-1]["response"]
+    assert final["id"] == "resp_13800138000" and final["output"][0]["content"][0]["text"] == "a@b.io"
