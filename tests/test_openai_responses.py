@@ -350,3 +350,96 @@ def test_streamed_placeholders_are_restored_across_deltas() -> None:
     assert out[-2]["text"] == "Sure: 13800138000 and [EMAIL_1"
     final = out[-1]["response"]
     assert final["id"] == "resp_13800138000" and final["output"][0]["content"][0]["text"] == "a@b.io"
+
+
+# ---- what agents trip over --------------------------------------------------------------------------
+def test_unknown_route_is_not_an_unknown_model(srv: RunningServer) -> None:
+    with srv.client() as c:
+        r = c.post("/v1/foo", json={"model": CHAT})
+        assert r.status_code == 404 and r.headers["inhouse-error-code"] == "2004"
+        err = r.json()["error"]
+        assert err["code"] == "2004" and err["type"] == "not_found_error"
+        assert err["message"].startswith("No such endpoint: POST /v1/foo. inhouse serves")
+        assert "POST /v1/chat/completions" in err["message"] and "POST /v1/responses" in err["message"]
+        r = c.post("/v1/messages/foo", json={})  # Anthropic's shape on its path
+        body = r.json()
+        assert r.status_code == 404 and body["type"] == "error" and body["error"]["type"] == "not_found_error"
+        assert body["error"]["message"].startswith("[2004] No such endpoint: POST /v1/messages/foo")
+        r = c.get("/v2/nothing/here")  # KServe v2's
+        assert r.status_code == 404 and r.headers["inhouse-error-code"] == "2004"
+        assert set(r.json()) == {"error"} and r.json()["error"].startswith("[2004] No such endpoint: GET /v2/nothing")
+        r = c.get("/elsewhere")
+        assert r.status_code == 404 and "/v1, /v2" in r.json()["error"]
+        # an unknown model keeps its own code
+        r = c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "1002"
+
+
+def test_image_part_for_an_unknown_model_names_the_model(srv: RunningServer) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]}
+    anth = {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}
+    resp = {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]}
+    with srv.client() as c:
+        for path, body in (("/v1/chat/completions", chat), ("/v1/messages", anth), ("/v1/responses", resp)):
+            r = c.post(path, json={**body, "model": "gpt-5-vision"})
+            assert r.status_code == 404 and r.headers["inhouse-error-code"] == "1002", (path, r.text)
+            assert "gpt-5-vision" in r.text and CHAT in r.text, r.text  # the served names
+            r = c.post(path, json={**body, "model": CHAT})
+            assert r.status_code == 400 and "accepts text only" in r.text, (path, r.text)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_models_list_is_503_while_startup_loading_runs(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    import threading
+
+    import yaml
+
+    from gate_backend import GATES, Gate
+
+    root = tmp_path / "models"
+    write_llm_model(root, CHAT, llm_models["qwen2"], {"max_model_len": 1024})
+    # loaded first (names load in order), its warm-up held until the test lets it go
+    (root / "a-held" / "1").mkdir(parents=True)
+    (root / "a-held" / "model.yaml").write_text(yaml.safe_dump(
+        {"name": "a-held", "backend": "gate", "warmup": {"samples": 1}}))
+    GATES["a-held"] = gate = Gate()
+    gate.open.clear()
+    port, running, stop = _free_port(), threading.Event(), threading.Event()
+
+    def serve() -> None:
+        with run_server(root, http_port=port):
+            running.set()
+            stop.wait(120)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            for _ in range(500):  # until the socket answers
+                try:
+                    r = c.get("/v1/models")
+                    break
+                except httpx.TransportError:
+                    threading.Event().wait(0.02)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            err = r.json()["error"]
+            assert err["code"] == "3005" and "still loading" in err["message"]
+            assert gate.entered.acquire(timeout=30)  # the warm-up is running
+            assert c.get("/v1/models").status_code == 503
+            gate.open.set()
+            assert running.wait(120)
+            r = c.get("/v1/models")
+            assert r.status_code == 200 and CHAT in {m["id"] for m in r.json()["data"]}
+    finally:
+        gate.open.set()
+        stop.set()
+        thread.join(60)
