@@ -443,3 +443,38 @@ def test_models_list_is_503_while_startup_loading_runs(tmp_path: Path, llm_model
         gate.open.set()
         stop.set()
         thread.join(60)
+
+
+def test_failure_after_the_stream_started_is_reported_in_band(tmp_path: Path, llm_models: dict[str, Path]) -> None:
+    root = tmp_path / "models"
+    write_llm_model(root, CHAT, llm_models["qwen2"], {"max_model_len": 1024})
+    # well under the time the tiny model needs for 1,000 tokens (see test_openai_api's deadline test)
+    with run_server(root, llm_timeout_s=0.2) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.responses.create(model=CHAT, input="hi", max_output_tokens=1000, extra_body={"ignore_eos": True})
+        assert e.value.status_code == 504 and e.value.body["code"] == "3002"  # type: ignore[index]
+        events = list(c.responses.create(model=CHAT, input="hi", max_output_tokens=1000, stream=True,
+                                         extra_body={"ignore_eos": True}))
+        assert events[0].type == "response.created" and [e.type for e in events[-2:]] == ["error", "response.failed"]
+        assert events[-2].code == "3002" and "deadline" in events[-2].message  # type: ignore[union-attr]
+        failed = events[-1].response  # type: ignore[union-attr]
+        assert failed.status == "failed" and failed.error and failed.error.code == "3002"
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        with pytest.raises(openai.NotFoundError):  # a failed response is not stored
+            c.responses.retrieve(failed.id)
+
+
+def test_store_is_bounded_in_count_and_bytes() -> None:
+    from inhouse.protocols.openai_responses import ResponseStore, Stored
+
+    store = ResponseStore(max_count=3, max_bytes=10_000)
+    for i in range(5):
+        store.put(f"resp_{i}", Stored("me", {"id": f"resp_{i}"}, [{"role": "user", "content": "x"}]))
+    assert len(store) == 3 and store.get("resp_4", "me").doc["id"] == "resp_4"
+    with pytest.raises(Exception, match="not found"):
+        store.get("resp_0", "me")  # the oldest went first
+    store.put("resp_big", Stored("me", {"id": "resp_big"}, [{"role": "user", "content": "y" * 9_950}]))
+    assert len(store) < 3 and store.get("resp_big", "me")  # the big one pushed older ones out
+    store.put("resp_huge", Stored("me", {"id": "resp_huge"}, [{"role": "user", "content": "z" * 20_000}]))
+    assert len(store) == 0  # one response larger than the whole store is not kept
