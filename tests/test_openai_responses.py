@@ -69,7 +69,7 @@ def test_create_text_usage_and_store(client: openai.OpenAI) -> None:
     assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
     assert r.output_text and r.output_text == r.output[0].content[0].text
     assert r.usage and r.usage.output_tokens == 6 and r.usage.input_tokens > 0
-    assert r.usage.total_tokens == r.usage.input_tokens + 6
+    assert r.usage.total_tokens == r.usage.input_tokens + 6 and r.usage.input_tokens_details.cached_tokens >= 0
     # stored by default: retrievable, then deletable
     again = client.responses.retrieve(r.id)
     assert again.id == r.id and again.output_text == r.output_text
@@ -135,6 +135,26 @@ def test_reasoning_items_from_think_tags(srv: RunningServer, client: openai.Open
     off = client.responses.create(model=THINK, input="Hello there", max_output_tokens=8, temperature=0,
                                   reasoning={"effort": "none"}, extra_body={"ignore_eos": True})
     assert [o.type for o in off.output] == ["message"] and off.output_text
+
+
+def test_earlier_turns_as_items_equal_chat_messages(srv: RunningServer, client: openai.OpenAI) -> None:
+    """Assistant output_text turns and reasoning items in ``input`` render like the chat
+    completion's messages: same prompt, so the same greedy answer."""
+    items = [{"role": "user", "content": "Hello there"},
+             {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi!"}]},
+             {"role": "developer", "content": "Answer briefly."},
+             {"role": "user", "content": [{"type": "input_text", "text": "How"},
+                                          {"type": "input_text", "text": "are you?"}]}]
+    r = client.responses.create(model=CHAT, input=items, max_output_tokens=4, temperature=0, store=False,
+                                extra_body={"ignore_eos": True})
+    chat = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+        model=CHAT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, messages=[
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "Hi!", "reasoning_content": "hm"},  # type: ignore[misc]
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": "How\nare you?"}])
+    assert r.output_text == chat.choices[0].message.content
 
 
 # ---- tools ----------------------------------------------------------------------------------------
