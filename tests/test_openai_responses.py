@@ -25,6 +25,7 @@ ADD_TOOL = {"type": "function", "name": "add", "description": "Add two numbers."
     "type": "object", "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
                                      "b": {"type": "integer", "minimum": -99, "maximum": 99}},
     "required": ["a", "b"], "additionalProperties": False}}
+KEY = "sk-responses"  # without --auth any key works; stored responses are still kept per key
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
@@ -38,13 +39,14 @@ def srv(llm_api_server: RunningServer) -> RunningServer:
 
 @pytest.fixture(scope="module")
 def client(srv: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-responses", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def _events(srv: RunningServer, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(event name, data) of a streamed response, read off the wire."""
     out = []
-    with srv.client() as c, c.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+    with srv.client(headers={"authorization": f"Bearer {KEY}"}) as c, \
+            c.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         name = ""
         for line in r.iter_lines():
@@ -115,9 +117,11 @@ def test_stream_event_sequence(srv: RunningServer, client: openai.OpenAI) -> Non
         done = stream.get_final_response()
     assert done.status == "completed" and done.output_text == "".join(deltas)
     jsonschema.validate(json.loads(done.output_text), PERSON)
-    # store: false keeps nothing
+    # store: false keeps nothing; a stored stream is retrievable once complete
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(final["id"])
+    stored = _events(srv, {**body, "store": True})[-1][1]["response"]
+    assert client.responses.retrieve(stored["id"]).output_text == stored["output"][0]["content"][0]["text"]
 
 
 def test_reasoning_items_from_think_tags(srv: RunningServer, client: openai.OpenAI) -> None:
@@ -237,6 +241,9 @@ def test_bad_input(srv: RunningServer, client: openai.OpenAI) -> None:
         ({"model": CHAT, "input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice must be"),
         ({"model": CHAT, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "schema"),
         ({"model": CHAT}, "'input' is required"),
+        ({"model": CHAT, "input": []}, "'input' is empty"),
+        ({"model": CHAT, "input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "matches no"),
+        ({"model": CHAT, "input": "hi", "previous_response_id": 5}, "previous_response_id"),
         ({"model": CHAT, "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": CHAT, "input": "hi", "background": True}, "background"),
         ({"input": "hi"}, "model"),

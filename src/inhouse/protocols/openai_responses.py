@@ -302,6 +302,8 @@ def responses_request(body: ResponsesBody, earlier: list[dict[str, Any]]) -> tup
     if body.input is None and not earlier:
         raise _bad("'input' is required (a string or an array of input items).", "input")
     turn = earlier + (input_messages(body.input, _call_ids(earlier)) if body.input is not None else [])
+    if not turn:
+        raise _bad("'input' is empty; send a string or at least one input item.", "input")
     tools = convert_tools(body.tools)
     choice = _tool_choice(body.tool_choice)
     if choice not in ("auto", "none") and not tools:
