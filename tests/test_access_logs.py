@@ -70,7 +70,7 @@ def test_errors_carry_their_code_in_the_access_log(server: RunningServer, caplog
     bad = [r for r in recs if getattr(r, "status", 0) == 400]
     assert bad and bad[0].code == 2006 and bad[0].model == "add"  # type: ignore[attr-defined]
     missing = [r for r in recs if getattr(r, "status", 0) == 404]
-    assert missing and missing[0].route == "unmatched" and missing[0].code == 1002  # type: ignore[attr-defined]
+    assert missing and missing[0].route == "unmatched" and missing[0].code == 2004  # type: ignore[attr-defined]
 
 
 def test_access_log_can_be_turned_off(server_factory, repo, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]

@@ -196,8 +196,8 @@ def test_unknown_model_and_version(c: httpx.Client) -> None:
     _expect(c.get("/v2/models/nope"), 404, 1002)
     _expect(c.get("/v2/models/nope/ready"), 404, 1002)
     _expect(c.post("/v2/repository/models/nope/load"), 404, 1002)
-    _expect(c.post("/v2/repository/models/..%2F..%2Fetc/load"), 404, 1002)
-    _expect(c.get("/v2/no/such/route"), 404, 1002)
+    _expect(c.post("/v2/repository/models/..%2F..%2Fetc/load"), 404, 2004)  # no route takes a name with slashes
+    _expect(c.get("/v2/no/such/route"), 404, 2004, "No such endpoint: GET /v2/no/such/route")
 
 
 def test_model_not_ready(srv: RunningServer, c: httpx.Client) -> None:

@@ -91,6 +91,14 @@ class InputNameError(InhouseError):
     openai_type = "invalid_request_error"
 
 
+class RouteNotFoundError(InhouseError):
+    """A method and path the server has no route for (not an unknown model: agents tell their
+    users to fix the model id on 1002)."""
+
+    code, http_status, grpc_status = 2004, 404, "UNIMPLEMENTED"
+    openai_type = "not_found_error"
+
+
 class PayloadTooLargeError(InhouseError):
     code, http_status, grpc_status = 2013, 413, "RESOURCE_EXHAUSTED"
     openai_type = "invalid_request_error"
@@ -111,6 +119,13 @@ class ContextLengthError(InvalidRequestError):
     invalid request, so callers catching 2001 errors catch it too."""
 
     code, http_status, grpc_status = 2030, 400, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
+class ResponseNotFoundError(InhouseError):
+    """A stored response (Responses API) that does not exist for the caller's key."""
+
+    code, http_status, grpc_status = 2040, 404, "NOT_FOUND"
     openai_type = "invalid_request_error"
 
 
@@ -140,6 +155,13 @@ class ConcurrencyLimitError(InhouseError):
 
     code, http_status, grpc_status = 3004, 429, "RESOURCE_EXHAUSTED"
     openai_type = "rate_limit_error"
+
+
+class ServerNotReadyError(InhouseError):
+    """Start-up loading is still running; clients that poll the model list should retry."""
+
+    code, http_status, grpc_status = 3005, 503, "UNAVAILABLE"
+    openai_type = "server_error"
 
 
 # 4xxx: access

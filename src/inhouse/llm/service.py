@@ -82,6 +82,11 @@ class LLMService:
             f"The model '{requested}' does not exist on this server. Served models: "
             f"{', '.join(names) or 'none'}.", details={"param": "model"})
 
+    def require_model(self, requested: str) -> None:
+        """Raises as a request for ``requested`` would (unknown: 404 listing the served names; not
+        loaded or still loading: 503), so adapters can check the model before its input."""
+        self._manager.resolve(self._lookup(requested))
+
     def is_generative(self, requested: str) -> bool:
         """True when ``requested`` (a name or alias) is a serving chat / generate model."""
         for name, versions in self._manager.serving().items():

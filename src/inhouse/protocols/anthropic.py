@@ -254,6 +254,7 @@ class AnthropicRoutes:
     @guarded(Guard("messages", "infer", model="model", texts=TEXTS))
     async def messages(self, request: Request) -> Response:
         body = await parse_json_model(request, MessagesBody, self.limit)
+        self.service.require_model(body.model)  # an unknown model says so before its messages are judged
         req = messages_request(body)
         mid = "msg_" + uuid.uuid4().hex[:24]
         events = self.service.chat(req)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -16,7 +16,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.errors import InvalidRequestError, ModelNotFoundError
+from inhouse.errors import InvalidRequestError, ModelNotFoundError, ServerNotReadyError
 from inhouse.llm.chat import normalize_messages, normalize_tools
 from inhouse.llm.events import (
     ChoiceEnd,
@@ -331,15 +331,18 @@ _MODELS = Guard("models.list", "infer")
 
 
 class OpenAIRoutes:
-    def __init__(self, service: LLMService, max_request_bytes: int, stream_usage_default: bool) -> None:
+    def __init__(self, service: LLMService, max_request_bytes: int, stream_usage_default: bool,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.service = service
         self.limit = max_request_bytes
         self.stream_usage_default = stream_usage_default
+        self.ready = ready or (lambda: True)
 
     # ---- chat ----------------------------------------------------------------------------------
     @guarded(Guard("chat.completions", "infer", model="model", texts=TEXTS))
     async def chat(self, request: Request) -> Response:
         body = await parse_json_model(request, ChatCompletionBody, self.limit)
+        self.service.require_model(body.model)  # an unknown model says so before its messages are judged
         req = chat_request(body)
         rid, created = f"chatcmpl-{req.request_id}", int(time.time())
         events = self.service.chat(req)
@@ -477,6 +480,10 @@ class OpenAIRoutes:
 
     @guarded(_MODELS)
     async def models(self, request: Request) -> Response:
+        # clients poll this as a health check: an empty list while loading would tell them to go ahead
+        if not self.ready():
+            raise ServerNotReadyError("The server is still loading its models; retry shortly.",
+                                      headers={"Retry-After": "1"})
         return json_response({"object": "list", "data": [self._model_doc(m) for m in self.service.served_models()]})
 
     @guarded(_MODELS)
@@ -495,8 +502,10 @@ async def _collect(events: AsyncIterator[Event]) -> list[Event]:
     return [ev async for ev in events]
 
 
-def build_router(service: LLMService, max_request_bytes: int, stream_usage_default: bool) -> APIRouter:
-    routes = OpenAIRoutes(service, max_request_bytes, stream_usage_default)
+def build_router(service: LLMService, max_request_bytes: int, stream_usage_default: bool,
+                 ready: Callable[[], bool] | None = None) -> APIRouter:
+    """``ready``: whether start-up loading has finished (``/v1/models`` answers 503 until then)."""
+    routes = OpenAIRoutes(service, max_request_bytes, stream_usage_default, ready)
     router = APIRouter(prefix="/v1", tags=["OpenAI"])
     router.add_api_route("/models", routes.models, methods=["GET"])
     router.add_api_route("/models/{model:path}", routes.model, methods=["GET"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -11,12 +13,12 @@ from starlette.responses import Response
 
 from inhouse import __version__
 from inhouse.core.dataplane import DataPlane
-from inhouse.errors import InvalidRequestError, ModelNotFoundError
+from inhouse.errors import InvalidRequestError, RouteNotFoundError
 from inhouse.llm.service import LLMService
 from inhouse.observability.access import ObservabilityMiddleware
 from inhouse.observability.endpoint import build_metrics_router
 from inhouse.observability.setup import HttpObservability
-from inhouse.protocols import anthropic, keys_admin, ollama, openai
+from inhouse.protocols import anthropic, keys_admin, ollama, openai, openai_responses
 from inhouse.protocols.errors import ErrorResponses, error_renderer
 from inhouse.protocols.kserve_v2 import generate_rest, rest
 from inhouse.security.gate import SecurityGate
@@ -38,7 +40,9 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     )
     app.include_router(rest.build_router(dataplane, settings.max_request_bytes))
     app.include_router(generate_rest.build_router(dataplane, llm, settings.max_request_bytes))
-    app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage))
+    app.include_router(openai.build_router(llm, settings.max_request_bytes, settings.llm_stream_usage,
+                                           ready=dataplane.ready))
+    app.include_router(openai_responses.build_router(llm, settings.max_request_bytes))
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
     app.include_router(ollama.build_router(llm, dataplane.manager, settings.max_request_bytes))
     if observability is not None:
@@ -50,7 +54,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
             raise TypeError(f"http_error got {type(exc).__name__}") from exc
         render = error_renderer(request.url.path)
         if exc.status_code == 404:
-            return render(ModelNotFoundError(f"No route for {request.method} {request.url.path}."))
+            return render(RouteNotFoundError(no_such_endpoint(app, request.method, request.url.path)))
         if exc.status_code == 405:
             err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.")
             resp = render(err)
@@ -83,3 +87,20 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
                            log_client_address=observability.log_client_address)
     guard_docs(app)
     return app
+
+
+def no_such_endpoint(app: FastAPI, method: str, path: str) -> str:
+    """What an unknown route answers: the routes served under the same first path segment (an
+    agent with a wrong base URL or API flavour sees what to call instead), or the segments."""
+    try:
+        paths: dict[str, Any] = app.openapi().get("paths", {})
+    except Exception:  # a schema that cannot be built must not turn a 404 into a 500
+        paths = {}
+    routes = [(m.upper(), p) for p, ops in paths.items() for m in ops if m != "parameters"]
+    top = path.strip("/").split("/", 1)[0]
+    near = [f"{m} {p}" for m, p in routes if p.strip("/").split("/", 1)[0] == top]
+    if near:
+        served = f"these under /{top}: {', '.join(near)}"
+    else:
+        served = "routes under " + ", ".join(sorted({"/" + p.strip("/").split("/", 1)[0] for _, p in routes}))
+    return f"No such endpoint: {method} {path}. inhouse serves {served}; the full list is at /docs."
