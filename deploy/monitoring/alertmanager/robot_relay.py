@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
             signed = " (signed)" if robot.secret else ""
             log.info("POST /%s relays to %s%s.", name, robot.url, signed)
     log.info("Listening on %s:%d.", *server.server_address[:2])
+    # as a container's PID 1 the default SIGTERM disposition is to ignore it: stop on it explicitly
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
