@@ -107,6 +107,7 @@ class InhouseServer:
             decryptor=keyring,
             backend_options={"onnx_spinning": settings.onnx_spinning},
             drain_timeout_s=settings.drain_timeout_s,
+            load_timeout_s=settings.load_timeout_s,
         )
         self._heap: HeapSettler | None = None
         if settings.gc_freeze:

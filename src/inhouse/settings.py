@@ -53,6 +53,8 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    load_timeout_s: float | None = Field(default=None, gt=0, description="a model load (backend load and "
+                                         "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
     onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
     gc_freeze: bool = Field(default=True, description="freeze the long-lived heap after model loads so "

@@ -108,6 +108,11 @@ class InstancesSpec(_Strict):
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|gpu(:\d+)?|npu(:\d+)?|auto)$")
 
 
+class LoadSpec(_Strict):
+    timeout_s: float | None = Field(default=None, gt=0, description="a load (backend load and warm-up) "
+                                    "running longer fails with 1009; unset: the server's load_timeout_s")
+
+
 class VersionPolicy(_Strict):
     policy: Literal["latest", "all", "specific"] = "latest"
     keep: int = Field(default=1, ge=1, description="with policy latest: how many newest versions serve")
@@ -307,6 +312,7 @@ class ModelSpec(BaseModel):
     instances: InstancesSpec = Field(default_factory=InstancesSpec)
     versions: VersionPolicy = Field(default_factory=VersionPolicy)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    load: LoadSpec = Field(default_factory=LoadSpec)
     files: FilesSpec = Field(default_factory=FilesSpec)
     encryption: EncryptionSpec | None = None
     policy: PolicySpec | None = None
