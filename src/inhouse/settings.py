@@ -46,6 +46,8 @@ class ServerSettings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     repo: Path | None = Field(default=None, description="model repository; the demo repository if unset")
+    model_path: Path | None = Field(default=None, description="serve this one model (a model folder, a version "
+                                    "folder or an .onnx file) without a repository; env MODEL_PATH too")
     load: str = Field(default="all", description="'all', 'none' or a comma-separated list of models")
     poll: bool = False
     poll_interval_s: float = Field(default=2.0, gt=0)
@@ -162,6 +164,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServerSetting
         raise SettingsError(f"Config file {config} does not exist.")
     if config is not None:
         _check_yaml(config)
+    # containers built for the deployment guides set MODEL_PATH; INHOUSE_MODEL_PATH and --model win
+    if overrides.get("model_path") is None and "INHOUSE_MODEL_PATH" not in os.environ \
+            and os.environ.get("MODEL_PATH"):
+        overrides["model_path"] = Path(os.environ["MODEL_PATH"])
     cls: type[ServerSettings] = ServerSettings
     if config is not None:
         cls = type("ServerSettingsFromFile", (ServerSettings,), {
