@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,9 @@ class GrpcSettings(BaseModel):
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     keepalive_time_s: float = Field(default=60.0, gt=0)
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
+
+
+_GUIDE_SERVER_KEYS = ("host", "http_port", "grpc_port")
 
 
 class ServerSettings(BaseSettings):
@@ -111,6 +114,23 @@ class ServerSettings(BaseSettings):
         if v is not None:
             parse_rate(v)
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guide_server_keys(cls, data: Any) -> Any:
+        """The deployment guides' ``service.yaml`` writes ``server: {host, http_port, grpc_port}``;
+        a top-level key (a flag, INHOUSE_* or inhouse.yaml's own) wins over it."""
+        if not isinstance(data, dict) or "server" not in data:
+            return data
+        server = data["server"]
+        if not isinstance(server, dict):
+            raise ValueError("server must be a mapping such as {http_port: 8000, grpc_port: 50051}")
+        unknown = sorted(set(server) - set(_GUIDE_SERVER_KEYS))
+        if unknown:
+            raise ValueError(f"server.{unknown[0]} is not a setting; server may hold "
+                             f"{', '.join(_GUIDE_SERVER_KEYS)}")
+        rest = {k: v for k, v in data.items() if k != "server"}
+        return {**server, **rest}
 
     def audit_enabled(self) -> bool:
         return self.auth if self.audit is None else self.audit
