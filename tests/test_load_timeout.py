@@ -104,3 +104,27 @@ def test_bad_timeouts_are_refused(tmp_path: Path) -> None:
         assert r.status_code == 422 and "1005" in r.text and "load.timeout_s" in r.text
         r = c.post("/v2/repository/models/typo/load")
         assert r.status_code == 422 and "did you mean 'timeout_s'" in r.text
+
+
+def test_openclaw_load_model_past_the_timeout_gets_deadline_exceeded(tmp_path: Path) -> None:
+    from inhouse.protocols.proto import openclaw_model_service_pb2 as ocpb
+    from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as ocpb_grpc
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    folder = tmp_path / "openclaw" / "slowclaw" / "v1"  # the guide's layout: a version folder with its spec
+    folder.mkdir(parents=True)
+    (folder / "model_spec.yaml").write_text(yaml.safe_dump({"name": "slowclaw", "backend": "slow-load"}))
+    LOAD_GATES["slowclaw"] = gate = LoadGate()
+    with run_server(repo, load_timeout_s=0.3, model_dirs=[tmp_path / "openclaw"]) as srv:
+        assert srv.grpc_target is not None
+        with grpc.insecure_channel(srv.grpc_target) as channel:
+            stub = ocpb_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.LoadModel(ocpb.LoadModelRequest(model_name="slowclaw", model_path=str(folder)), timeout=20)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert str(info.value.details()).startswith("[1009] ")
+            listed = {(m.model_name, m.version): m for m in stub.ListModels(ocpb.ListModelsRequest()).models}
+            assert listed[("slowclaw", "1")].state == "FAILED" and listed[("slowclaw", "1")].error_code == 1009
+        gate.open.set()
+        wait_until(lambda: gate.closed == 1)
