@@ -64,6 +64,13 @@ class ModelLoadError(InhouseError):
     code, http_status, grpc_status = 1006, 500, "INTERNAL"
 
 
+class ModelLoadTimeoutError(ModelLoadError):
+    """A load (backend load and warm-up) that ran past its ``load.timeout_s`` / ``load_timeout_s``;
+    a kind of load failure, so callers catching 1006 catch it too."""
+
+    code, http_status, grpc_status = 1009, 504, "DEADLINE_EXCEEDED"
+
+
 class ConversionError(InhouseError):
     """A model that ``inhouse convert`` / ``inhouse quantize`` could not convert, or whose
     converted output does not match the original framework's."""

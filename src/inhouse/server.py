@@ -19,7 +19,7 @@ import uvicorn
 from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.heap import HeapSettler
 from inhouse.core.manager import ModelManager
-from inhouse.core.repository import ModelRepository
+from inhouse.core.repository import LinkedModel, ModelRepository, single_model
 from inhouse.demo import ensure_demo_repository
 from inhouse.errors import InhouseError
 from inhouse.listen import ListenError
@@ -97,16 +97,28 @@ class InhouseServer:
             raise StartupError(str(err)) from None
 
         # data plane
-        if repo_path is None:
+        single = self._single_model(settings)
+        if repo_path is None and single is not None and settings.repo is None:
+            repo_path = settings.data_dir / "no-repository"  # never created: the one model is linked
+        elif repo_path is None:
             repo_path = settings.repo if settings.repo is not None else ensure_demo_repository(settings.data_dir)
-        if not repo_path.is_dir():
+        if single is None and not repo_path.is_dir():
             raise StartupError(f"Model repository {repo_path} does not exist or is not a folder.")
         self.repository = ModelRepository(repo_path)
+        self._watch_root = self.repository.root
+        if single is not None:
+            try:
+                self.repository.link(*single)
+            except InhouseError as err:
+                raise StartupError(f"MODEL_PATH / --model: {err.message}") from None
+            if not repo_path.is_dir():
+                self._watch_root = single[1].folder
         self.manager = ModelManager(
             self.repository,
             decryptor=keyring,
             backend_options={"onnx_spinning": settings.onnx_spinning},
             drain_timeout_s=settings.drain_timeout_s,
+            load_timeout_s=settings.load_timeout_s,
         )
         self._heap: HeapSettler | None = None
         if settings.gc_freeze:
@@ -144,6 +156,15 @@ class InhouseServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Stopper] = []
         self._stopped = asyncio.Event()
+
+    @staticmethod
+    def _single_model(settings: ServerSettings) -> tuple[str, LinkedModel] | None:
+        if settings.model_path is None:
+            return None
+        try:
+            return single_model(settings.model_path)
+        except InhouseError as err:
+            raise StartupError(f"MODEL_PATH / --model: {err.message}") from None
 
     def _grpc_front_end(self) -> GrpcFrontEnd | None:
         try:
@@ -269,7 +290,7 @@ class InhouseServer:
 
         interval = self.settings.poll_interval_s
         stop = asyncio.Event()
-        watcher = watchfiles.awatch(self.repository.root, stop_event=stop, debounce=200,
+        watcher = watchfiles.awatch(self._watch_root, stop_event=stop, debounce=200,
                                     rust_timeout=int(interval * 1000), yield_on_timeout=True,
                                     recursive=True)
         try:

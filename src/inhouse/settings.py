@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,6 +37,9 @@ class GrpcSettings(BaseModel):
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
 
 
+_GUIDE_SERVER_KEYS = ("host", "http_port", "grpc_port")
+
+
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INHOUSE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -46,6 +49,8 @@ class ServerSettings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     repo: Path | None = Field(default=None, description="model repository; the demo repository if unset")
+    model_path: Path | None = Field(default=None, description="serve this one model (a model folder, a version "
+                                    "folder or an .onnx file) without a repository; env MODEL_PATH too")
     load: str = Field(default="all", description="'all', 'none' or a comma-separated list of models")
     poll: bool = False
     poll_interval_s: float = Field(default=2.0, gt=0)
@@ -53,6 +58,8 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    load_timeout_s: float | None = Field(default=None, gt=0, description="a model load (backend load and "
+                                         "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
     onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
     gc_freeze: bool = Field(default=True, description="freeze the long-lived heap after model loads so "
@@ -108,6 +115,23 @@ class ServerSettings(BaseSettings):
             parse_rate(v)
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _guide_server_keys(cls, data: Any) -> Any:
+        """The deployment guides' ``service.yaml`` writes ``server: {host, http_port, grpc_port}``;
+        a top-level key (a flag, INHOUSE_* or inhouse.yaml's own) wins over it."""
+        if not isinstance(data, dict) or "server" not in data:
+            return data
+        server = data["server"]
+        if not isinstance(server, dict):
+            raise ValueError("server must be a mapping such as {http_port: 8000, grpc_port: 50051}")
+        unknown = sorted(set(server) - set(_GUIDE_SERVER_KEYS))
+        if unknown:
+            raise ValueError(f"server.{unknown[0]} is not a setting; server may hold "
+                             f"{', '.join(_GUIDE_SERVER_KEYS)}")
+        rest = {k: v for k, v in data.items() if k != "server"}
+        return {**server, **rest}
+
     def audit_enabled(self) -> bool:
         return self.auth if self.audit is None else self.audit
 
@@ -160,6 +184,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServerSetting
         raise SettingsError(f"Config file {config} does not exist.")
     if config is not None:
         _check_yaml(config)
+    # containers built for the deployment guides set MODEL_PATH; INHOUSE_MODEL_PATH and --model win
+    if overrides.get("model_path") is None and "INHOUSE_MODEL_PATH" not in os.environ \
+            and os.environ.get("MODEL_PATH"):
+        overrides["model_path"] = Path(os.environ["MODEL_PATH"])
     cls: type[ServerSettings] = ServerSettings
     if config is not None:
         cls = type("ServerSettingsFromFile", (ServerSettings,), {

@@ -18,6 +18,8 @@ log = logging.getLogger("inhouse")
 
 def serve(
     repo: Annotated[Path | None, typer.Option(help="Model repository folder (default: the built-in demo).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Serve one model (folder or .onnx file) without a repository; env MODEL_PATH.")] = None,
     config: Annotated[Path | None, typer.Option(help="Settings file (default: ./inhouse.yaml if present).")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
     http_port: Annotated[int | None, typer.Option(help="REST port [8000].")] = None,
@@ -49,15 +51,19 @@ def serve(
     llm_max_pending: Annotated[int | None, typer.Option(
         help="Requests per LLM, running and waiting, before 429 'rate limit' [512].")] = None,
     llm_timeout_s: Annotated[float | None, typer.Option(help="Deadline for one generation, seconds.")] = None,
+    load_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a model load (with warm-up) may take before it fails with 1009 [no limit].")] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
         settings = load_settings(
-            config, repo=repo, host=host, http_port=http_port, grpc_port=grpc_port, load=load, poll=poll,
+            config, repo=repo, model_path=model, host=host, http_port=http_port, grpc_port=grpc_port, load=load,
+            poll=poll,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth=auth, insecure=insecure,
             data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
             llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,
+            load_timeout_s=load_timeout,
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)

@@ -29,6 +29,7 @@ from inhouse.core.spec import ModelSpec, find_spec_file
 from inhouse.errors import (
     InhouseError,
     ModelLoadError,
+    ModelLoadTimeoutError,
     ModelNotFoundError,
     ModelNotReadyError,
     ModelSpecError,
@@ -98,6 +99,7 @@ class ModelManager:
         decryptor: ArtefactDecryptor | None = None,
         backend_options: dict[str, Any] | None = None,
         drain_timeout_s: float = 30.0,
+        load_timeout_s: float | None = None,
         load_workers: int = 2,
     ) -> None:
         self.repository = repository
@@ -106,6 +108,7 @@ class ModelManager:
         self._decryptor = decryptor
         self._backend_options = backend_options or {}
         self._drain_timeout_s = drain_timeout_s
+        self._load_timeout_s = load_timeout_s
         self._serving: dict[str, dict[int, ModelVersion]] = {}
         self._records: dict[tuple[str, int | None], ModelVersion | IndexEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -260,7 +263,7 @@ class ModelManager:
         started = time.perf_counter()
         log.info("loading model", extra={"model": mv.name, "version": mv.version})
         try:
-            model, scheduler = await loop.run_in_executor(self._loader, self._load_blocking, mv)
+            model, scheduler = await self._run_load(loop, mv)
         except InhouseError as err:
             mv.state, mv.reason, mv.code = ModelState.FAILED, err.message, err.code
             log.error("model load failed", extra={"model": mv.name, "version": mv.version,
@@ -288,6 +291,36 @@ class ModelManager:
                                        "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
         self._notify(mv.name, mv.version, ModelState.READY)
 
+    async def _run_load(self, loop: asyncio.AbstractEventLoop, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
+        """The load thread's result, or 1009 once the version's load timeout passes. A thread
+        cannot be stopped, so one that finishes after its caller gave up has its model closed."""
+        work = loop.run_in_executor(self._loader, self._load_blocking, mv)
+        limit = mv.spec.load.timeout_s or self._load_timeout_s
+        try:
+            done, _ = await asyncio.wait({work}, timeout=limit)
+        except asyncio.CancelledError:
+            work.add_done_callback(self._close_late)
+            raise
+        if not done:
+            work.add_done_callback(self._close_late)
+            raise ModelLoadTimeoutError(
+                f"Loading model '{mv.name}' version {mv.version} took longer than its {limit:g} s load "
+                "timeout; raise load.timeout_s in its model.yaml (or the server's load_timeout_s), or make "
+                "the load lighter (fewer warmup.samples)."
+            )
+        return work.result()
+
+    def _close_late(self, work: asyncio.Future[tuple[LoadedModel, Scheduler]]) -> None:
+        if work.cancelled() or work.exception() is not None:
+            return
+        model, scheduler = work.result()
+        log.warning("a model load that timed out finished later; closing what it loaded")
+        self._spawn(self._close_orphan(model, scheduler))
+
+    async def _close_orphan(self, model: LoadedModel, scheduler: Scheduler) -> None:
+        await scheduler.close()
+        await asyncio.get_running_loop().run_in_executor(self._loader, model.close)
+
     def _load_blocking(self, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
         backend = get_backend(mv.spec.backend)
         check_memory(mv.spec)
@@ -295,7 +328,7 @@ class ModelManager:
         ctx = LoadContext(model_dir=model_dir, version_dir=self.repository.version_dir(mv.name, mv.version),
                           spec=mv.spec,
                           decryptor=self._decryptor, options=self._backend_options,
-                          progress=lambda pct, what: setattr(mv, "reason", f"{what}: {pct:.0f}%"))
+                          progress=lambda pct, what: self._progress(mv, pct, what))
         model = backend.load(ctx)
         try:
             warmup(model, mv.spec, model_dir)
@@ -304,6 +337,11 @@ class ModelManager:
             model.close()
             raise
         return model, scheduler
+
+    @staticmethod
+    def _progress(mv: ModelVersion, pct: float, what: str) -> None:
+        if mv.state == ModelState.LOADING:  # a load that timed out keeps its FAILED reason
+            mv.reason = f"{what}: {pct:.0f}%"
 
     async def unload(self, name: str) -> list[ModelVersion]:
         async with self._lock(name):

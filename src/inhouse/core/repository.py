@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from inhouse.core.spec import SPEC_FILENAMES, ModelSpec, find_spec_file, load_spec_file, read_spec_path
-from inhouse.errors import InvalidRequestError, ModelNotFoundError, ModelSpecError
+from inhouse.core.triton_pbtxt import spec_from_pbtxt
+from inhouse.errors import InhouseError, InvalidRequestError, ModelNotFoundError, ModelSpecError
 
 _VERSION_FOLDER = re.compile(r"^[vV]?(\d+)$")
 
@@ -22,6 +25,7 @@ class LinkedModel:
     folder: Path
     spec_file: Path | None
     versions: dict[int, Path]
+    artefact: str | None = None  # a single model file in ``folder`` (MODEL_PATH=model.onnx)
 
 
 def link_layout(name: str, folder: Path, spec_file: Path | None) -> LinkedModel:
@@ -41,6 +45,38 @@ def link_layout(name: str, folder: Path, spec_file: Path | None) -> LinkedModel:
         raise ModelSpecError(f"Model '{name}': config_path {spec_file} is not a file; name the model's "
                              "model_spec.yaml (or leave config_path empty to use the one in model_path).")
     return LinkedModel(folder, spec_file or find_spec_file(folder), versions)
+
+
+def single_model(path: Path) -> tuple[str, LinkedModel]:
+    """The one model a server started with ``MODEL_PATH`` / ``--model`` serves: a model folder (a
+    spec file and numbered versions), a bare version folder holding model.onnx, or one ``.onnx``
+    file. Its name is the spec's ``name``, else the file's stem or the folder's name (the parent's,
+    for a version folder such as ``bert/1``)."""
+    path = path.expanduser().resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise ModelSpecError(f"{path} is a file but not an .onnx model; name an .onnx file or a model folder.")
+        return path.stem, LinkedModel(path.parent, None, {1: path.parent}, artefact=path.name)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} does not exist; name a model folder or an .onnx file.")
+    name = path.name
+    if _VERSION_FOLDER.match(name) and not any(c.is_dir() and c.name.isdigit() for c in path.iterdir()):
+        name = path.parent.name
+    link = link_layout(name, path, None)
+    return _spec_name(link.spec_file) or name, link
+
+
+def _spec_name(spec_file: Path | None) -> str | None:
+    """The ``name`` a spec file writes, if it can be read; a broken one fails later, at its load."""
+    if spec_file is None:
+        return None
+    try:
+        text = spec_file.read_text(encoding="utf-8")
+        doc = spec_from_pbtxt(text, str(spec_file)) if spec_file.suffix == ".pbtxt" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, InhouseError):
+        return None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 class ModelRepository:
@@ -73,6 +109,8 @@ class ModelRepository:
 
     def read_linked_spec(self, name: str, link: LinkedModel,
                          overrides: dict[str, Any] | None = None) -> ModelSpec:
+        if link.artefact is not None:  # the file that was named, whatever it is called
+            overrides = {"onnxruntime": {"file": link.artefact}, **(overrides or {})}
         return read_spec_path(link.spec_file, name, overrides, default_source=link.folder / SPEC_FILENAMES[1],
                               name_from="model_name")
 
@@ -164,7 +202,12 @@ class ModelRepository:
                 st = p.stat()
                 h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         vdir = self.version_dir(name, version) if link is not None else model_dir / str(version)
-        if vdir.is_dir():
+        if link is not None and link.artefact is not None:
+            p = link.folder / link.artefact  # its folder may hold anything else
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        elif vdir.is_dir():
             for p in sorted(vdir.rglob("*")):
                 if p.is_file():
                     st = p.stat()

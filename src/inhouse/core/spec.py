@@ -104,8 +104,47 @@ class BatchingSpec(_Strict):
 
 
 class InstancesSpec(_Strict):
-    count: int = Field(default=1, ge=1, le=64)
+    count: int = Field(default=1, ge=1, le=64, description="a fixed pool; with init_size / max_size: "
+                       "the initial size")
+    init_size: int | None = Field(default=None, ge=1, le=64, description="instances at load (a pool that grows)")
+    max_size: int | None = Field(default=None, ge=1, le=64, description="the most the pool grows to under load")
+    idle_s: float | None = Field(default=None, gt=0, description="an instance beyond init_size idle this long "
+                                 "stops [60]")
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|gpu(:\d+)?|npu(:\d+)?|auto)$")
+
+    @model_validator(mode="after")
+    def _pool(self) -> InstancesSpec:
+        """``count`` is a fixed pool; ``init_size`` / ``max_size`` (the guides' names) one that
+        grows from init to max under load and shrinks back when idle."""
+        if self.init_size is None and self.max_size is None:
+            return self
+        written = self.count if "count" in self.model_fields_set else None
+        if written is not None and self.init_size is not None and written != self.init_size:
+            raise ValueError(f"count {written} contradicts init_size {self.init_size}; write count (a fixed "
+                             "pool) or init_size / max_size (a pool that grows)")
+        init = self.init_size or written or 1
+        top = self.max_size if self.max_size is not None else init
+        if top < init:
+            raise ValueError(f"max_size {top} is smaller than init_size {init}")
+        self.init_size, self.max_size, self.count = init, top, init
+        return self
+
+    @property
+    def initial(self) -> int:
+        return self.init_size or self.count
+
+    @property
+    def maximum(self) -> int:
+        return self.max_size or self.count
+
+    @property
+    def idle_after_s(self) -> float:
+        return self.idle_s or 60.0
+
+
+class LoadSpec(_Strict):
+    timeout_s: float | None = Field(default=None, gt=0, description="a load (backend load and warm-up) "
+                                    "running longer fails with 1009; unset: the server's load_timeout_s")
 
 
 class VersionPolicy(_Strict):
@@ -307,6 +346,7 @@ class ModelSpec(BaseModel):
     instances: InstancesSpec = Field(default_factory=InstancesSpec)
     versions: VersionPolicy = Field(default_factory=VersionPolicy)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    load: LoadSpec = Field(default_factory=LoadSpec)
     files: FilesSpec = Field(default_factory=FilesSpec)
     encryption: EncryptionSpec | None = None
     policy: PolicySpec | None = None

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from inhouse.core.manager import ModelManager, ModelState
+from inhouse.core.scheduling import DynamicBatcher
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class ModelCollector(Collector):
                                      labels=["model", "version"])
         capacity = GaugeMetricFamily("inhouse_queue_capacity", "Queue limit (batching.max_queue_size).",
                                      labels=["model", "version"])
+        instances = GaugeMetricFamily("inhouse_model_instances", "Instances running a model version (a pool "
+                                      "with instances.max_size grows under load).", labels=["model", "version"])
         totals = dict.fromkeys(ModelState, 0)
         try:
             entries = self._manager.index()
@@ -53,9 +56,11 @@ class ModelCollector(Collector):
                 depth.add_metric([name, str(mv.version)], float(sched.queue_depth() if sched else 0))
                 inflight.add_metric([name, str(mv.version)], float(mv.inflight))
                 capacity.add_metric([name, str(mv.version)], float(mv.spec.batching.max_queue_size))
+                if isinstance(sched, DynamicBatcher):
+                    instances.add_metric([name, str(mv.version)], float(sched.instance_count))
         for s, n in totals.items():
             count.add_metric([s.value], float(n))
-        yield from (state, count, depth, inflight, capacity)
+        yield from (state, count, depth, inflight, capacity, instances)
 
 
 class ProcessCollector(Collector):

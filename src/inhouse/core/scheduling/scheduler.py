@@ -51,6 +51,8 @@ Clock = Callable[[], float]
 Result = dict[str, np.ndarray] | BaseException  # a request's outputs, or what it fails with
 _INPUT_ERRORS = (DatatypeError, ShapeError, InputNameError, InvalidRequestError)
 _NO_INPUTS: dict[str, np.ndarray] = {}
+# a pool that may grow adds an instance once every instance has been busy with work waiting this long
+GROW_AFTER_S = 0.1
 
 
 class Scheduler(Protocol):
@@ -85,6 +87,8 @@ class _Instance:
     def __init__(self, index: int, name: str, run: Callable[[_Instance, Batch], None]) -> None:
         self.index = index
         self.busy = False
+        self.batches = 0  # batches finished; the pool's shrink check compares it between its ticks
+        self.seen = -1
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._run = run
         self._thread = threading.Thread(target=self._loop, name=f"inhouse-{name}-{index}", daemon=True)
@@ -123,8 +127,18 @@ class DynamicBatcher:
         self._queue = BatchQueue(self._cfg)
         self._default_timeout = self._cfg.default_timeout_ms / 1000 if self._cfg.default_timeout_ms else None
         self._default_priority = self._cfg.priority_levels - 1
-        self._instances = [_Instance(i, spec.name, self._execute) for i in range(spec.instances.count)]
+        pool = spec.instances
+        self._pool_min = pool.initial
+        self._pool_max = max(self._pool_min, pool.maximum)
+        self._idle_s = pool.idle_after_s
+        self._instances = [_Instance(i, spec.name, self._execute) for i in range(self._pool_min)]
+        self._next_index = self._pool_min
+        # the free instances, a stack: the most recently used runs next, so surplus ones stay idle
         self._idle: list[_Instance] = list(self._instances)
+        self._grows = self._pool_max > self._pool_min
+        self._saturated_since: float | None = None
+        self._grow_timer: asyncio.TimerHandle | None = None
+        self._shrink_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -152,6 +166,11 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def instance_count(self) -> int:
+        """Instances running now (between instances.init_size and max_size)."""
+        return len(self._instances)
+
     def set_recorder(self, recorder: SchedulerRecorder) -> None:
         """Metrics for this model version: queue time per request (in the request's context),
         compute time and size per batch."""
@@ -177,8 +196,9 @@ class DynamicBatcher:
     async def close(self) -> None:
         """Fail what is still queued, let running batches finish, stop the instance threads."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._grow_timer, self._shrink_timer):
+            if handle is not None:
+                handle.cancel()
         self._deadlines.close()
         for p in self._queue.drain():
             self._fail(p, ModelNotReadyError(f"Model '{self._name}' was unloaded before the request ran; retry."))
@@ -283,11 +303,15 @@ class DynamicBatcher:
             if nxt is None:
                 if wait.started is not None:
                     wait.abandon()
+                if self._grows:
+                    self._saturated_since = None
                 return
             if isinstance(nxt, float):
                 if seeking:
                     wait.begin(now)
                 self._arm(nxt - now)
+                if self._grows:
+                    self._saturated_since = None
                 return
             if wait.started is not None:
                 wait.judge(now, self._last_arrival)
@@ -309,10 +333,66 @@ class DynamicBatcher:
                         self._loop.call_soon(self._flush)
                     return
                 continue
-            inst = self._idle.pop(0)
+            inst = self._idle.pop()
             inst.busy = True
             self._running += 1
             inst.send(nxt)
+        if self._grows:
+            if not len(self._queue):
+                self._saturated_since = None
+            elif self._saturated_since is None:
+                self._saturated(self._clock())
+
+    # ---- a pool that grows under load and shrinks when idle (instances.init_size / max_size) ----
+    def _saturated(self, now: float) -> None:
+        """Every instance is busy and work waits: grow if that lasts GROW_AFTER_S."""
+        if len(self._instances) >= self._pool_max or self._loop is None:
+            return
+        self._saturated_since = now
+        if self._grow_timer is None:
+            self._grow_timer = self._loop.call_later(GROW_AFTER_S, self._grow_check)
+
+    def _grow_check(self) -> None:
+        self._grow_timer = None
+        since = self._saturated_since
+        if self._closed or since is None:
+            return
+        if self._idle or not len(self._queue):
+            self._saturated_since = None
+            return
+        now = self._clock()
+        if now - since < GROW_AFTER_S:  # saturated again after a pause: wait out the rest
+            if self._loop is not None:
+                self._grow_timer = self._loop.call_later(GROW_AFTER_S - (now - since), self._grow_check)
+            return
+        # instances share the loaded model, so a new one is a thread: nothing to load
+        inst = _Instance(self._next_index, self._name, self._execute)
+        self._next_index += 1
+        self._instances.append(inst)
+        self._idle.append(inst)
+        self._saturated_since = None
+        log.info("model pool grew", extra={"model": self._name, "instances": len(self._instances)})
+        if self._shrink_timer is None and self._loop is not None:
+            self._shrink_timer = self._loop.call_later(self._idle_s, self._shrink_check)
+        self._flush()  # runs the waiting work, and notes saturation again if it remains
+
+    def _shrink_check(self) -> None:
+        """Every idle_s: stop one instance beyond init_size that ran nothing since the last check.
+        The free list is a stack, so the least recently used instance is at its bottom."""
+        self._shrink_timer = None
+        if self._closed or len(self._instances) <= self._pool_min:
+            return
+        for inst in self._idle:
+            if inst.seen == inst.batches:
+                self._idle.remove(inst)
+                self._instances.remove(inst)
+                inst.send(None)
+                log.info("model pool shrank", extra={"model": self._name, "instances": len(self._instances)})
+                break
+        for inst in self._instances:
+            inst.seen = inst.batches
+        if len(self._instances) > self._pool_min and self._loop is not None:
+            self._shrink_timer = self._loop.call_later(self._idle_s, self._shrink_check)
 
     def _record_queue(self, batch: Batch, now: float) -> None:
         observe = self._recorder.observe_queue
@@ -411,6 +491,7 @@ class DynamicBatcher:
     def _complete(self, inst: _Instance, batch: Batch, results: Sequence[Result], elapsed: float,
                   cpu: float) -> None:
         inst.busy = False
+        inst.batches += 1
         self._idle.append(inst)
         self._running -= 1
         self._finish(batch, results, elapsed, cpu)
