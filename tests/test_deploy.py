@@ -193,6 +193,7 @@ def test_chart_everything_on(tmp_path: Path) -> None:
         "models.create=true", "data.pvc=inhouse-data", "autoscaling.enabled=true", "autoscaling.cpuUtilization=80",
         "tls.enabled=true", "tls.cert=CERT", "tls.key=KEY", "tls.clientCA=CA", "modelKey=secret-key",
         "auth.enabled=true", "auth.probeKeySecret=inhouse-probe", "gpu.count=1", "serviceMonitor.enabled=true",
+        "serviceMonitor.keySecret=inhouse-prometheus",
         "config.log_level=debug", "config.max_request_bytes=1048576",
     ])
     values["extraEnv"] = [{"name": "INHOUSE_POLL", "value": "true"}]
@@ -212,6 +213,9 @@ def test_chart_everything_on(tmp_path: Path) -> None:
     probe = c["readinessProbe"]["exec"]["command"]
     compile(probe[2], "readiness", "exec")
     assert "https://127.0.0.1:8000/v2/health/ready" in probe[2]
+    scrape = objs["ServiceMonitor"]["spec"]["endpoints"][0]
+    assert scrape["authorization"] == {"type": "Bearer",
+                                       "credentials": {"name": "inhouse-prometheus", "key": "api-key"}}
     hpa = objs["HorizontalPodAutoscaler"]["spec"]
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "inhouse_queue_depth"
     assert "replicas" not in objs["Deployment"]["spec"]  # the HPA owns the replica count
