@@ -228,7 +228,7 @@ class InhouseServer:
         )
         if self.tls is not None:
             config.load()
-            config.ssl = server_context(self.tls)  # our context: TLS >= 1.2, client certs verified
+            config.ssl = server_context(self.tls)  # our context: TLS >= tls_min_version, client certs verified
         return config
 
     async def _serve_metrics_port(self, port: int) -> Stopper:

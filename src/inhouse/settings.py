@@ -63,6 +63,14 @@ class ServerSettings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    tls_min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="lowest TLS version accepted; "
+                                                   "1.3 needs grpc.enabled: false (grpcio cannot enforce it)")
+
+    @field_validator("tls_min_version", mode="before")
+    @classmethod
+    def _tls_version(cls, v: object) -> object:
+        return str(v) if isinstance(v, float) else v  # YAML reads `tls_min_version: 1.3` as a number
+
     # access control
     auth: bool = False
     insecure: bool = False
