@@ -52,12 +52,12 @@ def _code(r: httpx.Response) -> int:
 def test_rest_auth_matrix(secured: tuple[RunningServer, dict[str, str]]) -> None:
     srv, k = secured
     with srv.client() as c:
-        # liveness stays open; everything else needs a key
+        # liveness and readiness stay open; everything else needs a key
         assert c.get("/v2/health/live").status_code == 200
         r = c.post("/v2/models/add/infer", json=INFER)
         assert r.status_code == 401 and _code(r) == 4001 and "API key" in r.json()["error"]
         assert r.headers["www-authenticate"] == "Bearer"
-        assert c.get("/v2/health/ready").status_code == 401
+        assert c.get("/v2/health/ready").status_code == 200  # readiness too (open_readiness)
         assert c.get("/openapi.json").status_code == 401
         assert c.get("/no/such/route").status_code == 401  # route existence is not revealed
         cases = {

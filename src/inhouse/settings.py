@@ -88,10 +88,12 @@ class ServerSettings(BaseSettings):
 
     # ---- security ----
     allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "
-                                 "liveness; empty: any address")
+                                 "liveness and open readiness; empty: any address")
     trusted_proxies: list[str] = Field(default_factory=list, description="proxies whose X-Forwarded-For is believed")
     rate_limit_ip: str | None = Field(default=None, description="per client address, e.g. 100/s")
     rate_limit_key: str | None = Field(default=None, description="per API key without its own rate, e.g. 50/s")
+    open_readiness: bool = Field(default=True, description="readiness checks (/v2/health/ready, /health, gRPC "
+                                 "ServerReady and grpc.health.v1) answer without a key; false: the metrics scope")
     audit: bool | None = Field(default=None, description="audit log; unset: on when auth is on")
     audit_payloads: bool = Field(default=False, description="also record (PII-redacted) request bodies")
     audit_fsync: bool = Field(default=False, description="fsync every audit entry (survives power loss)")

@@ -25,6 +25,7 @@ from inhouse.security.pipeline import (
     AnswerStream,
     Guard,
     TextFn,
+    as_served,
     audit_payload,
     body_model,
     check_request,
@@ -70,11 +71,12 @@ def _match(routes: list[BaseRoute], scope: Scope) -> tuple[_Match | None, _Match
 
 
 class RouteGuards:
-    """The declared guard of each (method, path) seen, remembered: after the first request to a
-    path, finding its guard is one dict lookup."""
+    """The declared guard of each (method, path) seen, as this server enforces it (``as_served``),
+    remembered: after the first request to a path, finding its guard is one dict lookup."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_readiness: bool = True) -> None:
         self._known: dict[tuple[str, str], _Match] = {}
+        self._open_readiness = open_readiness
 
     def find(self, scope: Scope) -> _Match:
         key = (scope["method"], scope["path"])
@@ -82,7 +84,8 @@ class RouteGuards:
         if hit is None:
             app = scope.get("app")
             routes = getattr(getattr(app, "router", None), "routes", [])
-            hit = match_guard(routes, scope)
+            guard, params = match_guard(routes, scope)
+            hit = as_served(guard, self._open_readiness), params
             if len(self._known) >= 4096:  # many distinct paths (model names): start over rather than grow
                 self._known.clear()
             self._known[key] = hit
@@ -162,7 +165,7 @@ class SecurityMiddleware:
         self.app = app
         self.gate = gate
         self.max_request_bytes = max_request_bytes
-        self.guards = RouteGuards()
+        self.guards = RouteGuards(gate.settings.open_readiness)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self.gate.active:
