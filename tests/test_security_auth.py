@@ -240,10 +240,14 @@ def test_route_classification_fails_closed() -> None:
 
     assert classify("GET", "/v2/health/live").scope == "open"
     assert classify("GET", "/v2/health/live/").scope != "open"  # only the exact liveness paths are open
+    assert classify("GET", "/v2/health/ready").scope == "open"  # readiness too, by default (open_readiness)
+    assert RouteGuards(open_readiness=False).find(
+        {"type": "http", "method": "GET", "path": "/health/ready", "root_path": "", "app": app})[0].scope == "metrics"
     scope = {"type": "http", "method": "POST", "path": "/v2/models/m/versions/2/generate_stream", "root_path": "",
              "app": app}
-    r, params = guards.find(scope)
+    r, params, template = guards.find(scope)
     assert (r.scope, params["model"], params["version"], r.texts) == ("infer", "m", "2", generate)
+    assert template == "/v2/models/{model}/versions/{version}/generate_stream"
     assert classify("POST", "/v2/repository/models/m/load").scope == "admin"
     assert classify("DELETE", "/v2/security/keys/x").action == "keys.revoke"
     assert classify("GET", "/v1/models/some/model").scope == "infer"
