@@ -192,7 +192,9 @@ def test_chart_everything_on(tmp_path: Path) -> None:
     values = set_values([
         "models.create=true", "data.pvc=inhouse-data", "autoscaling.enabled=true", "autoscaling.cpuUtilization=80",
         "tls.enabled=true", "tls.cert=CERT", "tls.key=KEY", "tls.clientCA=CA", "modelKey=secret-key",
-        "auth.enabled=true", "auth.probeKeySecret=inhouse-probe", "gpu.count=1", "serviceMonitor.enabled=true",
+        "auth.enabled=true", "config.open_readiness=false", "auth.probeKeySecret=inhouse-probe", "gpu.count=1",
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.keySecret=inhouse-prometheus",
         "config.log_level=debug", "config.max_request_bytes=1048576",
     ])
     values["extraEnv"] = [{"name": "INHOUSE_POLL", "value": "true"}]
@@ -212,6 +214,9 @@ def test_chart_everything_on(tmp_path: Path) -> None:
     probe = c["readinessProbe"]["exec"]["command"]
     compile(probe[2], "readiness", "exec")
     assert "https://127.0.0.1:8000/v2/health/ready" in probe[2]
+    scrape = objs["ServiceMonitor"]["spec"]["endpoints"][0]
+    assert scrape["authorization"] == {"type": "Bearer",
+                                       "credentials": {"name": "inhouse-prometheus", "key": "api-key"}}
     hpa = objs["HorizontalPodAutoscaler"]["spec"]
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "inhouse_queue_depth"
     assert "replicas" not in objs["Deployment"]["spec"]  # the HPA owns the replica count
@@ -234,7 +239,13 @@ def test_chart_refuses_incomplete_values() -> None:
     with pytest.raises(TemplateError, match=r"models\.pvc"):
         Chart(CHART).render({})
     with pytest.raises(TemplateError, match="probeKeySecret"):
-        Chart(CHART).render(set_values(["models.pvc=m", "auth.enabled=true"]))
+        Chart(CHART).render(set_values(["models.pvc=m", "auth.enabled=true", "config.open_readiness=false"]))
+
+
+def test_chart_with_auth_probes_open_readiness_without_a_key() -> None:
+    c = _container(_by_kind(Chart(CHART).render(set_values(["models.pvc=m", "auth.enabled=true"]))))
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert "PROBE_API_KEY" not in [e["name"] for e in c.get("env", [])]
 
 
 def test_chart_config_keys_are_settings() -> None:

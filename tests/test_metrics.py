@@ -142,7 +142,7 @@ def test_dedicated_metrics_port(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     write_model(repo, "add", add_model())
     with run_server(repo, metrics_port=0) as srv:
-        port = srv.server.observability.metrics_server.port  # type: ignore[union-attr]
+        port = srv.server.metrics_port
         with srv.client() as c:
             assert c.post("/v2/models/add/infer", json=_add_body()).status_code == 200
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as m:

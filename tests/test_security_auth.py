@@ -52,12 +52,12 @@ def _code(r: httpx.Response) -> int:
 def test_rest_auth_matrix(secured: tuple[RunningServer, dict[str, str]]) -> None:
     srv, k = secured
     with srv.client() as c:
-        # liveness stays open; everything else needs a key
+        # liveness and readiness stay open; everything else needs a key
         assert c.get("/v2/health/live").status_code == 200
         r = c.post("/v2/models/add/infer", json=INFER)
         assert r.status_code == 401 and _code(r) == 4001 and "API key" in r.json()["error"]
         assert r.headers["www-authenticate"] == "Bearer"
-        assert c.get("/v2/health/ready").status_code == 401
+        assert c.get("/v2/health/ready").status_code == 200  # readiness too (open_readiness)
         assert c.get("/openapi.json").status_code == 401
         assert c.get("/no/such/route").status_code == 401  # route existence is not revealed
         cases = {
@@ -240,10 +240,14 @@ def test_route_classification_fails_closed() -> None:
 
     assert classify("GET", "/v2/health/live").scope == "open"
     assert classify("GET", "/v2/health/live/").scope != "open"  # only the exact liveness paths are open
+    assert classify("GET", "/v2/health/ready").scope == "open"  # readiness too, by default (open_readiness)
+    assert RouteGuards(open_readiness=False).find(
+        {"type": "http", "method": "GET", "path": "/health/ready", "root_path": "", "app": app})[0].scope == "metrics"
     scope = {"type": "http", "method": "POST", "path": "/v2/models/m/versions/2/generate_stream", "root_path": "",
              "app": app}
-    r, params = guards.find(scope)
+    r, params, template = guards.find(scope)
     assert (r.scope, params["model"], params["version"], r.texts) == ("infer", "m", "2", generate)
+    assert template == "/v2/models/{model}/versions/{version}/generate_stream"
     assert classify("POST", "/v2/repository/models/m/load").scope == "admin"
     assert classify("DELETE", "/v2/security/keys/x").action == "keys.revoke"
     assert classify("GET", "/v1/models/some/model").scope == "infer"

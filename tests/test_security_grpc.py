@@ -140,7 +140,7 @@ def test_classify_and_peer() -> None:
     assert classify_grpc(f"/{SVC}/ServerLive")[1] == "open"
     assert classify_grpc(f"/{SVC}/RepositoryModelUnload")[1] == "admin"
     assert classify_grpc(f"/{SVC}/ModelMetadata") == ("model.metadata", "infer", "name")
-    assert classify_grpc("/grpc.health.v1.Health/Check")[1] == "open"
+    assert classify_grpc("/grpc.health.v1.Health/Check")[1] == "readiness"  # open unless open_readiness is off
     assert classify_grpc("/grpc.reflection.v1alpha.ServerReflection/X")[1] == "any"
     assert classify_grpc(f"/{SVC}/SomethingNew")[1] == "admin"  # undeclared in a declared service: fail closed
     assert peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"

@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from certs import Pki, make_pki
 from conftest import RunningServer, run_server
 from inhouse.server import StartupError
+from inhouse.settings import SettingsError, load_settings
 
 
 @pytest.fixture
@@ -123,6 +124,32 @@ def test_tls_versions(repo: Path, pki: Pki) -> None:
     if unchecked:
         pytest.skip(f"TLS 1.3 and 1.2 checked on both ports; this OpenSSL cannot offer TLS 1.1, so its refusal "
                     f"was not checked on {', '.join(unchecked)}")
+
+
+def test_tls_13_can_be_required_on_rest(repo: Path, pki: Pki) -> None:
+    with run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_min_version="1.3",
+                    grpc={"enabled": False}) as srv:
+        port = srv.server.http_port
+        tls12 = _https(pki, client=False)
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _handshake(port, tls12, "http/1.1")
+        assert _handshake(port, _https(pki, client=False), "http/1.1") == "TLSv1.3"
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=_https(pki, client=False)) as c:
+            assert c.get("/v2/health/live").status_code == 200
+
+
+def test_tls_13_with_grpc_is_refused_at_start(repo: Path, pki: Pki, tmp_path: Path) -> None:
+    """grpcio's server credentials have no minimum TLS version: requiring 1.3 with gRPC on would be a
+    promise the gRPC port does not keep."""
+    with pytest.raises(StartupError, match=r"cannot be enforced on gRPC.*grpc.enabled: false"), \
+            run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_min_version="1.3"):
+        pass
+    cfg = tmp_path / "inhouse.yaml"
+    cfg.write_text("tls_min_version: 1.3\n")  # a YAML number
+    assert load_settings(cfg).tls_min_version == "1.3"
+    with pytest.raises(SettingsError, match="tls_min_version"):
+        load_settings(None, tls_min_version="1.1")
 
 
 @pytest.mark.parametrize("case", ["missing-cert", "mismatch", "ca-without-cert", "key-only", "bad-ca",

@@ -33,6 +33,7 @@ from inhouse.settings import ServerSettings
 from inhouse.transports.http.app import build_app
 from inhouse.transports.http.fast_path import fast_protocol
 from inhouse.transports.http.infer_entry import InferEntry
+from inhouse.transports.http.metrics_app import build_metrics_app
 from inhouse.transports.tls import TlsConfigError, TlsMaterial, load_tls, server_context
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class InhouseServer:
             raise
         self.http_port: int = settings.http_port
         self.grpc_port: int | None = None
+        self.metrics_port: int | None = None  # the dedicated one, once it listens
 
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -201,19 +203,7 @@ class InhouseServer:
         """Bind, start serving (live, not yet ready), load the start-up models, become ready."""
         sock = bind_socket(self.settings.host, self.settings.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.asgi, log_config=None, access_log=False, lifespan="off",
-            timeout_keep_alive=30, server_header=False, date_header=False,
-            proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
-            # on stop: no new connections; in-flight requests get drain_timeout_s to finish
-            timeout_graceful_shutdown=self.settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works
-            **self._uvicorn_http(),
-            **self._uvicorn_tls(),
-        )
-        if self.tls is not None:
-            config.load()
-            config.ssl = server_context(self.tls)  # our context: TLS >= 1.2, client certs verified
-        self._uvicorn = _EmbeddedUvicorn(config)
+        self._uvicorn = _EmbeddedUvicorn(self._uvicorn_config(self.asgi, **self._uvicorn_http()))
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock])))
         while not self._uvicorn.started:
             if self._tasks[0].done():
@@ -244,6 +234,46 @@ class InhouseServer:
             self._stoppers.append(self._grpc.stop)
         self._stoppers.append(await start_security(self.security, self.settings.audit_retention_days))
         self._stoppers.append(await self.observability.start())
+        if self.settings.metrics_port is not None:
+            self._stoppers.append(await self._serve_metrics_port(self.settings.metrics_port))
+
+    def _uvicorn_config(self, app: Any, **extra: Any) -> uvicorn.Config:
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off",
+            timeout_keep_alive=30, server_header=False, date_header=False,
+            proxy_headers=False,  # X-Forwarded-For is the security layer's, from trusted_proxies only
+            # on stop: no new connections; in-flight requests get drain_timeout_s to finish
+            timeout_graceful_shutdown=self.settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works
+            **extra,
+            **self._uvicorn_tls(),
+        )
+        if self.tls is not None:
+            config.load()
+            config.ssl = server_context(self.tls)  # our context: TLS >= tls_min_version, client certs verified
+        return config
+
+    async def _serve_metrics_port(self, port: int) -> Stopper:
+        """The dedicated metrics port: a second uvicorn server in this loop, over an app with the
+        main port's security middleware and TLS (transports/http/metrics_app.py)."""
+        s = self.settings
+        sock = bind_socket(s.metrics_host or s.host, port, "metrics")
+        self.metrics_port = sock.getsockname()[1]
+        app = build_metrics_app(gate=self.security, observability=self.observability.http,
+                                max_request_bytes=s.max_request_bytes)
+        server = _EmbeddedUvicorn(self._uvicorn_config(app))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise StartupError("The metrics server stopped during start-up.")
+            await asyncio.sleep(0.01)
+        log.info("metrics listening", extra={"port": self.metrics_port})
+
+        async def stop() -> None:
+            server.should_exit = True
+            await task
+
+        return stop
 
     def _uvicorn_http(self) -> dict[str, Any]:
         """v2 infer answered on the connection (transports/http/fast_path.py), unless turned off."""

@@ -70,6 +70,14 @@ class ServerSettings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    tls_min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="lowest TLS version accepted; "
+                                                   "1.3 needs grpc.enabled: false (grpcio cannot enforce it)")
+
+    @field_validator("tls_min_version", mode="before")
+    @classmethod
+    def _tls_version(cls, v: object) -> object:
+        return str(v) if isinstance(v, float) else v  # YAML reads `tls_min_version: 1.3` as a number
+
     # access control
     auth: bool = False
     insecure: bool = False
@@ -87,10 +95,12 @@ class ServerSettings(BaseSettings):
 
     # ---- security ----
     allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "
-                                 "liveness; empty: any address")
+                                 "liveness and open readiness; empty: any address")
     trusted_proxies: list[str] = Field(default_factory=list, description="proxies whose X-Forwarded-For is believed")
     rate_limit_ip: str | None = Field(default=None, description="per client address, e.g. 100/s")
     rate_limit_key: str | None = Field(default=None, description="per API key without its own rate, e.g. 50/s")
+    open_readiness: bool = Field(default=True, description="readiness checks (/v2/health/ready, /health, gRPC "
+                                 "ServerReady and grpc.health.v1) answer without a key; false: the metrics scope")
     audit: bool | None = Field(default=None, description="audit log; unset: on when auth is on")
     audit_payloads: bool = Field(default=False, description="also record (PII-redacted) request bodies")
     audit_fsync: bool = Field(default=False, description="fsync every audit entry (survives power loss)")

@@ -29,6 +29,7 @@ def serve(
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="CA for client certificates (mutual TLS).")] = None,
+    tls_min_version: Annotated[str | None, typer.Option(help="Lowest TLS version accepted: 1.2 | 1.3 [1.2].")] = None,
     auth: Annotated[bool | None, typer.Option("--auth/--no-auth", help="Require API keys.")] = None,
     insecure: Annotated[
         bool | None, typer.Option("--insecure", help="Allow a non-loopback address without auth.")
@@ -60,6 +61,7 @@ def serve(
             config, repo=repo, model_path=model, host=host, http_port=http_port, grpc_port=grpc_port, load=load,
             poll=poll,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth=auth, insecure=insecure,
+            tls_min_version=tls_min_version,
             data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
             llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,

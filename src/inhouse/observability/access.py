@@ -90,7 +90,7 @@ class ObservabilityMiddleware:
             nonlocal finished
             finished = True
             seconds = time.perf_counter() - start
-            route = route_of(scope)
+            route = ctx.route if ctx.route is not None else route_of(scope)
             if self._metrics is not None:
                 self._metrics.observe(method_of(scope), route, status, seconds)
             if span is not None and self._tracer is not None:

@@ -30,6 +30,7 @@ class RequestContext:
     compute_s: float | None = None
     compute_end_ns: int = 0
     batch_size: int = 0
+    route: str | None = None  # the matched route template, as the HTTP security middleware found it
 
     def traceparent(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"

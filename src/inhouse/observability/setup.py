@@ -14,7 +14,6 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.core.manager import ModelManager
 from inhouse.observability.access import HttpMetrics
 from inhouse.observability.collectors import GpuCollector, ModelCollector, ProcessCollector
-from inhouse.observability.endpoint import MetricsServer
 from inhouse.observability.metrics import LifecycleRecorder, Metrics
 from inhouse.observability.observer import RequestObserver
 from inhouse.observability.tracing import Tracer
@@ -57,19 +56,12 @@ class Observability:
         self.http_metrics = HttpMetrics(self.metrics)
         self.http = HttpObservability(self.registry, self.http_metrics, self.tracer, settings.access_log,
                                       settings.log_client_address)
-        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> Callable[[], Awaitable[None]]:
-        """Starts the dedicated metrics port if configured (``MetricsPortError`` when it cannot
-        listen); returns the stopper."""
-        s = self.settings
-        if s.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.registry, s.metrics_host or s.host, s.metrics_port)
-            log.info("metrics listening", extra={"port": self.metrics_server.port})
+        """Returns the stopper (the dedicated metrics port is the server's: it serves an app
+        behind the security middleware, transports/http/metrics_app.py)."""
 
         async def stop() -> None:
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
             if self.tracer is not None:
                 self.tracer.shutdown()
 

@@ -28,9 +28,10 @@ from inhouse.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["infer", "admin", "metrics", "any", "open"]
+Scope = Literal["infer", "admin", "metrics", "any", "open", "readiness"]
 """What a request needs: one of the key scopes, ``any`` (any valid key) or ``open`` (nothing;
-liveness only: not checked, not audited)."""
+liveness only: not checked, not audited). ``readiness`` is declared by readiness checks and
+becomes ``open`` or ``metrics`` by the server's ``open_readiness`` (``pipeline.as_served``)."""
 
 
 @dataclass(slots=True)

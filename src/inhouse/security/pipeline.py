@@ -9,6 +9,7 @@ the v2 infer entry and the gRPC interceptor are thin adapters that find the decl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,6 +65,19 @@ class Guard:
 
 UNDECLARED = Guard("other", "admin")
 """A route nobody declared: only admins (fail closed)."""
+
+READINESS = Guard("health", "readiness")
+"""Readiness checks (a bare ready or not): open like liveness, so a load balancer or a
+Kubernetes probe needs no key, unless the server sets ``open_readiness: false``."""
+
+
+def as_served(guard: Guard, open_readiness: bool) -> Guard:
+    """A declared guard as this server enforces it: readiness open, or behind the metrics scope.
+    The transports apply it once per route or method; an unresolved ``readiness`` scope is on no
+    key, so it fails closed."""
+    if guard.scope != "readiness":
+        return guard
+    return dataclasses.replace(guard, scope="open" if open_readiness else "metrics")
 
 GUARD_ATTR = "inhouse_guard"
 

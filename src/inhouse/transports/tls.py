@@ -12,6 +12,7 @@ from pathlib import Path
 from inhouse.settings import ServerSettings
 
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2  # TLS 1.3 is negotiated whenever the client offers it
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 class TlsConfigError(Exception):
@@ -26,6 +27,7 @@ class TlsMaterial:
     cert_chain: bytes
     private_key: bytes
     client_ca: bytes | None
+    min_version: ssl.TLSVersion = MIN_TLS_VERSION
 
     @property
     def mutual(self) -> bool:
@@ -62,16 +64,25 @@ def load_tls(settings: ServerSettings) -> TlsMaterial | None:
         cert_chain=_read(cert, "TLS certificate", "--tls-cert"),
         private_key=_read(key, "TLS private key", "--tls-key"),
         client_ca=_read(ca, "client CA", "--tls-client-ca") if ca is not None else None,
+        min_version=_VERSIONS[settings.tls_min_version],
     )
+    if material.min_version > MIN_TLS_VERSION and settings.grpc.enabled:
+        # grpcio's ssl_server_credentials takes no TLS version: gRPC would still accept 1.2
+        raise TlsConfigError(
+            f"tls_min_version {settings.tls_min_version} cannot be enforced on gRPC: grpcio's server "
+            "credentials accept TLS 1.2 and 1.3 and have no minimum to set. Turn gRPC off (grpc.enabled: "
+            "false, INHOUSE_GRPC__ENABLED=false) to require TLS 1.3 on REST, or keep tls_min_version at 1.2."
+        )
     server_context(material)  # fails here, at start, if the pieces do not fit together
     return material
 
 
 def server_context(material: TlsMaterial) -> ssl.SSLContext:
-    """An SSLContext for the HTTP server: TLS ≥ 1.2 (1.3 preferred), client certificates
-    required and verified against the client CA when one is configured."""
+    """An SSLContext for the HTTP server: TLS ≥ the configured minimum (1.2 unless set to 1.3;
+    1.3 preferred), client certificates required and verified against the client CA when one is
+    configured."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = MIN_TLS_VERSION
+    ctx.minimum_version = material.min_version
     ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
     try:
         ctx.load_cert_chain(material.cert_path, material.key_path, password=_no_password)

@@ -23,7 +23,7 @@ from inhouse.protocols.kserve_v2.generate import generation_stream, is_generatio
 from inhouse.protocols.kserve_v2.grpc_wire import parameters_dict, parse_infer_request, render_infer_response
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 from inhouse.protocols.proto import grpc_service_pb2_grpc as pb_grpc
-from inhouse.security.pipeline import Exchange, Guard, Texts
+from inhouse.security.pipeline import READINESS, Exchange, Guard, Texts
 from inhouse.security.policy import tool_names
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -166,7 +166,7 @@ TEXTS = Texts(request=map_request_texts, tools=offered_tools, answer=answer_text
 _RPC = f"/{SERVICE_NAME}/"
 RPC_GUARDS: dict[str, Guard] = {
     _RPC + "ServerLive": Guard("health.live", "open"),
-    _RPC + "ServerReady": Guard("health", "metrics"),
+    _RPC + "ServerReady": READINESS,
     _RPC + "ServerMetadata": Guard("server.metadata", "infer"),
     _RPC + "ModelReady": Guard("model.ready", "infer", model="name"),
     _RPC + "ModelMetadata": Guard("model.metadata", "infer", model="name"),

@@ -17,7 +17,7 @@ from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.http_body import cancel_on_disconnect, read_body
 from inhouse.protocols.kserve_v2.json_wire import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
-from inhouse.security.pipeline import Guard, TextFn, Texts, guarded
+from inhouse.security.pipeline import READINESS, Guard, TextFn, Texts, guarded
 
 _TENSOR_SCHEMA = {
     "type": "object",
@@ -157,7 +157,6 @@ def cannot_hold_text(body: bytes) -> bool:
 V2_INFER_TEXTS = Texts(request=map_v2_texts, skip=cannot_hold_text)
 INFER_GUARD = Guard("infer", "infer", model="path", texts=V2_INFER_TEXTS)
 _METADATA, _READY, _CONFIG = (Guard(f"model.{what}", "infer", model="path") for what in ("metadata", "ready", "config"))
-_HEALTH = Guard("health", "metrics")
 
 
 def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
@@ -180,7 +179,8 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         return _json({"live": True})
 
     @router.get("/v2/health/ready", summary="Readiness")
-    @guarded(_HEALTH)
+    @router.get("/health/ready", summary="Readiness", tags=["health"])
+    @guarded(READINESS)
     async def health_ready() -> Response:
         ready = dataplane.ready()
         return _json({"ready": ready}, 200 if ready else 503)
@@ -247,11 +247,10 @@ def build_router(dataplane: DataPlane, max_request_bytes: int) -> APIRouter:
         return _json({"name": model, "versions": [str(v.version) for v in versions], "state": "UNLOADED"})
 
     @router.get("/health", summary="Overall health, for humans and load balancers", tags=["health"])
-    @guarded(_HEALTH)
+    @guarded(READINESS)
     async def health() -> Response:
-        serving = {n: [str(v.version) for v in vs] for n, vs in dataplane.manager.serving().items()}
+        # no model names: readiness is open to callers without a key (open_readiness)
         ready = dataplane.ready()
-        return _json({"status": "ok" if ready else "starting", "live": True, "ready": ready,
-                      "models": serving}, 200 if ready else 503)
+        return _json({"status": "ok" if ready else "starting", "live": True, "ready": ready}, 200 if ready else 503)
 
     return router

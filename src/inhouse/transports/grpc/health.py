@@ -18,11 +18,11 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InhouseError, ModelNotFoundError
 from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.kserve_v2.grpc_service import SERVICE_NAME
-from inhouse.security.pipeline import Guard
+from inhouse.security.pipeline import READINESS, Guard
 
-RPC_GUARDS: dict[str, Guard] = {f"/grpc.health.v1.Health/{name}": Guard("health.live", "open")
-                                 for name in ("Check", "Watch")}
-"""Health checks are open: not checked, not audited (a load balancer has no key)."""
+RPC_GUARDS: dict[str, Guard] = {f"/grpc.health.v1.Health/{name}": READINESS for name in ("Check", "Watch")}
+"""Health checks report readiness: open (not checked, not audited; a load balancer has no key)
+unless the server sets ``open_readiness: false``."""
 
 _SERVING: int = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING

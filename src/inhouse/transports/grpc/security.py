@@ -21,7 +21,7 @@ from inhouse.protocols.errors import as_inhouse_error as as_error
 from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.kserve_v2.grpc_service import request_size
 from inhouse.security.gate import Call, SecurityGate, new_request_id
-from inhouse.security.pipeline import Exchange, Guard, check_request, open_call
+from inhouse.security.pipeline import Exchange, Guard, as_served, check_request, open_call
 from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
 
@@ -164,7 +164,8 @@ class SecurityInterceptor(CachedWrapInterceptor):
     def __init__(self, gate: SecurityGate, guards: Mapping[str, Guard] | None = None) -> None:
         super().__init__()
         self.gate = gate
-        self.guards = dict(guards) if guards is not None else declared_rpcs()
+        declared = guards if guards is not None else declared_rpcs()
+        self.guards = {m: as_served(g, gate.settings.open_readiness) for m, g in declared.items()}
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if guard_for(method, self.guards).scope == "open":

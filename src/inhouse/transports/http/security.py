@@ -25,6 +25,7 @@ from inhouse.security.pipeline import (
     AnswerStream,
     Guard,
     TextFn,
+    as_served,
     audit_payload,
     body_model,
     check_request,
@@ -38,14 +39,15 @@ from inhouse.security.pipeline import (
 )
 
 REQUEST_ID_HEADER = "x-request-id"
-_Match = tuple[Guard, dict[str, Any]]
+_Match = tuple[Guard, dict[str, Any], str | None]
 
 
 def match_guard(routes: list[BaseRoute], scope: Scope) -> _Match:
-    """The guard and path parameters of the route a request reaches (a route that matches only
-    by path, answered 405, lends its guard); an undeclared or unknown route is admins' only."""
+    """The guard, path parameters and route template of the route a request reaches (a route
+    that matches only by path, answered 405, lends its guard); an undeclared or unknown route is
+    admins' only."""
     full, partial = _match(routes, scope)
-    return full or partial or (UNDECLARED, {})
+    return full or partial or (UNDECLARED, {}, None)
 
 
 def _match(routes: list[BaseRoute], scope: Scope) -> tuple[_Match | None, _Match | None]:
@@ -62,19 +64,21 @@ def _match(routes: list[BaseRoute], scope: Scope) -> tuple[_Match | None, _Match
         if match is Match.NONE:
             continue
         guard = guard_of(child.get("endpoint")) or UNDECLARED
+        template = getattr(route, "path", None)
         if match is Match.FULL:
-            return (guard, child.get("path_params", {})), None
+            return (guard, child.get("path_params", {}), template), None
         # answered 405 without reading the body: no text rules
-        partial = partial or (dataclasses.replace(guard, texts=None), child.get("path_params", {}))
+        partial = partial or (dataclasses.replace(guard, texts=None), child.get("path_params", {}), template)
     return None, partial
 
 
 class RouteGuards:
-    """The declared guard of each (method, path) seen, remembered: after the first request to a
-    path, finding its guard is one dict lookup."""
+    """The declared guard of each (method, path) seen, as this server enforces it (``as_served``),
+    remembered: after the first request to a path, finding its guard is one dict lookup."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_readiness: bool = True) -> None:
         self._known: dict[tuple[str, str], _Match] = {}
+        self._open_readiness = open_readiness
 
     def find(self, scope: Scope) -> _Match:
         key = (scope["method"], scope["path"])
@@ -82,7 +86,8 @@ class RouteGuards:
         if hit is None:
             app = scope.get("app")
             routes = getattr(getattr(app, "router", None), "routes", [])
-            hit = match_guard(routes, scope)
+            guard, params, template = match_guard(routes, scope)
+            hit = as_served(guard, self._open_readiness), params, template
             if len(self._known) >= 4096:  # many distinct paths (model names): start over rather than grow
                 self._known.clear()
             self._known[key] = hit
@@ -162,7 +167,7 @@ class SecurityMiddleware:
         self.app = app
         self.gate = gate
         self.max_request_bytes = max_request_bytes
-        self.guards = RouteGuards()
+        self.guards = RouteGuards(gate.settings.open_readiness)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self.gate.active:
@@ -171,14 +176,19 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        guard, params = self.guards.find(scope)
+        guard, params, template = self.guards.find(scope)
+        ctx = current_request()
+        if ctx is not None:
+            # for the access log and metrics: the router's own scope["route"] is set on scopes the
+            # outer middleware never sees (a rewritten request) or not at all (a refused one)
+            ctx.route = template
         if guard.scope == "open":
             await self.app(scope, receive, send)
             return
         h = _headers(scope)
         client = scope.get("client")
         call = http_call(guard, params, h, client[0] if client else None)
-        echo = current_request() is None  # the observability layer echoes the request id when it runs
+        echo = ctx is None  # the observability layer echoes the request id when it runs
         gate = self.gate
         output_fn: TextFn | None = None
         try:
