@@ -254,11 +254,12 @@ def _alertmanager_config(webhook: str, relay_url: str) -> dict[str, Any]:
     return doc
 
 
-def _prometheus_config(target: str, alertmanager: str, rules: Path) -> dict[str, Any]:
+def _prometheus_config(target: str, alertmanager: str, rules: Path, key_file: Path) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load(PROM_CONFIG.read_text())
     doc["global"].update(scrape_interval="1s", evaluation_interval="1s")
     doc["rule_files"] = [str(rules)]
     doc["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+    doc["scrape_configs"][0]["authorization"]["credentials_file"] = str(key_file)  # the shipped key file, here
     doc["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager]}]
     return doc
 
@@ -299,8 +300,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         rules.write_text(yaml.safe_dump(_shipped_rules_without_for()))
         prom_port = _free_port()
         prom_yml = tmp / "prometheus.yml"
+        key_file = tmp / "inhouse-metrics.key"
+        key_file.write_text("test-metrics-key\n")
         prom_yml.write_text(yaml.safe_dump(_prometheus_config(
-            target.url.removeprefix("http://"), f"127.0.0.1:{am_port}", rules)))
+            target.url.removeprefix("http://"), f"127.0.0.1:{am_port}", rules, key_file)))
         prom_args = [prometheus_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={tmp / 'prom-data'}",
                      f"--web.listen-address=127.0.0.1:{prom_port}"]
         with (
