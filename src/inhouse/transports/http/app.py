@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse import __version__
+from inhouse.console import routes as console
 from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InvalidRequestError, RouteNotFoundError
 from inhouse.llm.service import LLMService
@@ -79,6 +80,8 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     # v2 infer, the hot path, is answered before this app by transports/http/infer_entry.py (the server
     # puts it in front); its routes here serve the app when it is mounted on its own.
     app.include_router(keys_admin.build_router(gate, settings.max_request_bytes))
+    app.include_router(console.build_router(dataplane, settings, gate,
+                                            observability.registry if observability is not None else None))
     app.add_middleware(SecurityMiddleware, gate=gate, max_request_bytes=settings.max_request_bytes)
     # outermost, added last: even requests the security layer rejects are measured and logged
     if observability is not None:
