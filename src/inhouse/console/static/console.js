@@ -375,8 +375,10 @@
       return [...new Set(index.map((e) => e.name))];
     }
     if (state.session.models) return state.session.models;
-    const list = await api("/v1/models");
-    return (list.data || []).map((m) => m.id);
+    const stats = await api("/v2/models/stats");
+    const names = (stats.model_stats || []).map((m) => m.name);
+    try { (await api("/v1/models")).data.forEach((m) => names.push(m.id)); } catch (_) { /* no LLM API */ }
+    return [...new Set(names)];
   }
 
   async function loadPlayground() {
