@@ -112,7 +112,7 @@ def test_console_opens_without_auth_and_lists_demo_models(console: Console) -> N
     for model in ("iris", "breast-cancer", "diabetes"):
         row = console.row(model)
         assert row.locator(".state").inner_text() == "READY"
-    page.wait_for_function("document.querySelector('#models-table tr[data-model=\"iris\"] .backend').textContent")
+    wait_until(lambda: console.row("iris").locator(".backend").inner_text() != "")
     assert console.row("iris").locator(".backend").inner_text() == "onnxruntime"
     assert console.row("iris").locator(".device").inner_text() == "cpu"
     console.row("iris").locator("button", has_text="model.yaml").click()
@@ -160,8 +160,7 @@ def test_metrics_view_updates_after_requests(console: Console, open_server: Runn
         for _ in range(25):
             assert c.post("/v2/models/iris/infer", json=IRIS).status_code == 200
     wait_until(lambda: int(page.inner_text(card)) >= before + 25, timeout=15)
-    page.wait_for_function("!document.querySelector('[data-metric=\"p50\"] .value').textContent.includes('–')",
-                           timeout=15000)
+    wait_until(lambda: "ms" in page.inner_text('[data-metric="p50"] .value'), timeout=15)
     assert page.locator("#chart-rps polyline").count() == 1
     page.screenshot(path=str(Path(os.environ.get("CONSOLE_SHOTS", "/tmp")) / "console-metrics.png"), full_page=True)
 
@@ -180,6 +179,27 @@ def test_doctor_view_shows_findings(console: Console) -> None:
     page.click("button[data-tab=doctor]")
     page.wait_for_selector("#doctor-findings li[data-severity]", timeout=30000)
     assert "model iris" in page.inner_text("#doctor-findings")
+
+
+def test_playground_chat_streams_an_answer_with_token_counts(browser: Any, llm_repo: Path, tmp_path: Path) -> None:
+    with run_server(llm_repo, data_dir=tmp_path / "data", load="tiny-llama") as srv:
+        c = Console(browser, srv.url)
+        page = c.page
+        try:
+            page.wait_for_selector("#tabs:not([hidden])")
+            page.click("button[data-tab=playground]")
+            page.fill("#chat-model", "tiny-llama")
+            page.fill("#chat-max", "12")
+            page.fill("#chat-input", "Hello there")
+            page.click("#chat-send")
+            wait_until(lambda: "completion" in page.inner_text("#chat-stats"), timeout=60)
+            stats = page.inner_text("#chat-stats")
+            assert "prompt" in stats and "tokens/s" in stats
+            assert page.locator("#chat-log .msg.user").inner_text().endswith("Hello there")
+            assert page.locator("#chat-log .msg.assistant").count() == 1
+            assert not c.errors, c.errors
+        finally:
+            c.close()
 
 
 # ---- with --auth ----------------------------------------------------------------------------------
@@ -288,7 +308,10 @@ def test_console_endpoints_enforce_their_scopes(secured: tuple[RunningServer, di
 
     assert get("/console", None).status_code == 200  # the page itself holds no data
     assert get("/console/static/console.js", None).status_code == 200
-    assert get("/console/api/session", None).status_code == 401
+    refused = get("/console/api/session", None)
+    assert refused.status_code == 401
+    assert refused.headers["x-frame-options"] == "DENY" and "default-src 'self'" in refused.headers[
+        "content-security-policy"]
     assert get("/console/api/session", "ih_wrong").status_code == 401
     session = get("/console/api/session", keys["infer"]).json()
     assert session["auth"] is True and session["scopes"] == ["infer"] and session["key"]["name"] == "app"

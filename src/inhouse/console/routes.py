@@ -25,15 +25,7 @@ from inhouse.security.gate import SecurityGate
 from inhouse.security.pipeline import Guard, credential, guarded
 from inhouse.settings import ServerSettings
 
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+_NO_STORE = {"Cache-Control": "no-store"}
 _ASSETS = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
 _PAGE = Guard("console.page", "open")  # the page asks for the key; it holds no data itself
 _AUDIT_LIMIT = 1000
@@ -41,7 +33,7 @@ ALL_SCOPES = ["admin", "infer", "metrics"]
 
 
 def _respond(body: bytes, media_type: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(body, status_code=status, media_type=media_type, headers={**SECURITY_HEADERS, **(headers or {})})
+    return Response(body, status_code=status, media_type=media_type, headers={**_NO_STORE, **(headers or {})})
 
 
 def _json(obj: Any, status: int = 200) -> Response:

@@ -480,7 +480,8 @@
     let first = null, usage = null, content = "";
     try {
       const res = await api("/v1/chat/completions", { method: "POST", raw: true,
-        json: { model, messages: state.chat, stream: true, stream_options: { include_usage: true } } });
+        json: { model, messages: state.chat, stream: true, stream_options: { include_usage: true },
+          max_tokens: Number($("#chat-max").value) || 256 } });
       const reader = res.body.getReader();
       const decoder = new TextDecoder();
       let buf = "";
