@@ -3,7 +3,9 @@ repository (without auth on loopback, and with --auth), and its JSON endpoints' 
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +174,9 @@ def test_unload_then_load_from_console(console: Console) -> None:
     wait_until(lambda: console.row("diabetes").locator(".state").inner_text() == "UNLOADED", timeout=20)
     console.row("diabetes").locator("button[data-action=load]").click()
     wait_until(lambda: console.row("diabetes").locator(".state").inner_text() == "READY", timeout=30)
+    console.row("diabetes").locator("button[data-action=reload]").click()
+    wait_until(lambda: console.row("diabetes").locator("button[data-action=reload]").is_enabled(), timeout=30)
+    assert console.row("diabetes").locator(".state").inner_text() == "READY"
 
 
 def test_doctor_view_shows_findings(console: Console) -> None:
@@ -330,6 +335,10 @@ def test_console_endpoints_enforce_their_scopes(secured: tuple[RunningServer, di
     rows = get("/console/api/audit?result=error&action=console.audit", keys["admin"]).json()["entries"]
     assert rows and all(r["status"] in (401, 403) and r["action"] == "console.audit" for r in rows)
     assert get("/console/api/audit?result=maybe", keys["admin"]).status_code == 400
+    later = time.time() + 3600
+    assert get(f"/console/api/audit?since={later}", keys["admin"]).json()["entries"] == []
+    assert get(f"/console/api/audit?until={later}&action=console.audit", keys["admin"]).json()["matched"] > 0
+    assert get(f"/console/api/audit/export?since={later}", keys["admin"]).content == b""
     assert get("/console/api/audit?since=yesterday", keys["admin"]).status_code == 400
 
 
@@ -349,3 +358,10 @@ def test_metrics_snapshot_counts_requests(open_server: RunningServer) -> None:
     with open_server.client() as c:
         assert c.get("/console/api/audit").status_code == 404
         assert c.get("/console/api/session").json()["audit"] is False
+
+
+def test_serve_logs_the_console_url(demo_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="inhouse.server"), \
+            run_server(demo_repo, data_dir=tmp_path / "data", load="iris") as srv:
+        urls = [getattr(r, "url", None) for r in caplog.records if r.getMessage() == "console"]
+    assert urls == [srv.url + "/console"]
