@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,13 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def open_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with run_server(demo_repo, data_dir=tmp_path_factory.mktemp("data-open")) as srv:
+    """The demo models, and one whose artefact is not an ONNX model (it fails to load)."""
+    repo = tmp_path_factory.mktemp("repo-open") / "models"
+    shutil.copytree(demo_repo, repo)
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "model.yaml").write_text("name: broken\n")
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an ONNX model")
+    with run_server(repo, data_dir=tmp_path_factory.mktemp("data-open")) as srv:
         yield srv
 
 
@@ -118,8 +124,14 @@ def test_console_opens_without_auth_and_lists_demo_models(console: Console) -> N
     assert console.row("iris").locator(".backend").inner_text() == "onnxruntime"
     assert console.row("iris").locator(".device").inner_text() == "cpu"
     console.row("iris").locator("button", has_text="model.yaml").click()
+    broken = console.row("broken")
+    assert broken.locator(".state").inner_text() == "FAILED"
+    cells = broken.locator("td").all_inner_texts()
+    assert cells[3] and cells[4].isdigit()  # the reason and the error code
+    assert broken.locator("button[data-action=load]").count() == 1
     page.wait_for_selector("#model-config:not([hidden])")
-    assert "backend: onnxruntime" in page.inner_text("#model-config-text")
+    yaml_text = page.inner_text("#model-config-text")
+    assert "backend: onnxruntime" in yaml_text and "inputs:" in yaml_text and "labels:" in yaml_text
     page.screenshot(path=str(Path(os.environ.get("CONSOLE_SHOTS", "/tmp")) / "console-models.png"))
 
 

@@ -5,6 +5,8 @@
 (() => {
   const KEY_SLOT = "inhouse.console.key";
   const $ = (sel) => document.querySelector(sel);
+  const TRITON_KEYS = new Set(["platform", "max_batch_size", "input", "output", "instance_group", "dynamic_batching",
+    "model_transaction_policy"]);
   const state = { session: null, tab: null, timers: [], metrics: [], configs: new Map() };
 
   // ---- helpers ------------------------------------------------------------------------------
@@ -196,7 +198,9 @@
   async function showConfig(name, version) {
     const cfg = await modelConfig(name, version);
     $("#model-config-name").textContent = name + (version ? " v" + version : "");
-    $("#model-config-text").textContent = cfg ? toYaml(cfg) : "(not available: the model is not serving)";
+    // the config endpoint adds Triton's keys for Triton clients; the console shows the model.yaml fields
+    const spec = cfg ? Object.fromEntries(Object.entries(cfg).filter(([k]) => !TRITON_KEYS.has(k))) : null;
+    $("#model-config-text").textContent = spec ? toYaml(spec) : "(not available: the model is not serving)";
     show($("#model-config"), true);
   }
 
