@@ -307,6 +307,27 @@ def test_admin_key_creates_a_key_shown_once_and_revokes_it(
         c.close()
 
 
+def test_a_key_revoked_mid_session_signs_the_console_out(
+        browser: Any, secured: tuple[RunningServer, dict[str, str]]) -> None:
+    srv, keys = secured
+    with srv.client(headers={"authorization": f"Bearer {keys['admin']}"}) as http:
+        made = http.post("/v2/security/keys", json={"name": "short-lived", "scopes": ["infer"]}).json()
+    c = Console(browser, srv.url)
+    try:
+        _sign_in(c, made["key"])
+        c.page.wait_for_selector('#pg-model option[value="iris"]', state="attached")
+        with srv.client(headers={"authorization": f"Bearer {keys['admin']}"}) as http:
+            assert http.delete(f"/v2/security/keys/{made['key_id']}").status_code == 200
+        c.page.select_option("#pg-model", "iris")
+        c.page.wait_for_selector("#login:not([hidden])")
+        assert "revoked" in c.page.inner_text("#login-error")
+        c.page.reload()  # the key is gone from the tab's storage, and the notice was shown once
+        c.page.wait_for_selector("#login:not([hidden])")
+        assert c.page.is_hidden("#login-error") and c.page.is_hidden("#tabs")
+    finally:
+        c.close()
+
+
 def _no_key_in_urls(c: Console, keys: dict[str, str]) -> None:
     assert c.urls
     for url in c.urls:

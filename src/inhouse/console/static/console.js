@@ -4,6 +4,7 @@
 
 (() => {
   const KEY_SLOT = "inhouse.console.key";
+  const NOTICE_SLOT = "inhouse.console.notice";  // why the last session ended, shown at the next sign-in
   const $ = (sel) => document.querySelector(sel);
   const TRITON_KEYS = new Set(["platform", "max_batch_size", "input", "output", "instance_group", "dynamic_batching",
     "model_transaction_policy"]);
@@ -85,7 +86,9 @@
       const hadKey = Boolean(apiKey());
       sessionStorage.removeItem(KEY_SLOT);
       state.session = null;
-      showLogin(err.status === 401 ? (hadKey ? "The key was refused: " + err.message : "") : err.message);
+      const notice = sessionStorage.getItem(NOTICE_SLOT);
+      sessionStorage.removeItem(NOTICE_SLOT);
+      showLogin(err.status === 401 ? (hadKey ? "The key was refused: " + err.message : notice || "") : err.message);
       return;
     }
     state.session = session;
@@ -120,9 +123,9 @@
 
   function signOut(reason) {
     sessionStorage.removeItem(KEY_SLOT);
-    location.hash = "";
+    if (reason) sessionStorage.setItem(NOTICE_SLOT, reason);
+    history.replaceState(null, "", location.pathname);
     location.reload();
-    if (reason) console.warn(reason);
   }
 
   function openTab(name) {
