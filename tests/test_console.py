@@ -387,6 +387,11 @@ def test_metrics_snapshot_counts_requests(open_server: RunningServer) -> None:
     assert after["latency"]["buckets"][-1][0] is None  # +Inf
     assert after["http"]["requests"] > before["http"]["requests"]
     assert after["process"]["resident_memory_bytes"] > 0
+    with open_server.client() as c:  # the console's own polling is not traffic
+        first = c.get("/console/api/metrics").json()["http"]["requests"]
+        for _ in range(3):
+            c.get("/console/api/metrics")
+        assert c.get("/console/api/metrics").json()["http"]["requests"] == first
     # without --auth the audit log is off: the console says so instead of failing
     with open_server.client() as c:
         assert c.get("/console/api/audit").status_code == 404

@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
+CONSOLE_ROUTES = "/console"
+
 
 class _Histogram:
     """One histogram summed over its label sets (models, versions, routes)."""
@@ -61,7 +63,8 @@ def _histogram(metric: Metric | None) -> dict[str, Any]:
 
 
 def snapshot(registry: CollectorRegistry, clock: Any = time.time) -> dict[str, Any]:
-    """Totals since start-up of the numbers the console charts."""
+    """Totals since start-up of the numbers the console charts. HTTP requests leave out the
+    console's own routes, so that its polling does not show as traffic."""
     families: dict[str, Metric] = {m.name: m for m in _collect(registry)}
     get = families.get
     inference = get("inhouse_inference_requests")
@@ -70,14 +73,14 @@ def snapshot(registry: CollectorRegistry, clock: Any = time.time) -> dict[str, A
         for s in inference.samples:
             if s.name.endswith("_total") and s.labels.get("outcome") != "success":
                 errors[s.labels.get("code", "")] += s.value
-    http = get("inhouse_http_requests")
+    http = _without_console(get("inhouse_http_requests"))
     return {
         "time": clock(),
         "http": {"requests": _total(http), "by_status": _by(http, "status")},
         "inference": {"requests": _total(inference), "errors_by_code": dict(errors),
                       "by_model": _by(inference, "model")},
         "latency": _histogram(get("model_inference_latency_seconds")),
-        "http_latency": _histogram(get("inhouse_http_request_duration_seconds")),
+        "http_latency": _histogram(_without_console(get("inhouse_http_request_duration_seconds"))),
         "batch_size": _histogram(get("inhouse_batch_size")),
         "queue_depth": _total(get("inhouse_queue_depth")),
         "inflight": _total(get("inhouse_inflight_requests")),
@@ -93,3 +96,11 @@ def snapshot(registry: CollectorRegistry, clock: Any = time.time) -> dict[str, A
 
 def _collect(registry: CollectorRegistry) -> Iterable[Metric]:
     return registry.collect()
+
+
+def _without_console(metric: Metric | None) -> Metric | None:
+    if metric is None:
+        return None
+    kept = Metric(metric.name, metric.documentation, metric.type)
+    kept.samples = [s for s in metric.samples if not s.labels.get("route", "").startswith(CONSOLE_ROUTES)]
+    return kept
