@@ -176,6 +176,8 @@ def test_metrics_view_updates_after_requests(console: Console, open_server: Runn
     wait_until(lambda: int(page.inner_text(card)) >= before + 25, timeout=15)
     wait_until(lambda: "ms" in page.inner_text('[data-metric="p50"] .value'), timeout=15)
     assert page.locator("#chart-rps polyline").count() == 1
+    assert page.locator("#chart-latency polyline").count() == 3
+    assert page.locator("#chart-batches rect").count() >= 1
     page.screenshot(path=str(Path(os.environ.get("CONSOLE_SHOTS", "/tmp")) / "console-metrics.png"), full_page=True)
 
 

@@ -283,6 +283,7 @@
     chart("#chart-cpu", series, [(s) => s.derived.cpu]);
     chart("#chart-ram", series, [(s) => s.process.resident_memory_bytes / 1048576]);
     chart("#chart-queue", series, [(s) => s.queue_depth]);
+    bars("#chart-batches", snap.batch_size.buckets);
     const rows = [];
     for (const [status, n] of Object.entries(snap.http.by_status)) {
       if (Number(status) >= 400) rows.push(el("tr", {}, el("td", {}, "HTTP status"), el("td", {}, status), el("td", {}, String(n))));
@@ -359,6 +360,30 @@
     });
     nodes.push(text(L, H - 1, "−2 min"), text(W - 18, H - 1, "now"));
     svg.replaceChildren(...nodes);
+  }
+
+  function bars(sel, buckets) {
+    // cumulative histogram buckets → calls per bucket, one bar each (empty top buckets left out beyond the sixth)
+    const NS = "http://www.w3.org/2000/svg";
+    const counts = buckets.map(([le, n], i) => [le, n - (i ? buckets[i - 1][1] : 0)]);
+    while (counts.length > 6 && counts[counts.length - 1][1] === 0) counts.pop();
+    const top = niceMax(Math.max(1, ...counts.map(([, n]) => n)));
+    const W = 300, H = 100, L = 28, B = 12, w = (W - L) / Math.max(counts.length, 1);
+    const nodes = [];
+    counts.forEach(([le, n], i) => {
+      const h = (n / top) * (H - B - 4);
+      const r = document.createElementNS(NS, "rect");
+      Object.entries({ x: L + i * w + 1, y: H - B - h, width: Math.max(w - 2, 1), height: h, class: "bar" })
+        .forEach(([k, v]) => r.setAttribute(k, v));
+      const t = document.createElementNS(NS, "text");
+      t.setAttribute("x", L + i * w + 2); t.setAttribute("y", H - 2); t.setAttribute("class", "tick");
+      t.textContent = le === null ? "more" : "≤" + le;
+      nodes.push(r, t);
+    });
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", 0); t.setAttribute("y", 8); t.setAttribute("class", "tick"); t.textContent = fmtNum(top, 0);
+    nodes.push(t);
+    document.querySelector(sel).replaceChildren(...nodes);
   }
 
   function niceMax(x) {
