@@ -219,6 +219,7 @@ class InhouseServer:
             await self.stop()
             raise
         log.info("listening", extra={"url": self.http_url, "repository": str(self.repository.root)})
+        log.info("console", extra={"url": f"{self.http_url}/console"})
         await self._initial_load()
         if self._heap is not None:
             self._heap.settle_now()  # before ready: the first requests meet a frozen heap

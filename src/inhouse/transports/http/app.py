@@ -12,6 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse import __version__
+from inhouse.console import routes as console
+from inhouse.console.headers import ConsoleHeaders
 from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InvalidRequestError, RouteNotFoundError
 from inhouse.llm.service import LLMService
@@ -79,7 +81,10 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     # v2 infer, the hot path, is answered before this app by transports/http/infer_entry.py (the server
     # puts it in front); its routes here serve the app when it is mounted on its own.
     app.include_router(keys_admin.build_router(gate, settings.max_request_bytes))
+    app.include_router(console.build_router(dataplane, settings, gate,
+                                            observability.registry if observability is not None else None))
     app.add_middleware(SecurityMiddleware, gate=gate, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(ConsoleHeaders)  # the console's CSP and framing rules, on its refusals too
     # outermost, added last: even requests the security layer rejects are measured and logged
     if observability is not None:
         app.add_middleware(ObservabilityMiddleware, http_metrics=observability.http_metrics,
