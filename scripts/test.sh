@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -e '.[test]'
 # Tools the tests run for real (needed under CI; optional elsewhere, where their tests skip):
-# Triton's perf_analyzer, Prometheus and Alertmanager (Debian packages)
+# Triton's perf_analyzer, Prometheus and Alertmanager, Chromium (Debian packages)
 bash scripts/perf_analyzer.sh || [ "${CI:-}" != "true" ] || exit 1
 bash scripts/alerting_tools.sh || [ "${CI:-}" != "true" ] || exit 1
+bash scripts/chromium.sh || [ "${CI:-}" != "true" ] || exit 1
 ruff check .
 mypy src/inhouse
 python -m pytest -q -m "not slow" "$@"
