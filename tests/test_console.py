@@ -405,3 +405,28 @@ def test_serve_logs_the_console_url(demo_repo: Path, tmp_path: Path, caplog: pyt
             run_server(demo_repo, data_dir=tmp_path / "data", load="iris") as srv:
         urls = [getattr(r, "url", None) for r in caplog.records if r.getMessage() == "console"]
     assert urls == [srv.url + "/console"]
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}])
+def test_every_tab_fits_the_viewport(browser: Any, open_server: RunningServer, viewport: dict[str, int]) -> None:
+    """At 1280×800 and on a phone-sized screen no tab is wider than the screen: the tabs and wide
+    tables scroll inside their own boxes, so every control stays reachable."""
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    page.goto(open_server.url + "/console")
+    page.wait_for_selector('#models-table tr[data-model="iris"]')
+    tabs = page.locator("nav button:visible")
+    assert tabs.count() >= 4
+    too_wide = []
+    for i in range(tabs.count()):
+        tab = tabs.nth(i)
+        tab.scroll_into_view_if_needed()
+        tab.click()
+        page.wait_for_timeout(300)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        if width > viewport["width"] + 1:
+            too_wide.append((tab.inner_text(), width))
+        page.screenshot(path=str(Path(os.environ.get("CONSOLE_SHOTS", "/tmp"))
+                                 / f"console-{viewport['width']}-{tab.inner_text().lower()}.png"))
+    context.close()
+    assert too_wide == []
