@@ -26,7 +26,7 @@ from llm_fixtures import build_causal_lm
 
 openai = pytest.importorskip("openai")
 
-MODEL, CANCEL, CRASH = "tiny-gguf", "tiny-gguf-one-slot", "tiny-gguf-crash"
+MODEL, CANCEL, CRASH, FRAGILE = "tiny-gguf", "tiny-gguf-one-slot", "tiny-gguf-crash", "tiny-gguf-fragile"
 
 
 def _binary() -> Path:
@@ -132,6 +132,7 @@ def gguf_server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, llama
     _write(repo, MODEL, tiny_gguf)
     _write(repo, CANCEL, tiny_gguf, {"parallel": 1, "ctx_size": 32768})
     _write(repo, CRASH, tiny_gguf, {"parallel": 1})
+    _write(repo, FRAGILE, tiny_gguf, {"parallel": 1, "restarts": 0})
     with run_server(repo, llama_server=llama_server) as srv:
         yield srv
 
@@ -261,6 +262,20 @@ def test_killed_child_is_restarted(gguf_server: RunningServer) -> None:
     r = _client(gguf_server).chat.completions.create(model=CRASH, messages=[{"role": "user", "content": "hi"}],
                                                      max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_child_that_stays_down_turns_the_model_failed(gguf_server: RunningServer) -> None:
+    child = _child(gguf_server, FRAGILE)
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _index(gguf_server)[FRAGILE]["state"] == "FAILED", timeout=30)
+    entry = _index(gguf_server)[FRAGILE]
+    assert "exited with status -9" in entry["reason"] and entry["code"] == 2010
+    with gguf_server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": FRAGILE, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "exited with status -9" in r.text
+    assert child.state == "stopped" and child.pid is None
 
 
 def test_missing_binary_fails_the_load_with_1001(tmp_path: Path, tiny_gguf: Path) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -51,6 +52,7 @@ class LlamaServerProcess:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._ready_at = 0.0
+        self.on_failure: Callable[[str], None] | None = None  # called once restarts are used up
         self.state = "starting"  # starting | ready | restarting | failed | stopped
         self.reason = ""
         self.last_crash = ""  # kept after a successful restart, for status and logs
@@ -148,6 +150,8 @@ class LlamaServerProcess:
                     self.reason = (f"llama-server crashed and was restarted {tries} times without recovering; "
                                    f"last: {self.reason}")
                     log.error("llama-server given up", extra={"model": self._name, "reason": self.reason})
+                    if self.on_failure is not None:
+                        self.on_failure(self.reason)
                     return
                 tries += 1
                 if self._stopping.wait(min(30.0, 2.0 ** (tries - 1))):

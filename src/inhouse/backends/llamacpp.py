@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,10 @@ class LlamaCppModel:
 
     def set_llm_recorder(self, recorder: LLMRecorder) -> None:
         self.engine.recorder = recorder
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """The manager's hook: ``callback(reason)`` once the child crashed and restarts are used up."""
+        self.child.on_failure = callback
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
         """v2: each ``text_input`` element is a raw prompt (no chat template); greedy, up to
