@@ -256,7 +256,10 @@ def test_killed_child_is_restarted(gguf_server: RunningServer) -> None:
     old = child.pid
     assert old is not None
     os.kill(old, signal.SIGKILL)
-    wait_until(lambda: child.state == "restarting" or (child.pid not in (None, old)), timeout=10)
+    wait_until(lambda: child.state == "restarting", timeout=10)
+    with gguf_server.client() as c:  # the first restart waits a second: meanwhile, 503 with the reason
+        r = c.post("/v1/chat/completions", json={"model": CRASH, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "restarting" in r.text, r.text
     wait_until(lambda: child.state == "ready" and child.pid not in (None, old), timeout=60)
     assert "exited with status -9" in child.last_crash
     r = _client(gguf_server).chat.completions.create(model=CRASH, messages=[{"role": "user", "content": "hi"}],
