@@ -405,7 +405,7 @@ class LlamaCppEngine:
                         yield GenerationChunk(tokens, str(data.get("content", "")), None, prompt_tokens, completion)
                         continue
                     finished = True
-                    cached = int(data.get("tokens_cached") or 0)
+                    cached = int((data.get("timings") or {}).get("cache_n") or 0)  # prompt tokens reused
                     stop_type = str(data.get("stop_type", "eos"))
                     reason: FinishReason = _FINISH.get(stop_type, "stop")
                     if request.deadline is not None and stop_type == "limit" and now >= request.deadline:
