@@ -117,7 +117,7 @@ class InhouseServer:
         self.manager = ModelManager(
             self.repository,
             decryptor=keyring,
-            backend_options={"onnx_spinning": settings.onnx_spinning},
+            backend_options={"onnx_spinning": settings.onnx_spinning, "llama_server": settings.llama_server},
             drain_timeout_s=settings.drain_timeout_s,
             load_timeout_s=settings.load_timeout_s,
         )

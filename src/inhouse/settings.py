@@ -62,6 +62,8 @@ class ServerSettings(BaseSettings):
                                          "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
     onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
+    llama_server: Path | None = Field(default=None, description="llama.cpp's llama-server for backend: "
+                                      "llamacpp (default: on PATH, else scripts/build_llama_server.sh's)")
     gc_freeze: bool = Field(default=True, description="freeze the long-lived heap after model loads so "
                             "full garbage collections do not stall the event loop")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -120,6 +120,7 @@ class Backend(Protocol):
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "inhouse.backends.onnx:OnnxBackend",
     "transformers": "inhouse.backends.transformers:TransformersBackend",
+    "llamacpp": "inhouse.backends.llamacpp:LlamaCppBackend",
 }
 
 

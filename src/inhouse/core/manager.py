@@ -27,6 +27,7 @@ from inhouse.core.repository import ModelRepository, link_layout
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
 from inhouse.core.spec import ModelSpec, find_spec_file
 from inhouse.errors import (
+    InferenceError,
     InhouseError,
     ModelLoadError,
     ModelLoadTimeoutError,
@@ -285,6 +286,9 @@ class ModelManager:
         mv.model = model
         mv.scheduler = scheduler
         attach_recorders(self.recorders, mv.name, mv.version, mv.scheduler, model)
+        watch = getattr(model, "on_failure", None)  # engines in child processes report a lasting crash
+        if callable(watch):
+            watch(lambda reason: loop.call_soon_threadsafe(self._spawn, self._fail_serving(mv, reason)))
         mv.state, mv.reason, mv.code = ModelState.READY, "", None
         mv.loaded_at = time.time()
         log.info("model ready", extra={"model": mv.name, "version": mv.version,
@@ -380,6 +384,19 @@ class ModelManager:
         if self._records.get((mv.name, mv.version)) is mv:
             self._records[(mv.name, mv.version)] = IndexEntry(mv.name, mv.version, state, reason)
         self._notify(mv.name, mv.version, state)
+
+    async def _fail_serving(self, mv: ModelVersion, reason: str) -> None:
+        """A serving version whose engine died for good: out of serving, FAILED with the reason."""
+        async with self._lock(mv.name):
+            table = self._serving.get(mv.name, {})
+            if table.get(mv.version) is not mv:
+                return  # already replaced or unloaded
+            del table[mv.version]
+            log.error("serving model failed", extra={"model": mv.name, "version": mv.version, "reason": reason})
+            await self._close_version(mv, ModelState.FAILED, reason)
+            mv.code = InferenceError.code
+            self._records[(mv.name, mv.version)] = IndexEntry(mv.name, mv.version, ModelState.FAILED, reason,
+                                                              InferenceError.code)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -239,6 +239,26 @@ class EngineSpec(_Strict):
     gpu_memory_fraction: float = Field(default=0.85, gt=0, le=1)
 
 
+class LlamaCppSpec(_Strict):
+    """``backend: llamacpp``: how inhouse runs llama.cpp's ``llama-server`` for one GGUF model."""
+
+    file: str | None = Field(default=None, description="the .gguf file (or a split's first part) in the "
+                             "version folder; default: the only one there")
+    ctx_size: int = Field(default=4096, ge=16, description="context length of each request")
+    parallel: int = Field(default=4, ge=1, le=256, description="requests decoded at once (slots)")
+    threads: int | None = Field(default=None, ge=1)
+    gpu_layers: int | None = Field(default=None, ge=0, description="layers offloaded to the GPU")
+    cache_type_k: str | None = Field(default=None, description="KV cache type, e.g. f16, q8_0")
+    cache_type_v: str | None = None
+    flash_attn: Literal["on", "off", "auto"] | None = None
+    mmproj: str | None = Field(default=None, description="multimodal projector file in the version folder")
+    chat_template: str = Field(default="gguf", description="'gguf': the file's own Jinja template; else the "
+                               "name of one of llama-server's built-in templates (chatml, llama3, …)")
+    extra_args: list[str] = Field(default_factory=list, description="more llama-server arguments")
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+    restarts: int = Field(default=3, ge=0, description="restarts after a crash before giving up")
+
+
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?|[kmgtp]|)B?\s*$")
 _MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
                  "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40, "PI": 2**50}
@@ -294,6 +314,7 @@ FORMAT_BACKENDS: dict[str, str] = {
     "onnx": "onnxruntime",
     "transformers": "transformers", "huggingface": "transformers", "hf": "transformers",
     "safetensors": "transformers", "pytorch": "transformers",
+    "gguf": "llamacpp",
 }
 
 
@@ -366,6 +387,7 @@ class ModelSpec(BaseModel):
     pooling: Literal["mean", "cls", "last"] = "mean"
     normalize: bool = True
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    llamacpp: LlamaCppSpec = Field(default_factory=LlamaCppSpec)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

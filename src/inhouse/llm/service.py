@@ -196,6 +196,9 @@ class LLMService:
             schema = req.response_format.schema if req.response_format.schema is not None else {"type": "object"}
         else:
             return None
+        native = getattr(engine, "schema_constraint", None)
+        if native is not None:  # an engine in another process (llama-server) enforces the schema itself
+            return lambda: native(schema)
         grammar = cons.compile_json_schema(engine.tokenizer, schema)  # raises a 400 for a bad schema
         return lambda: cons.GrammarConstraint(grammar)
 

@@ -1,0 +1,433 @@
+"""``backend: llamacpp`` — GGUF models served by llama.cpp's own ``llama-server``, run as a
+supervised child per model version (``backends/llama_server.py``).
+
+The child keeps its speed and features (quantised kernels, KV cache, slots); inhouse keeps the
+lifecycle, the public APIs, security and metrics. ``LlamaCppEngine`` is an ``LLMEngine``
+(``llm/types.py``), so ``LLMService`` serves it like the built-in engine: the prompt is rendered
+by the child from the GGUF's own Jinja template (``/apply-template``) and tokenized by it
+(``/tokenize``); generation streams from ``/completion`` with the prompt's token ids. JSON output
+and forced tool calls reach the child as a JSON schema, which it turns into a grammar."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from inhouse.backends import LoadContext
+from inhouse.backends.llama_server import BUILD_HINT, ChildFailed, LlamaServerProcess
+from inhouse.core.recorders import LLMRecorder
+from inhouse.core.spec import ModelSpec, TensorSpec
+from inhouse.errors import InferenceError, InvalidRequestError, ModelFormatError, ModelNotReadyError, ModelSpecError
+from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's sdist that scripts/build_llama_server.sh builds
+_GGUF_MAGIC = b"GGUF"
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+_BASE_URL = "http://llama-server"
+
+
+def find_llama_server(configured: Path | str | None) -> Path:
+    """The ``llama-server`` binary: the ``llama_server`` setting, else one on PATH, else the one
+    the build script keeps in the user's cache folder. Raises 1001 naming both ways to get one."""
+    if configured:
+        path = Path(configured).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise ModelFormatError(f"The llama_server setting (INHOUSE_LLAMA_SERVER) names {path}, which is not an "
+                               f"executable file; build one with '{BUILD_HINT}' and point the setting at it.")
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return Path(on_path)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    built = cache / "inhouse" / f"llama.cpp-{LLAMA_CPP_VERSION}" / "bin" / "llama-server"
+    if built.is_file() and os.access(built, os.X_OK):
+        return built
+    raise ModelFormatError(f"backend: llamacpp needs llama.cpp's llama-server, which was not found: set "
+                           f"llama_server (INHOUSE_LLAMA_SERVER) to its path, put it on PATH, or build it "
+                           f"with '{BUILD_HINT}'.")
+
+
+def _gguf_file(ctx: LoadContext) -> Path:
+    """The GGUF to load: ``llamacpp.file``, else the only .gguf (or first split part) in the version."""
+    spec, vdir = ctx.spec, ctx.version_dir
+    named = spec.llamacpp.file
+    if named is not None:
+        path = vdir / named
+        if not path.resolve().is_relative_to(vdir.resolve()):
+            raise ModelSpecError(f"Model '{spec.name}': llamacpp.file '{named}' lies outside its version folder.")
+        if not path.is_file():
+            raise ModelSpecError(f"Model '{spec.name}' version {vdir.name} has no '{named}' (llamacpp.file); "
+                                 f"put the GGUF file at {path}.")
+        return path
+    files = sorted(p for p in vdir.glob("*.gguf") if not p.name.startswith("mmproj"))
+    firsts = [p for p in files if (m := _SPLIT.search(p.name)) is None or m.group(1) == "00001"]
+    if len(firsts) != 1:
+        found = ", ".join(p.name for p in firsts) or "none"
+        raise ModelSpecError(f"Model '{spec.name}' version {vdir.name} must hold exactly one .gguf model (or the "
+                             f"parts of one split model); found {found}. Name it with llamacpp.file.")
+    return firsts[0]
+
+
+def _check_gguf(spec: ModelSpec, path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != _GGUF_MAGIC:
+        raise ModelFormatError(f"Model '{spec.name}': {path.name} is not a GGUF file (it does not start with "
+                               "'GGUF'); convert the model with llama.cpp's convert_hf_to_gguf.py.")
+
+
+def _server_args(spec: ModelSpec, ctx: LoadContext, gguf: Path, private_dir: Path) -> list[str]:
+    cfg = spec.llamacpp
+    args = ["--model", str(gguf), "--ctx-size", str(cfg.ctx_size * cfg.parallel), "--parallel", str(cfg.parallel),
+            "--kv-unified", "--jinja", "--no-webui", "--alias", spec.name]
+    if cfg.threads is not None:
+        args += ["--threads", str(cfg.threads)]
+    if cfg.gpu_layers is not None:
+        args += ["--n-gpu-layers", str(cfg.gpu_layers)]
+    if cfg.cache_type_k is not None:
+        args += ["--cache-type-k", cfg.cache_type_k]
+    if cfg.cache_type_v is not None:
+        args += ["--cache-type-v", cfg.cache_type_v]
+    if cfg.flash_attn is not None:
+        args += ["--flash-attn", cfg.flash_attn]
+    if cfg.mmproj is not None:
+        mmproj = ctx.version_dir / cfg.mmproj
+        if not mmproj.is_file():
+            raise ModelSpecError(f"Model '{spec.name}': llamacpp.mmproj '{cfg.mmproj}' is not a file in "
+                                 f"{ctx.version_dir}.")
+        args += ["--mmproj", str(mmproj)]
+    if spec.chat_template is not None:  # model.yaml's own Jinja template wins over the file's
+        template = private_dir / "chat_template.jinja"
+        template.write_text(spec.chat_template)
+        args += ["--chat-template-file", str(template)]
+    elif cfg.chat_template != "gguf":
+        args += ["--chat-template", cfg.chat_template]
+    return [*args, *cfg.extra_args]
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def load(self, ctx: LoadContext) -> LlamaCppModel:
+        spec = ctx.spec
+        if spec.task not in ("chat", "generate"):
+            raise ModelSpecError(f"Model '{spec.name}': the llamacpp backend serves task 'chat' or 'generate', "
+                                 f"not '{spec.task}'.")
+        if spec.encryption is not None:
+            raise ModelFormatError(f"Model '{spec.name}': llama-server reads its GGUF from disk, so the llamacpp "
+                                   "backend cannot serve a model encrypted at rest; remove 'encryption'.")
+        binary = find_llama_server(ctx.options.get("llama_server"))
+        gguf = _gguf_file(ctx)
+        if ctx.progress is not None:
+            ctx.progress(0, "verifying checksums")
+        ctx.verify_listed()  # llama-server reads the files itself, past read_artefact's check
+        _check_gguf(spec, gguf)
+        cfg = spec.llamacpp
+        child = LlamaServerProcess(binary, name=spec.name, startup_timeout_s=cfg.startup_timeout_s,
+                                   restarts=cfg.restarts)
+        try:
+            child.args = _server_args(spec, ctx, gguf, child.private_dir)
+        except BaseException:
+            child.stop()
+            raise
+        if ctx.progress is not None:
+            ctx.progress(10, "starting llama-server")
+        try:
+            child.start()
+        except ChildFailed as err:
+            raise ModelFormatError(f"Model '{spec.name}': llama-server could not load {gguf.name}: {err}") from None
+        try:
+            engine = LlamaCppEngine(spec, child)
+            if ctx.progress is not None:
+                ctx.progress(95, "warming up")
+            engine.warm_up()
+        except BaseException:
+            child.stop()
+            raise
+        log.info("llama.cpp model ready", extra={"model": spec.name, "pid": child.pid,
+                                                 "max_model_len": engine.max_model_len})
+        return LlamaCppModel(spec, engine, child)
+
+
+class LlamaCppModel:
+    """A loaded GGUF model: ``engine`` for the LLM APIs, ``predict`` for v2 ``text_input``."""
+
+    platform = "llamacpp"
+
+    def __init__(self, spec: ModelSpec, engine: LlamaCppEngine, child: LlamaServerProcess) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.child = child
+        self.inputs = [TensorSpec(name="text_input", dtype="BYTES", shape=[-1])]
+        self.outputs = [TensorSpec(name="text_output", dtype="BYTES", shape=[-1])]
+
+    def set_llm_recorder(self, recorder: LLMRecorder) -> None:
+        self.engine.recorder = recorder
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """The manager's hook: ``callback(reason)`` once the child crashed and restarts are used up."""
+        self.child.on_failure = callback
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """v2: each ``text_input`` element is a raw prompt (no chat template); greedy, up to
+        ``parameters.max_tokens`` (default 256) new tokens."""
+        arr = np.asarray(inputs["text_input"])
+        max_tokens = int(self.spec.parameters.get("max_tokens", 256))
+        texts = [self.engine.complete_blocking(_text(x), max_tokens) for x in arr.ravel()]
+        return {"text_output": np.array([t.encode() for t in texts], dtype=object).reshape(arr.shape)}
+
+    def close(self) -> None:
+        self.engine.close()
+        self.child.stop()
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, bytes):
+        try:
+            return x.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError("text_input must be UTF-8 text.") from None
+    return str(x)
+
+
+@dataclass(slots=True)
+class SchemaConstraint:
+    """A JSON schema the child enforces itself (as a grammar); the token-level hooks of
+    ``TokenConstraint`` are no-ops because no token mask crosses the process boundary."""
+
+    schema: dict[str, Any]
+
+    def allowed_mask(self, vocab_size: int) -> np.ndarray | None:
+        return None
+
+    def accept(self, token_id: int) -> None:
+        return None
+
+    def is_finished(self) -> bool:
+        return False
+
+
+class ServerTokenizer:
+    """The tokenizer calls ``LLMService`` makes, answered by the child (``/tokenize``,
+    ``/detokenize``), so inhouse counts exactly the tokens llama.cpp will see. Blocking: the
+    service calls it off the event loop."""
+
+    def __init__(self, client: httpx.Client, n_vocab: int, chat_template: str | None) -> None:
+        self._client = client
+        self._n_vocab = n_vocab
+        self.chat_template = chat_template
+
+    def __len__(self) -> int:
+        return self._n_vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        body = {"content": text, "add_special": add_special_tokens, "parse_special": True}
+        return [int(t) for t in _post(self._client, "/tokenize", body)["tokens"]]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(_post(self._client, "/detokenize", {"tokens": list(ids)})["content"])
+
+
+def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        r = client.post(path, json=body)
+    except httpx.TransportError as err:
+        raise InferenceError(f"llama-server is not reachable ({type(err).__name__}); retry shortly.") from None
+    if r.status_code == 400:
+        raise InvalidRequestError(f"llama-server refused the request: {_error_text(r.text)}")
+    if r.status_code != 200:
+        raise InferenceError(f"llama-server answered {path} with HTTP {r.status_code}: {_error_text(r.text)}")
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def _error_text(body: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        return str(json.loads(body)["error"]["message"])
+    return body[:300]
+
+
+def _messages_for_server(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The service's messages carry tool-call arguments as objects (what HF templates want);
+    llama-server takes OpenAI's form, a JSON string."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            fixed = []
+            for c in calls:
+                f = dict(c.get("function", c))
+                if not isinstance(f.get("arguments"), str):
+                    f["arguments"] = json.dumps(f.get("arguments") or {})
+                fixed.append({"id": c.get("id", ""), "type": "function", "function": f})
+            m = {**m, "tool_calls": fixed}
+        out.append(m)
+    return out
+
+
+_FINISH: dict[str, FinishReason] = {"limit": "length", "eos": "stop", "word": "stop"}
+
+
+class LlamaCppEngine:
+    """An ``LLMEngine`` that relays to the child; closing a ``generate`` stream closes its HTTP
+    stream, which makes llama-server cancel the request and free its slot."""
+
+    def __init__(self, spec: ModelSpec, child: LlamaServerProcess) -> None:
+        self._spec = spec
+        self._child = child
+        self._client = httpx.Client(transport=child.transport(), base_url=_BASE_URL, headers=child.headers,
+                                    timeout=httpx.Timeout(600, connect=10))
+        self._aclient: httpx.AsyncClient | None = None
+        self.recorder: LLMRecorder | None = None
+        props = self._get("/props")
+        n_vocab = self._n_vocab()
+        settings = props.get("default_generation_settings") or {}
+        self.max_model_len = int(settings.get("n_ctx") or spec.llamacpp.ctx_size)
+        self.max_model_len = min(self.max_model_len, spec.llamacpp.ctx_size)
+        self.tokenizer = ServerTokenizer(self._client, n_vocab, props.get("chat_template") or None)
+
+    def _get(self, path: str) -> dict[str, Any]:
+        r = self._client.get(path)
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()
+        return data
+
+    def _n_vocab(self) -> int:
+        for m in self._get("/v1/models").get("data", []):
+            meta = m.get("meta") or {}
+            if meta.get("n_vocab"):
+                return int(meta["n_vocab"])
+        return 1 << 31  # unknown: let the child judge token ids
+
+    def warm_up(self) -> None:
+        self.complete_blocking("Hello", 2)
+
+    def schema_constraint(self, schema: dict[str, Any]) -> SchemaConstraint:
+        """Used by ``LLMService`` instead of compiling a token grammar here."""
+        return SchemaConstraint(schema)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                            *, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        self._require_ready()
+        body: dict[str, Any] = {"messages": _messages_for_server(messages),
+                                "add_generation_prompt": add_generation_prompt}
+        if tools:
+            body["tools"] = list(tools)
+        if template_kwargs:
+            body["chat_template_kwargs"] = template_kwargs
+        prompt = str(_post(self._client, "/apply-template", body)["prompt"])
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def complete_blocking(self, prompt: str, max_tokens: int) -> str:
+        self._require_ready()
+        body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
+        return str(_post(self._client, "/completion", body)["content"])
+
+    def _require_ready(self) -> None:
+        state = self._child.state
+        if state == "ready":
+            return
+        if state == "restarting":
+            raise ModelNotReadyError(f"Model '{self._spec.name}' is restarting after a crash "
+                                     f"({self._child.reason}); retry shortly.", headers={"Retry-After": "2"})
+        raise InferenceError(f"Model '{self._spec.name}' is not running: {self._child.reason or state}. Reload it.")
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        s: SamplingParams = request.sampling
+        body: dict[str, Any] = {
+            "prompt": request.prompt_token_ids, "stream": True, "return_tokens": True, "cache_prompt": True,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": 0.0,
+            "repeat_penalty": s.repetition_penalty, "frequency_penalty": s.frequency_penalty,
+            "presence_penalty": s.presence_penalty, "ignore_eos": s.ignore_eos,
+        }
+        if s.max_tokens is not None:
+            body["n_predict"] = s.max_tokens
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if isinstance(request.constraint, SchemaConstraint):
+            body["json_schema"] = request.constraint.schema
+        if request.deadline is not None:
+            body["t_max_predict_ms"] = max(1, int((request.deadline - time.monotonic()) * 1000))
+        return body
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self._require_ready()
+        if self._aclient is None:  # bound to the event loop that serves requests
+            self._aclient = httpx.AsyncClient(transport=self._child.async_transport(), base_url=_BASE_URL,
+                                              headers=self._child.headers, timeout=httpx.Timeout(None, connect=10))
+        started = last = time.monotonic()
+        prompt_tokens = len(request.prompt_token_ids)
+        completion = cached = 0
+        finished = False
+        try:
+            async with self._aclient.stream("POST", "/completion", json=self._body(request)) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode("utf-8", "replace")
+                    if r.status_code == 400:
+                        raise InvalidRequestError(f"llama-server refused the request: {_error_text(text)}")
+                    raise InferenceError(f"llama-server answered HTTP {r.status_code}: {_error_text(text)}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        raise InferenceError(f"llama-server failed while generating: {_error_text(line[6:])}")
+                    prompt_tokens = int(data.get("tokens_evaluated") or prompt_tokens)
+                    completion = int(data.get("tokens_predicted") or completion)
+                    tokens = [int(t) for t in data.get("tokens") or []]
+                    now = time.monotonic()
+                    if self.recorder is not None and tokens:
+                        if completion <= len(tokens):
+                            self.recorder.observe_time_to_first_token(now - started)
+                        else:
+                            self.recorder.observe_inter_token_latency(now - last, len(tokens))
+                    last = now
+                    if not data.get("stop"):
+                        yield GenerationChunk(tokens, str(data.get("content", "")), None, prompt_tokens, completion)
+                        continue
+                    finished = True
+                    cached = int((data.get("timings") or {}).get("cache_n") or 0)  # prompt tokens reused
+                    stop_type = str(data.get("stop_type", "eos"))
+                    reason: FinishReason = _FINISH.get(stop_type, "stop")
+                    if request.deadline is not None and stop_type == "limit" and now >= request.deadline:
+                        reason = "deadline"
+                    stop_word = data.get("stopping_word") or None
+                    yield GenerationChunk(tokens, str(data.get("content", "")), reason, prompt_tokens, completion,
+                                          cached_tokens=min(cached, prompt_tokens),
+                                          stop_string=stop_word if stop_type == "word" else None)
+                    return
+        except httpx.TransportError as err:
+            raise InferenceError(f"Model '{self._spec.name}': the connection to llama-server broke "
+                                 f"({type(err).__name__}); {self._child.reason or 'it may have crashed'}.") from None
+        finally:
+            if self.recorder is not None:
+                self.recorder.observe_tokens(prompt_tokens, completion)
+            if not finished:
+                log.debug("generation closed early", extra={"model": self._spec.name,
+                                                            "request_id": request.request_id})
+        yield GenerationChunk([], "", "stop", prompt_tokens, completion)  # a stream that ended without "stop"
+
+    def close(self) -> None:
+        # The async client belongs to the serving loop (this runs on a loader thread); its
+        # connections end with the child, so it is dropped rather than closed here.
+        self._aclient = None
+        self._client.close()

@@ -1,0 +1,375 @@
+"""``backend: llamacpp``: a tiny random Llama converted to GGUF here, served by a real
+``llama-server`` child that inhouse starts, and called through inhouse's own front door with the
+official ``openai`` SDK. The binary comes from ``scripts/build_llama_server.sh`` (found through
+INHOUSE_LLAMA_SERVER, PATH or the build script's cache folder); under CI=true a missing binary fails
+these tests instead of skipping them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from conftest import RunningServer, run_server, wait_until
+from llm_fixtures import build_causal_lm
+
+openai = pytest.importorskip("openai")
+
+MODEL, CANCEL, CRASH, FRAGILE = "tiny-gguf", "tiny-gguf-one-slot", "tiny-gguf-crash", "tiny-gguf-fragile"
+
+
+def _binary() -> Path:
+    from inhouse.backends.llamacpp import find_llama_server
+    from inhouse.errors import ModelFormatError
+
+    try:
+        return find_llama_server(os.environ.get("INHOUSE_LLAMA_SERVER"))
+    except ModelFormatError as err:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but llama-server is missing ({err.message}); .ci/run builds it.")
+        pytest.skip("llama-server is not built; run: bash scripts/build_llama_server.sh")
+
+
+def _converter(binary: Path) -> Path:
+    """convert_hf_to_gguf.py as the build script keeps it: BIN/../convert/ (or INHOUSE_LLAMA_CONVERT)."""
+    named = os.environ.get("INHOUSE_LLAMA_CONVERT")
+    path = Path(named) if named else binary.resolve().parent.parent / "convert" / "convert_hf_to_gguf.py"
+    if not path.is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {path} is missing; .ci/run builds it.")
+        pytest.skip(f"{path} is missing; run: bash scripts/build_llama_server.sh")
+    return path
+
+
+# Our trained tokenizer is byte-level BPE with GPT-2's split rule, which the converter cannot
+# recognise by its hash (and, for a Llama, would first try to read as SentencePiece), so it is told.
+_CONVERT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as b, conversion.llama as l; "
+            "b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; "
+            "l.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2(); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0] + '/convert_hf_to_gguf.py', run_name='__main__')")
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    return _binary()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, llama_server: Path) -> Path:
+    """A tiny random Llama with a trained tokenizer and a tool-capable chat template, as f16 GGUF."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    converter = _converter(llama_server)
+    root = tmp_path_factory.mktemp("gguf")
+    hf = build_causal_lm(root / "hf", "llama", max_len=32768)  # room for a long stream to cancel
+    out = root / "tiny-llama-f16.gguf"
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, str(converter.parent), str(hf), "--outtype", "f16",
+                           "--outfile", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _write(repo: Path, name: str, gguf: Path, llamacpp: dict[str, Any] | None = None,
+           **spec: Any) -> Path:
+    vdir = repo / name / "1"
+    vdir.mkdir(parents=True)
+    shutil.copy(gguf, vdir / "model.gguf")
+    doc = {"name": name, "backend": "llamacpp", "task": "chat",
+           "llamacpp": {"ctx_size": 2048, "parallel": 4, "threads": 1, **(llamacpp or {})}, **spec}
+    (repo / name / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return vdir
+
+
+def _index(srv: RunningServer) -> dict[str, dict[str, Any]]:
+    with srv.client() as c:
+        return {e["name"]: e for e in c.post("/v2/repository/index", json={}).json()}
+
+
+def _child(srv: RunningServer, name: str) -> Any:
+    return srv.server.manager.resolve(name).model.child  # type: ignore[union-attr]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _llama_children() -> list[str]:
+    """Command lines of llama-server processes that are this process's children."""
+    me, found = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and "llama-server" in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.fixture(scope="module")
+def gguf_server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, llama_server: Path
+                ) -> Iterator[RunningServer]:
+    repo = tmp_path_factory.mktemp("llamacpp") / "models"
+    repo.mkdir()
+    _write(repo, MODEL, tiny_gguf)
+    _write(repo, CANCEL, tiny_gguf, {"parallel": 1, "ctx_size": 32768})
+    _write(repo, CRASH, tiny_gguf, {"parallel": 1})
+    _write(repo, FRAGILE, tiny_gguf, {"parallel": 1, "restarts": 0})
+    with run_server(repo, llama_server=llama_server) as srv:
+        yield srv
+
+
+def _client(srv: RunningServer, key: str = "none") -> Any:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, timeout=120, max_retries=0)
+
+
+def test_chat_through_openai_sdk(gguf_server: RunningServer) -> None:
+    assert _index(gguf_server)[MODEL]["state"] == "READY"
+    client = _client(gguf_server)
+    messages = [{"role": "user", "content": "hello world"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str)
+    assert r.usage is not None and r.usage.prompt_tokens > 4
+    assert 1 <= r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if r.usage.completion_tokens == 8:
+        assert choice.finish_reason == "length"
+
+    # the same request streamed: the same greedy text, the same usage
+    pieces, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == choice.message.content
+    assert finish == choice.finish_reason
+    assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+    assert usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_completions_length_and_v2_infer(gguf_server: RunningServer) -> None:
+    r = _client(gguf_server).completions.create(model=MODEL, prompt="the weather in Paris", max_tokens=5,
+                                                temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+    with gguf_server.client(timeout=120) as c:
+        meta = c.get(f"/v2/models/{MODEL}").json()
+        assert meta["platform"] == "llamacpp"
+        r2 = c.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
+            {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]})
+        assert r2.status_code == 200, r2.text
+        assert isinstance(r2.json()["outputs"][0]["data"][0], str)
+
+
+def test_concurrent_streams_all_complete(gguf_server: RunningServer) -> None:
+    client = _client(gguf_server)
+    results: dict[int, tuple[str, str | None]] = {}
+
+    def run(i: int) -> None:
+        text, finish = [], None
+        for chunk in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"question {i} about the city"}],
+                max_tokens=24, temperature=0.8, seed=i, stream=True, extra_body={"ignore_eos": True}):
+            for c in chunk.choices:
+                text.append(c.delta.content or "")
+                finish = c.finish_reason or finish
+        results[i] = ("".join(text), finish)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(6))
+    assert all(finish == "length" for _, finish in results.values())
+
+
+def test_disconnect_cancels_and_frees_the_slot(gguf_server: RunningServer) -> None:
+    """One slot: a stream the client abandons must stop decoding at once, or the next request
+    would wait for the rest of its 30,000 tokens."""
+    child = _child(gguf_server, CANCEL)
+    client = _client(gguf_server)
+    with httpx.Client(transport=child.transport(), base_url="http://llama", headers=child.headers,
+                      timeout=60) as raw:
+        def busy() -> bool:
+            return any(s.get("is_processing") for s in raw.get("/slots").json())
+
+        rate = raw.post("/completion", json={"prompt": "hello", "n_predict": 256, "ignore_eos": True}
+                        ).json()["timings"]["predicted_per_second"]
+        max_tokens = 30000
+        stream = client.chat.completions.create(
+            model=CANCEL, messages=[{"role": "user", "content": "write a long answer"}], max_tokens=max_tokens,
+            temperature=0.8, stream=True, extra_body={"ignore_eos": True})
+        for seen, _ in enumerate(stream):
+            if seen >= 2:
+                break
+        assert busy()
+        closed = time.monotonic()
+        stream.close()
+        wait_until(lambda: not busy(), timeout=30)
+        freed = time.monotonic() - closed
+    # decoding the rest would take at least (max_tokens - a few) / rate seconds
+    assert freed < 0.5 * (max_tokens - 1000) / rate, (freed, rate)
+    started = time.monotonic()
+    r = client.chat.completions.create(model=CANCEL, messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert time.monotonic() - started < 10
+
+
+def test_unload_stops_the_child(tmp_path: Path, tiny_gguf: Path, llama_server: Path) -> None:
+    repo = tmp_path / "models"
+    _write(repo, MODEL, tiny_gguf)
+    with run_server(repo, llama_server=llama_server) as srv, srv.client(timeout=60) as c:
+        pid = _child(srv, MODEL).pid
+        assert pid is not None and _alive(pid)
+        assert c.post(f"/v2/repository/models/{MODEL}/unload").status_code == 200
+        wait_until(lambda: not _alive(pid), timeout=20)
+        assert _index(srv)[MODEL]["state"] == "UNLOADED"
+
+
+def test_killed_child_is_restarted(gguf_server: RunningServer) -> None:
+    child = _child(gguf_server, CRASH)
+    old = child.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: child.state == "restarting", timeout=10)
+    with gguf_server.client() as c:  # the first restart waits a second: meanwhile, 503 with the reason
+        r = c.post("/v1/chat/completions", json={"model": CRASH, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "restarting" in r.text, r.text
+    wait_until(lambda: child.state == "ready" and child.pid not in (None, old), timeout=60)
+    assert "exited with status -9" in child.last_crash
+    r = _client(gguf_server).chat.completions.create(model=CRASH, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_child_that_stays_down_turns_the_model_failed(gguf_server: RunningServer) -> None:
+    child = _child(gguf_server, FRAGILE)
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _index(gguf_server)[FRAGILE]["state"] == "FAILED", timeout=30)
+    entry = _index(gguf_server)[FRAGILE]
+    assert "exited with status -9" in entry["reason"] and entry["code"] == 2010
+    with gguf_server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": FRAGILE, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "exited with status -9" in r.text
+    assert child.state == "stopped" and child.pid is None
+
+
+def test_missing_binary_fails_the_load_with_1001(tmp_path: Path, tiny_gguf: Path) -> None:
+    repo = tmp_path / "models"
+    _write(repo, MODEL, tiny_gguf)
+    with run_server(repo, llama_server=tmp_path / "no-such-llama-server") as srv:
+        entry = _index(srv)[MODEL]
+        assert entry["state"] == "FAILED"
+        assert entry["code"] == 1001
+        assert "llama_server" in entry["reason"] and "INHOUSE_LLAMA_SERVER" in entry["reason"]
+        assert "build_llama_server.sh" in entry["reason"]
+
+
+def test_truncated_gguf_fails_with_reason_and_no_child(tmp_path: Path, tiny_gguf: Path, llama_server: Path) -> None:
+    repo = tmp_path / "models"
+    vdir = _write(repo, MODEL, tiny_gguf)
+    data = (vdir / "model.gguf").read_bytes()
+    (vdir / "model.gguf").write_bytes(data[: len(data) // 2])
+    with run_server(repo, llama_server=llama_server) as srv:
+        entry = _index(srv)[MODEL]
+        assert entry["state"] == "FAILED" and entry["code"] == 1001
+        assert "llama-server could not load model.gguf" in entry["reason"]
+        assert not [cmd for cmd in _llama_children() if str(vdir) in cmd]
+
+
+def test_checksum_mismatch_fails_before_start(tmp_path: Path, tiny_gguf: Path, llama_server: Path) -> None:
+    repo = tmp_path / "models"
+    _write(repo, MODEL, tiny_gguf, files={"sha256": {"1/model.gguf": "0" * 64}})
+    with run_server(repo, llama_server=llama_server) as srv:
+        entry = _index(srv)[MODEL]
+        assert entry["state"] == "FAILED" and entry["code"] == 1004
+        assert "Checksum mismatch" in entry["reason"]
+        assert not [cmd for cmd in _llama_children() if str(repo) in cmd]
+
+
+def test_api_key_required_when_auth_on(tmp_path: Path, tiny_gguf: Path, llama_server: Path) -> None:
+    from inhouse.security.keys import KeyStore
+
+    repo = tmp_path / "models"
+    _write(repo, MODEL, tiny_gguf)
+    data = tmp_path / "data"
+    store = KeyStore(data)
+    key = store.create("app", ["infer"])[0]
+    store.close()
+    with run_server(repo, auth=True, data_dir=data, llama_server=llama_server) as srv:
+        with pytest.raises(openai.AuthenticationError):
+            _client(srv, "wrong-key").chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        r = _client(srv, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=2, temperature=0)
+        assert r.usage is not None and r.usage.completion_tokens >= 1
+
+
+def test_json_schema_and_forced_tool_call(gguf_server: RunningServer) -> None:
+    import json
+
+    import jsonschema
+
+    client = _client(gguf_server)
+    # bounded values, so that a random model's output always completes within max_tokens
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "London", "Tokyo"]},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "which city?"}], max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"location": {"enum": ["Paris", "Tokyo"]}}, "required": ["location"],
+        "additionalProperties": False}}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "weather in Paris"}], tools=[tool], max_tokens=64,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["location"] in ("Paris", "Tokyo")
+
+
+def test_anthropic_ollama_and_v2_generate_routes(gguf_server: RunningServer) -> None:
+    with gguf_server.client(timeout=120) as c:
+        r = c.post("/v1/messages", json={"model": MODEL, "max_tokens": 6, "temperature": 0,
+                                         "messages": [{"role": "user", "content": "hello"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["type"] == "message" and body["usage"]["output_tokens"] >= 1
+        r = c.post("/api/chat", json={"model": MODEL, "stream": False, "options": {"num_predict": 6},
+                                      "messages": [{"role": "user", "content": "hello"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["done"] is True and r.json()["eval_count"] >= 1
+        r = c.post(f"/v2/models/{MODEL}/generate", json={"text_input": "the weather",
+                                                        "parameters": {"max_tokens": 6, "temperature": 0}})
+        assert r.status_code == 200, r.text
+        assert r.json()["finish_reason"] in ("length", "stop") and 0 < r.json()["completion_tokens"] <= 6
