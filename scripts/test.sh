@@ -9,6 +9,13 @@ python -m pip install --quiet -e '.[test]'
 bash scripts/perf_analyzer.sh || [ "${CI:-}" != "true" ] || exit 1
 bash scripts/alerting_tools.sh || [ "${CI:-}" != "true" ] || exit 1
 bash scripts/chromium.sh || [ "${CI:-}" != "true" ] || exit 1
+# llama.cpp's llama-server and its GGUF converter, built from the pinned llama-cpp-python sdist
+# once per machine (minutes) and kept in the cache folder
+if llama_server="$(PYTHON=python bash scripts/build_llama_server.sh)"; then
+  export INHOUSE_LLAMA_SERVER="$llama_server"
+elif [ "${CI:-}" = "true" ]; then
+  exit 1
+fi
 ruff check .
 mypy src/inhouse
 python -m pytest -q -m "not slow" "$@"
