@@ -1,13 +1,14 @@
 """Where inhouse errors become wire errors, once for every transport: one renderer per wire
-format (KServe v2 JSON, OpenAI, Anthropic, gRPC status with rich details), all fed from the
+format (KServe v2 JSON, OpenAI, Anthropic, Ollama, gRPC status with rich details), all fed from the
 error classes in ``inhouse/errors.py``. Routes and RPCs raise; these render."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from starlette.responses import Response
@@ -176,6 +177,23 @@ async def grpc_abort(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     Every gRPC refusal and error goes through here, so each carries the same details."""
     code, details, metadata = grpc_error(exc)
     await context.abort(code, details, trailing_metadata=metadata)
+
+
+_Resp = TypeVar("_Resp")
+UnaryHandler = Callable[[Any, Any, "grpc.aio.ServicerContext"], Awaitable[_Resp]]
+
+
+def grpc_errors(fn: UnaryHandler[_Resp]) -> UnaryHandler[_Resp]:
+    """A unary servicer method that raises: whatever it raises ends the RPC through
+    :func:`grpc_abort` (every servicer's methods, one rule)."""
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> _Resp:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            await grpc_abort(context, exc)
+            raise  # unreachable: abort raises
+    return wrapper
 
 
 def _snake(name: str) -> str:

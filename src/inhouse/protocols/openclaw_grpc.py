@@ -5,22 +5,18 @@ the data plane and renders; a refusal or failure is a gRPC status rendered by
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from inhouse.core.dataplane import DataPlane
 from inhouse.errors import InvalidRequestError
-from inhouse.protocols.errors import grpc_abort
+from inhouse.protocols.errors import grpc_errors
 from inhouse.protocols.proto import openclaw_model_service_pb2 as pb
 from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as pb_grpc
 from inhouse.security.pipeline import Guard
 
 SERVICE_NAME = "openclaw.api.v1.ModelService"
-_Resp = TypeVar("_Resp")
-_Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[_Resp]]
 
 _RPC = f"/{SERVICE_NAME}/"
 RPC_GUARDS: dict[str, Guard] = {
@@ -30,16 +26,6 @@ RPC_GUARDS: dict[str, Guard] = {
 }
 """Managing models is an admin's job, whatever the key's model list says about inference."""
 
-
-def _unary(fn: _Handler[_Resp]) -> _Handler[_Resp]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> _Resp:
-        try:
-            return await fn(self, request, context)
-        except Exception as exc:
-            await grpc_abort(context, exc)
-            raise  # unreachable: abort raises
-    return wrapper
 
 
 def _required(value: str, field: str, message: str) -> str:
@@ -52,7 +38,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self._dp = dataplane
 
-    @_unary
+    @grpc_errors
     async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         name = _required(request.model_name, "model_name", "LoadModelRequest")
         path = _required(request.model_path, "model_path", "LoadModelRequest")
@@ -63,7 +49,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             message=f"Model '{name}' is ready (version {', '.join(served)}) from {path}.",
         )
 
-    @_unary
+    @grpc_errors
     async def UnloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         name = _required(request.model_name, "model_name", "UnloadModelRequest")
         versions = await self._dp.unload_model(name)
@@ -72,7 +58,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             message=f"Model '{name}' is unloaded (version {', '.join(str(mv.version) for mv in versions)}).",
         )
 
-    @_unary
+    @grpc_errors
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         repo = self._dp.manager.repository
         out = []

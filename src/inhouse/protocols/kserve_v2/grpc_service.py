@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -18,7 +18,7 @@ from inhouse.core.load_params import load_overrides
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.llm.service import LLMService
-from inhouse.protocols.errors import grpc_abort
+from inhouse.protocols.errors import grpc_abort, grpc_errors
 from inhouse.protocols.kserve_v2.generate import generation_stream, is_generation_request, stream_error
 from inhouse.protocols.kserve_v2.grpc_wire import parameters_dict, parse_infer_request, render_infer_response
 from inhouse.protocols.proto import grpc_service_pb2 as pb
@@ -27,20 +27,6 @@ from inhouse.security.pipeline import READINESS, Exchange, Guard, Texts
 from inhouse.security.policy import tool_names
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-_Handler = Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
-
-
-def _unary(fn: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
-        try:
-            return await fn(self, request, context)
-        except Exception as exc:
-            await grpc_abort(context, exc)
-            raise  # unreachable: abort raises
-    return wrapper
 
 
 def _index_entry(e: IndexEntry) -> Any:
@@ -192,15 +178,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._llm = llm
 
     # ---- health and metadata --------------------------------------------------------------
-    @_unary
+    @grpc_errors
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=self._dp.live())
 
-    @_unary
+    @grpc_errors
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerReadyResponse(ready=self._dp.ready())
 
-    @_unary
+    @grpc_errors
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         version = parse_version(request.version)
         ready = self._dp.model_ready(request.name, version)
@@ -208,12 +194,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._dp.manager.repository.model_dir(request.name)  # unknown → NOT_FOUND, as REST
         return pb.ModelReadyResponse(ready=ready)
 
-    @_unary
+    @grpc_errors
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         meta = self._dp.server_metadata()
         return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
 
-    @_unary
+    @grpc_errors
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         meta = self._dp.model_metadata(request.name, parse_version(request.version))
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -223,18 +209,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]],
         )
 
-    @_unary
+    @grpc_errors
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         cfg = self._dp.triton_model_config(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=json_format.ParseDict(cfg, pb.ModelConfig()))
 
-    @_unary
+    @grpc_errors
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         stats = self._dp.model_statistics(request.name, parse_version(request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     # ---- inference ----------------------------------------------------------------------------
-    @_unary
+    @grpc_errors
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         req = parse_infer_request(request, context.time_remaining())
         resp = await self._dp.infer(req)
@@ -301,13 +287,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"Unknown repository '{name}'; this server has one, '{root.name}' (or leave the name empty)."
             )
 
-    @_unary
+    @grpc_errors
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._check_repository(request.repository_name)
         entries = self._dp.repository_index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(models=[_index_entry(e) for e in entries])
 
-    @_unary
+    @grpc_errors
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._check_repository(request.repository_name)
         if not request.model_name:
@@ -316,7 +302,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._dp.load_model(request.model_name, overrides)
         return pb.RepositoryModelLoadResponse()
 
-    @_unary
+    @grpc_errors
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._check_repository(request.repository_name)
         if not request.model_name:
