@@ -265,11 +265,13 @@ def whole_event(doc: Any, pieces: PieceTexts) -> list[Any]:
     return [map_all_texts(doc, pieces.fn)]
 
 
-class SseStream:
-    """The state of one server-sent-event answer whose texts are rewritten: the bytes of an
-    event not yet complete, and the protocol's event visitor with the pieces it holds back."""
+class AnswerStream:
+    """The state of one streamed answer whose texts are rewritten: the bytes of an event not yet
+    complete, and the protocol's event visitor with the pieces it holds back. A framing says
+    what ends an event (``SEPARATOR``) and how a run of whole events is rewritten."""
 
     __slots__ = ("_pending", "_visit", "pieces")
+    SEPARATOR = b"\n"
 
     def __init__(self, fn: TextFn, visit: StreamVisitor | None) -> None:
         self.pieces = PieceTexts(fn)
@@ -278,10 +280,21 @@ class SseStream:
 
     def feed(self, data: bytes, more: bool) -> bytes:
         """The complete events so far, rewritten; a partial one waits for the rest."""
+        sep = self.SEPARATOR
         buf = self._pending + data
-        events, _, rest = buf.rpartition(b"\n\n") if more else (buf, b"", b"")
+        events, _, rest = buf.rpartition(sep) if more else (buf, b"", b"")
         self._pending = rest
-        return self.transform(events + (b"\n\n" if more and events else b""))
+        return self.transform(events + (sep if more and events else b""))
+
+    def transform(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+
+class SseStream(AnswerStream):
+    """Server-sent events: an event ends at a blank line; its ``data:`` lines carry JSON."""
+
+    __slots__ = ()
+    SEPARATOR = b"\n\n"
 
     def transform(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -301,24 +314,11 @@ class SseStream:
         return b"\n\n".join(out)
 
 
+class NdjsonStream(AnswerStream):
+    """Newline-delimited JSON: one event per line."""
 
-class NdjsonStream:
-    """The state of one newline-delimited JSON answer (one event per line) whose texts are
-    rewritten: the bytes of a line not yet complete, and the protocol's event visitor."""
-
-    __slots__ = ("_pending", "_visit", "pieces")
-
-    def __init__(self, fn: TextFn, visit: StreamVisitor | None) -> None:
-        self.pieces = PieceTexts(fn)
-        self._visit = visit or whole_event
-        self._pending = b""
-
-    def feed(self, data: bytes, more: bool) -> bytes:
-        """The complete lines so far, rewritten; a partial one waits for the rest."""
-        buf = self._pending + data
-        lines, _, rest = buf.rpartition(b"\n") if more else (buf, b"", b"")
-        self._pending = rest
-        return self.transform(lines + (b"\n" if more and lines else b""))
+    __slots__ = ()
+    SEPARATOR = b"\n"
 
     def transform(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -335,7 +335,6 @@ class NdjsonStream:
         return b"\n".join(out)
 
 
-AnswerStream = SseStream | NdjsonStream
 _STREAM_FRAMINGS: dict[bytes, type[AnswerStream]] = {b"text/event-stream": SseStream,
                                                       b"application/x-ndjson": NdjsonStream}
 
