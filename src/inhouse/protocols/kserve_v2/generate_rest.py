@@ -32,6 +32,7 @@ from inhouse.protocols.errors import as_inhouse_error
 from inhouse.protocols.http_body import read_body
 from inhouse.protocols.kserve_v2.generate import Generation, Piece, generation_pieces
 from inhouse.protocols.llm_http import first_and_rest, json_response, sse_data, sse_response, until_disconnected
+from inhouse.protocols.openai import map_content
 from inhouse.security.pii import PieceTexts
 from inhouse.security.pipeline import Guard, TextFn, Texts, guarded, map_all_texts
 from inhouse.security.policy import tool_names
@@ -44,26 +45,17 @@ _TEXT_OUTPUTS = ("text_output", "reasoning_output")
 
 # ---- what the security layer reads ------------------------------------------------------------
 def map_generate_texts(doc: Any, fn: TextFn) -> None:
-    """The texts of a generate request: ``text_input`` and the messages' contents."""
+    """The texts of a generate request: ``text_input`` and the messages' contents, read as the
+    OpenAI adapter reads a message's content (strings, text parts, nested tool results)."""
     if not isinstance(doc, dict):
         return
-    prompt = doc.get("text_input")
-    if isinstance(prompt, str):
-        doc["text_input"] = fn(prompt)
-    elif isinstance(prompt, list):
-        doc["text_input"] = [fn(p) if isinstance(p, str) else p for p in prompt]
+    if "text_input" in doc:
+        doc["text_input"] = map_content(doc["text_input"], fn)
     messages = doc.get("messages")
     if isinstance(messages, list):
         for msg in messages:
-            if not isinstance(msg, dict):
-                continue
-            content = msg.get("content")
-            if isinstance(content, str):
-                msg["content"] = fn(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        part["text"] = fn(part["text"])
+            if isinstance(msg, dict) and "content" in msg:
+                msg["content"] = map_content(msg["content"], fn)
 
 
 def generate_stream_texts(doc: Any, pieces: PieceTexts) -> list[Any]:
