@@ -20,6 +20,7 @@ from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.heap import HeapSettler
 from inhouse.core.manager import ModelManager
 from inhouse.core.repository import LinkedModel, ModelRepository, single_model
+from inhouse.core.response_cache import CachePolicy, ResponseCache
 from inhouse.demo import ensure_demo_repository
 from inhouse.errors import InhouseError
 from inhouse.listen import ListenError
@@ -138,6 +139,8 @@ class InhouseServer:
             except TracingUnavailableError as err:
                 raise StartupError(str(err)) from None
 
+            self.cache = self._response_cache(settings)
+
             # front ends
             http = self.observability.http
             self.app = build_app(self.dataplane, settings, llm=self.llm, gate=self.security, observability=http)
@@ -158,6 +161,19 @@ class InhouseServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Stopper] = []
         self._stopped = asyncio.Event()
+
+    def _response_cache(self, settings: ServerSettings) -> ResponseCache:
+        """One cache for v2 infer and the LLM APIs; it holds nothing until a model opts in
+        (``response_cache`` in model.yaml, or ``cache.enabled``)."""
+        try:
+            cache = ResponseCache(CachePolicy(**settings.cache.model_dump()), recorder=self.observability.metrics)
+        except ModuleNotFoundError as err:
+            raise StartupError(f"cache.redis_url needs the redis package ({err.name} is missing): "
+                               "pip install 'inhouse[redis]'.") from None
+        self.dataplane.cache = cache
+        self.llm.cache = cache
+        self.manager.listeners.append(cache)
+        return cache
 
     @staticmethod
     def _single_model(settings: ServerSettings) -> tuple[str, LinkedModel] | None:
@@ -354,6 +370,8 @@ class InhouseServer:
         # after the drain: the requests answered while draining are audited too
         await self.security.aclose()
         await self.manager.close()
+        with contextlib.suppress(Exception):
+            await self.cache.close()
         if self._heap is not None:
             self._heap.close()
             gc.unfreeze()  # an embedding process keeps running: its objects are collectable again
