@@ -11,10 +11,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 import redis
 
-from conftest import RunningServer, run_server, wait_until
+from conftest import run_server, wait_until
 from inhouse.security.audit import AuditLog
 from inhouse.security.keys import KeyStore
 from models import add_model, mlp_model, write_model
