@@ -113,6 +113,8 @@ class ServerSettings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     discovery: bool = Field(default=False, description="advertise this server on the LAN over mDNS/DNS-SD "
                             "(_inhouse._tcp); needs inhouse[discovery]")
+    discovery_interfaces: list[str] = Field(default_factory=list, description="IPv4 addresses mDNS binds, e.g. "
+                                            "[192.168.1.10]; empty: every interface")
 
     # ---- security ----
     allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "
