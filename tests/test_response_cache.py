@@ -113,6 +113,19 @@ def test_memory_cache_ttl_and_server_wide_switch(tmp_path: Path) -> None:
         assert _stats(c, "add") == (1, 2, 2)  # expired: computed again
         # a different input is a different entry; the model's own opt-out wins over the server's switch
         assert _infer(c, "add", 3.0).json()["outputs"][0]["data"] == [6.0] * 4
+        assert _stats(c, "add") == (1, 3, 3)
+        # gRPC shares the entries: the same tensors are the same request, whatever carried them
+        import tritonclient.grpc as grpcclient
+
+        g = grpcclient.InferenceServerClient(srv.grpc_target)
+        inputs = [grpcclient.InferInput(n, [1, 4], "FP32") for n in ("a", "b")]
+        for i in inputs:
+            i.set_data_from_numpy(np.full((1, 4), 3.0, np.float32))
+        assert g.infer("add", inputs).as_numpy("out").tolist() == [[6.0] * 4]
+        assert _stats(c, "add") == (2, 3, 3)
+        assert g.infer("add", inputs, headers={"cache-control": "no-cache"}).as_numpy("out").tolist() == [[6.0] * 4]
+        assert _stats(c, "add") == (2, 3, 4)
+        g.close()
     off = tmp_path / "off"
     off.mkdir()
     shutil.copytree(repo / "add", off / "add")
