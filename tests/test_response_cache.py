@@ -191,3 +191,31 @@ def test_redis_cache(tmp_path: Path, redis_server: RedisServer) -> None:
             return _stats(c, "add")[0] >= 1
 
         wait_until(cached_again, timeout=5)
+
+
+def test_memory_store_bounds_and_expiry() -> None:
+    import asyncio
+
+    from inhouse.core.response_cache import MemoryStore
+
+    now = [0.0]
+    store = MemoryStore(max_entries=3, max_bytes=10, clock=lambda: now[0])
+
+    async def run() -> None:
+        for k in "abc":
+            await store.put(k, b"xx", 5)
+        assert await store.get("a") == b"xx"  # a is now the most recently used
+        await store.put("d", b"xx", 5)  # over 3 entries: the least recently used (b) goes
+        assert [await store.get(k) for k in "abcd"] == [b"xx", None, b"xx", b"xx"]
+        await store.put("e", b"1234567", 5)  # over 10 bytes: LRU entries go until it fits
+        assert len(store) == 2 and await store.get("e") == b"1234567"
+        await store.put("huge", b"x" * 11, 5)  # larger than the whole budget: not stored
+        assert await store.get("huge") is None and await store.get("e") == b"1234567"
+        now[0] = 5.0  # the TTL has passed
+        assert await store.get("e") is None and len(store) == 1
+        await store.put("m:1:x", b"1", 5)
+        await store.put("m:2:x", b"2", 5)
+        await store.drop("m:1:")
+        assert await store.get("m:1:x") is None and await store.get("m:2:x") == b"2"
+
+    asyncio.run(run())
