@@ -75,3 +75,8 @@ def test_chat_cached_at_temperature_zero(tmp_path: Path, llm_models: dict[str, P
         a2, a3 = c.post("/v1/messages", json=other), c.post("/v1/messages", json=other)
         assert a2.status_code == a3.status_code == 200 and a2.json()["content"] == a3.json()["content"]
         assert _cache(c) == (5, 4)
+        # v2 infer on a chat model samples with the model's defaults: never cached
+        v2 = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hello there"]}]}
+        for _ in range(2):
+            assert c.post("/v2/models/tiny-llama/infer", json=v2).status_code == 200
+        assert _cache(c) == (5, 4)

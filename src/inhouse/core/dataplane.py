@@ -185,7 +185,9 @@ class DataPlane:
             feed = validate_inputs(request, model.inputs)
             wanted = validate_outputs(request, model.outputs)
             cache = self.cache
-            if cache is not None and request.cache_tenant is not None:
+            # a generative model's v2 answer is sampled with its defaults: cached only through the
+            # LLM APIs, where the request says whether it is deterministic
+            if cache is not None and request.cache_tenant is not None and mv.spec.task not in ("chat", "generate"):
                 ttl = cache.ttl_for(mv.spec)
                 if ttl is not None:
                     return await self._cached(cache, ttl, request, mv, feed, wanted)
