@@ -147,7 +147,9 @@ def _redis_keys(url: str) -> list[bytes]:
 
 def test_redis_cache(tmp_path: Path, redis_server: RedisServer) -> None:
     repo = _repo(tmp_path, {"enabled": True, "ttl_s": 0.6})
-    with run_server(repo, cache={"redis_url": redis_server.url}, load="add") as srv, srv.client() as c:
+    # add: its own TTL of 0.6 s; mlp: the server-wide switch and TTL
+    with run_server(repo, cache={"redis_url": redis_server.url, "enabled": True, "ttl_s": 60},
+                    load="add,mlp") as srv, srv.client() as c:
         k1, k2 = {"x-api-key": "tenant-one"}, {"x-api-key": "tenant-two"}  # auth off: still one tenant per key
         assert _infer(c, "add", 1.0, **k1).status_code == 200
         assert _infer(c, "add", 1.0, **k1).json()["outputs"][0]["data"] == [2.0] * 4
@@ -191,6 +193,11 @@ def test_redis_cache(tmp_path: Path, redis_server: RedisServer) -> None:
             return _stats(c, "add")[0] >= 1
 
         wait_until(cached_again, timeout=5)
+        x = {"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
+        assert c.post("/v2/models/mlp/infer", json=x).status_code == 200
+        mlp_keys = set(_redis_keys(redis_server.url))
+    # a server shutting down is no unload: the shared store keeps its entries for other processes
+    assert mlp_keys and mlp_keys <= set(_redis_keys(redis_server.url))
 
 
 def test_memory_store_bounds_and_expiry() -> None:

@@ -396,6 +396,7 @@ class InhouseServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # after the drain: the requests answered while draining are audited too
         await self.security.aclose()
+        self.cache.stopping()
         await self.manager.close()
         with contextlib.suppress(Exception):
             await self.cache.close()

@@ -166,6 +166,7 @@ class ResponseCache:
         self._down_until = 0.0  # the store failed: skipped until then
         self._outage = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     # ---- which requests -------------------------------------------------------------------
     def ttl_for(self, spec: ModelSpec) -> float | None:
@@ -228,11 +229,17 @@ class ResponseCache:
     # ---- invalidation -----------------------------------------------------------------------
     def __call__(self, name: str, version: int | None, state: ModelState) -> None:
         """A model-manager listener: a version leaving service takes its entries with it."""
-        if version is None or state not in (ModelState.DRAINING, ModelState.UNLOADED, ModelState.FAILED):
+        if self._stopping or version is None or state not in (ModelState.DRAINING, ModelState.UNLOADED,
+                                                               ModelState.FAILED):
             return
         task = asyncio.get_running_loop().create_task(self.invalidate(name, version))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def stopping(self) -> None:
+        """The server is shutting down: the versions it closes keep their entries, which a
+        shared Redis still serves to the other processes and to this server's next start."""
+        self._stopping = True
 
     async def invalidate(self, model: str, version: int) -> None:
         try:
