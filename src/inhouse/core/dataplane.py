@@ -13,7 +13,7 @@ import numpy as np
 
 from inhouse import __version__
 from inhouse.core.datatypes import v2_datatype
-from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
+from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion, unhealthy
 from inhouse.core.recorders import InferObserver, StatisticsSource
 from inhouse.core.spec import TensorSpec
 from inhouse.core.triton_config import triton_config
@@ -26,6 +26,7 @@ from inhouse.errors import (
     InputNameError,
     InvalidRequestError,
     ShapeError,
+    UpstreamUnavailableError,
 )
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy", "model_configuration",
@@ -174,6 +175,8 @@ class DataPlane:
 
     async def _infer(self, request: InferRequest) -> InferResponse:
         mv = self.manager.resolve(request.model, request.version)
+        if mv.spec.overflow is not None and request.version is None:
+            mv = self._overflow(mv)
         mv.enter()  # what manager.use() does, without a generator per request
         try:
             model = mv.model
@@ -187,6 +190,42 @@ class DataPlane:
             return build_response(request, mv.version, results, wanted)
         finally:
             mv.leave()
+
+
+    def _overflow(self, mv: ModelVersion) -> ModelVersion:
+        """The version that takes a request for ``mv``: itself, unless its queue is past the
+        ``overflow`` rule; then the overflow model, or while that one is down the fallback, or a
+        503 that says so (a saturated local queue would only answer 429 or time out)."""
+        rule = mv.spec.overflow
+        scheduler = mv.scheduler
+        if rule is None or scheduler is None:
+            return mv
+        depth = scheduler.queue_depth()
+        wait = getattr(scheduler, "predicted_wait_s", None)
+        when = rule.when
+        if not ((when.queue_above is not None and depth > when.queue_above)
+                or (when.predicted_wait_ms_above is not None and callable(wait)
+                    and wait() * 1000 > when.predicted_wait_ms_above)):
+            return mv
+        target, why = self._healthy(rule.to)
+        if target is not None:
+            return target
+        if rule.fallback is not None:
+            fallback, why_fb = self._healthy(rule.fallback)
+            if fallback is not None:
+                return fallback
+            why += f"; its fallback '{rule.fallback}' too: {why_fb}"
+        raise UpstreamUnavailableError(
+            f"Model '{mv.name}' is saturated ({depth} requests queued) and its overflow model '{rule.to}' is "
+            f"unavailable: {why}. Retry shortly.", headers={"Retry-After": "1"})
+
+    def _healthy(self, name: str) -> tuple[ModelVersion | None, str]:
+        try:
+            mv = self.manager.resolve(name)
+        except InhouseError as err:
+            return None, err.message
+        down = unhealthy(mv)
+        return (mv, "") if down is None else (None, down)
 
 
 def _tensor_meta(t: TensorSpec) -> dict[str, Any]:

@@ -35,9 +35,11 @@ from inhouse.errors import (
     ModelNotReadyError,
     ModelSpecError,
     OutOfMemoryError,
+    UpstreamUnavailableError,
 )
 
 log = logging.getLogger(__name__)
+UPSTREAM_DOWN = UpstreamUnavailableError.code
 
 
 class ModelState(enum.StrEnum):
@@ -177,7 +179,10 @@ class ModelManager:
 
     def is_ready(self, name: str, version: int | None = None) -> bool:
         table = self._serving.get(name)
-        return bool(table) and (version is None or version in (table or {}))
+        if not table:
+            return False
+        mv = table.get(version) if version is not None else table[max(table)]
+        return mv is not None and unhealthy(mv) is None
 
     def serving_spec(self, name: str) -> ModelSpec | None:
         """The spec of the version a request without a version goes to, or None. Cheap: it sits
@@ -466,7 +471,9 @@ class ModelManager:
             if model_entry is not None and model_entry.state != ModelState.FAILED:
                 entries.pop((name, None))  # a failed reload stays visible beside the serving versions
             for v, mv in table.items():
-                entries[(name, v)] = IndexEntry(name, v, mv.state, mv.reason, mv.code)
+                down = unhealthy(mv)
+                entries[(name, v)] = (IndexEntry(name, v, mv.state, mv.reason, mv.code) if down is None else
+                                      IndexEntry(name, v, ModelState.FAILED, down, UPSTREAM_DOWN))
         return sorted(entries.values(), key=lambda e: (e.name, -(e.version or 0)))
 
     async def close(self) -> None:
@@ -475,6 +482,13 @@ class ModelManager:
                 await self.unload(name)
         await self.settle()
         self._loader.shutdown(wait=False)
+
+
+def unhealthy(mv: ModelVersion) -> str | None:
+    """Why a serving version cannot answer now, for models that report it (an upstream whose
+    circuit is open); None when it can. It stays in the serving table and comes back by itself."""
+    health = getattr(mv.model, "health", None)
+    return health() if callable(health) else None
 
 
 def check_memory(spec: ModelSpec) -> None:

@@ -123,6 +123,11 @@ class LLMService:
         """Events of ``req.n`` choices, then one Usage. Errors before the first event (unknown
         model, context overflow, overload) raise before anything is yielded."""
         with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
+            relay = getattr(mv.model, "relay", None)
+            if relay is not None:  # a model served by another endpoint (backend: upstream) answers whole chats
+                async for ev in relay.chat(req):
+                    yield ev
+                return
             engine = _engine(mv)
             template_tools = req.tools if req.tool_choice != "none" else None
             prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, template_tools,
