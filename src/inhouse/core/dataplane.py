@@ -173,10 +173,11 @@ class DataPlane:
         if self.observer is not None:
             self.observer.infer_failed(model, None, error, None)
 
-    async def _infer(self, request: InferRequest) -> InferResponse:
-        mv = self.manager.resolve(request.model, request.version)
-        if mv.spec.overflow is not None and request.version is None:
-            mv = self._overflow(mv)
+    async def _infer(self, request: InferRequest, mv: ModelVersion | None = None) -> InferResponse:
+        if mv is None:
+            mv = self.manager.resolve(request.model, request.version)
+            if mv.spec.overflow is not None and request.version is None:
+                return await self._infer_overflow(request, mv)
         mv.enter()  # what manager.use() does, without a generator per request
         try:
             model = mv.model
@@ -192,6 +193,16 @@ class DataPlane:
             mv.leave()
 
 
+    async def _infer_overflow(self, request: InferRequest, mv: ModelVersion) -> InferResponse:
+        target = self._overflow(mv)
+        if target is mv:
+            return await self._infer(request, mv)
+        try:
+            return await self._infer(request, target)
+        except UpstreamUnavailableError as err:
+            # the overflow model went down with this request (before its circuit opened)
+            return await self._infer(request, self._fallback(mv, err.message))
+
     def _overflow(self, mv: ModelVersion) -> ModelVersion:
         """The version that takes a request for ``mv``: itself, unless its queue is past the
         ``overflow`` rule; then the overflow model, or while that one is down the fallback, or a
@@ -200,7 +211,7 @@ class DataPlane:
         scheduler = mv.scheduler
         if rule is None or scheduler is None:
             return mv
-        depth = scheduler.queue_depth()
+        depth = scheduler.queue_depth()  # queued, not running: a busy instance alone is no overflow
         wait = getattr(scheduler, "predicted_wait_s", None)
         when = rule.when
         if not ((when.queue_above is not None and depth > when.queue_above)
@@ -208,16 +219,21 @@ class DataPlane:
                     and wait() * 1000 > when.predicted_wait_ms_above)):
             return mv
         target, why = self._healthy(rule.to)
-        if target is not None:
-            return target
+        return target if target is not None else self._fallback(mv, why)
+
+    def _fallback(self, mv: ModelVersion, why: str) -> ModelVersion:
+        """The fallback of ``mv``'s overflow rule, or the 503 that says why there is none."""
+        rule = mv.spec.overflow
+        if rule is None:  # pragma: no cover - called for models with a rule only
+            raise InferenceError(f"Model '{mv.name}' has no overflow rule.")
         if rule.fallback is not None:
             fallback, why_fb = self._healthy(rule.fallback)
             if fallback is not None:
                 return fallback
             why += f"; its fallback '{rule.fallback}' too: {why_fb}"
         raise UpstreamUnavailableError(
-            f"Model '{mv.name}' is saturated ({depth} requests queued) and its overflow model '{rule.to}' is "
-            f"unavailable: {why}. Retry shortly.", headers={"Retry-After": "1"})
+            f"Model '{mv.name}' is saturated and its overflow model '{rule.to}' is unavailable: {why}. "
+            "Retry shortly.", headers={"Retry-After": "1"})
 
     def _healthy(self, name: str) -> tuple[ModelVersion | None, str]:
         try:

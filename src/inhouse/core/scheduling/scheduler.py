@@ -272,8 +272,10 @@ class DynamicBatcher:
                 self.stats.cancelled += 1
             raise
         except DeadlineExceededError:
+            if budget_s is None:
+                raise  # no deadline of ours: the model's own (an upstream that timed out) says why
             raise DeadlineExceededError(
-                f"Request to model '{self._name}' exceeded its {budget_s * 1000 if budget_s else 0:.0f} ms "
+                f"Request to model '{self._name}' exceeded its {budget_s * 1000:.0f} ms "
                 "deadline; raise the request's 'timeout' parameter or batching.default_timeout_ms."
             ) from None
 
