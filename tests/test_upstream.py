@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import tritonclient.grpc as tgrpc
 import yaml
 
 import gate_backend  # noqa: F401  (registers backend: gate)
@@ -174,6 +175,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]) 
         **up, "protocol": "openai", "model": "tiny-llama"}})
     _spec(front_repo, "remote-nocert", {"backend": "upstream", "upstream": {
         "url": back_url, "api_key_file": str(tmp / "back.key"), "model": "mlp"}})
+    write_llm_model(front_repo, "local-chat", llm_models["llama"], {
+        "max_model_len": 1024, "engine": {"max_num_seqs": 2},
+        "overflow": {"to": "remote-chat", "when": {"queue_above": 0}}})
     _spec(front_repo, "locala", {"backend": "gate", "overflow": {
         "to": "remote-gate", "when": {"queue_above": 0}, "fallback": "fallbacka"}})
     _spec(front_repo, "fallbacka", {"backend": "gate"})
@@ -200,6 +204,14 @@ def test_v2_through_the_front_matches_a_direct_call(pair: Pair) -> None:
         # the upstream's tensors are this model's, read from the upstream's metadata at load
         meta = c.get("/v2/models/remote-mlp").json()
         assert meta["platform"] == "upstream" and meta["inputs"][0]["name"] == "features"
+    # gRPC clients of the front server reach it too (tritonclient, the key as call metadata)
+    grpc_client = tgrpc.InferenceServerClient(pair.front.grpc_target)
+    inp = tgrpc.InferInput("features", [3, 32], "FP32")
+    inp.set_data_from_numpy(x)
+    res = grpc_client.infer("remote-mlp", [inp], headers={"x-api-key": pair.key})
+    assert np.allclose(res.as_numpy("probabilities"), np.array(want.json()["outputs"][0]["data"]).reshape(3, 2),
+                       atol=1e-6)
+    grpc_client.close()
 
 
 def test_keys_front_checked_and_upstream_key_never_shown(pair: Pair) -> None:
@@ -234,6 +246,34 @@ def test_openai_chat_through_the_front(pair: Pair) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=pair.front.url + "/v1", api_key=pair.back_key, max_retries=0).chat.completions.create(
             model="remote-chat", messages=msgs, max_tokens=2)
+
+
+def test_chat_overflow_engages_while_busy_and_stops_after(pair: Pair) -> None:
+    front = openai.OpenAI(base_url=pair.front.url + "/v1", api_key=pair.key, max_retries=0)
+    msgs: Any = [{"role": "user", "content": "Say something."}]
+    pending = pair.front.server.llm._pending
+    before = len(_back_entries(pair.back_data, "tiny-llama"))
+    long = front.chat.completions.create(model="local-chat", messages=msgs, max_tokens=900, stream=True,
+                                         extra_body={"ignore_eos": True})
+    next(iter(long))  # the local model is busy with it
+    assert pending.get("local-chat") == 1
+    r = front.chat.completions.create(model="local-chat", messages=msgs, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content is not None and r.usage is not None
+    assert r.usage.completion_tokens <= 4
+    wait_until(lambda: len(_back_entries(pair.back_data, "tiny-llama")) == before + 1)  # sent upstream
+    long.close()
+    wait_until(lambda: pending.get("local-chat") == 0)
+    front.chat.completions.create(model="local-chat", messages=msgs, max_tokens=4, temperature=0)
+    time.sleep(0.3)
+    assert len(_back_entries(pair.back_data, "tiny-llama")) == before + 1  # drained: answered here
+
+
+def _back_entries(data: Path, model: str) -> list[dict[str, Any]]:
+    audit = AuditLog(data)
+    try:
+        return [e for e in audit.entries() if e["model"] == model]
+    finally:
+        audit.close()
 
 
 def test_pii_outbound_redacts_and_restores(pair: Pair) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from inhouse import __version__
 from inhouse.core.datatypes import v2_datatype
-from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion, unhealthy
+from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
 from inhouse.core.recorders import InferObserver, StatisticsSource
 from inhouse.core.spec import TensorSpec
 from inhouse.core.triton_config import triton_config
@@ -201,7 +201,9 @@ class DataPlane:
             return await self._infer(request, target)
         except UpstreamUnavailableError as err:
             # the overflow model went down with this request (before its circuit opened)
-            return await self._infer(request, self._fallback(mv, err.message))
+            if mv.spec.overflow is None or target.name != mv.spec.overflow.to:
+                raise  # the fallback itself failed
+            return await self._infer(request, self.manager.fallback(mv.name, mv.spec.overflow, err.message))
 
     def _overflow(self, mv: ModelVersion) -> ModelVersion:
         """The version that takes a request for ``mv``: itself, unless its queue is past the
@@ -218,30 +220,8 @@ class DataPlane:
                 or (when.predicted_wait_ms_above is not None and callable(wait)
                     and wait() * 1000 > when.predicted_wait_ms_above)):
             return mv
-        target, why = self._healthy(rule.to)
-        return target if target is not None else self._fallback(mv, why)
-
-    def _fallback(self, mv: ModelVersion, why: str) -> ModelVersion:
-        """The fallback of ``mv``'s overflow rule, or the 503 that says why there is none."""
-        rule = mv.spec.overflow
-        if rule is None:  # pragma: no cover - called for models with a rule only
-            raise InferenceError(f"Model '{mv.name}' has no overflow rule.")
-        if rule.fallback is not None:
-            fallback, why_fb = self._healthy(rule.fallback)
-            if fallback is not None:
-                return fallback
-            why += f"; its fallback '{rule.fallback}' too: {why_fb}"
-        raise UpstreamUnavailableError(
-            f"Model '{mv.name}' is saturated and its overflow model '{rule.to}' is unavailable: {why}. "
-            "Retry shortly.", headers={"Retry-After": "1"})
-
-    def _healthy(self, name: str) -> tuple[ModelVersion | None, str]:
-        try:
-            mv = self.manager.resolve(name)
-        except InhouseError as err:
-            return None, err.message
-        down = unhealthy(mv)
-        return (mv, "") if down is None else (None, down)
+        target, why = self.manager.healthy(rule.to)
+        return target if target is not None else self.manager.fallback(mv.name, rule, why)
 
 
 def _tensor_meta(t: TensorSpec) -> dict[str, Any]:

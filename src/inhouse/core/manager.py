@@ -25,7 +25,7 @@ from inhouse.core.memory import available_memory_bytes, pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository, link_layout
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
-from inhouse.core.spec import ModelSpec, find_spec_file
+from inhouse.core.spec import ModelSpec, OverflowSpec, find_spec_file
 from inhouse.errors import (
     InferenceError,
     InhouseError,
@@ -183,6 +183,27 @@ class ModelManager:
             return False
         mv = table.get(version) if version is not None else table[max(table)]
         return mv is not None and unhealthy(mv) is None
+
+    def healthy(self, name: str) -> tuple[ModelVersion | None, str]:
+        """The serving version of ``name`` when it can answer now, else None and why not."""
+        try:
+            mv = self.resolve(name)
+        except InhouseError as err:
+            return None, err.message
+        down = unhealthy(mv)
+        return (mv, "") if down is None else (None, down)
+
+    def fallback(self, name: str, rule: OverflowSpec, why: str) -> ModelVersion:
+        """What answers for ``name`` while its overflow model is down (``why``): the rule's
+        fallback, or a 503 (3006) that says why there is none."""
+        if rule.fallback is not None:
+            fallback, why_fb = self.healthy(rule.fallback)
+            if fallback is not None:
+                return fallback
+            why += f"; its fallback '{rule.fallback}' too: {why_fb}"
+        raise UpstreamUnavailableError(
+            f"Model '{name}' is saturated and its overflow model '{rule.to}' is unavailable: {why}. "
+            "Retry shortly.", headers={"Retry-After": "1"})
 
     def serving_spec(self, name: str) -> ModelSpec | None:
         """The spec of the version a request without a version goes to, or None. Cheap: it sits
