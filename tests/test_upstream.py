@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import numpy as np
 import openai
@@ -243,6 +244,19 @@ def test_openai_chat_through_the_front(pair: Pair) -> None:
                                            stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert text == want.choices[0].message.content
+    # the other LLM APIs of the front server reach it too
+    anth = anthropic.Anthropic(base_url=pair.front.url, api_key=pair.key, max_retries=0)
+    m = anth.messages.create(model="remote-chat", max_tokens=8, messages=msgs, extra_body={"temperature": 0})
+    assert m.content[0].type == "text" and m.content[0].text == want.choices[0].message.content
+    with pair.client() as c:
+        r = c.post("/api/chat", json={"model": "remote-chat", "messages": msgs, "stream": False,
+                                      "options": {"num_predict": 8, "temperature": 0}})
+        assert r.status_code == 200 and r.json()["message"]["content"] == want.choices[0].message.content, r.text
+        r = c.post("/v2/models/remote-chat/generate", json={
+            "messages": json.dumps(msgs), "parameters": {"max_tokens": 8, "temperature": 0}})
+        assert r.status_code == 200 and r.json()["text_output"] == want.choices[0].message.content, r.text
+        r = c.post("/v1/completions", json={"model": "remote-chat", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 400 and "chat requests only" in r.text
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=pair.front.url + "/v1", api_key=pair.back_key, max_retries=0).chat.completions.create(
             model="remote-chat", messages=msgs, max_tokens=2)

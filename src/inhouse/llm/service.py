@@ -383,6 +383,10 @@ async def _one(engine: LLMEngine, request: GenerationRequest, decoder: ChoiceDec
 
 def _engine(mv: ModelVersion) -> LLMEngine:
     engine: LLMEngine | None = getattr(mv.model, "engine", None)
+    if engine is None and getattr(mv.model, "relay", None) is not None:
+        raise InvalidRequestError(f"Model '{mv.name}' is served by another endpoint, to which this server relays "
+                                  "chat requests only; use the chat API (or v2 generate with 'messages').",
+                                  details={"param": "model"})
     if engine is None:
         raise InferenceError(f"Model '{mv.name}' was unloaded mid-request; retry.")
     return engine
