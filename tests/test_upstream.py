@@ -182,6 +182,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]) 
     _spec(front_repo, "locala", {"backend": "gate", "overflow": {
         "to": "remote-gate", "when": {"queue_above": 0}, "fallback": "fallbacka"}})
     _spec(front_repo, "fallbacka", {"backend": "gate"})
+    _spec(front_repo, "localw", {"backend": "gate", "overflow": {
+        "to": "remote-gate", "when": {"predicted_wait_ms_above": 0.5}}})
 
     stack, back_stack = ExitStack(), ExitStack()
     with stack, back_stack:
@@ -342,23 +344,27 @@ def _busy(c: httpx.Client, pool: ThreadPoolExecutor, model: str, ids: list[float
     return [pool.submit(c.post, f"/v2/models/{model}/infer", json=_gate(i)) for i in ids]
 
 
-def test_overflow_engages_when_full_and_stops_when_drained(pair: Pair) -> None:
-    local, remote = GATES["locala"], GATES["gateb"]
+@pytest.mark.parametrize(("model", "base"), [("locala", 0.0), ("localw", 100.0)])
+def test_overflow_engages_when_full_and_stops_when_drained(pair: Pair, model: str, base: float) -> None:
+    """queue_above: 0 (one request queued is past it); predicted_wait_ms_above: 0.5 (one queued
+    request is predicted to wait a call's time, 1 ms before any call was measured)."""
+    local, remote = GATES[model], GATES["gateb"]
     local.open.clear()
     with pair.client() as c, ThreadPoolExecutor(4) as pool:
         try:
-            running = _busy(c, pool, "locala", [1.0])
+            running = _busy(c, pool, model, [base + 1.0])
             assert local.entered.acquire(timeout=10)  # the instance is busy
-            queued = _busy(c, pool, "locala", [2.0])
-            wait_until(lambda: pair.front.server.manager.resolve("locala").scheduler.queue_depth() == 1)
-            r = c.post("/v2/models/locala/infer", json=_gate(3.0))  # past queue_above: to the upstream
-            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [6.0, 0.0]
-            assert remote.executed_ids().count(3.0) == 1 and 3.0 not in local.executed_ids()
+            queued = _busy(c, pool, model, [base + 2.0])
+            wait_until(lambda: pair.front.server.manager.resolve(model).scheduler.queue_depth() == 1)
+            r = c.post(f"/v2/models/{model}/infer", json=_gate(base + 3.0))  # past the rule: to the upstream
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [(base + 3.0) * 2, 0.0]
+            assert remote.executed_ids().count(base + 3.0) == 1 and base + 3.0 not in local.executed_ids()
         finally:
             local.open.set()
         assert all(f.result(10).status_code == 200 for f in running + queued)
-        r = c.post("/v2/models/locala/infer", json=_gate(4.0))  # drained: served here again
-        assert r.status_code == 200 and 4.0 in local.executed_ids() and 4.0 not in remote.executed_ids()
+        r = c.post(f"/v2/models/{model}/infer", json=_gate(base + 4.0))  # drained: served here again
+        assert r.status_code == 200 and base + 4.0 in local.executed_ids()
+        assert base + 4.0 not in remote.executed_ids()
 
 
 def test_upstream_down_circuit_fallback_retry_and_recovery(pair: Pair) -> None:
