@@ -172,6 +172,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]) 
         "circuit": {"failures": 50}}})
     _spec(front_repo, "remote-gate", {"backend": "upstream", "upstream": {
         **up, "model": "gateb", "retries": 0, "circuit": {"failures": 1, "reset_s": 60}}})
+    _spec(front_repo, "remote-health", {"backend": "upstream", "upstream": {
+        **up, "model": "mlp", "health_interval_s": 0.2, "circuit": {"failures": 100, "reset_s": 60}}})
     _spec(front_repo, "remote-chat", {"backend": "upstream", "task": "chat", "upstream": {
         **up, "protocol": "openai", "model": "tiny-llama"}})
     _spec(front_repo, "remote-nocert", {"backend": "upstream", "upstream": {
@@ -384,6 +386,15 @@ def test_upstream_down_circuit_fallback_retry_and_recovery(pair: Pair) -> None:
         assert entries["remote-mlp"]["state"] == "FAILED" and "Refused" in entries["remote-mlp"]["reason"]
         assert c.get("/v2/models/remote-mlp/ready").status_code != 200
 
+        def health() -> dict[str, Any]:
+            return {e["name"]: e for e in c.post("/v2/repository/index").json()}["remote-health"]
+
+        # the periodic health check opens a circuit that no request has opened
+        wait_until(lambda: health()["state"] == "FAILED", timeout=10)
+        assert "health check failed" in health()["reason"]
+        r = c.post("/v2/models/remote-health/infer", json=ZEROS)
+        assert r.status_code == 503 and _code(r) == 3006 and "health check failed" in r.json()["error"]
+
         # overflow while the upstream is down: the fallback answers
         local.open.clear()
         try:
@@ -406,6 +417,9 @@ def test_upstream_down_circuit_fallback_retry_and_recovery(pair: Pair) -> None:
         pair.relay.on()
         r = retried.result(30)
         assert r.status_code == 200, r.text
+
+        wait_until(lambda: health()["state"] == "READY", timeout=10)  # a passing check closes it
+        assert c.post("/v2/models/remote-health/infer", json=ZEROS).status_code == 200
 
         # the circuit lets a trial through after reset_s, and closes on its success
         time.sleep(1.0)
