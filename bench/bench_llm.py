@@ -224,6 +224,9 @@ def main() -> None:
     ap.add_argument("--no-cb", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--as-shipped", action="store_true",
+                    help="the model's own max_model_len of 32768 and default engine settings (model.yaml "
+                         "sets nothing): what a user who sets nothing gets")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,7 +235,7 @@ def main() -> None:
         size = dict(hidden=128, layers=2, heads=4, vocab=4000)
     if args.large:
         size = dict(hidden=2048, layers=16, heads=16, vocab=32000)
-    max_len = max(args.system_len, PROMPT) + 512
+    max_len = 32768 if args.as_shipped else max(args.system_len, PROMPT) + 512
     with tempfile.TemporaryDirectory() as tmp:
         src = build_model(Path(tmp) / "hf", **size, max_len=max_len)
         from transformers import AutoModelForCausalLM
@@ -241,12 +244,17 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).to(args.device).eval()
         vdir = Path(tmp) / "repo" / "bench" / "1"
         vdir.mkdir(parents=True)
-        spec = parse_spec({"name": "bench", "backend": "transformers", "task": "generate", "source": str(src),
-                           "max_model_len": max_len, "instances": {"device": args.device},
-                           "engine": {"max_num_seqs": STREAMS, "max_num_batched_tokens": 2048}}, "bench")
+        doc: dict[str, Any] = {"name": "bench", "backend": "transformers", "task": "generate", "source": str(src),
+                               "instances": {"device": args.device}}
+        if not args.as_shipped:
+            doc.update({"max_model_len": max_len, "engine": {"max_num_seqs": STREAMS, "max_num_batched_tokens": 2048}})
+        spec = parse_spec(doc, "bench")
         model = TransformersBackend().load(LoadContext(model_dir=vdir.parent, version_dir=vdir, spec=spec))
         try:
-            out: dict[str, Any] = {"device": args.device, "model": size, "torch_threads": torch.get_num_threads()}
+            out: dict[str, Any] = {"device": args.device, "model": size, "torch_threads": torch.get_num_threads(),
+                                   "max_model_len": model.engine.max_model_len,
+                                   "slots": len(model.engine.cache.slots),
+                                   "kv_token_budget": getattr(model.engine.cache, "token_budget", None)}
             out.update(asyncio.run(run_rounds(model.engine, hf, args, size["vocab"])))
         finally:
             model.close()

@@ -171,6 +171,14 @@ class ServerNotReadyError(InhouseError):
     openai_type = "server_error"
 
 
+class UpstreamUnavailableError(InhouseError):
+    """A model served by another endpoint (``backend: upstream``) cannot be reached: its circuit
+    is open, its health check fails, or it refused connections through every retry."""
+
+    code, http_status, grpc_status = 3006, 503, "UNAVAILABLE"
+    openai_type = "server_error"
+
+
 # 4xxx: access
 class UnauthenticatedError(InhouseError):
     code, http_status, grpc_status = 4001, 401, "UNAUTHENTICATED"

@@ -33,7 +33,7 @@ from inhouse.errors import (
 )
 from inhouse.llm.embedder import Encoder
 from inhouse.llm.engine import Engine, EngineConfig
-from inhouse.llm.kv_cache import KVCache, bytes_per_token
+from inhouse.llm.kv_cache import KVCache, bytes_per_token, memory_follows_use
 from inhouse.llm.runner import SUPPORTED_MODEL_TYPES
 from inhouse.llm.types import GenerationRequest, SamplingParams
 from inhouse.security.crypto import MAGIC, is_encrypted, read_model_file
@@ -253,17 +253,25 @@ class GenerativeModel:
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         per_token = bytes_per_token(layers, kv_heads, head_dim, dtype)
         budget = _kv_budget(spec, device)
-        slots = min(spec.engine.max_num_seqs, budget // (max_len * per_token))
-        if slots < 1:
+        if budget < max_len * per_token:
             raise OutOfMemoryError(
                 f"Model '{spec.name}': the KV cache budget of {budget >> 20} MiB holds {budget // per_token} tokens, "
                 f"fewer than one sequence of max_model_len {max_len}; lower max_model_len or raise "
                 "engine.kv_cache_bytes / engine.gpu_memory_fraction.")
-        if slots < spec.engine.max_num_seqs:
-            log.warning("KV cache budget limits concurrency",
-                        extra={"model": spec.name, "max_num_seqs": slots, "budget_mib": budget >> 20})
+        token_budget: int | None = None
+        if memory_follows_use(device):
+            # every slot, admitted by the tokens sequences hold: a long max_model_len does not
+            # cut concurrency, only what the running sequences really use counts
+            slots = spec.engine.max_num_seqs
+            token_budget = budget // per_token
+        else:
+            slots = min(spec.engine.max_num_seqs, budget // (max_len * per_token))
+            if slots < spec.engine.max_num_seqs:
+                log.warning("KV cache budget limits concurrency",
+                            extra={"model": spec.name, "max_num_seqs": slots, "budget_mib": budget >> 20})
         cache = KVCache(layers=layers, slots=slots, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
-                        dtype=dtype, device=device, prefix_caching=spec.engine.prefix_caching)
+                        dtype=dtype, device=device, prefix_caching=spec.engine.prefix_caching,
+                        token_budget=token_budget)
         engine = Engine(model=model, tokenizer=tokenizer, cache=cache, name=spec.name,
                         config=EngineConfig(max_model_len=max_len, max_num_seqs=slots,
                                             max_num_batched_tokens=spec.engine.max_num_batched_tokens,
@@ -281,7 +289,8 @@ class GenerativeModel:
             self.close()
             raise
         log.info("generation engine ready", extra={"model": spec.name, "device": str(device), "dtype": str(dtype),
-                                                   "max_num_seqs": slots, "max_model_len": max_len})
+                                                   "max_num_seqs": slots, "max_model_len": max_len,
+                                                   "kv_tokens": token_budget or slots * max_len})
         return self
 
     def set_llm_recorder(self, recorder: LLMRecorder) -> None:

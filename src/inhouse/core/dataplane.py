@@ -27,6 +27,7 @@ from inhouse.errors import (
     InputNameError,
     InvalidRequestError,
     ShapeError,
+    UpstreamUnavailableError,
 )
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters", "schedule_policy", "model_configuration",
@@ -174,8 +175,11 @@ class DataPlane:
         if self.observer is not None:
             self.observer.infer_failed(model, None, error, None)
 
-    async def _infer(self, request: InferRequest) -> InferResponse:
-        mv = self.manager.resolve(request.model, request.version)
+    async def _infer(self, request: InferRequest, mv: ModelVersion | None = None) -> InferResponse:
+        if mv is None:
+            mv = self.manager.resolve(request.model, request.version)
+            if mv.spec.overflow is not None and request.version is None:
+                return await self._infer_overflow(request, mv)
         mv.enter()  # what manager.use() does, without a generator per request
         try:
             model = mv.model
@@ -212,6 +216,37 @@ class DataPlane:
         response = build_response(request, mv.version, results, wanted)
         await cache.put(key, encode_infer(response), ttl)
         return response
+
+
+    async def _infer_overflow(self, request: InferRequest, mv: ModelVersion) -> InferResponse:
+        target = self._overflow(mv)
+        if target is mv:
+            return await self._infer(request, mv)
+        try:
+            return await self._infer(request, target)
+        except UpstreamUnavailableError as err:
+            # the overflow model went down with this request (before its circuit opened)
+            if mv.spec.overflow is None or target.name != mv.spec.overflow.to:
+                raise  # the fallback itself failed
+            return await self._infer(request, self.manager.fallback(mv.name, mv.spec.overflow, err.message))
+
+    def _overflow(self, mv: ModelVersion) -> ModelVersion:
+        """The version that takes a request for ``mv``: itself, unless its queue is past the
+        ``overflow`` rule; then the overflow model, or while that one is down the fallback, or a
+        503 that says so (a saturated local queue would only answer 429 or time out)."""
+        rule = mv.spec.overflow
+        scheduler = mv.scheduler
+        if rule is None or scheduler is None:
+            return mv
+        depth = scheduler.queue_depth()  # queued, not running: a busy instance alone is no overflow
+        wait = getattr(scheduler, "predicted_wait_s", None)
+        when = rule.when
+        if not ((when.queue_above is not None and depth > when.queue_above)
+                or (when.predicted_wait_ms_above is not None and callable(wait)
+                    and wait() * 1000 > when.predicted_wait_ms_above)):
+            return mv
+        target, why = self.manager.healthy(rule.to)
+        return target if target is not None else self.manager.fallback(mv.name, rule, why)
 
 
 def _tensor_meta(t: TensorSpec) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from inhouse.core.memory import available_memory_bytes, pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
 from inhouse.core.repository import ModelRepository, link_layout
 from inhouse.core.scheduling import DynamicBatcher, Scheduler
-from inhouse.core.spec import ModelSpec, find_spec_file
+from inhouse.core.spec import ModelSpec, OverflowSpec, find_spec_file
 from inhouse.errors import (
     InferenceError,
     InhouseError,
@@ -35,9 +35,11 @@ from inhouse.errors import (
     ModelNotReadyError,
     ModelSpecError,
     OutOfMemoryError,
+    UpstreamUnavailableError,
 )
 
 log = logging.getLogger(__name__)
+UPSTREAM_DOWN = UpstreamUnavailableError.code
 
 
 class ModelState(enum.StrEnum):
@@ -177,7 +179,31 @@ class ModelManager:
 
     def is_ready(self, name: str, version: int | None = None) -> bool:
         table = self._serving.get(name)
-        return bool(table) and (version is None or version in (table or {}))
+        if not table:
+            return False
+        mv = table.get(version) if version is not None else table[max(table)]
+        return mv is not None and unhealthy(mv) is None
+
+    def healthy(self, name: str) -> tuple[ModelVersion | None, str]:
+        """The serving version of ``name`` when it can answer now, else None and why not."""
+        try:
+            mv = self.resolve(name)
+        except InhouseError as err:
+            return None, err.message
+        down = unhealthy(mv)
+        return (mv, "") if down is None else (None, down)
+
+    def fallback(self, name: str, rule: OverflowSpec, why: str) -> ModelVersion:
+        """What answers for ``name`` while its overflow model is down (``why``): the rule's
+        fallback, or a 503 (3006) that says why there is none."""
+        if rule.fallback is not None:
+            fallback, why_fb = self.healthy(rule.fallback)
+            if fallback is not None:
+                return fallback
+            why += f"; its fallback '{rule.fallback}' too: {why_fb}"
+        raise UpstreamUnavailableError(
+            f"Model '{name}' is saturated and its overflow model '{rule.to}' is unavailable: {why}. "
+            "Retry shortly.", headers={"Retry-After": "1"})
 
     def serving_spec(self, name: str) -> ModelSpec | None:
         """The spec of the version a request without a version goes to, or None. Cheap: it sits
@@ -466,7 +492,9 @@ class ModelManager:
             if model_entry is not None and model_entry.state != ModelState.FAILED:
                 entries.pop((name, None))  # a failed reload stays visible beside the serving versions
             for v, mv in table.items():
-                entries[(name, v)] = IndexEntry(name, v, mv.state, mv.reason, mv.code)
+                down = unhealthy(mv)
+                entries[(name, v)] = (IndexEntry(name, v, mv.state, mv.reason, mv.code) if down is None else
+                                      IndexEntry(name, v, ModelState.FAILED, down, UPSTREAM_DOWN))
         return sorted(entries.values(), key=lambda e: (e.name, -(e.version or 0)))
 
     async def close(self) -> None:
@@ -475,6 +503,13 @@ class ModelManager:
                 await self.unload(name)
         await self.settle()
         self._loader.shutdown(wait=False)
+
+
+def unhealthy(mv: ModelVersion) -> str | None:
+    """Why a serving version cannot answer now, for models that report it (an upstream whose
+    circuit is open); None when it can. It stays in the serving table and comes back by itself."""
+    health = getattr(mv.model, "health", None)
+    return health() if callable(health) else None
 
 
 def check_memory(spec: ModelSpec) -> None:

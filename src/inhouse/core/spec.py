@@ -216,6 +216,73 @@ class PiiSpec(_Strict):
     outputs: Literal["off", "restore", "redact"] = Field(
         default="restore", description="restore: put the originals back in the answer; redact: mask PII")
     detectors: list[PiiDetector] = Field(default_factory=lambda: list(PII_DETECTORS))
+    outbound: Literal["redact", "refuse", "allow"] = Field(
+        default="redact", description="backend: upstream: what happens to PII before a request leaves the "
+        "machine; redact: numbered placeholders, restored in the answer; refuse: 5001")
+
+
+class UpstreamTlsSpec(_Strict):
+    ca_file: str | None = Field(default=None, description="CA bundle that signed the upstream's certificate "
+                                "(default: the system's)")
+    cert_file: str | None = Field(default=None, description="client certificate, for an upstream with mutual TLS")
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTlsSpec:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together; set both or neither")
+        return self
+
+
+class CircuitSpec(_Strict):
+    failures: int = Field(default=5, ge=1, description="consecutive failed calls that open the circuit")
+    reset_s: float = Field(default=10.0, gt=0, description="how long it stays open before one trial call")
+
+
+class UpstreamSpec(_Strict):
+    """``backend: upstream``: a model served by another endpoint (another inhouse, a KServe v2
+    server, an OpenAI-compatible server)."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+", description="base URL, e.g. https://gpu-box:8000")
+    protocol: Literal["v2", "openai"] = Field(default="v2", description="v2: KServe v2 infer; openai: chat "
+                                              "completions")
+    model: str | None = Field(default=None, description="the model's name there (default: this model's name)")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the upstream's key")
+    api_key_file: str | None = Field(default=None, description="file holding the upstream's key")
+    tls: UpstreamTlsSpec = Field(default_factory=UpstreamTlsSpec)
+    timeout_s: float = Field(default=30.0, gt=0, description="per call, connect included")
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    retries: int = Field(default=2, ge=0, le=10, description="retries after a connect error (only then: a "
+                         "request that may have reached the upstream is never sent twice)")
+    circuit: CircuitSpec = Field(default_factory=CircuitSpec)
+    health_interval_s: float = Field(default=10.0, gt=0, description="how often the upstream is checked")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> UpstreamSpec:
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
+
+
+class OverflowWhen(_Strict):
+    queue_above: int | None = Field(default=None, ge=0, description="requests queued for the local model")
+    predicted_wait_ms_above: float | None = Field(default=None, ge=0, description="the local queue's "
+                                                  "predicted wait")
+
+    @model_validator(mode="after")
+    def _one(self) -> OverflowWhen:
+        if self.queue_above is None and self.predicted_wait_ms_above is None:
+            raise ValueError("name queue_above or predicted_wait_ms_above")
+        return self
+
+
+class OverflowSpec(_Strict):
+    """Send requests elsewhere while this (local) model is saturated."""
+
+    to: str = Field(description="the model that takes the overflow (typically backend: upstream)")
+    when: OverflowWhen
+    fallback: str | None = Field(default=None, description="the model that answers while 'to' is down; "
+                                 "none: 503 (3006)")
 
 
 class ProviderSpec(_Strict):
@@ -396,6 +463,8 @@ class ModelSpec(BaseModel):
     normalize: bool = True
     engine: EngineSpec = Field(default_factory=EngineSpec)
     llamacpp: LlamaCppSpec = Field(default_factory=LlamaCppSpec)
+    upstream: UpstreamSpec | None = None
+    overflow: OverflowSpec | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -420,6 +489,17 @@ class ModelSpec(BaseModel):
             else:
                 # auto: the GPU when there is one, else the CPU (the fallback the spec allows)
                 self.instances.device = "auto" if res.allow_cpu_fallback else "cuda"
+        return self
+
+    @model_validator(mode="after")
+    def _upstream(self) -> ModelSpec:
+        if (self.backend == "upstream") != (self.upstream is not None):
+            raise ValueError("backend: upstream and an 'upstream' section go together")
+        if self.upstream is not None and "count" not in self.instances.model_fields_set \
+                and self.instances.init_size is None and self.instances.max_size is None:
+            self.instances.count = 8  # an instance is one call in flight upstream, mostly waiting
+        if self.overflow is not None and self.name in (self.overflow.to, self.overflow.fallback):
+            raise ValueError("overflow.to and overflow.fallback must name other models")
         return self
 
     @model_validator(mode="after")

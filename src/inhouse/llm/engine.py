@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[GenerationChunk], None]
 
+# tokens of decode growth kept free per running sequence when admitting by tokens held, so that a
+# new admission does not force a preemption a few steps later
+_GROWTH_RESERVE = 16
+
 
 @dataclass
 class EngineConfig:
@@ -63,6 +67,7 @@ class _Seq:
     finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
+    preempted: int = 0  # times its KV memory was taken back for older sequences (it recomputes)
     first_token_at: float = 0.0
     last_emit_at: float = 0.0
 
@@ -88,7 +93,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._failure: str | None = None
-        self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "preempted": 0}
         self.recorder: LLMRecorder = NULL_LLM_RECORDER
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -265,15 +270,68 @@ class Engine:
                 return
 
     def _admit(self) -> None:
+        budget = self.cache.token_budget
         while self._waiting and len(self._running) < len(self.cache.slots) and self.cache.num_free:
-            seq = self._waiting.popleft()
+            seq = self._waiting[0]
+            if budget is not None and self._running:
+                # room for its tokens and a few steps' growth of everyone, counting only what the
+                # running sequences hold (free slots' cached prefixes are dropped when needed)
+                held = sum(self.cache.slots[s.slot].high for s in self._running)
+                if held + len(seq.tokens) + _GROWTH_RESERVE * (len(self._running) + 1) > budget:
+                    break
+            self._waiting.popleft()
             hit = self.cache.acquire(seq.tokens)
-            seq.slot, seq.computed, seq.cached = hit.slot, hit.cached, hit.cached
+            seq.slot, seq.computed = hit.slot, hit.cached
             seq.admitted_at = time.monotonic()
-            self.recorder.observe_prefix_cache(seq.prompt_len, hit.cached)
-            self.stats["prompt_tokens"] += seq.prompt_len
-            self.stats["cached_tokens"] += hit.cached
+            if not seq.preempted:
+                seq.cached = hit.cached
+                self.recorder.observe_prefix_cache(seq.prompt_len, hit.cached)
+                self.stats["prompt_tokens"] += seq.prompt_len
+                self.stats["cached_tokens"] += hit.cached
             self._running.append(seq)
+
+    def _rows(self) -> tuple[list[_Seq], list[StepRow]]:
+        """This step's work: every decoding sequence, then prefill chunks within the token budget."""
+        decode = sorted((s for s in self._running if s.computed == len(s.tokens) - 1), key=lambda s: s.slot)
+        in_decode = set(decode)
+        budget = max(self.config.max_num_batched_tokens - len(decode), 1)
+        rows = [StepRow(s.slot, s.computed, [s.tokens[-1]], True) for s in decode]
+        stepped = list(decode)
+        for s in self._running:
+            todo = len(s.tokens) - s.computed
+            if s in in_decode or budget <= 0:
+                continue
+            n = min(todo, budget)
+            budget -= n
+            stepped.append(s)
+            end = s.computed + n
+            rows.append(StepRow(s.slot, s.computed, s.tokens[s.computed:end], end == len(s.tokens)))
+        return stepped, rows
+
+    def _fit(self, rows: list[StepRow]) -> bool:
+        """Make the memory this step writes fit the token budget: drop free slots' cached
+        prefixes, then preempt the newest running sequence. False: rows must be rebuilt."""
+        budget = self.cache.token_budget
+        if budget is None:
+            return True
+        slots = self.cache.slots
+        grow = sum(max(0, r.start + len(r.tokens) - slots[r.slot].high) for r in rows)
+        over = self.cache.held + grow - budget
+        if over <= 0:
+            return True
+        over -= self.cache.reclaim(over)
+        if over <= 0 or len(self._running) <= 1:
+            return True  # one sequence always fits: the budget holds max_model_len tokens
+        victim = max(self._running, key=lambda s: s.admitted_at)
+        self._running.remove(victim)
+        self.cache.release(victim.slot)
+        self.cache.trim(victim.slot, 0)
+        victim.slot, victim.computed, victim.preempted = -1, 0, victim.preempted + 1
+        self.stats["preempted"] += 1
+        self._waiting.appendleft(victim)  # first back in, when memory frees up
+        log.info("KV cache full: a sequence was preempted and will recompute",
+                 extra={"model": self.name, "request_id": victim.request.request_id})
+        return False
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -285,27 +343,16 @@ class Engine:
         self._admit()
         if not self._running:
             return
-        decode = sorted((s for s in self._running if s.computed == len(s.tokens) - 1), key=lambda s: s.slot)
-        in_decode = set(decode)
-        budget = max(self.config.max_num_batched_tokens - len(decode), 1)
-        rows = [StepRow(s.slot, s.computed, [s.tokens[-1]], True) for s in decode]
-        chunked: list[tuple[_Seq, int]] = []
-        for s in self._running:
-            todo = len(s.tokens) - s.computed
-            if s in in_decode or budget <= 0:
-                continue
-            n = min(todo, budget)
-            budget -= n
-            chunked.append((s, n))
-            end = s.computed + n
-            rows.append(StepRow(s.slot, s.computed, s.tokens[s.computed:end], end == len(s.tokens)))
+        stepped, rows = self._rows()
+        while not self._fit(rows):
+            stepped, rows = self._rows()
         self.cache.ensure_capacity(max(r.start + len(r.tokens) for r in rows))
         logits = self._runner.forward(rows)
         self.stats["steps"] += 1
-        stepped = decode + [s for s, _ in chunked]
         for s, r in zip(stepped, rows, strict=True):
             s.computed += len(r.tokens)
             self.cache.slots[s.slot].valid = s.computed
+            self.cache.wrote(s.slot, s.computed)
         sampling = [s for s, r in zip(stepped, rows, strict=True) if r.want_logits]
         if sampling:
             for s, tok in zip(sampling, self._sample(logits, sampling), strict=True):
@@ -381,8 +428,11 @@ class Engine:
                 self.recorder.observe_inter_token_latency(now - s.last_emit_at, len(chunk.token_ids))
                 s.last_emit_at = now
             self._deliver(s, chunk)
-        used = sum(len(s.tokens) for s in self._running if not s.finished)
-        self.recorder.set_kv_cache_usage(used / (len(self.cache.slots) * self.max_model_len))
+        if self.cache.token_budget is not None:
+            self.recorder.set_kv_cache_usage(self.cache.held / self.cache.token_budget)
+        else:
+            used = sum(len(s.tokens) for s in self._running if not s.finished)
+            self.recorder.set_kv_cache_usage(used / (len(self.cache.slots) * self.max_model_len))
 
     def _deliver(self, s: _Seq, chunk: GenerationChunk) -> None:
         try:

@@ -17,6 +17,7 @@ import numpy as np
 
 from inhouse.core.manager import ModelManager, ModelVersion
 from inhouse.core.response_cache import ResponseCache
+from inhouse.core.spec import OverflowSpec
 from inhouse.errors import (
     DeadlineExceededError,
     InferenceError,
@@ -24,6 +25,7 @@ from inhouse.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     QueueFullError,
+    UpstreamUnavailableError,
 )
 from inhouse.llm import constraint as cons
 from inhouse.llm.chat import merge_consecutive
@@ -121,11 +123,14 @@ class LLMService:
             self._pending[name] -= 1
 
     # ---- chat ---------------------------------------------------------------------------
-    async def chat(self, req: ChatRequest) -> AsyncIterator[Event]:
+    def chat(self, req: ChatRequest) -> AsyncIterator[Event]:
         """Events of ``req.n`` choices, then one Usage. Errors before the first event (unknown
         model, context overflow, overload) raise before anything is yielded."""
-        async for ev in self._maybe_cached(req, self._chat):
-            yield ev
+        spec = self._manager.serving_spec(req.model)
+        if spec is None or spec.overflow is None:
+            return self._maybe_cached(req, lambda r: self._chat(r, r.model))
+        # an overflowed answer comes from another model: not cached under this one
+        return self._chat_overflow(req, spec.overflow)
 
     async def _maybe_cached(self, req: ChatRequest | CompletionRequest,
                             run: Callable[[Any], AsyncIterator[Event]]) -> AsyncIterator[Event]:
@@ -157,8 +162,37 @@ class LLMService:
                 yield ev
             await cache.put(key, encode_events(events), ttl)
 
-    async def _chat(self, req: ChatRequest) -> AsyncIterator[Event]:
-        with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
+    async def _chat_overflow(self, req: ChatRequest, rule: OverflowSpec) -> AsyncIterator[Event]:
+        """``overflow`` for chat: past ``queue_above`` requests running or waiting here, the chat
+        goes to ``rule.to``; while that one is down (or fails before answering), to the fallback."""
+        limit = rule.when.queue_above
+        if limit is None or self._pending.get(req.model, 0) <= limit:
+            async for ev in self._chat(req, req.model):
+                yield ev
+            return
+        target, why = self._manager.healthy(rule.to)
+        if target is not None:
+            started = False
+            try:
+                async for ev in self._chat(req, target.name):
+                    started = True
+                    yield ev
+                return
+            except UpstreamUnavailableError as err:
+                if started:
+                    raise
+                why = err.message
+        fallback = self._manager.fallback(req.model, rule, why)
+        async for ev in self._chat(req, fallback.name):
+            yield ev
+
+    async def _chat(self, req: ChatRequest, model: str) -> AsyncIterator[Event]:
+        with self._use(model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
+            relay = getattr(mv.model, "relay", None)
+            if relay is not None:  # a model served by another endpoint (backend: upstream) answers whole chats
+                async for ev in relay.chat(req):
+                    yield ev
+                return
             engine = _engine(mv)
             template_tools = req.tools if req.tool_choice != "none" else None
             prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, template_tools,
@@ -386,6 +420,10 @@ async def _one(engine: LLMEngine, request: GenerationRequest, decoder: ChoiceDec
 
 def _engine(mv: ModelVersion) -> LLMEngine:
     engine: LLMEngine | None = getattr(mv.model, "engine", None)
+    if engine is None and getattr(mv.model, "relay", None) is not None:
+        raise InvalidRequestError(f"Model '{mv.name}' is served by another endpoint, to which this server relays "
+                                  "chat requests only; use the chat API (or v2 generate with 'messages').",
+                                  details={"param": "model"})
     if engine is None:
         raise InferenceError(f"Model '{mv.name}' was unloaded mid-request; retry.")
     return engine

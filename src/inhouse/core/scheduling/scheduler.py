@@ -166,6 +166,12 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    def predicted_wait_s(self) -> float:
+        """How long a request queued now would wait: the queued batches over the instances, at the
+        measured time per call (the estimate the 429's Retry-After uses)."""
+        per_batch = max(1, self._cfg.max_batch_size)
+        return len(self._queue) / per_batch * self._ema_batch_s / len(self._instances)
+
     @property
     def instance_count(self) -> int:
         """Instances running now (between instances.init_size and max_size)."""
@@ -266,8 +272,10 @@ class DynamicBatcher:
                 self.stats.cancelled += 1
             raise
         except DeadlineExceededError:
+            if budget_s is None:
+                raise  # no deadline of ours: the model's own (an upstream that timed out) says why
             raise DeadlineExceededError(
-                f"Request to model '{self._name}' exceeded its {budget_s * 1000 if budget_s else 0:.0f} ms "
+                f"Request to model '{self._name}' exceeded its {budget_s * 1000:.0f} ms "
                 "deadline; raise the request's 'timeout' parameter or batching.default_timeout_ms."
             ) from None
 
