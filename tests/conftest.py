@@ -20,7 +20,8 @@ from inhouse.server import InhouseServer
 from inhouse.settings import load_settings
 from models import add_model, identity_model, mlp_model, write_model
 
-pytest_plugins = ["llm_fixtures", "llm_api_fixtures", "ci_required"]  # LLM test models; CI import skips
+# LLM test models; CI import skips; the redis-server of the response-cache tests
+pytest_plugins = ["llm_fixtures", "llm_api_fixtures", "ci_required", "redis_fixture"]
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:

@@ -20,7 +20,9 @@ from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.heap import HeapSettler
 from inhouse.core.manager import ModelManager
 from inhouse.core.repository import LinkedModel, ModelRepository, single_model
+from inhouse.core.response_cache import CachePolicy, ResponseCache
 from inhouse.demo import ensure_demo_repository
+from inhouse.discovery import SERVICE_TYPE, Advertiser, DiscoveryUnavailableError, require_discovery
 from inhouse.errors import InhouseError
 from inhouse.listen import ListenError
 from inhouse.llm.service import LLMService
@@ -138,6 +140,8 @@ class InhouseServer:
             except TracingUnavailableError as err:
                 raise StartupError(str(err)) from None
 
+            self.cache = self._response_cache(settings)
+
             # front ends
             http = self.observability.http
             self.app = build_app(self.dataplane, settings, llm=self.llm, gate=self.security, observability=http)
@@ -155,9 +159,28 @@ class InhouseServer:
         self.metrics_port: int | None = None  # the dedicated one, once it listens
 
         self._uvicorn: _EmbeddedUvicorn | None = None
+        self._advertiser: Advertiser | None = None
+        if settings.discovery:
+            try:
+                require_discovery()
+            except DiscoveryUnavailableError as err:
+                raise StartupError(str(err)) from None
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Stopper] = []
         self._stopped = asyncio.Event()
+
+    def _response_cache(self, settings: ServerSettings) -> ResponseCache:
+        """One cache for v2 infer and the LLM APIs; it holds nothing until a model opts in
+        (``response_cache`` in model.yaml, or ``cache.enabled``)."""
+        try:
+            cache = ResponseCache(CachePolicy(**settings.cache.model_dump()), recorder=self.observability.metrics)
+        except ModuleNotFoundError as err:
+            raise StartupError(f"cache.redis_url needs the redis package ({err.name} is missing): "
+                               "pip install 'inhouse[redis]'.") from None
+        self.dataplane.cache = cache
+        self.llm.cache = cache
+        self.manager.listeners.append(cache)
+        return cache
 
     @staticmethod
     def _single_model(settings: ServerSettings) -> tuple[str, LinkedModel] | None:
@@ -224,9 +247,25 @@ class InhouseServer:
         if self._heap is not None:
             self._heap.settle_now()  # before ready: the first requests meet a frozen heap
         self.state.started = True
+        if self.settings.discovery:
+            await self._advertise()
         if self.settings.poll:
             self._tasks.append(asyncio.create_task(self._poll()))
         log.info("ready", extra={"models": sorted(self.manager.serving())})
+
+    async def _advertise(self) -> None:
+        """Announce this server on the LAN (mDNS) once it is ready; a failure is logged, not fatal:
+        clients can still be given the address."""
+        s = self.settings
+        advertiser = Advertiser(host=s.host, http_port=self.http_port, grpc_port=self.grpc_port,
+                                tls=s.tls_cert is not None, auth=s.auth, interfaces=s.discovery_interfaces)
+        try:
+            await advertiser.start()
+        except Exception as exc:
+            log.warning("LAN discovery: could not advertise", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            return
+        self._advertiser = advertiser
+        log.info("advertised on the LAN", extra={"service": SERVICE_TYPE, "url": advertiser.url})
 
     async def _start_front_ends(self) -> None:
         """Beside HTTP: gRPC, the audit maintenance, the metrics port; each returns its stopper."""
@@ -343,6 +382,10 @@ class InhouseServer:
 
     async def stop(self) -> None:
         self.state.shutting_down = True
+        if self._advertiser is not None:
+            advertiser, self._advertiser = self._advertiser, None
+            with contextlib.suppress(Exception):
+                await advertiser.stop()  # goodbye packets first: clients stop listing it
         for stopper in reversed(self._stoppers):
             with contextlib.suppress(Exception):
                 await stopper()
@@ -353,7 +396,10 @@ class InhouseServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # after the drain: the requests answered while draining are audited too
         await self.security.aclose()
+        self.cache.stopping()
         await self.manager.close()
+        with contextlib.suppress(Exception):
+            await self.cache.close()
         if self._heap is not None:
             self._heap.close()
             gc.unfreeze()  # an embedding process keeps running: its objects are collectable again

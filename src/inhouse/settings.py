@@ -37,6 +37,22 @@ class GrpcSettings(BaseModel):
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
 
 
+class CacheSettings(BaseModel):
+    """The response cache: which models (``enabled``, or each model's ``response_cache``), how
+    long and how much, and where (memory, or Redis at ``redis_url``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="cache every model's deterministic answers; a model's "
+                          "response_cache.enabled overrides it")
+    ttl_s: float = Field(default=300.0, gt=0)
+    max_entries: int = Field(default=10_000, ge=1, description="in memory")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="in memory")
+    redis_url: str | None = Field(default=None, description="e.g. redis://cache:6379/0; unset: in memory")
+    share_across_keys: bool = Field(default=False, description="let one API key's cached answer serve "
+                                    "another key's identical request")
+
+
 _GUIDE_SERVER_KEYS = ("host", "http_port", "grpc_port")
 
 
@@ -94,6 +110,11 @@ class ServerSettings(BaseSettings):
     llm_max_pending: int = Field(default=512, ge=1, description="requests per LLM (running and waiting) "
                                  "before new ones get 429 'rate limit'")
     llm_timeout_s: float | None = Field(default=None, gt=0, description="deadline for one generation request")
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    discovery: bool = Field(default=False, description="advertise this server on the LAN over mDNS/DNS-SD "
+                            "(_inhouse._tcp); needs inhouse[discovery]")
+    discovery_interfaces: list[str] = Field(default_factory=list, description="IPv4 addresses mDNS binds, e.g. "
+                                            "[192.168.1.10]; empty: every interface")
 
     # ---- security ----
     allow_ips: list[str] = Field(default_factory=list, description="CIDR allow-list for every request but "

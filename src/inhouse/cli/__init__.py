@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from inhouse import __version__
-from inhouse.cli import chat, convert, doctor, infer, models, security, serve, service
+from inhouse.cli import chat, convert, discover, doctor, infer, models, security, serve, service
 
 app = typer.Typer(
     name="inhouse",
@@ -32,6 +32,9 @@ app.command("quantize")(convert.quantize)
 app.command("infer")(infer.infer)
 app.command("chat")(chat.chat)
 app.command("install-service")(service.install_service)
+
+# LAN discovery:
+app.command("discover")(discover.discover_command)
 
 
 

@@ -54,6 +54,9 @@ def serve(
     llm_timeout_s: Annotated[float | None, typer.Option(help="Deadline for one generation, seconds.")] = None,
     load_timeout: Annotated[float | None, typer.Option(
         help="Seconds a model load (with warm-up) may take before it fails with 1009 [no limit].")] = None,
+    advertise: Annotated[bool | None, typer.Option(
+        "--advertise/--no-advertise",
+        help="Announce this server on the LAN over mDNS (_inhouse._tcp; needs inhouse[discovery]).")] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
@@ -65,7 +68,7 @@ def serve(
             data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
             llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,
-            load_timeout_s=load_timeout,
+            load_timeout_s=load_timeout, discovery=advertise,
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)

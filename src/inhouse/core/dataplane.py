@@ -15,6 +15,7 @@ from inhouse import __version__
 from inhouse.core.datatypes import v2_datatype
 from inhouse.core.manager import IndexEntry, ModelManager, ModelVersion
 from inhouse.core.recorders import InferObserver, StatisticsSource
+from inhouse.core.response_cache import ResponseCache, decode_infer, encode_infer, infer_canonical
 from inhouse.core.spec import TensorSpec
 from inhouse.core.triton_config import triton_config
 from inhouse.core.types import InferRequest, InferResponse, OutputTensor
@@ -56,6 +57,7 @@ class DataPlane:
         self.state = state or ServerState()
         self.observer: InferObserver | None = None  # metrics (set by the server when enabled)
         self.statistics: StatisticsSource | None = None  # the v2 statistics extension (set with the metrics)
+        self.cache: ResponseCache | None = None  # the response cache (set by the server when configured)
         # injected by the server (security's folder rule), so the core never imports security
         self._check_source = check_source
 
@@ -186,11 +188,34 @@ class DataPlane:
                 raise InferenceError(f"Model '{request.model}' was unloaded mid-request; retry.")
             feed = validate_inputs(request, model.inputs)
             wanted = validate_outputs(request, model.outputs)
+            cache = self.cache
+            # a generative model's v2 answer is sampled with its defaults: cached only through the
+            # LLM APIs, where the request says whether it is deterministic
+            if cache is not None and request.cache_tenant is not None and mv.spec.task not in ("chat", "generate"):
+                ttl = cache.ttl_for(mv.spec)
+                if ttl is not None:
+                    return await self._cached(cache, ttl, request, mv, feed, wanted)
             results = await scheduler.submit(feed, wanted, priority=request.priority,
                                              timeout_s=request.timeout_s)
             return build_response(request, mv.version, results, wanted)
         finally:
             mv.leave()
+
+    async def _cached(self, cache: ResponseCache, ttl: float, request: InferRequest, mv: ModelVersion,
+                      feed: dict[str, np.ndarray], wanted: list[str] | None) -> InferResponse:
+        """The answer from the cache, or from the model and then stored (validated first either
+        way, so a bad request is refused the same with and without the cache)."""
+        key = cache.key(mv.name, mv.version, mv.fingerprint, request.cache_tenant or "", infer_canonical(request))
+        value = await cache.get(mv.name, mv.version, key)
+        if value is not None:
+            return decode_infer(value, request, mv.version)
+        scheduler = mv.scheduler
+        if scheduler is None:
+            raise InferenceError(f"Model '{request.model}' was unloaded mid-request; retry.")
+        results = await scheduler.submit(feed, wanted, priority=request.priority, timeout_s=request.timeout_s)
+        response = build_response(request, mv.version, results, wanted)
+        await cache.put(key, encode_infer(response), ttl)
+        return response
 
 
     async def _infer_overflow(self, request: InferRequest, mv: ModelVersion) -> InferResponse:

@@ -159,6 +159,13 @@ class VersionPolicy(_Strict):
         return self
 
 
+class ResponseCacheSpec(_Strict):
+    """This model's answers in the response cache (Triton's per-model ``response_cache``)."""
+
+    enabled: bool | None = Field(default=None, description="unset: the server's cache.enabled")
+    ttl_s: float | None = Field(default=None, gt=0, description="unset: the server's cache.ttl_s")
+
+
 class WarmupSpec(_Strict):
     samples: int = Field(default=0, ge=0, le=1024)
     file: str | None = Field(default=None, description="an .npz of sample inputs, relative to the model folder")
@@ -435,6 +442,7 @@ class ModelSpec(BaseModel):
     versions: VersionPolicy = Field(default_factory=VersionPolicy)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
     load: LoadSpec = Field(default_factory=LoadSpec)
+    response_cache: ResponseCacheSpec | None = None
     files: FilesSpec = Field(default_factory=FilesSpec)
     encryption: EncryptionSpec | None = None
     policy: PolicySpec | None = None

@@ -34,6 +34,9 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     priority: int | None = None
     timeout_s: float | None = None
+    # whose request, for the response cache (a digest of the API key presented, "" without one);
+    # None: not to be cached (the client sent Cache-Control: no-cache, or its adapter does not cache)
+    cache_tenant: str | None = None
 
 
 @dataclass(slots=True)

@@ -3,6 +3,8 @@ more choices. OpenAI and Anthropic render the same events in their own wire form
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from inhouse.llm.types import TokenLogprob
@@ -114,3 +116,19 @@ def aggregate(events: list[Event], n: int) -> Completion:
         elif isinstance(ev, ChoiceEnd):
             c.finish_reason, c.stop_string = ev.finish_reason, ev.stop_string
     return Completion(choices, usage)
+
+
+_EVENT_TYPES: dict[str, type[Event]] = {cls.__name__: cls for cls in
+                                        (Prompt, TextDelta, ReasoningDelta, ToolCallStart, ToolCallArgs, ChoiceEnd,
+                                         Usage)}
+
+
+def encode_events(events: list[Event]) -> bytes:
+    """One answer's events for the response cache (JSON: never pickle from a shared store).
+    Text deltas with logprobs are not cached, so every field is a plain value."""
+    return json.dumps([[type(ev).__name__, dataclasses.asdict(ev)] for ev in events],
+                      separators=(",", ":")).encode()
+
+
+def decode_events(value: bytes) -> list[Event]:
+    return [_EVENT_TYPES[name](**fields) for name, fields in json.loads(value)]

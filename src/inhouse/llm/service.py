@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from inhouse.core.manager import ModelManager, ModelVersion
+from inhouse.core.response_cache import ResponseCache
 from inhouse.core.spec import OverflowSpec
 from inhouse.errors import (
     DeadlineExceededError,
@@ -30,9 +31,9 @@ from inhouse.llm import constraint as cons
 from inhouse.llm.chat import merge_consecutive
 from inhouse.llm.context_window import check_context
 from inhouse.llm.decoder import CallMode, ChoiceDecoder
-from inhouse.llm.events import Event, Prompt, TextDelta, Usage
+from inhouse.llm.events import Event, Prompt, TextDelta, Usage, decode_events, encode_events
 from inhouse.llm.reasoning import get_reasoning_parser
-from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat
+from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat, request_canonical
 from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
 from inhouse.llm.types import Embedder, GenerationChunk, GenerationRequest, LLMEngine, SamplingParams, TokenConstraint
 
@@ -56,6 +57,7 @@ class LLMService:
         self._max_pending = max_pending
         self._timeout_s = timeout_s
         self._pending: dict[str, int] = {}
+        self.cache: ResponseCache | None = None  # the response cache (set by the server)
 
     # ---- models -------------------------------------------------------------------------
     def served_models(self, tasks: Sequence[str] = ("chat", "generate", "embedding")) -> list[ServedModel]:
@@ -126,8 +128,39 @@ class LLMService:
         model, context overflow, overload) raise before anything is yielded."""
         spec = self._manager.serving_spec(req.model)
         if spec is None or spec.overflow is None:
-            return self._chat(req, req.model)
+            return self._maybe_cached(req, lambda r: self._chat(r, r.model))
+        # an overflowed answer comes from another model: not cached under this one
         return self._chat_overflow(req, spec.overflow)
+
+    async def _maybe_cached(self, req: ChatRequest | CompletionRequest,
+                            run: Callable[[Any], AsyncIterator[Event]]) -> AsyncIterator[Event]:
+        """``run(req)``'s events, or the same events from the response cache: only for
+        deterministic sampling (temperature 0 or a seed) without logprobs, on a model that caches.
+        An answer is stored once its last event went out, so a stream cut short stores nothing."""
+        cache = self.cache
+        s = req.sampling
+        if cache is None or req.cache_tenant is None or s.logprobs is not None or (
+                s.temperature > 0 and s.seed is None):
+            async for ev in run(req):
+                yield ev
+            return
+        with self._use(req.model, GENERATIVE_TASKS) as mv:
+            ttl = cache.ttl_for(mv.spec)
+            if ttl is None:
+                async for ev in run(req):
+                    yield ev
+                return
+            key = cache.key(mv.name, mv.version, mv.fingerprint, req.cache_tenant, request_canonical(req))
+            value = await cache.get(mv.name, mv.version, key)
+            if value is not None:
+                for ev in decode_events(value):
+                    yield ev
+                return
+            events: list[Event] = []
+            async for ev in run(req):
+                events.append(ev)
+                yield ev
+            await cache.put(key, encode_events(events), ttl)
 
     async def _chat_overflow(self, req: ChatRequest, rule: OverflowSpec) -> AsyncIterator[Event]:
         """``overflow`` for chat: past ``queue_above`` requests running or waiting here, the chat
@@ -242,6 +275,10 @@ class LLMService:
     # ---- completions --------------------------------------------------------------------
     async def complete(self, req: CompletionRequest) -> AsyncIterator[Event]:
         """Events for every prompt × n (choice index = prompt index × n + k), then Usage."""
+        async for ev in self._maybe_cached(req, self._complete):
+            yield ev
+
+    async def _complete(self, req: CompletionRequest) -> AsyncIterator[Event]:
         with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
             engine = _engine(mv)
             prompts = [await asyncio.to_thread(_encode, engine, p) for p in req.prompts]

@@ -85,6 +85,10 @@ class Metrics:
                                       "Prompt tokens looked up in the prefix cache.", mv, registry=r)
         self.prefix_hits = FastCounter("inhouse_llm_prefix_cache_hit_tokens",
                                    "Prompt tokens found in the prefix cache.", mv, registry=r)
+        self.cache_lookups = FastCounter("inhouse_response_cache_lookups",
+                                         "Response cache lookups by result (hit, miss).", [*mv, "result"], registry=r)
+        self.cache_errors = FastCounter("inhouse_response_cache_errors", "Response cache store failures; the "
+                                        "requests were served uncached.", ["store"], registry=r)
         self.grpc = GrpcMetrics(r)
         self.statistics = Statistics()  # the same numbers in the v2 statistics extension's layout
         self._per_version: dict[tuple[str, int], _VersionMetrics] = {}
@@ -122,6 +126,14 @@ class Metrics:
             if version is not None:
                 self.statistics.version(model, version).failed(seconds)
 
+    # ---- CacheRecorder (the response cache calls it once per lookup) ------------------------
+    def cache_lookup(self, model: str, version: int, hit: bool, seconds: float) -> None:
+        self.cache_lookups.labels(model, str(version), "hit" if hit else "miss").inc()
+        self.statistics.version(model, version).cache(hit, seconds)
+
+    def cache_error(self, store: str) -> None:
+        self.cache_errors.labels(store).inc()
+
     def _known(self, model: str) -> bool:
         return any(m == model for (m, _) in self._per_version)
 
@@ -141,9 +153,10 @@ class Metrics:
                        self.completion_tokens, self.ttft, self.itl, self.kv_cache, self.prefix_queries,
                        self.prefix_hits):
             _remove(metric, model, label)
-        for key in self.requests.label_sets():
-            if key[0] == model and key[1] == label:
-                self.requests.remove(*key)
+        for family in (self.requests, self.cache_lookups):
+            for key in family.label_sets():
+                if key[0] == model and key[1] == label:
+                    family.remove(*key)
 
 
 class GrpcMetrics:

@@ -7,8 +7,9 @@ wait; one backend call and its batch size): a few integer additions under a lock
 Durations are cumulative nanoseconds, as Triton reports them. inhouse does not time input and output
 conversion apart from the backend call: the whole call is ``compute_infer``, and ``compute_input`` /
 ``compute_output`` carry the same counts with zero time, because clients such as ``perf_analyzer``
-refuse statistics whose three compute counts differ. There is no response cache, so ``cache_hit`` /
-``cache_miss`` are zero."""
+refuse statistics whose three compute counts differ. ``cache_hit`` / ``cache_miss`` count the
+response cache's lookups of this version and the time they took (Triton's: a miss is then
+computed and counted under compute too)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class VersionStatistics:
     __slots__ = (
         "_batches",
         "_lock",
+        "cache_hit_n",
+        "cache_hit_ns",
+        "cache_miss_n",
+        "cache_miss_ns",
         "execution_count",
         "fail_n",
         "fail_ns",
@@ -45,6 +50,7 @@ class VersionStatistics:
         self.success_n = self.success_ns = self.fail_n = self.fail_ns = 0
         self.queue_n = self.queue_ns = self.infer_n = self.infer_ns = 0
         self.inference_count = self.execution_count = self.last_inference_ms = 0
+        self.cache_hit_n = self.cache_hit_ns = self.cache_miss_n = self.cache_miss_ns = 0
         self._batches: dict[int, list[int]] = {}  # batch size → [backend calls, ns]
 
     def done(self, seconds: float) -> None:
@@ -66,6 +72,16 @@ class VersionStatistics:
             self.queue_n += 1
             self.queue_ns += ns
 
+    def cache(self, hit: bool, seconds: float) -> None:
+        ns = int(seconds * _NS)
+        with self._lock:
+            if hit:
+                self.cache_hit_n += 1
+                self.cache_hit_ns += ns
+            else:
+                self.cache_miss_n += 1
+                self.cache_miss_ns += ns
+
     def computed(self, seconds: float, batch_size: int) -> None:
         ns = int(seconds * _NS)
         with self._lock:
@@ -81,7 +97,6 @@ class VersionStatistics:
                 b[1] += ns
 
     def snapshot(self, model: str, version: int) -> dict[str, Any]:
-        zero = _duration(0, 0)
         with self._lock:
             return {
                 "name": model, "version": str(version), "last_inference": self.last_inference_ms,
@@ -92,7 +107,9 @@ class VersionStatistics:
                     "queue": _duration(self.queue_n, self.queue_ns),
                     "compute_input": _duration(self.infer_n, 0),
                     "compute_infer": _duration(self.infer_n, self.infer_ns),
-                    "compute_output": _duration(self.infer_n, 0), "cache_hit": zero, "cache_miss": zero,
+                    "compute_output": _duration(self.infer_n, 0),
+                    "cache_hit": _duration(self.cache_hit_n, self.cache_hit_ns),
+                    "cache_miss": _duration(self.cache_miss_n, self.cache_miss_ns),
                 },
                 "batch_stats": [
                     {"batch_size": size, "compute_input": _duration(n, 0), "compute_infer": _duration(n, ns),

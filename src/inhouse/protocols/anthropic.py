@@ -31,6 +31,7 @@ from inhouse.llm.requests import ChatRequest, JsonFormat
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams
 from inhouse.protocols import openai
+from inhouse.protocols.cache_scope import headers_tenant
 from inhouse.protocols.errors import anthropic_error_body, as_inhouse_error
 from inhouse.protocols.llm_http import (
     LenientModel,
@@ -256,6 +257,7 @@ class AnthropicRoutes:
         body = await parse_json_model(request, MessagesBody, self.limit)
         self.service.require_model(body.model)  # an unknown model says so before its messages are judged
         req = messages_request(body)
+        req.cache_tenant = headers_tenant(request.headers)
         mid = "msg_" + uuid.uuid4().hex[:24]
         events = self.service.chat(req)
         if body.stream:

@@ -32,6 +32,7 @@ from inhouse.llm.events import (
 from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat
 from inhouse.llm.service import LLMService
 from inhouse.llm.types import SamplingParams, TokenLogprob
+from inhouse.protocols.cache_scope import headers_tenant
 from inhouse.protocols.errors import as_inhouse_error, openai_error_body
 from inhouse.protocols.llm_http import (
     LenientModel,
@@ -344,6 +345,7 @@ class OpenAIRoutes:
         body = await parse_json_model(request, ChatCompletionBody, self.limit)
         self.service.require_model(body.model)  # an unknown model says so before its messages are judged
         req = chat_request(body)
+        req.cache_tenant = headers_tenant(request.headers)
         rid, created = f"chatcmpl-{req.request_id}", int(time.time())
         events = self.service.chat(req)
         if body.stream:
@@ -408,6 +410,7 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         body = await parse_json_model(request, CompletionBody, self.limit)
         req = completion_request(body)
+        req.cache_tenant = headers_tenant(request.headers)
         rid, created = f"cmpl-{req.request_id}", int(time.time())
         events = self.service.complete(req)
         if body.stream:

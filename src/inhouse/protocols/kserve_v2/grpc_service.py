@@ -18,6 +18,7 @@ from inhouse.core.load_params import load_overrides
 from inhouse.core.manager import IndexEntry
 from inhouse.errors import InvalidRequestError
 from inhouse.llm.service import LLMService
+from inhouse.protocols.cache_scope import headers_tenant
 from inhouse.protocols.errors import grpc_abort, grpc_errors
 from inhouse.protocols.kserve_v2.generate import generation_stream, is_generation_request, stream_error
 from inhouse.protocols.kserve_v2.grpc_wire import parameters_dict, parse_infer_request, render_infer_response
@@ -223,6 +224,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         req = parse_infer_request(request, context.time_remaining())
+        req.cache_tenant = _metadata_tenant(context)
         resp = await self._dp.infer(req)
         return render_infer_response(resp, req)
 
@@ -234,6 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rest). A failed request yields ``error_message`` and the stream goes on; a client that
         half-closes gets every pending response, then the end of the stream."""
         done = object()
+        tenant = _metadata_tenant(context)
         results: asyncio.Queue[Any] = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)
         pending: set[asyncio.Task[None]] = set()
@@ -246,6 +249,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return
             try:
                 req = parse_infer_request(msg, context.time_remaining())
+                req.cache_tenant = tenant
                 resp = await self._dp.infer(req)
                 out = pb.ModelStreamInferResponse(infer_response=render_infer_response(resp, req))
             except Exception as exc:
@@ -314,3 +318,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidRequestError(f"Unsupported unload parameter(s) {unknown}.")
         await self._dp.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _metadata_tenant(context: grpc.aio.ServicerContext) -> str | None:
+    """The response-cache tenant of an RPC, from its metadata (``protocols.cache_scope``)."""
+    md = context.invocation_metadata() or ()
+    return headers_tenant({k: v for k, v in md if isinstance(v, str)})

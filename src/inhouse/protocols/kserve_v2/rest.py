@@ -15,6 +15,7 @@ from inhouse.core.load_params import load_overrides
 from inhouse.core.manager import IndexEntry
 from inhouse.core.types import InferRequest
 from inhouse.errors import InvalidRequestError
+from inhouse.protocols.cache_scope import headers_tenant
 from inhouse.protocols.http_body import cancel_on_disconnect, read_body
 from inhouse.protocols.kserve_v2.json_wire import HEADER_LENGTH, dumps, parse_infer_request, render_infer_response
 from inhouse.security.pipeline import READINESS, Guard, TextFn, Texts, guarded
@@ -107,6 +108,7 @@ async def infer_response(dataplane: DataPlane, request: Request, model: str, ver
         raise
     req = infer_request(dataplane, body, request.headers.get(HEADER_LENGTH), request.headers.get(PRIORITY_HEADER),
                         model, version)
+    req.cache_tenant = headers_tenant(request.headers)
     resp = await cancel_on_disconnect(request.receive, dataplane.infer(req))
     content, headers = render_infer_response(resp, req)
     return Response(content, headers=headers)

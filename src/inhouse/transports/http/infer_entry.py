@@ -34,6 +34,7 @@ from inhouse.errors import InhouseError
 from inhouse.observability.access import HttpMetrics, log_access
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.tracing import Tracer
+from inhouse.protocols.cache_scope import cache_tenant
 from inhouse.protocols.errors import as_inhouse_error, v2_error_parts
 from inhouse.protocols.http_body import BodyReader, InferGuard, cancel_on_disconnect, header_text, receive_body
 from inhouse.protocols.kserve_v2.json_wire import HEADER_LENGTH, render_infer_response
@@ -162,6 +163,7 @@ class InferEntry:
                 raise
             req = infer_request(dataplane, body, header_text(h.get(_HEADER_LENGTH)), header_text(h.get(_PRIORITY)),
                                 model, version)
+            req.cache_tenant = cache_tenant(header_text(h.get(b"cache-control")), call.credential)
             resp = await guard(dataplane.infer(req))
             content, extra = render_infer_response(resp, req)
         except Exception as exc:
