@@ -117,7 +117,8 @@ class InhouseServer:
         self.manager = ModelManager(
             self.repository,
             decryptor=keyring,
-            backend_options={"onnx_spinning": settings.onnx_spinning, "llama_server": settings.llama_server},
+            backend_options={"onnx_spinning": settings.onnx_spinning, "llama_server": settings.llama_server,
+                             "vllm": settings.vllm, "vllm_command": settings.vllm_command},
             drain_timeout_s=settings.drain_timeout_s,
             load_timeout_s=settings.load_timeout_s,
         )

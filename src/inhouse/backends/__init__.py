@@ -121,6 +121,7 @@ _BACKENDS: dict[str, str] = {
     "onnxruntime": "inhouse.backends.onnx:OnnxBackend",
     "transformers": "inhouse.backends.transformers:TransformersBackend",
     "llamacpp": "inhouse.backends.llamacpp:LlamaCppBackend",
+    "vllm": "inhouse.backends.vllm:VllmBackend",
 }
 
 

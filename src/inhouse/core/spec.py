@@ -259,6 +259,26 @@ class LlamaCppSpec(_Strict):
     restarts: int = Field(default=3, ge=0, description="restarts after a crash before giving up")
 
 
+class VllmSpec(_Strict):
+    """``backend: vllm``: how inhouse runs ``vllm serve`` for one Hugging Face model folder."""
+
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="share of each GPU "
+                                                 "vLLM may take; default: engine.gpu_memory_fraction")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs the model is split over")
+    quantization: str | None = Field(default=None, description="awq | gptq | fp8 | …; default: what the "
+                                     "checkpoint says")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="default: engine.max_num_seqs")
+    max_model_len: int | None = Field(default=None, ge=16, description="default: the top-level max_model_len, "
+                                      "else the model's")
+    tool_call_parser: str | None = Field(default=None, description="vLLM's own parser for its chat endpoint "
+                                         "(--tool-call-parser); inhouse parses with the top-level one")
+    reasoning_parser: str | None = Field(default=None, description="vLLM's --reasoning-parser")
+    dtype: str | None = Field(default=None, description="default: the top-level dtype")
+    extra_args: list[str] = Field(default_factory=list, description="more 'vllm serve' arguments")
+    startup_timeout_s: float = Field(default=1200.0, gt=0)
+    restarts: int = Field(default=3, ge=0, description="restarts after a crash before giving up")
+
+
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?|[kmgtp]|)B?\s*$")
 _MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
                  "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40, "PI": 2**50}
@@ -388,6 +408,7 @@ class ModelSpec(BaseModel):
     normalize: bool = True
     engine: EngineSpec = Field(default_factory=EngineSpec)
     llamacpp: LlamaCppSpec = Field(default_factory=LlamaCppSpec)
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
