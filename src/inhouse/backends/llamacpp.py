@@ -10,6 +10,7 @@ and forced tool calls reach the child as a JSON schema, which it turns into a gr
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from inhouse.backends import LoadContext
 from inhouse.backends.child_server import ChildFailed, ServerProcess
 from inhouse.backends.relay import RelayEngine, RelayModel, SchemaConstraint, StreamState, post
 from inhouse.core.spec import ModelSpec
-from inhouse.errors import ModelFormatError, ModelSpecError
+from inhouse.errors import InferenceError, ModelFormatError, ModelSpecError
+from inhouse.llm.images import IMAGE_MARKER
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -190,11 +192,15 @@ class ServerTokenizer:
         return str(post(self._client, "/detokenize", {"tokens": list(ids)}, "llama-server")["content"])
 
 
-def _messages_for_server(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _messages_for_server(messages: Sequence[dict[str, Any]], media_marker: str) -> list[dict[str, Any]]:
     """The service's messages carry tool-call arguments as objects (what HF templates want);
-    llama-server takes OpenAI's form, a JSON string."""
+    llama-server takes OpenAI's form, a JSON string. Images stay with the request: in the text,
+    the child's own media marker shows where each one goes."""
     out = []
     for m in messages:
+        if "images" in m or IMAGE_MARKER in str(m.get("content") or ""):  # merged turns keep the marker only
+            m = {k: v for k, v in m.items() if k != "images"}
+            m["content"] = str(m.get("content") or "").replace(IMAGE_MARKER, media_marker)
         calls = m.get("tool_calls")
         if calls:
             fixed = []
@@ -223,6 +229,9 @@ class LlamaCppEngine(RelayEngine):
         self.max_model_len = int(settings.get("n_ctx") or spec.llamacpp.ctx_size)
         self.max_model_len = min(self.max_model_len, spec.llamacpp.ctx_size)
         self.tokenizer = ServerTokenizer(self._client, n_vocab, props.get("chat_template") or None)
+        # a projector (llamacpp.mmproj) that reads images; the marker is random per start
+        self.accepts_images = bool((props.get("modalities") or {}).get("vision"))
+        self._media_marker = str(props.get("media_marker") or "<__media__>")
 
     def _get(self, path: str) -> dict[str, Any]:
         r = self._client.get(path)
@@ -240,7 +249,7 @@ class LlamaCppEngine(RelayEngine):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
                             *, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
         self._require_ready()
-        body: dict[str, Any] = {"messages": _messages_for_server(messages),
+        body: dict[str, Any] = {"messages": _messages_for_server(messages, self._media_marker),
                                 "add_generation_prompt": add_generation_prompt}
         if tools:
             body["tools"] = list(tools)
@@ -254,10 +263,17 @@ class LlamaCppEngine(RelayEngine):
         body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
         return str(post(self._client, "/completion", body, "llama-server")["content"])
 
-    def _request(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+    async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         s: SamplingParams = request.sampling
+        prompt: Any = request.prompt_token_ids
+        if request.images:  # llama-server places images at the markers of a text prompt
+            r = await client.post("/detokenize", json={"tokens": prompt})
+            if r.status_code != 200:
+                raise InferenceError(f"llama-server answered /detokenize with HTTP {r.status_code}.")
+            prompt = {"prompt_string": str(r.json()["content"]),
+                      "multimodal_data": [base64.b64encode(img).decode() for img in request.images]}
         body: dict[str, Any] = {
-            "prompt": request.prompt_token_ids, "stream": True, "return_tokens": True, "cache_prompt": True,
+            "prompt": prompt, "stream": True, "return_tokens": True, "cache_prompt": True,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": 0.0,
             "repeat_penalty": s.repetition_penalty, "frequency_penalty": s.frequency_penalty,
             "presence_penalty": s.presence_penalty, "ignore_eos": s.ignore_eos,

@@ -87,8 +87,8 @@ class RelayEngine:
         self._aclient: httpx.AsyncClient | None = None
         self.recorder: LLMRecorder | None = None
 
-    def _request(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body) of a streamed generation."""
+    async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of a streamed generation; ``client`` reaches the child if it must be asked first."""
         raise NotImplementedError
 
     def _read(self, data: dict[str, Any], state: StreamState) -> GenerationChunk | None:
@@ -122,8 +122,8 @@ class RelayEngine:
         label = self._child.label
         started = last = time.monotonic()
         state = StreamState(request, len(request.prompt_token_ids))
-        path, body = self._request(request)
         try:
+            path, body = await self._request(self._aclient, request)
             async with self._aclient.stream("POST", path, json=body) as r:
                 if r.status_code != 200:
                     text = (await r.aread()).decode("utf-8", "replace")

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from inhouse.backends import LoadContext
 from inhouse.backends.child_server import ChildFailed, ServerProcess
 from inhouse.backends.relay import RelayEngine, RelayModel, SchemaConstraint, StreamState, post
@@ -197,7 +199,7 @@ class VllmEngine(RelayEngine):
         choices = post(self._client, "/v1/completions", body, "vllm").get("choices") or [{}]
         return str(choices[0].get("text", ""))
 
-    def _request(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+    async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         s = request.sampling
         room = max(1, self.max_model_len - len(request.prompt_token_ids))
         body: dict[str, Any] = {

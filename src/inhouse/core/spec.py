@@ -399,6 +399,8 @@ class ModelSpec(BaseModel):
     source: str | None = Field(default=None, description="a local Hugging Face folder (absolute, or "
                                "relative to the version folder); never downloaded")
     served_names: list[str] = Field(default_factory=list, description="extra names clients may use")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest image a chat may send "
+                                 "(decoded bytes); larger answers 413")
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     chat_template: str | None = Field(default=None, description="Jinja template overriding the tokenizer's")
