@@ -23,6 +23,7 @@ from inhouse.core.repository import LinkedModel, ModelRepository, single_model
 from inhouse.demo import ensure_demo_repository
 from inhouse.errors import InhouseError
 from inhouse.listen import ListenError
+from inhouse.llm.images import ImageFetcher
 from inhouse.llm.service import LLMService
 from inhouse.observability.setup import Observability
 from inhouse.observability.tracing import TracingUnavailableError
@@ -133,7 +134,9 @@ class InhouseServer:
 
         self.security = SecurityGate(settings, self.manager)
         try:
-            self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s)
+            fetcher = ImageFetcher(settings.image_url_allow) if settings.image_url_allow else None
+            self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s,
+                                  image_fetcher=fetcher)
             try:
                 self.observability = Observability(settings, self.manager, self.dataplane)
             except TracingUnavailableError as err:

@@ -30,7 +30,7 @@ from inhouse.llm.chat import merge_consecutive
 from inhouse.llm.context_window import check_context
 from inhouse.llm.decoder import CallMode, ChoiceDecoder
 from inhouse.llm.events import Event, Prompt, TextDelta, Usage
-from inhouse.llm.images import ImageRef
+from inhouse.llm.images import ImageFetcher, ImageRef
 from inhouse.llm.reasoning import get_reasoning_parser
 from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat
 from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
@@ -51,8 +51,10 @@ class ServedModel:
 
 
 class LLMService:
-    def __init__(self, manager: ModelManager, *, max_pending: int = 512, timeout_s: float | None = None) -> None:
+    def __init__(self, manager: ModelManager, *, max_pending: int = 512, timeout_s: float | None = None,
+                 image_fetcher: ImageFetcher | None = None) -> None:
         self._manager = manager
+        self._image_fetcher = image_fetcher
         self._max_pending = max_pending
         self._timeout_s = timeout_s
         self._pending: dict[str, int] = {}
@@ -126,7 +128,7 @@ class LLMService:
         model, context overflow, overload) raise before anything is yielded."""
         with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
             engine = _engine(mv)
-            images = _images(mv, engine, req.messages)
+            images = await self._images(mv, engine, req.messages)
             template_tools = req.tools if req.tool_choice != "none" else None
             prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, template_tools,
                                              req.template_kwargs)
@@ -237,6 +239,35 @@ class LLMService:
                     started.add(ev.choice)
                     yield TextDelta(ev.choice, echo[ev.choice // req.n])
                 yield ev
+
+    async def _images(self, mv: ModelVersion, engine: LLMEngine, messages: list[dict[str, Any]]) -> list[bytes]:
+        """The chat's images, in order, for an engine that reads them (``accepts_images``): a
+        text-only model answers 400, bad image data or a URL off the allow-list 400, an image over
+        ``max_image_bytes`` 413."""
+        refs: list[ImageRef] = [ref for m in messages for ref in m.get("images", ())]
+        if not refs:
+            return []
+        if not getattr(engine, "accepts_images", False):
+            first = refs[0]
+            raise InvalidRequestError(f"Model '{mv.name}' accepts text only, but {first.where} is an '{first.kind}' "
+                                      "part. Remove the image/media part or send it to a vision model (e.g. backend: "
+                                      "llamacpp with llamacpp.mmproj).", details={"param": first.where})
+        images: list[bytes] = []
+        limit = mv.spec.max_image_bytes
+        for ref in refs:
+            url = ref.url or ""
+            fetcher = self._image_fetcher
+            if not url.startswith("data:") and fetcher is not None and fetcher.allowed(url):
+                data = await fetcher.fetch(url, limit, ref.where)
+            else:
+                data = ref.decode()
+            if len(data) > limit:
+                raise PayloadTooLargeError(f"{ref.where} is an image of {len(data)} bytes, larger than model "
+                                           f"'{mv.name}' accepts ({limit} bytes, max_image_bytes); send a smaller "
+                                           "image.",
+                                           details={"param": ref.where})
+            images.append(data)
+        return images
 
     # ---- shared generation path -----------------------------------------------------------
     def _fit(self, engine: LLMEngine, sampling: SamplingParams, prompt_len: int) -> SamplingParams:
@@ -354,27 +385,6 @@ def _engine(mv: ModelVersion) -> LLMEngine:
         raise InferenceError(f"Model '{mv.name}' was unloaded mid-request; retry.")
     return engine
 
-
-def _images(mv: ModelVersion, engine: LLMEngine, messages: list[dict[str, Any]]) -> list[bytes]:
-    """The chat's images, in order, for an engine that reads them (``accepts_images``): a
-    text-only model answers 400, bad image data 400, an image over ``max_image_bytes`` 413."""
-    refs: list[ImageRef] = [ref for m in messages for ref in m.get("images", ())]
-    if not refs:
-        return []
-    if not getattr(engine, "accepts_images", False):
-        raise InvalidRequestError(f"Model '{mv.name}' accepts text only, but {refs[0].where} is an '{refs[0].kind}' "
-                                  "part. Remove the image/media part or send it to a vision model (e.g. backend: "
-                                  "llamacpp with llamacpp.mmproj).", details={"param": refs[0].where})
-    images: list[bytes] = []
-    limit = mv.spec.max_image_bytes
-    for ref in refs:
-        data = ref.decode()
-        if len(data) > limit:
-            raise PayloadTooLargeError(f"{ref.where} is an image of {len(data)} bytes, larger than model '{mv.name}' "
-                                       f"accepts ({limit} bytes, max_image_bytes); send a smaller image.",
-                                       details={"param": ref.where})
-        images.append(data)
-    return images
 
 
 def _max_len(mv: ModelVersion) -> int | None:
