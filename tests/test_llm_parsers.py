@@ -94,6 +94,21 @@ def test_mistral(step: int) -> None:
 
 
 @pytest.mark.parametrize("step", STEPS)
+def test_glm4(step: int) -> None:
+    text = 'get_weather\n{"city": "Pa\\"ris", "n": {"a": "}"}}\nadd\n{"a": 1}'
+    events, c = run("glm4", text, step)
+    assert [(t.name, json.loads(t.arguments)) for t in c.tool_calls] == [
+        ("get_weather", {"city": 'Pa"ris', "n": {"a": "}"}}), ("add", {"a": 1})]
+    assert c.text == "" and c.finish_reason == "tool_calls"
+    if step == 1:
+        assert sum(isinstance(e, ToolCallArgs) for e in events) > 5  # streamed, not all at once
+    # a reply that opens with a newline, or whose first line is not a name then JSON, is text
+    for plain in ("\nHello there.", "Hello there, friend\n{x}", "get_weather\nnot json", "get_weather"):
+        _, c = run("glm4", plain, step)
+        assert c.text == plain and not c.tool_calls and c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("step", STEPS)
 def test_think_tags(step: int) -> None:
     _, c = run(None, "<think>\nplan it</think>\n\nThe answer.", step, ThinkTagsParser())
     assert c.reasoning == "\nplan it" and c.text == "The answer."
@@ -144,4 +159,5 @@ def test_parser_names() -> None:
     with pytest.raises(ModelSpecError, match="hermes"):
         get_tool_parser("nope")
     assert detect_tool_parser("{{ '<tool_call>' }}") == "hermes"
+    assert detect_tool_parser("<|assistant|>{{ f.name }}\n<|observation|>") == "glm4"
     assert detect_tool_parser("plain") is None

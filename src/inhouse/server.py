@@ -25,6 +25,7 @@ from inhouse.demo import ensure_demo_repository
 from inhouse.discovery import SERVICE_TYPE, Advertiser, DiscoveryUnavailableError, require_discovery
 from inhouse.errors import InhouseError
 from inhouse.listen import ListenError
+from inhouse.llm.images import ImageFetcher
 from inhouse.llm.service import LLMService
 from inhouse.observability.setup import Observability
 from inhouse.observability.tracing import TracingUnavailableError
@@ -119,7 +120,8 @@ class InhouseServer:
         self.manager = ModelManager(
             self.repository,
             decryptor=keyring,
-            backend_options={"onnx_spinning": settings.onnx_spinning, "llama_server": settings.llama_server},
+            backend_options={"onnx_spinning": settings.onnx_spinning, "llama_server": settings.llama_server,
+                             "vllm": settings.vllm, "vllm_command": settings.vllm_command},
             drain_timeout_s=settings.drain_timeout_s,
             load_timeout_s=settings.load_timeout_s,
         )
@@ -134,7 +136,9 @@ class InhouseServer:
 
         self.security = SecurityGate(settings, self.manager)
         try:
-            self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s)
+            fetcher = ImageFetcher(settings.image_url_allow) if settings.image_url_allow else None
+            self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s,
+                                  image_fetcher=fetcher)
             try:
                 self.observability = Observability(settings, self.manager, self.dataplane)
             except TracingUnavailableError as err:

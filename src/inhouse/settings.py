@@ -80,6 +80,13 @@ class ServerSettings(BaseSettings):
     onnx_spinning: bool = Field(default=False, description="let onnxruntime threads spin-wait")
     llama_server: Path | None = Field(default=None, description="llama.cpp's llama-server for backend: "
                                       "llamacpp (default: on PATH, else scripts/build_llama_server.sh's)")
+    image_url_allow: list[str] = Field(default_factory=list, description="URL prefixes (scheme, host, path) "
+                                       "of remote images chats may name; others answer 400 (data URLs always work)")
+    vllm: Path | None = Field(default=None, description="vLLM's 'vllm' command for backend: vllm "
+                              "(default: on PATH)")
+    vllm_command: list[str] | None = Field(default=None, description="replaces 'vllm serve MODEL …' for "
+                                           "backend: vllm (the listen address and key are still added): an "
+                                           "OpenAI-compatible server to stand in, e.g. in tests")
     gc_freeze: bool = Field(default=True, description="freeze the long-lived heap after model loads so "
                             "full garbage collections do not stall the event loop")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

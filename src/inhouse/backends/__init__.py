@@ -122,6 +122,7 @@ _BACKENDS: dict[str, str] = {
     "transformers": "inhouse.backends.transformers:TransformersBackend",
     "llamacpp": "inhouse.backends.llamacpp:LlamaCppBackend",
     "upstream": "inhouse.backends.upstream:UpstreamBackend",
+    "vllm": "inhouse.backends.vllm:VllmBackend",
 }
 
 

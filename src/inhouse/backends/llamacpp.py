@@ -1,5 +1,5 @@
 """``backend: llamacpp`` — GGUF models served by llama.cpp's own ``llama-server``, run as a
-supervised child per model version (``backends/llama_server.py``).
+supervised child per model version (``backends/child_server.py``, relayed by ``backends/relay.py``).
 
 The child keeps its speed and features (quantised kernels, KV cache, slots); inhouse keeps the
 lifecycle, the public APIs, security and metrics. ``LlamaCppEngine`` is an ``LLMEngine``
@@ -10,26 +10,25 @@ and forced tool calls reach the child as a JSON schema, which it turns into a gr
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from inhouse.backends import LoadContext
-from inhouse.backends.llama_server import BUILD_HINT, ChildFailed, LlamaServerProcess
-from inhouse.core.recorders import LLMRecorder
-from inhouse.core.spec import ModelSpec, TensorSpec
-from inhouse.errors import InferenceError, InvalidRequestError, ModelFormatError, ModelNotReadyError, ModelSpecError
+from inhouse.backends.child_server import ChildFailed, ServerProcess
+from inhouse.backends.relay import RelayEngine, RelayModel, SchemaConstraint, StreamState, post
+from inhouse.core.spec import ModelSpec
+from inhouse.errors import InferenceError, ModelFormatError, ModelSpecError
+from inhouse.llm.images import IMAGE_MARKER
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's sdist that scripts/build_llama_server.sh builds
 _GGUF_MAGIC = b"GGUF"
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
-_BASE_URL = "http://llama-server"
+BUILD_HINT = "bash scripts/build_llama_server.sh"
 
 
 def find_llama_server(configured: Path | str | None) -> Path:
@@ -137,7 +136,7 @@ class LlamaCppBackend:
         ctx.verify_listed()  # llama-server reads the files itself, past read_artefact's check
         _check_gguf(spec, gguf)
         cfg = spec.llamacpp
-        child = LlamaServerProcess(binary, name=spec.name, startup_timeout_s=cfg.startup_timeout_s,
+        child = ServerProcess(binary, name=spec.name, startup_timeout_s=cfg.startup_timeout_s,
                                    restarts=cfg.restarts)
         try:
             child.args = _server_args(spec, ctx, gguf, child.private_dir)
@@ -163,62 +162,10 @@ class LlamaCppBackend:
         return LlamaCppModel(spec, engine, child)
 
 
-class LlamaCppModel:
+class LlamaCppModel(RelayModel):
     """A loaded GGUF model: ``engine`` for the LLM APIs, ``predict`` for v2 ``text_input``."""
 
     platform = "llamacpp"
-
-    def __init__(self, spec: ModelSpec, engine: LlamaCppEngine, child: LlamaServerProcess) -> None:
-        self.spec = spec
-        self.engine = engine
-        self.child = child
-        self.inputs = [TensorSpec(name="text_input", dtype="BYTES", shape=[-1])]
-        self.outputs = [TensorSpec(name="text_output", dtype="BYTES", shape=[-1])]
-
-    def set_llm_recorder(self, recorder: LLMRecorder) -> None:
-        self.engine.recorder = recorder
-
-    def on_failure(self, callback: Callable[[str], None]) -> None:
-        """The manager's hook: ``callback(reason)`` once the child crashed and restarts are used up."""
-        self.child.on_failure = callback
-
-    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
-        """v2: each ``text_input`` element is a raw prompt (no chat template); greedy, up to
-        ``parameters.max_tokens`` (default 256) new tokens."""
-        arr = np.asarray(inputs["text_input"])
-        max_tokens = int(self.spec.parameters.get("max_tokens", 256))
-        texts = [self.engine.complete_blocking(_text(x), max_tokens) for x in arr.ravel()]
-        return {"text_output": np.array([t.encode() for t in texts], dtype=object).reshape(arr.shape)}
-
-    def close(self) -> None:
-        self.engine.close()
-        self.child.stop()
-
-
-def _text(x: Any) -> str:
-    if isinstance(x, bytes):
-        try:
-            return x.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequestError("text_input must be UTF-8 text.") from None
-    return str(x)
-
-
-@dataclass(slots=True)
-class SchemaConstraint:
-    """A JSON schema the child enforces itself (as a grammar); the token-level hooks of
-    ``TokenConstraint`` are no-ops because no token mask crosses the process boundary."""
-
-    schema: dict[str, Any]
-
-    def allowed_mask(self, vocab_size: int) -> np.ndarray | None:
-        return None
-
-    def accept(self, token_id: int) -> None:
-        return None
-
-    def is_finished(self) -> bool:
-        return False
 
 
 class ServerTokenizer:
@@ -239,36 +186,21 @@ class ServerTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         body = {"content": text, "add_special": add_special_tokens, "parse_special": True}
-        return [int(t) for t in _post(self._client, "/tokenize", body)["tokens"]]
+        return [int(t) for t in post(self._client, "/tokenize", body, "llama-server")["tokens"]]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return str(_post(self._client, "/detokenize", {"tokens": list(ids)})["content"])
+        return str(post(self._client, "/detokenize", {"tokens": list(ids)}, "llama-server")["content"])
 
 
-def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        r = client.post(path, json=body)
-    except httpx.TransportError as err:
-        raise InferenceError(f"llama-server is not reachable ({type(err).__name__}); retry shortly.") from None
-    if r.status_code == 400:
-        raise InvalidRequestError(f"llama-server refused the request: {_error_text(r.text)}")
-    if r.status_code != 200:
-        raise InferenceError(f"llama-server answered {path} with HTTP {r.status_code}: {_error_text(r.text)}")
-    data: dict[str, Any] = r.json()
-    return data
-
-
-def _error_text(body: str) -> str:
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        return str(json.loads(body)["error"]["message"])
-    return body[:300]
-
-
-def _messages_for_server(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _messages_for_server(messages: Sequence[dict[str, Any]], media_marker: str) -> list[dict[str, Any]]:
     """The service's messages carry tool-call arguments as objects (what HF templates want);
-    llama-server takes OpenAI's form, a JSON string."""
+    llama-server takes OpenAI's form, a JSON string. Images stay with the request: in the text,
+    the child's own media marker shows where each one goes."""
     out = []
     for m in messages:
+        if "images" in m or IMAGE_MARKER in str(m.get("content") or ""):  # merged turns keep the marker only
+            m = {k: v for k, v in m.items() if k != "images"}
+            m["content"] = str(m.get("content") or "").replace(IMAGE_MARKER, media_marker)
         calls = m.get("tool_calls")
         if calls:
             fixed = []
@@ -285,23 +217,21 @@ def _messages_for_server(messages: Sequence[dict[str, Any]]) -> list[dict[str, A
 _FINISH: dict[str, FinishReason] = {"limit": "length", "eos": "stop", "word": "stop"}
 
 
-class LlamaCppEngine:
-    """An ``LLMEngine`` that relays to the child; closing a ``generate`` stream closes its HTTP
-    stream, which makes llama-server cancel the request and free its slot."""
+class LlamaCppEngine(RelayEngine):
+    """Relays to llama-server's native API: ``/apply-template`` and ``/tokenize`` for prompts,
+    ``/completion`` with the prompt's token ids for the stream."""
 
-    def __init__(self, spec: ModelSpec, child: LlamaServerProcess) -> None:
-        self._spec = spec
-        self._child = child
-        self._client = httpx.Client(transport=child.transport(), base_url=_BASE_URL, headers=child.headers,
-                                    timeout=httpx.Timeout(600, connect=10))
-        self._aclient: httpx.AsyncClient | None = None
-        self.recorder: LLMRecorder | None = None
+    def __init__(self, spec: ModelSpec, child: ServerProcess) -> None:
+        super().__init__(spec, child)
         props = self._get("/props")
         n_vocab = self._n_vocab()
         settings = props.get("default_generation_settings") or {}
         self.max_model_len = int(settings.get("n_ctx") or spec.llamacpp.ctx_size)
         self.max_model_len = min(self.max_model_len, spec.llamacpp.ctx_size)
         self.tokenizer = ServerTokenizer(self._client, n_vocab, props.get("chat_template") or None)
+        # a projector (llamacpp.mmproj) that reads images; the marker is random per start
+        self.accepts_images = bool((props.get("modalities") or {}).get("vision"))
+        self._media_marker = str(props.get("media_marker") or "<__media__>")
 
     def _get(self, path: str) -> dict[str, Any]:
         r = self._client.get(path)
@@ -316,43 +246,34 @@ class LlamaCppEngine:
                 return int(meta["n_vocab"])
         return 1 << 31  # unknown: let the child judge token ids
 
-    def warm_up(self) -> None:
-        self.complete_blocking("Hello", 2)
-
-    def schema_constraint(self, schema: dict[str, Any]) -> SchemaConstraint:
-        """Used by ``LLMService`` instead of compiling a token grammar here."""
-        return SchemaConstraint(schema)
-
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
                             *, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
         self._require_ready()
-        body: dict[str, Any] = {"messages": _messages_for_server(messages),
+        body: dict[str, Any] = {"messages": _messages_for_server(messages, self._media_marker),
                                 "add_generation_prompt": add_generation_prompt}
         if tools:
             body["tools"] = list(tools)
         if template_kwargs:
             body["chat_template_kwargs"] = template_kwargs
-        prompt = str(_post(self._client, "/apply-template", body)["prompt"])
+        prompt = str(post(self._client, "/apply-template", body, "llama-server")["prompt"])
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def complete_blocking(self, prompt: str, max_tokens: int) -> str:
         self._require_ready()
         body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
-        return str(_post(self._client, "/completion", body)["content"])
+        return str(post(self._client, "/completion", body, "llama-server")["content"])
 
-    def _require_ready(self) -> None:
-        state = self._child.state
-        if state == "ready":
-            return
-        if state == "restarting":
-            raise ModelNotReadyError(f"Model '{self._spec.name}' is restarting after a crash "
-                                     f"({self._child.reason}); retry shortly.", headers={"Retry-After": "2"})
-        raise InferenceError(f"Model '{self._spec.name}' is not running: {self._child.reason or state}. Reload it.")
-
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+    async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         s: SamplingParams = request.sampling
+        prompt: Any = request.prompt_token_ids
+        if request.images:  # llama-server places images at the markers of a text prompt
+            r = await client.post("/detokenize", json={"tokens": prompt})
+            if r.status_code != 200:
+                raise InferenceError(f"llama-server answered /detokenize with HTTP {r.status_code}.")
+            prompt = {"prompt_string": str(r.json()["content"]),
+                      "multimodal_data": [base64.b64encode(img).decode() for img in request.images]}
         body: dict[str, Any] = {
-            "prompt": request.prompt_token_ids, "stream": True, "return_tokens": True, "cache_prompt": True,
+            "prompt": prompt, "stream": True, "return_tokens": True, "cache_prompt": True,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": 0.0,
             "repeat_penalty": s.repetition_penalty, "frequency_penalty": s.frequency_penalty,
             "presence_penalty": s.presence_penalty, "ignore_eos": s.ignore_eos,
@@ -367,67 +288,22 @@ class LlamaCppEngine:
             body["json_schema"] = request.constraint.schema
         if request.deadline is not None:
             body["t_max_predict_ms"] = max(1, int((request.deadline - time.monotonic()) * 1000))
-        return body
+        return "/completion", body
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        self._require_ready()
-        if self._aclient is None:  # bound to the event loop that serves requests
-            self._aclient = httpx.AsyncClient(transport=self._child.async_transport(), base_url=_BASE_URL,
-                                              headers=self._child.headers, timeout=httpx.Timeout(None, connect=10))
-        started = last = time.monotonic()
-        prompt_tokens = len(request.prompt_token_ids)
-        completion = cached = 0
-        finished = False
-        try:
-            async with self._aclient.stream("POST", "/completion", json=self._body(request)) as r:
-                if r.status_code != 200:
-                    text = (await r.aread()).decode("utf-8", "replace")
-                    if r.status_code == 400:
-                        raise InvalidRequestError(f"llama-server refused the request: {_error_text(text)}")
-                    raise InferenceError(f"llama-server answered HTTP {r.status_code}: {_error_text(text)}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = json.loads(line[6:])
-                    if "error" in data:
-                        raise InferenceError(f"llama-server failed while generating: {_error_text(line[6:])}")
-                    prompt_tokens = int(data.get("tokens_evaluated") or prompt_tokens)
-                    completion = int(data.get("tokens_predicted") or completion)
-                    tokens = [int(t) for t in data.get("tokens") or []]
-                    now = time.monotonic()
-                    if self.recorder is not None and tokens:
-                        if completion <= len(tokens):
-                            self.recorder.observe_time_to_first_token(now - started)
-                        else:
-                            self.recorder.observe_inter_token_latency(now - last, len(tokens))
-                    last = now
-                    if not data.get("stop"):
-                        yield GenerationChunk(tokens, str(data.get("content", "")), None, prompt_tokens, completion)
-                        continue
-                    finished = True
-                    cached = int((data.get("timings") or {}).get("cache_n") or 0)  # prompt tokens reused
-                    stop_type = str(data.get("stop_type", "eos"))
-                    reason: FinishReason = _FINISH.get(stop_type, "stop")
-                    if request.deadline is not None and stop_type == "limit" and now >= request.deadline:
-                        reason = "deadline"
-                    stop_word = data.get("stopping_word") or None
-                    yield GenerationChunk(tokens, str(data.get("content", "")), reason, prompt_tokens, completion,
-                                          cached_tokens=min(cached, prompt_tokens),
-                                          stop_string=stop_word if stop_type == "word" else None)
-                    return
-        except httpx.TransportError as err:
-            raise InferenceError(f"Model '{self._spec.name}': the connection to llama-server broke "
-                                 f"({type(err).__name__}); {self._child.reason or 'it may have crashed'}.") from None
-        finally:
-            if self.recorder is not None:
-                self.recorder.observe_tokens(prompt_tokens, completion)
-            if not finished:
-                log.debug("generation closed early", extra={"model": self._spec.name,
-                                                            "request_id": request.request_id})
-        yield GenerationChunk([], "", "stop", prompt_tokens, completion)  # a stream that ended without "stop"
-
-    def close(self) -> None:
-        # The async client belongs to the serving loop (this runs on a loader thread); its
-        # connections end with the child, so it is dropped rather than closed here.
-        self._aclient = None
-        self._client.close()
+    def _read(self, data: dict[str, Any], state: StreamState) -> GenerationChunk | None:
+        state.prompt_tokens = int(data.get("tokens_evaluated") or state.prompt_tokens)
+        state.completion_tokens = int(data.get("tokens_predicted") or state.completion_tokens)
+        tokens = [int(t) for t in data.get("tokens") or []]
+        text = str(data.get("content", ""))
+        if not data.get("stop"):
+            return GenerationChunk(tokens, text, None, state.prompt_tokens, state.completion_tokens)
+        cached = int((data.get("timings") or {}).get("cache_n") or 0)  # prompt tokens reused
+        stop_type = str(data.get("stop_type", "eos"))
+        reason: FinishReason = _FINISH.get(stop_type, "stop")
+        deadline = state.request.deadline
+        if deadline is not None and stop_type == "limit" and time.monotonic() >= deadline:
+            reason = "deadline"
+        stop_word = data.get("stopping_word") or None
+        return GenerationChunk(tokens, text, reason, state.prompt_tokens, state.completion_tokens,
+                               cached_tokens=min(cached, state.prompt_tokens),
+                               stop_string=stop_word if stop_type == "word" else None)

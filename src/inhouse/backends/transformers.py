@@ -214,6 +214,20 @@ def _kv_budget(spec: ModelSpec, device: torch.device) -> int:
     return int(psutil.virtual_memory().available * _CPU_KV_FRACTION)
 
 
+def refusal(name: str, model_type: str, config: Any) -> str:
+    """Why the built-in engine refuses a model, and which engine serves it instead."""
+    vision = getattr(config, "vision_config", None) is not None or "vl" in model_type.split("_") or \
+        model_type.endswith("v")
+    head = (f"Model '{name}' is a '{model_type}' model; the built-in generation engine (backend: transformers) "
+            f"runs {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    if vision:
+        return (f"{head} For this vision-language model use backend: vllm on a GPU server, or convert it with "
+                "llama.cpp's convert_hf_to_gguf.py (the model and, with --mmproj, its projector) and use "
+                "backend: llamacpp with llamacpp.mmproj.")
+    return (f"{head} Convert it to GGUF ('inhouse convert SRC --to gguf --out REPO/NAME') and use backend: "
+            "llamacpp, or serve it with backend: vllm on a GPU server.")
+
+
 class GenerativeModel:
     """A loaded causal LM: ``engine`` for the OpenAI / Anthropic adapters, ``predict`` for v2."""
 
@@ -232,8 +246,7 @@ class GenerativeModel:
         config = files.config()
         mtype = getattr(config, "model_type", "?")
         if mtype not in SUPPORTED_MODEL_TYPES:
-            raise ModelFormatError(f"Model '{spec.name}' is a '{mtype}' model; the generation engine supports "
-                                   f"{', '.join(SUPPORTED_MODEL_TYPES)}. Export other models to ONNX.")
+            raise ModelFormatError(refusal(spec.name, mtype, config))
         tokenizer = files.tokenizer()
         if spec.task == "chat" and not (spec.chat_template or getattr(tokenizer, "chat_template", None)):
             raise ModelSpecError(f"Model '{spec.name}' has task 'chat' but its tokenizer has no chat template; "

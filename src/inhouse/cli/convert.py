@@ -67,8 +67,20 @@ def convert(
              "token-classification, fill-mask or text-generation.")] = "auto",
     signature: Annotated[str, typer.Option(help="TensorFlow: the SavedModel signature to export.")
                          ] = "serving_default",
+    to: Annotated[str, typer.Option(help="onnx, or gguf: a Hugging Face LLM for backend: llamacpp (built with "
+                                    "scripts/build_llama_server.sh's llama.cpp).")] = "onnx",
+    quant: Annotated[str, typer.Option(help="GGUF: f16, q8_0 or q4_k_m.")] = "f16",
+    tokenizer_pre: Annotated[str | None, typer.Option(
+        help="GGUF: the pre-tokenizer (gpt-2, llama-bpe, qwen2, …) of a tokenizer llama.cpp does not "
+             "recognise.")] = None,
 ) -> None:
-    """Convert a trained model to ONNX, write a model.yaml, and check it against the original."""
+    """Convert a trained model to ONNX (or an LLM to GGUF), write a model.yaml, and check it."""
+    if to == "gguf":
+        _convert_gguf(src, out, quant, tokenizer_pre)
+        return
+    if to != "onnx":
+        typer.echo("error: --to must be onnx or gguf.", err=True)
+        raise typer.Exit(2)
     # lazy: the converters import onnx (and the framework of the source); other commands start without it
     from inhouse.tools.convert import ConvertOptions
     from inhouse.tools.convert import convert as run_convert
@@ -98,6 +110,18 @@ def convert(
             typer.echo(f"  {line}")
     for note in result.notes:
         typer.echo(f"note: {note}")
+
+
+def _convert_gguf(src: Path, out: Path, quant: str, tokenizer_pre: str | None) -> None:
+    from inhouse.tools.convert_gguf import convert_to_gguf
+
+    try:
+        with progress() as step:
+            r = convert_to_gguf(src, out, quant, tokenizer_pre=tokenizer_pre, step=step)
+    except InhouseError as err:
+        raise _fail(err) from None
+    typer.echo(f"wrote {r.artefact} (version {r.version}, GGUF {r.quant.upper()}, {_size(r.size)})")
+    typer.echo(f"      {r.model_dir / 'model.yaml'} (backend: llamacpp)")
 
 
 def quantize(

@@ -333,6 +333,26 @@ class LlamaCppSpec(_Strict):
     restarts: int = Field(default=3, ge=0, description="restarts after a crash before giving up")
 
 
+class VllmSpec(_Strict):
+    """``backend: vllm``: how inhouse runs ``vllm serve`` for one Hugging Face model folder."""
+
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="share of each GPU "
+                                                 "vLLM may take; default: engine.gpu_memory_fraction")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs the model is split over")
+    quantization: str | None = Field(default=None, description="awq | gptq | fp8 | …; default: what the "
+                                     "checkpoint says")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="default: engine.max_num_seqs")
+    max_model_len: int | None = Field(default=None, ge=16, description="default: the top-level max_model_len, "
+                                      "else the model's")
+    tool_call_parser: str | None = Field(default=None, description="vLLM's own parser for its chat endpoint "
+                                         "(--tool-call-parser); inhouse parses with the top-level one")
+    reasoning_parser: str | None = Field(default=None, description="vLLM's --reasoning-parser")
+    dtype: str | None = Field(default=None, description="default: the top-level dtype")
+    extra_args: list[str] = Field(default_factory=list, description="more 'vllm serve' arguments")
+    startup_timeout_s: float = Field(default=1200.0, gt=0)
+    restarts: int = Field(default=3, ge=0, description="restarts after a crash before giving up")
+
+
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?|[kmgtp]|)B?\s*$")
 _MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
                  "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40, "PI": 2**50}
@@ -454,6 +474,8 @@ class ModelSpec(BaseModel):
     source: str | None = Field(default=None, description="a local Hugging Face folder (absolute, or "
                                "relative to the version folder); never downloaded")
     served_names: list[str] = Field(default_factory=list, description="extra names clients may use")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest image a chat may send "
+                                 "(decoded bytes); larger answers 413")
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     chat_template: str | None = Field(default=None, description="Jinja template overriding the tokenizer's")
@@ -465,6 +487,7 @@ class ModelSpec(BaseModel):
     llamacpp: LlamaCppSpec = Field(default_factory=LlamaCppSpec)
     upstream: UpstreamSpec | None = None
     overflow: OverflowSpec | None = None
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

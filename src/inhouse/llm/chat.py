@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from inhouse.errors import InvalidRequestError
+from inhouse.llm.images import IMAGE_MARKER, ImageRef
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
@@ -21,9 +22,11 @@ def _bad(msg: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(msg, details={"param": param})
 
 
-def content_text(content: Any, where: str, model: str) -> str:
-    """The text of a message's content: a string, null, or an array of parts. Images and other
-    media are refused with a clear message (no text-only model may silently drop them)."""
+def content_text(content: Any, where: str, model: str, images: list[ImageRef] | None = None) -> str:
+    """The text of a message's content: a string, null, or an array of parts. With ``images``,
+    image parts are collected into it and stand in the text as ``IMAGE_MARKER`` (the service
+    refuses them for a text-only model); other media, and images without it, are refused with a
+    clear message (no text-only model may silently drop them)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -44,6 +47,9 @@ def content_text(content: Any, where: str, model: str) -> str:
             if not isinstance(text, str):
                 raise _bad(f"{p}.text must be a string.", f"{p}.text")
             texts.append(text)
+        elif kind in IMAGE_PART_TYPES and images is not None:
+            images.append(ImageRef(p, str(kind), part))
+            texts.append(IMAGE_MARKER)
         elif kind in IMAGE_PART_TYPES or kind in ("input_audio", "audio", "file", "video", "document"):
             raise _bad(
                 f"Model '{model}' accepts text only, but {p} is an '{kind}' part. Remove the "
@@ -83,10 +89,13 @@ def normalize_messages(messages: Any, model: str) -> list[dict[str, Any]]:
         role = m.get("role")
         if role not in ROLES:
             raise _bad(f"{where}.role '{role}' is not one of {', '.join(ROLES)}.", f"{where}.role")
-        text = content_text(m.get("content"), where, model)
+        images: list[ImageRef] = []
+        text = content_text(m.get("content"), where, model, images if role == "user" else None)
         if role == "developer":
             role = "system"
         msg: dict[str, Any] = {"role": role, "content": text}
+        if images:
+            msg["images"] = images  # taken out by the service: only an engine that reads images sees them
         if role == "assistant":
             reasoning = m.get("reasoning_content", m.get("reasoning"))
             if isinstance(reasoning, str) and reasoning:

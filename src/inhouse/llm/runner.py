@@ -1,5 +1,7 @@
 """One forward step over a mixed batch — decode rows (one new token each) and prefill chunks —
-for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3), reading and writing the slot KV cache.
+for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) and GLM-4 (the same block with
+interleaved partial rotary embeddings and a norm after attention and after the MLP), reading and
+writing the slot KV cache.
 
 The weights and the rotary embedding are the Hugging Face modules themselves; only the
 attention bookkeeping is ours. All new tokens of the step run through the projections and MLPs
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from inhouse.llm.kv_cache import KVCache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "glm4")
 
 
 @dataclass(slots=True)
@@ -30,6 +32,27 @@ class StepRow:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GLM's rotation: dimensions (0, 1), (2, 3), … are the pairs, not the two halves."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rope_pairs_partial(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM-4: only the first ``cos.shape[-1]`` dimensions rotate (``partial_rotary_factor``);
+    ``cos`` / ``sin`` were already repeated pairwise by ``_pairwise``."""
+    d = cos.shape[-1]
+    rot = x[..., :d] * cos + _rotate_pairs(x[..., :d]) * sin
+    return torch.cat((rot, x[..., d:]), dim=-1) if d < x.shape[-1] else rot
+
+
+def _pairwise(t: torch.Tensor) -> torch.Tensor:
+    return t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1)
 
 
 class DecoderRunner:
@@ -50,6 +73,8 @@ class DecoderRunner:
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         self.device = next(model.parameters()).device
         self.qk_norm = hasattr(attn, "q_norm")
+        self.glm = getattr(cfg, "model_type", "") == "glm4"
+        self._rope = _rope_pairs_partial if self.glm else _rope_halves
 
     @torch.inference_mode()
     def forward(self, rows: list[StepRow]) -> torch.Tensor:
@@ -78,6 +103,8 @@ class DecoderRunner:
         h = self.embed(ids)
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+        if self.glm:
+            cos, sin = _pairwise(cos), _pairwise(sin)
         attn_out = torch.empty(n_tok, self.n_heads, self.head_dim, dtype=h.dtype, device=dev)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -87,8 +114,7 @@ class DecoderRunner:
             v = attn.v_proj(x).view(n_tok, self.n_kv, self.head_dim)
             if self.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = self.cache.k[li], self.cache.v[li]
             kc[slots_t, :, positions] = k
             vc[slots_t, :, positions] = v
@@ -97,8 +123,13 @@ class DecoderRunner:
             for i, r in enumerate(rows):
                 if len(r.tokens) > 1:
                     self._attend_prefill(q, kc, vc, attn_out, r, offsets[i])
-            h = h + attn.o_proj(attn_out.view(n_tok, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            o = attn.o_proj(attn_out.view(n_tok, self.n_heads * self.head_dim))
+            if self.glm:
+                h = h + layer.post_self_attn_layernorm(o)
+                h = h + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(h)))
+            else:
+                h = h + o
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         want = [offsets[i] + len(r.tokens) - 1 for i, r in enumerate(rows) if r.want_logits]
         if not want:
             return torch.empty(0, 0)

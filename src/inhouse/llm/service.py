@@ -24,6 +24,7 @@ from inhouse.errors import (
     InhouseError,
     InvalidRequestError,
     ModelNotFoundError,
+    PayloadTooLargeError,
     QueueFullError,
     UpstreamUnavailableError,
 )
@@ -32,6 +33,7 @@ from inhouse.llm.chat import merge_consecutive
 from inhouse.llm.context_window import check_context
 from inhouse.llm.decoder import CallMode, ChoiceDecoder
 from inhouse.llm.events import Event, Prompt, TextDelta, Usage, decode_events, encode_events
+from inhouse.llm.images import ImageFetcher, ImageRef
 from inhouse.llm.reasoning import get_reasoning_parser
 from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat, request_canonical
 from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
@@ -52,8 +54,10 @@ class ServedModel:
 
 
 class LLMService:
-    def __init__(self, manager: ModelManager, *, max_pending: int = 512, timeout_s: float | None = None) -> None:
+    def __init__(self, manager: ModelManager, *, max_pending: int = 512, timeout_s: float | None = None,
+                 image_fetcher: ImageFetcher | None = None) -> None:
         self._manager = manager
+        self._image_fetcher = image_fetcher
         self._max_pending = max_pending
         self._timeout_s = timeout_s
         self._pending: dict[str, int] = {}
@@ -194,6 +198,7 @@ class LLMService:
                     yield ev
                 return
             engine = _engine(mv)
+            images = await self._images(mv, engine, req.messages)
             template_tools = req.tools if req.tool_choice != "none" else None
             prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, template_tools,
                                              req.template_kwargs)
@@ -219,7 +224,7 @@ class LLMService:
 
             yield Prompt(len(prompt), req.n)
             async for ev in self._run(engine, req.request_id, [prompt] * req.n, sampling, constraint_for,
-                                      decoder, req.timeout_s, req.priority):
+                                      decoder, req.timeout_s, req.priority, images=images):
                 yield ev
 
     def _chat_prompt(self, engine: LLMEngine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -309,6 +314,35 @@ class LLMService:
                     yield TextDelta(ev.choice, echo[ev.choice // req.n])
                 yield ev
 
+    async def _images(self, mv: ModelVersion, engine: LLMEngine, messages: list[dict[str, Any]]) -> list[bytes]:
+        """The chat's images, in order, for an engine that reads them (``accepts_images``): a
+        text-only model answers 400, bad image data or a URL off the allow-list 400, an image over
+        ``max_image_bytes`` 413."""
+        refs: list[ImageRef] = [ref for m in messages for ref in m.get("images", ())]
+        if not refs:
+            return []
+        if not getattr(engine, "accepts_images", False):
+            first = refs[0]
+            raise InvalidRequestError(f"Model '{mv.name}' accepts text only, but {first.where} is an '{first.kind}' "
+                                      "part. Remove the image/media part or send it to a vision model (e.g. backend: "
+                                      "llamacpp with llamacpp.mmproj).", details={"param": first.where})
+        images: list[bytes] = []
+        limit = mv.spec.max_image_bytes
+        for ref in refs:
+            url = ref.url or ""
+            fetcher = self._image_fetcher
+            if not url.startswith("data:") and fetcher is not None and fetcher.allowed(url):
+                data = await fetcher.fetch(url, limit, ref.where)
+            else:
+                data = ref.decode()
+            if len(data) > limit:
+                raise PayloadTooLargeError(f"{ref.where} is an image of {len(data)} bytes, larger than model "
+                                           f"'{mv.name}' accepts ({limit} bytes, max_image_bytes); send a smaller "
+                                           "image.",
+                                           details={"param": ref.where})
+            images.append(data)
+        return images
+
     # ---- shared generation path -----------------------------------------------------------
     def _fit(self, engine: LLMEngine, sampling: SamplingParams, prompt_len: int) -> SamplingParams:
         limit = engine.max_model_len
@@ -321,14 +355,15 @@ class LLMService:
 
     async def _run(self, engine: LLMEngine, request_id: str, prompts: list[list[int]], sampling: SamplingParams,
                    constraint_for: Any, decoder_for: Any, timeout_s: float | None, priority: int,
-                   count_prompt_once: bool = True) -> AsyncIterator[Event]:
+                   count_prompt_once: bool = True, images: list[bytes] | None = None) -> AsyncIterator[Event]:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         deadline = time.monotonic() + timeout if timeout is not None else None
         requests = []
         for i, prompt in enumerate(prompts):
             s = sampling if sampling.seed is None or i == 0 else replace(sampling, seed=sampling.seed + i)
             constraint: TokenConstraint | None = constraint_for() if constraint_for else None
-            requests.append(GenerationRequest(f"{request_id}-{i}", prompt, s, constraint, deadline, priority))
+            requests.append(GenerationRequest(f"{request_id}-{i}", prompt, s, constraint, deadline, priority,
+                                              images=list(images or ())))
         usage = Usage(0, 0)
         seen_prompts: set[int] = set()
 
@@ -427,6 +462,7 @@ def _engine(mv: ModelVersion) -> LLMEngine:
     if engine is None:
         raise InferenceError(f"Model '{mv.name}' was unloaded mid-request; retry.")
     return engine
+
 
 
 def _max_len(mv: ModelVersion) -> int | None:

@@ -4,6 +4,9 @@
 - ``llama3_json`` (Llama 3.1+): the whole reply is ``{"name": ..., "parameters": {...}}``
   (optionally after ``<|python_tag|>``, several separated by ``;``)
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``
+- ``glm4`` (GLM-4, GLM-4-0414): the reply is the function's name on a line, then its arguments
+  as a JSON object (``get_weather\n{"city": "Paris"}``); the template ends the turn with
+  ``<|observation|>``, and a reply opening with a newline is text
 
 Each parser is fed the model's text as it streams and returns ``Content`` (ordinary text) and
 the scanner's ``CallName`` / ``CallArgs`` / ``CallEnd`` events; markup never reaches content
@@ -11,10 +14,11 @@ unless it was not a well-formed call, in which case the text is passed through u
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from inhouse.errors import ModelSpecError
-from inhouse.llm.json_calls import CallEnd, CallName, JsonCallScanner, ScanEvent
+from inhouse.llm.json_calls import CallArgs, CallEnd, CallName, JsonCallScanner, ScanEvent
 
 
 @dataclass(slots=True)
@@ -202,11 +206,110 @@ class MistralParser(_JsonTailParser):
     json_opener = "[{"
 
 
+_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
+
+
+class Glm4Parser(ToolParser):
+    """``NAME\n{arguments}``, possibly several one after another. Until the first line is
+    complete the reply is undecided (held back); a first line that cannot be a function name,
+    or one not followed by ``{``, makes the whole reply text."""
+
+    name = "glm4"
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._mode = "start"  # start | text | args | after
+        self._raw: list[str] = []  # the current call's text, in case it never closes
+        self._depth = 0
+        self._in_str = self._esc = False
+        self._calls = 0
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        out: list[ParseEvent] = []
+        self._buf += text
+        while self._buf:
+            if self._mode == "text":
+                out.append(Content(self._buf))
+                self._buf = ""
+            elif self._mode == "args":
+                self._args(out)
+            elif not self._head(out):
+                break  # undecided: wait for more text
+        return out
+
+    def _head(self, out: list[ParseEvent]) -> bool:
+        """Decide, at the start of the reply or after a call, whether a call follows."""
+        buf = self._buf.lstrip() if self._mode == "after" else self._buf
+        if not buf:
+            return False
+        line, nl, rest = buf.partition("\n")
+        plausible = _FUNCTION_NAME.fullmatch(line.strip()) is not None
+        if not nl:
+            if plausible or (not line.strip() and self._mode == "after"):
+                return False
+            return self._to_text(out)
+        rest = rest.lstrip()
+        if plausible and not rest:
+            return False
+        if not plausible or not rest.startswith("{"):
+            return self._to_text(out)
+        out.append(CallName(line.strip()))
+        self._raw = [buf[: len(buf) - len(rest)]]
+        self._buf, self._mode, self._depth = rest, "args", 0
+        return True
+
+    def _to_text(self, out: list[ParseEvent]) -> bool:
+        if self._mode == "after":
+            self._buf = self._buf.lstrip()
+        self._mode = "text"
+        return True
+
+    def _args(self, out: list[ParseEvent]) -> None:
+        """Pass the argument object through as it streams, up to its closing brace."""
+        for i, ch in enumerate(self._buf):
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif ch == "\\":
+                    self._esc = True
+                elif ch == '"':
+                    self._in_str = False
+                continue
+            if ch == '"':
+                self._in_str, self._esc = True, False
+            elif ch == "{":
+                self._depth += 1
+            elif ch == "}":
+                self._depth -= 1
+                if self._depth == 0:
+                    part, self._buf = self._buf[: i + 1], self._buf[i + 1:]
+                    self._raw.append(part)
+                    out.extend([CallArgs(part), CallEnd("".join(self._raw), True)])
+                    self._calls += 1
+                    self._mode = "after"
+                    return
+        self._raw.append(self._buf)
+        out.append(CallArgs(self._buf))
+        self._buf = ""
+
+    def finish(self) -> list[ParseEvent]:
+        out: list[ParseEvent] = []
+        if self._mode in ("start", "text") and self._buf:
+            out.append(Content(self._buf))
+        elif self._mode == "after" and self._buf.strip():
+            out.append(Content(self._buf.strip()))
+        elif self._mode == "args":
+            out.append(CallEnd("".join(self._raw), True))  # cut short (length): the call stays, as for hermes
+        self._buf = ""
+        return out
+
+
 PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser,
     "qwen": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
+    "glm4": Glm4Parser,
 }
 
 
@@ -225,6 +328,8 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
         return None
     if "<tool_call>" in chat_template:
         return "hermes"
+    if "<|observation|>" in chat_template:
+        return "glm4"
     if "[TOOL_CALLS]" in chat_template:
         return "mistral"
     if "<|python_tag|>" in chat_template or '"parameters"' in chat_template:

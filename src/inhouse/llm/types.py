@@ -54,6 +54,7 @@ class GenerationRequest:
     constraint: TokenConstraint | None = None
     deadline: float | None = None  # time.monotonic() value; past it the sequence ends 'deadline'
     priority: int = 0
+    images: list[bytes] = field(default_factory=list)  # in the order of the prompt's image markers
 
 
 @dataclass(slots=True)

@@ -88,6 +88,15 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
+def _image_url(source: Any) -> str:
+    """An Anthropic image source as an OpenAI image URL: base64 data becomes a data URL."""
+    if isinstance(source, dict) and source.get("type") == "base64":
+        return f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    if isinstance(source, dict) and isinstance(source.get("url"), str):
+        return str(source["url"])
+    return ""
+
+
 def _text_of(content: Any, where: str) -> list[Any]:
     """Tool-result content → OpenAI-style parts (text; images kept so they are refused)."""
     parts: list[Any] = []
@@ -136,8 +145,10 @@ def to_openai_messages(system: Any, messages: list[Any]) -> list[dict[str, Any]]
                 out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": content})
             elif b["type"] == "text":
                 parts.append({"type": "text", "text": b.get("text", "")})
-            else:  # image, document, ...: refused by normalize_messages with a clear message
-                parts.append({"type": "image_url" if b["type"] == "image" else b["type"]})
+            elif b["type"] == "image":  # base64 sources as data URLs; others are refused with a clear message
+                parts.append({"type": "image_url", "image_url": {"url": _image_url(b.get("source"))}})
+            else:  # document, ...: refused by normalize_messages with a clear message
+                parts.append({"type": b["type"]})
         if parts:
             out.append({"role": "user", "content": parts})
     return out

@@ -1,7 +1,8 @@
-"""One supervised ``llama-server`` child per model version: started on a Unix socket in a private
-folder with a random API key (passed in its environment, never on the command line), checked
-through ``/health``, restarted a bounded number of times after a crash, and stopped with SIGTERM,
-then SIGKILL. Nothing here knows about models beyond the command line it is given."""
+"""One supervised engine server per model version (``llama-server``, ``vllm serve``): started on a
+Unix socket in a private folder, or on a free loopback port, with a random API key (passed in its
+environment, never on the command line), checked through ``/health``, restarted a bounded number
+of times after a crash, and stopped with SIGTERM, then SIGKILL. Nothing here knows about models
+beyond the command line it is given."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -23,7 +25,6 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-BUILD_HINT = "bash scripts/build_llama_server.sh"
 _STOP_GRACE_S = 10.0
 _TAIL_LINES = 12
 _STABLE_S = 60.0  # a child healthy this long has its restart count reset
@@ -33,18 +34,28 @@ class ChildFailed(Exception):
     """The child exited or never became healthy; ``str()`` carries the reason and its last lines."""
 
 
-class LlamaServerProcess:
-    """A ``llama-server`` child. ``start()`` blocks until it is healthy; a crash afterwards is
-    reported through ``state`` / ``reason`` and restarted up to ``restarts`` times with back-off."""
+class ServerProcess:
+    """An engine server child. ``start()`` blocks until it is healthy; a crash afterwards is
+    reported through ``state`` / ``reason`` and restarted up to ``restarts`` times with back-off.
 
-    def __init__(self, binary: Path, *, name: str, startup_timeout_s: float, restarts: int) -> None:
+    ``listen``: ``"uds"`` adds ``--host SOCKET`` (llama-server takes a socket path there);
+    ``"tcp"`` adds ``--host 127.0.0.1 --port N`` with a free port. The key is put in each of
+    ``key_env`` (the variables the servers read: ``LLAMA_API_KEY``, ``VLLM_API_KEY``)."""
+
+    def __init__(self, binary: Path, *, name: str, startup_timeout_s: float, restarts: int,
+                 label: str = "llama-server", listen: str = "uds",
+                 key_env: tuple[str, ...] = ("LLAMA_API_KEY",)) -> None:
         self._binary = binary
-        self.args: list[str] = []  # set before start(); --host is added
+        self.args: list[str] = []  # set before start(); the listen address is added
+        self.label = label
+        self._listen = listen
+        self._key_env = key_env
+        self._port = 0
         self._name = name
         self._startup_timeout_s = startup_timeout_s
         self._restarts = restarts
         # 0700: only this user reaches the socket and the files written for the child
-        self.private_dir = Path(tempfile.mkdtemp(prefix="inhouse-llama-"))
+        self.private_dir = Path(tempfile.mkdtemp(prefix=f"inhouse-{label.split('-')[0]}-"))
         self.socket = str(self.private_dir / "server.sock")
         self.api_key = secrets.token_urlsafe(32)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -62,11 +73,24 @@ class LlamaServerProcess:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}" if self._listen == "tcp" else "http://child"
+
     def transport(self) -> httpx.HTTPTransport:
-        return httpx.HTTPTransport(uds=self.socket)
+        return httpx.HTTPTransport() if self._listen == "tcp" else httpx.HTTPTransport(uds=self.socket)
 
     def async_transport(self) -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(uds=self.socket)
+        return httpx.AsyncHTTPTransport() if self._listen == "tcp" else httpx.AsyncHTTPTransport(uds=self.socket)
+
+    def _address_args(self) -> list[str]:
+        if self._listen != "tcp":
+            return ["--host", self.socket]
+        if not self._port:  # a free port, kept across restarts so clients' base URL stays valid
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self._port = s.getsockname()[1]
+        return ["--host", "127.0.0.1", "--port", str(self._port)]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -80,38 +104,38 @@ class LlamaServerProcess:
         except BaseException:
             self.stop()
             raise
-        threading.Thread(target=self._watch, name=f"llama-server-{self._name}", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"{self.label}-{self._name}", daemon=True).start()
 
     def _spawn_and_wait(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
         self._tail.clear()
-        env = {**os.environ, "LLAMA_API_KEY": self.api_key}
-        proc = subprocess.Popen([str(self._binary), *self.args, "--host", self.socket], env=env,
+        env = {**os.environ, **dict.fromkeys(self._key_env, self.api_key)}
+        proc = subprocess.Popen([str(self._binary), *self.args, *self._address_args()], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # a Ctrl-C meant for inhouse is not the child's
         self._proc = proc
         threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
         deadline = time.monotonic() + self._startup_timeout_s
-        with httpx.Client(transport=self.transport(), base_url="http://llama", timeout=5) as client:
+        with httpx.Client(transport=self.transport(), base_url=self.base_url, timeout=5) as client:
             while True:
                 if proc.poll() is not None:
-                    raise ChildFailed(f"llama-server exited with status {proc.returncode} while starting"
+                    raise ChildFailed(f"{self.label} exited with status {proc.returncode} while starting"
                                       f"{self._tail_text()}")
                 if self._stopping.is_set():
-                    raise ChildFailed("llama-server was stopped while starting.")
+                    raise ChildFailed(f"{self.label} was stopped while starting.")
                 try:
                     if client.get("/health").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
-                    raise ChildFailed(f"llama-server did not become healthy within {self._startup_timeout_s:.0f} s"
+                    raise ChildFailed(f"{self.label} did not become healthy within {self._startup_timeout_s:.0f} s"
                                       f"{self._tail_text()}")
                 time.sleep(0.05)
         self.state, self.reason = "ready", ""
         self._ready_at = time.monotonic()
-        log.info("llama-server ready", extra={"model": self._name, "pid": proc.pid})
+        log.info("engine server ready", extra={"model": self._name, "pid": proc.pid})
 
     def _drain(self, proc: subprocess.Popen[bytes]) -> None:
         """Read the child's output (so its pipe never fills) and keep the last lines for errors."""
@@ -121,7 +145,7 @@ class LlamaServerProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self._tail.append(line)
-                log.debug("llama-server: %s", line, extra={"model": self._name})
+                log.debug("%s: %s", self.label, line, extra={"model": self._name})
 
     def _tail_text(self) -> str:
         lines = [line for line in self._tail if line.strip()][-6:]
@@ -142,14 +166,14 @@ class LlamaServerProcess:
                 tries = 0  # it had recovered: this is a new crash, not the same one again
             tail = self._tail_text()
             self.state = "restarting"
-            self.reason = self.last_crash = f"llama-server exited with status {proc.returncode}{tail}"
-            log.error("llama-server crashed", extra={"model": self._name, "reason": self.reason})
+            self.reason = self.last_crash = f"{self.label} exited with status {proc.returncode}{tail}"
+            log.error("engine server crashed", extra={"model": self._name, "reason": self.reason})
             while not self._stopping.is_set():
                 if tries >= self._restarts:
                     self.state = "failed"
-                    self.reason = (f"llama-server crashed and was restarted {tries} times without recovering; "
+                    self.reason = (f"{self.label} crashed and was restarted {tries} times without recovering; "
                                    f"last: {self.reason}")
-                    log.error("llama-server given up", extra={"model": self._name, "reason": self.reason})
+                    log.error("engine server given up", extra={"model": self._name, "reason": self.reason})
                     if self.on_failure is not None:
                         self.on_failure(self.reason)
                     return

@@ -1,0 +1,211 @@
+"""What every engine that runs as a server child shares (``backend: llamacpp``, ``backend: vllm``):
+the ``LLMEngine`` relay — readiness, error mapping, the token stream with its metrics, JSON
+schema constraints handed to the child — and the loaded-model wrapper with v2 ``text_input``,
+the crash hook and shutdown. Each engine says only how to phrase its request and read its
+stream lines (``RelayEngine._request`` / ``_read``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from inhouse.backends.child_server import ServerProcess
+from inhouse.core.recorders import LLMRecorder
+from inhouse.core.spec import ModelSpec, TensorSpec
+from inhouse.errors import InferenceError, InvalidRequestError, ModelNotReadyError
+from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SchemaConstraint:
+    """A JSON schema the child enforces itself (as a grammar); the token-level hooks of
+    ``TokenConstraint`` are no-ops because no token mask crosses the process boundary."""
+
+    schema: dict[str, Any]
+
+    def allowed_mask(self, vocab_size: int) -> np.ndarray | None:
+        return None
+
+    def accept(self, token_id: int) -> None:
+        return None
+
+    def is_finished(self) -> bool:
+        return False
+
+
+@dataclass(slots=True)
+class StreamState:
+    """One generation's running counts, updated by ``_read``."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finished: bool = False
+    pending_finish: FinishReason | None = None  # seen, but the chunk with the totals is still to come
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def error_text(body: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+        err = json.loads(body)["error"]
+        return str(err["message"] if isinstance(err, dict) else err)
+    return body[:300]
+
+
+def post(client: httpx.Client, path: str, body: dict[str, Any], label: str) -> dict[str, Any]:
+    try:
+        r = client.post(path, json=body)
+    except httpx.TransportError as err:
+        raise InferenceError(f"{label} is not reachable ({type(err).__name__}); retry shortly.") from None
+    if r.status_code == 400:
+        raise InvalidRequestError(f"{label} refused the request: {error_text(r.text)}")
+    if r.status_code != 200:
+        raise InferenceError(f"{label} answered {path} with HTTP {r.status_code}: {error_text(r.text)}")
+    data: dict[str, Any] = r.json()
+    return data
+
+
+class RelayEngine:
+    """An ``LLMEngine`` that relays to a server child; closing a ``generate`` stream closes its
+    HTTP stream, which makes the child cancel the request and free its slot."""
+
+    def __init__(self, spec: ModelSpec, child: ServerProcess) -> None:
+        self._spec = spec
+        self._child = child
+        self._client = httpx.Client(transport=child.transport(), base_url=child.base_url, headers=child.headers,
+                                    timeout=httpx.Timeout(600, connect=10))
+        self._aclient: httpx.AsyncClient | None = None
+        self.recorder: LLMRecorder | None = None
+
+    async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of a streamed generation; ``client`` reaches the child if it must be asked first."""
+        raise NotImplementedError
+
+    def _read(self, data: dict[str, Any], state: StreamState) -> GenerationChunk | None:
+        """One stream event as a chunk (``finish_reason`` set on the last), or None to skip it."""
+        raise NotImplementedError
+
+    def complete_blocking(self, prompt: str, max_tokens: int) -> str:
+        raise NotImplementedError
+
+    def schema_constraint(self, schema: dict[str, Any]) -> SchemaConstraint:
+        """Used by ``LLMService`` instead of compiling a token grammar here."""
+        return SchemaConstraint(schema)
+
+    def warm_up(self) -> None:
+        self.complete_blocking("Hello", 2)
+
+    def _require_ready(self) -> None:
+        state = self._child.state
+        if state == "ready":
+            return
+        if state == "restarting":
+            raise ModelNotReadyError(f"Model '{self._spec.name}' is restarting after a crash "
+                                     f"({self._child.reason}); retry shortly.", headers={"Retry-After": "2"})
+        raise InferenceError(f"Model '{self._spec.name}' is not running: {self._child.reason or state}. Reload it.")
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self._require_ready()
+        if self._aclient is None:  # bound to the event loop that serves requests
+            self._aclient = httpx.AsyncClient(transport=self._child.async_transport(), base_url=self._child.base_url,
+                                              headers=self._child.headers, timeout=httpx.Timeout(None, connect=10))
+        label = self._child.label
+        started = last = time.monotonic()
+        state = StreamState(request, len(request.prompt_token_ids))
+        try:
+            path, body = await self._request(self._aclient, request)
+            async with self._aclient.stream("POST", path, json=body) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode("utf-8", "replace")
+                    if r.status_code == 400:
+                        raise InvalidRequestError(f"{label} refused the request: {error_text(text)}")
+                    raise InferenceError(f"{label} answered HTTP {r.status_code}: {error_text(text)}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        raise InferenceError(f"{label} failed while generating: {error_text(line[6:])}")
+                    before = state.completion_tokens
+                    chunk = self._read(data, state)
+                    if chunk is None:
+                        continue
+                    now = time.monotonic()
+                    if self.recorder is not None and state.completion_tokens > before:
+                        if before == 0:
+                            self.recorder.observe_time_to_first_token(now - started)
+                        else:
+                            self.recorder.observe_inter_token_latency(now - last, state.completion_tokens - before)
+                        last = now
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        state.finished = True
+                        return
+        except httpx.TransportError as err:
+            raise InferenceError(f"Model '{self._spec.name}': the connection to {label} broke "
+                                 f"({type(err).__name__}); {self._child.reason or 'it may have crashed'}.") from None
+        finally:
+            if self.recorder is not None:
+                self.recorder.observe_tokens(state.prompt_tokens, state.completion_tokens)
+            if not state.finished:
+                log.debug("generation closed early", extra={"model": self._spec.name,
+                                                            "request_id": request.request_id})
+        # a stream that ended without its final chunk
+        yield GenerationChunk([], "", state.pending_finish or "stop", state.prompt_tokens, state.completion_tokens)
+
+    def close(self) -> None:
+        # The async client belongs to the serving loop (this runs on a loader thread); its
+        # connections end with the child, so it is dropped rather than closed here.
+        self._aclient = None
+        self._client.close()
+
+
+class RelayModel:
+    """A loaded model served by a child: ``engine`` for the LLM APIs, ``predict`` for v2 ``text_input``."""
+
+    platform = "relay"
+
+    def __init__(self, spec: ModelSpec, engine: RelayEngine, child: ServerProcess) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.child = child
+        self.inputs = [TensorSpec(name="text_input", dtype="BYTES", shape=[-1])]
+        self.outputs = [TensorSpec(name="text_output", dtype="BYTES", shape=[-1])]
+
+    def set_llm_recorder(self, recorder: LLMRecorder) -> None:
+        self.engine.recorder = recorder
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """The manager's hook: ``callback(reason)`` once the child crashed and restarts are used up."""
+        self.child.on_failure = callback
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """v2: each ``text_input`` element is a raw prompt (no chat template); greedy, up to
+        ``parameters.max_tokens`` (default 256) new tokens."""
+        arr = np.asarray(inputs["text_input"])
+        max_tokens = int(self.spec.parameters.get("max_tokens", 256))
+        texts = [self.engine.complete_blocking(_text(x), max_tokens) for x in arr.ravel()]
+        return {"text_output": np.array([t.encode() for t in texts], dtype=object).reshape(arr.shape)}
+
+    def close(self) -> None:
+        self.engine.close()
+        self.child.stop()
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, bytes):
+        try:
+            return x.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError("text_input must be UTF-8 text.") from None
+    return str(x)

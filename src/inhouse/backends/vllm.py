@@ -1,0 +1,255 @@
+"""``backend: vllm`` — a Hugging Face model folder served by vLLM on CUDA GPUs, run as a supervised
+``vllm serve`` child per model version on a free loopback port with a per-start API key
+(``backends/child_server.py``), relayed like llama.cpp's (``backends/relay.py``).
+
+vLLM keeps its speed and features (paged KV cache, tensor parallelism, AWQ/GPTQ/FP8 checkpoints,
+structured outputs); inhouse keeps the lifecycle, the public APIs, security and metrics. The
+prompt is rendered and tokenized here with the folder's own tokenizer and chat template — the
+same files vLLM reads — and generation streams from the child's OpenAI ``/v1/completions`` with
+the prompt's token ids, so only the OpenAI API is assumed of the child (any OpenAI-compatible
+server can stand in: the ``vllm_command`` setting). JSON output and forced tool calls reach it
+as a JSON schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from inhouse.backends import LoadContext
+from inhouse.backends.child_server import ChildFailed, ServerProcess
+from inhouse.backends.relay import RelayEngine, RelayModel, SchemaConstraint, StreamState, post
+from inhouse.core.spec import ModelSpec
+from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError
+from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def find_vllm(configured: Path | str | None) -> Path:
+    """The ``vllm`` command: the ``vllm`` setting, else one on PATH. Raises 1001 saying how to get it."""
+    if configured:
+        path = Path(configured).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise ModelFormatError(f"The vllm setting (INHOUSE_VLLM) names {path}, which is not an executable file; "
+                               "point it at the 'vllm' command of a vLLM install.")
+    on_path = shutil.which("vllm")
+    if on_path:
+        return Path(on_path)
+    raise ModelFormatError("backend: vllm needs vLLM's 'vllm' command, which was not found: install vLLM on the "
+                           "CUDA server (pip install vllm) and put it on PATH or set vllm (INHOUSE_VLLM) to its "
+                           "path; on a CPU machine, convert the model to GGUF ('inhouse convert SRC --to gguf') "
+                           "and use backend: llamacpp.")
+
+
+def _source_dir(ctx: LoadContext) -> Path:
+    src = ctx.spec.source
+    path = ctx.version_dir if src is None else Path(src).expanduser()
+    if not path.is_absolute():
+        path = ctx.version_dir / path
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"Model '{ctx.spec.name}': {path} is not a Hugging Face model folder (no config.json); "
+                             "put the model in the version folder or set 'source' to a local folder.")
+    return path
+
+
+def _config_max_len(source: Path) -> int | None:
+    try:
+        doc = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = doc.get("text_config", doc) if isinstance(doc, dict) else {}
+    value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return int(value) if isinstance(value, int) else None
+
+
+def serve_args(spec: ModelSpec, source: Path, private_dir: Path, max_model_len: int) -> list[str]:
+    """``vllm serve`` arguments from model.yaml (without the listen address, which the child adds)."""
+    cfg = spec.vllm
+    util = cfg.gpu_memory_utilization or spec.engine.gpu_memory_fraction
+    args = ["serve", str(source), "--served-model-name", spec.name, "--gpu-memory-utilization", str(util),
+            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+            "--max-num-seqs", str(cfg.max_num_seqs or spec.engine.max_num_seqs),
+            "--max-model-len", str(max_model_len), "--dtype", cfg.dtype or spec.dtype,
+            "--disable-uvicorn-access-log"]
+    if cfg.quantization:
+        args += ["--quantization", cfg.quantization]
+    if cfg.tool_call_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", cfg.tool_call_parser]
+    if cfg.reasoning_parser:
+        args += ["--reasoning-parser", cfg.reasoning_parser]
+    if spec.chat_template is not None:
+        template = private_dir / "chat_template.jinja"
+        template.write_text(spec.chat_template)
+        args += ["--chat-template", str(template)]
+    return [*args, *cfg.extra_args]
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def load(self, ctx: LoadContext) -> VllmModel:
+        spec = ctx.spec
+        if spec.task not in ("chat", "generate"):
+            raise ModelSpecError(f"Model '{spec.name}': the vllm backend serves task 'chat' or 'generate', "
+                                 f"not '{spec.task}'.")
+        if spec.encryption is not None:
+            raise ModelFormatError(f"Model '{spec.name}': vLLM reads its weights from disk, so the vllm backend "
+                                   "cannot serve a model encrypted at rest; remove 'encryption'.")
+        command: list[str] | None = ctx.options.get("vllm_command")
+        if command:
+            found = shutil.which(command[0])
+            if found is None:
+                raise ModelFormatError(f"The vllm_command setting starts with '{command[0]}', which is not an "
+                                       "executable command.")
+            binary, fixed = Path(found), list(command[1:])
+        else:
+            binary, fixed = find_vllm(ctx.options.get("vllm")), []
+        source = _source_dir(ctx)
+        if ctx.progress is not None:
+            ctx.progress(0, "verifying checksums")
+        ctx.verify_listed()  # vLLM reads the folder itself
+        tokenizer = _load_tokenizer(spec, source)
+        cfg = spec.vllm
+        max_len = cfg.max_model_len or spec.max_model_len or _config_max_len(source) or 4096
+        child = ServerProcess(binary, name=spec.name, startup_timeout_s=cfg.startup_timeout_s, restarts=cfg.restarts,
+                              label="vllm", listen="tcp", key_env=("VLLM_API_KEY", "LLAMA_API_KEY"))
+        child.args = fixed or serve_args(spec, source, child.private_dir, max_len)
+        if ctx.progress is not None:
+            ctx.progress(10, "starting vllm serve")
+        try:
+            child.start()
+        except ChildFailed as err:
+            raise ModelFormatError(f"Model '{spec.name}': vLLM could not serve {source}: {err}") from None
+        try:
+            engine = VllmEngine(spec, child, tokenizer, max_len)
+            if ctx.progress is not None:
+                ctx.progress(95, "warming up")
+            engine.warm_up()
+        except BaseException:
+            child.stop()
+            raise
+        log.info("vllm model ready", extra={"model": spec.name, "pid": child.pid,
+                                            "max_model_len": engine.max_model_len})
+        return VllmModel(spec, engine, child)
+
+
+def _load_tokenizer(spec: ModelSpec, source: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ModelFormatError("backend: vllm renders prompts with the model's own tokenizer, which needs "
+                               "transformers (a vLLM install brings it; else pip install 'inhouse[llm]').") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except Exception as err:
+        raise ModelFormatError(f"Model '{spec.name}': cannot load the tokenizer from {source}: {err}") from None
+    if spec.task == "chat" and not (spec.chat_template or getattr(tok, "chat_template", None)):
+        raise ModelSpecError(f"Model '{spec.name}' has task 'chat' but its tokenizer has no chat template; set "
+                             "'chat_template' in model.yaml or use task 'generate'.")
+    return tok
+
+
+class VllmModel(RelayModel):
+    platform = "vllm"
+
+
+class VllmEngine(RelayEngine):
+    """Relays to the child's OpenAI ``/v1/completions`` with token-id prompts."""
+
+    def __init__(self, spec: ModelSpec, child: ServerProcess, tokenizer: Any, max_model_len: int) -> None:
+        super().__init__(spec, child)
+        self.tokenizer = tokenizer
+        self._chat_template = spec.chat_template
+        self.max_model_len = self._served_max_len() or max_model_len
+
+    def _served_max_len(self) -> int | None:
+        r = self._client.get("/v1/models")
+        r.raise_for_status()
+        for m in r.json().get("data", []):
+            if m.get("max_model_len"):  # vLLM says what it settled on
+                return int(m["max_model_len"])
+        return None
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                            *, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                list(messages), tools=list(tools) if tools else None, chat_template=self._chat_template,
+                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **template_kwargs)
+        except Exception as err:  # jinja2 errors, raise_exception() in templates
+            raise InvalidRequestError(f"The chat template of model '{self._spec.name}' rejected the messages: "
+                                      f"{err}") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def complete_blocking(self, prompt: str, max_tokens: int) -> str:
+        self._require_ready()
+        body = {"model": self._spec.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        choices = post(self._client, "/v1/completions", body, "vllm").get("choices") or [{}]
+        return str(choices[0].get("text", ""))
+
+    async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        s = request.sampling
+        room = max(1, self.max_model_len - len(request.prompt_token_ids))
+        body: dict[str, Any] = {
+            "model": self._spec.name, "prompt": request.prompt_token_ids, "stream": True,
+            # continuous_usage_stats: vLLM counts tokens on every chunk (others ignore it)
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_tokens": min(s.max_tokens, room) if s.max_tokens is not None else room,
+            "temperature": s.temperature, "top_p": s.top_p,
+            "frequency_penalty": s.frequency_penalty, "presence_penalty": s.presence_penalty,
+        }
+        # vLLM's extensions to the OpenAI request (llama-server reads the same names)
+        if s.top_k > 0:
+            body["top_k"] = s.top_k
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        if s.ignore_eos:
+            body["ignore_eos"] = True
+        if s.stop_token_ids:
+            body["stop_token_ids"] = list(s.stop_token_ids)
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if isinstance(request.constraint, SchemaConstraint):
+            schema = request.constraint.schema
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+            body["json_schema"] = schema  # llama-server's name for it on /v1/completions
+        return "/v1/completions", body
+
+    def _read(self, data: dict[str, Any], state: StreamState) -> GenerationChunk | None:
+        usage = data.get("usage") or None
+        choices = data.get("choices") or []
+        choice = choices[0] if choices else {}
+        text = str(choice.get("text") or "")
+        if usage:
+            state.prompt_tokens = int(usage.get("prompt_tokens") or state.prompt_tokens)
+            state.completion_tokens = int(usage.get("completion_tokens") or state.completion_tokens)
+        elif text:
+            state.completion_tokens += 1  # a server without per-chunk usage sends a token per chunk
+        reason = choice.get("finish_reason")
+        if reason:
+            state.pending_finish = _FINISH.get(str(reason), "stop")
+            stop = choice.get("stop_reason")
+            state.extra["stop_string"] = stop if isinstance(stop, str) else None
+        finish = state.pending_finish
+        # the finish comes with the usage totals: in the same chunk, or (vLLM) in one after it
+        final = finish is not None and usage is not None
+        if not final and not text:
+            return None
+        cached = int(((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        return GenerationChunk([], text, finish if final else None, state.prompt_tokens, state.completion_tokens,
+                               cached_tokens=min(cached, state.prompt_tokens) if final else 0,
+                               stop_string=state.extra.get("stop_string") if final else None)

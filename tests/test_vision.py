@@ -1,0 +1,164 @@
+"""Images in chats: a tiny random SmolVLM converted to GGUF with its projector (``llamacpp.mmproj``),
+served by a real ``llama-server`` child and called through the ``openai`` and ``anthropic`` SDKs.
+Two different images must give different greedy outputs (the image reached the model), the
+Open-AutoGLM request shape streams, a remote image under an allow-listed prefix (a real HTTP server
+the test starts) is fetched, and bad images get coded errors: a text-only model 400, an oversized
+image 413, data that is not an image or a URL off the allow-list 400."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import random
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import RunningServer, run_server
+from gguf_fixtures import need_convert_tools
+from vlm_fixtures import build_vlm, convert_vlm, png
+
+openai = pytest.importorskip("openai")
+VLM, TEXT = "tiny-vlm", "tiny-text-only"
+RED = png(64, 64, lambda x, y: (255, 0, 0))
+CHECKS = png(64, 64, lambda x, y: (0, 0, 255) if (x // 8 + y // 8) % 2 else (255, 255, 255))
+
+
+def _url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def _write(repo: Path, name: str, files: dict[str, Path], llamacpp: dict[str, Any], **spec: Any) -> None:
+    vdir = repo / name / "1"
+    vdir.mkdir(parents=True)
+    for target, src in files.items():
+        shutil.copy(src, vdir / target)
+    doc = {"name": name, "backend": "llamacpp", "task": "chat",
+           "llamacpp": {"ctx_size": 2048, "parallel": 2, "threads": 1, **llamacpp}, **spec}
+    (repo / name / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = {"/ok/red.png": RED, "/ok/text.png": b"not a picture"}.get(self.path)
+        if self.path == "/ok/moved.png":
+            self.send_response(302)
+            self.send_header("Location", "/ok/red.png")
+            self.end_headers()
+            return
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vlm_server(tmp_path_factory: pytest.TempPathFactory, image_host: str) -> Iterator[RunningServer]:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from inhouse.tools.convert_gguf import find_tools
+
+    binary = need_convert_tools()
+    root = tmp_path_factory.mktemp("vlm")
+    text, mmproj = convert_vlm(build_vlm(root / "hf"), root, find_tools(str(binary)).convert_dir)
+    repo = root / "models"
+    _write(repo, VLM, {"model.gguf": text, "mmproj.gguf": mmproj}, {"mmproj": "mmproj.gguf"},
+           max_image_bytes=40_000)
+    _write(repo, TEXT, {"model.gguf": text}, {})
+    with run_server(repo, llama_server=binary, image_url_allow=[f"{image_host}/ok/"]) as srv:
+        yield srv
+
+
+def _client(srv: RunningServer) -> Any:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", timeout=120, max_retries=0)
+
+
+def _describe(srv: RunningServer, image: bytes | str, model: str = VLM) -> str:
+    url = image if isinstance(image, str) else _url(image)
+    r = _client(srv).chat.completions.create(
+        model=model, max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "describe the picture"},
+                                               {"type": "image_url", "image_url": {"url": url}}]}])
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.prompt_tokens > 4
+    return r.choices[0].message.content or ""
+
+
+def test_two_images_give_different_greedy_outputs(vlm_server: RunningServer) -> None:
+    red, checks = _describe(vlm_server, RED), _describe(vlm_server, CHECKS)
+    assert red != checks
+    assert _describe(vlm_server, RED) == red  # greedy: the same image, the same answer
+
+
+def test_open_autoglm_request_shape_streams(vlm_server: RunningServer) -> None:
+    """What Open-AutoGLM's phone agent sends each step: a system prompt, then the task text and
+    a screenshot as a data URL, streamed, temperature 0, top_p 0.85, frequency_penalty 0.2."""
+    pieces, finish = [], None
+    for chunk in _client(vlm_server).chat.completions.create(
+            model=VLM, stream=True, temperature=0, top_p=0.85, frequency_penalty=0.2, max_tokens=10,
+            messages=[{"role": "system", "content": "You are a phone-operating agent."},
+                      {"role": "user", "content": [{"type": "text", "text": "Open the settings app."},
+                                                   {"type": "image_url", "image_url": {"url": _url(CHECKS)}}]}]):
+        for ch in chunk.choices:
+            pieces.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert finish in ("stop", "length") and "".join(pieces)
+
+
+def test_allow_listed_remote_image_is_fetched(vlm_server: RunningServer, image_host: str) -> None:
+    assert _describe(vlm_server, f"{image_host}/ok/red.png") == _describe(vlm_server, RED)
+
+
+def test_anthropic_image_block(vlm_server: RunningServer) -> None:
+    with vlm_server.client(timeout=120) as c:
+        r = c.post("/v1/messages", json={"model": VLM, "max_tokens": 8, "temperature": 0, "messages": [
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": base64.b64encode(RED).decode()}},
+                {"type": "text", "text": "describe the picture"}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["output_tokens"] >= 1
+
+
+def test_bad_images_get_coded_errors(vlm_server: RunningServer, image_host: str) -> None:
+    rng = random.Random(0)
+    noisy = png(160, 160, lambda x, y: (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    assert len(noisy) > 40_000
+
+    def send(model: str, url: str) -> Any:
+        with vlm_server.client(timeout=120) as c:
+            return c.post("/v1/chat/completions", json={"model": model, "max_tokens": 4, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]})
+
+    r = send(TEXT, _url(RED))
+    assert r.status_code == 400 and "accepts text only" in r.text, r.text
+    r = send(VLM, _url(noisy))
+    assert r.status_code == 413 and "max_image_bytes" in r.text, r.text
+    r = send(VLM, _url(b"these bytes are not a picture", "image/png"))
+    assert r.status_code == 400 and "not an image" in r.text, r.text
+    r = send(VLM, "https://example.com/cat.png")
+    assert r.status_code == 400 and "image_url_allow" in r.text, r.text
+    r = send(VLM, f"{image_host}/elsewhere/red.png")  # the right host, outside the allowed path
+    assert r.status_code == 400 and "image_url_allow" in r.text, r.text
+    r = send(VLM, f"{image_host}/ok/text.png")
+    assert r.status_code == 400 and "not an image" in r.text, r.text
+    r = send(VLM, f"{image_host}/ok/moved.png")  # redirects are not followed: they could leave the list
+    assert r.status_code == 400 and "HTTP 302" in r.text, r.text
+    assert _describe(vlm_server, RED)  # still serving
