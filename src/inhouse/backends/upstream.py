@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from inhouse.errors import (
     UpstreamUnavailableError,
 )
 from inhouse.llm.events import ChoiceEnd, Event, Prompt, ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart, Usage
+from inhouse.llm.images import IMAGE_MARKER
 from inhouse.llm.requests import ChatRequest
 from inhouse.security.pii import PieceTexts, Redactor, Vault
 
@@ -592,7 +593,7 @@ class ChatRelay:
         s = req.sampling
         body: dict[str, Any] = {"model": self._client.remote, "stream": True,
                                 "stream_options": {"include_usage": True},
-                                "messages": self._outbound.messages(_messages_for_server(req.messages), vault),
+                                "messages": self._outbound.messages(_upstream_messages(req.messages), vault),
                                 "temperature": s.temperature, "top_p": s.top_p}
         if req.n != 1:
             body["n"] = req.n
@@ -682,3 +683,12 @@ class ChatRelay:
                         out.append(ToolCallArgs(i, k, held))
             out.append(ChoiceEnd(i, str(finish)))
         return out
+
+
+def _upstream_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages in OpenAI's form for the upstream. Images are not relayed: the outbound PII rules
+    read text only, so an image could leave the machine unchecked."""
+    if any("images" in m or IMAGE_MARKER in str(m.get("content") or "") for m in messages):
+        raise InvalidRequestError("This model is served by another endpoint (backend: upstream), and images are "
+                                  "not relayed to it; send text only, or use a local vision-language model.")
+    return _messages_for_server(messages, IMAGE_MARKER)
