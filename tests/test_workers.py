@@ -25,6 +25,7 @@ import tritonclient.grpc as tgrpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from inhouse.security.keys import KeyStore
+from inhouse.settings import AUTO_WORKERS_MAX, SettingsError, load_settings
 from models import mlp_model, sleep_model, slow_request, write_model
 
 CONNECTIONS = 24  # fresh connections per check: all on one of two workers by chance is 2**-23
@@ -241,3 +242,25 @@ def test_sigterm_drains_every_worker(workers: Workers) -> None:
     assert workers.proc.wait(90) == 0, workers.log.read_text()[-4000:]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{workers.url}/v2/health/live", timeout=2)
+
+
+def test_workers_setting() -> None:
+    assert 1 <= load_settings(None, workers="auto").worker_count() <= AUTO_WORKERS_MAX
+    assert load_settings(None, workers="3").worker_count() == 3
+    assert load_settings(None).worker_count() == 1
+    for bad in ("0", "many"):
+        with pytest.raises(SettingsError, match="workers"):
+            load_settings(None, workers=bad)
+
+
+def test_a_start_that_fails_in_the_workers_fails_once(tmp_path: Path) -> None:
+    """A worker that cannot start (here: the repository is a file) ends the whole start with an
+    error, instead of being restarted for ever."""
+    not_a_folder = tmp_path / "models"
+    not_a_folder.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "inhouse", "serve", "--repo", str(not_a_folder), "--http-port", "0",
+         "--grpc-port", "0", "--data-dir", str(tmp_path / "data"), "--workers", "2"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "does not exist or is not a folder" in done.stderr
