@@ -18,12 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from inhouse.protocols.proto import openclaw_model_service_pb2 as openclaw_pb
+from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as openclaw_grpc
 from inhouse.security.keys import KeyStore
 from inhouse.settings import AUTO_WORKERS_MAX, SettingsError, load_settings
 from models import mlp_model, sleep_model, slow_request, write_model
@@ -99,6 +102,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     repo, data = root / "models", root / "data"
     write_model(repo, "mlp", mlp_model())
     write_model(repo, "slow", sleep_model())
+    write_model(root / "openclaw", "scorer", mlp_model())  # LoadModel's folder, outside the repository
     store = KeyStore(data)
     admin = store.create("admin", ["admin", "infer", "metrics"])[0]
     infer = store.create("app", ["infer"])[0]
@@ -110,7 +114,8 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
             [sys.executable, "-m", "inhouse", "serve", "--repo", str(repo), "--http-port", str(port),
              "--grpc-port", str(grpc_port), "--data-dir", str(data), "--auth", "--workers", "2",
              "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "INHOUSE_DRAIN_TIMEOUT_S": "60"})
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "INHOUSE_DRAIN_TIMEOUT_S": "60", "INHOUSE_MODEL_DIRS": f'["{root / "openclaw"}"]'})
     w = Workers(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", repo, data, log, admin, infer)
     try:
         w.wait_ready()
@@ -195,6 +200,16 @@ def test_unload_load_and_version_switch_reach_every_worker(workers: Workers) -> 
     index = _index(workers.per_connection("POST", "/v2/repository/index", json={}), "mlp")
     assert len(index) == 2 and len({tuple(v) for v in index.values()}) == 1, index  # one truth
 
+    # OpenClaw's LoadModel over gRPC: a folder under another name, served by both workers
+    with grpc.insecure_channel(workers.grpc_target) as ch:
+        stub = openclaw_grpc.ModelServiceStub(ch)  # type: ignore[no-untyped-call]
+        folder = workers.repo.parent / "openclaw" / "scorer"
+        r = stub.LoadModel(openclaw_pb.LoadModelRequest(model_name="scorer", model_path=str(folder)),
+                           metadata=[("authorization", f"Bearer {workers.admin}")], timeout=60)
+        assert r.success and list(r.versions) == ["1"]
+    meta = workers.per_connection("GET", "/v2/models/scorer")
+    assert len({pid for pid, _ in meta}) == 2 and all(r.status_code == 200 for _, r in meta)
+
 
 def test_a_killed_worker_is_replaced_with_the_current_models(workers: Workers) -> None:
     victim = min(workers.children())
@@ -205,6 +220,7 @@ def test_a_killed_worker_is_replaced_with_the_current_models(workers: Workers) -
     meta = workers.per_connection("GET", "/v2/models/mlp")
     assert {pid for pid, _ in meta} == pids
     assert all(r.json()["versions"] == ["2"] for _, r in meta), [r.text for _, r in meta]
+    assert all(r.status_code == 200 for _, r in workers.per_connection("GET", "/v2/models/scorer"))
 
 
 def test_audit_chain_holds_entries_from_every_worker(workers: Workers) -> None:
