@@ -97,4 +97,6 @@ def test_no_upward_imports() -> None:
 
 def test_only_the_cli_imports_the_server() -> None:
     graph = _graph()
-    assert sorted(m for m, targets in graph.items() if "inhouse.server" in targets) == ["inhouse.cli.serve"]
+    # `inhouse serve`, and the entry of one worker process that `inhouse serve --workers N` starts
+    assert sorted(m for m, targets in graph.items() if "inhouse.server" in targets) == [
+        "inhouse.cli.serve", "inhouse.workers.child"]

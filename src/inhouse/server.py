@@ -41,6 +41,7 @@ from inhouse.transports.tls import TlsConfigError, TlsMaterial, load_tls, server
 
 if TYPE_CHECKING:
     from inhouse.transports.grpc.server import GrpcFrontEnd
+    from inhouse.workers.link import WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def bind_socket(host: str, port: int, what: str) -> socket.socket:
+def bind_socket(host: str, port: int, what: str, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto
     # says TCP; without it every small response waits ~40 ms for a delayed ACK (Nagle).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if reuse_port:  # worker processes: each listens, the kernel spreads connections over them
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -84,8 +87,10 @@ class InhouseServer:
     (it reads model specs from the manager) → LLM service → observability → front ends (HTTP app
     and infer entry, gRPC). Each front end is handed the services it uses, nothing more."""
 
-    def __init__(self, settings: ServerSettings, repo_path: Path | None = None) -> None:
+    def __init__(self, settings: ServerSettings, repo_path: Path | None = None, *,
+                 worker: WorkerLink | None = None) -> None:
         self.settings = settings
+        self._worker = worker  # one of several worker processes (inhouse/workers/), or None
 
         # security checks: refuse a misconfigured or exposed start before anything is opened
         try:
@@ -131,8 +136,14 @@ class InhouseServer:
             self.manager.listeners.append(self._heap)
         self.state = ServerState()
         # a load request's 'source' may only name the repository or the configured model folders
-        self.dataplane = DataPlane(self.manager, self.state, check_source=partial(
-            check_model_source, allowed=[self.repository.root, *settings.model_dirs]))
+        check_source = partial(check_model_source, allowed=[self.repository.root, *settings.model_dirs])
+        self.dataplane: DataPlane
+        if worker is None:
+            self.dataplane = DataPlane(self.manager, self.state, check_source=check_source)
+        else:
+            from inhouse.workers.link import WorkerDataPlane
+
+            self.dataplane = WorkerDataPlane(self.manager, worker, self.state, check_source=check_source)
 
         self.security = SecurityGate(settings, self.manager)
         try:
@@ -143,6 +154,9 @@ class InhouseServer:
                 self.observability = Observability(settings, self.manager, self.dataplane)
             except TracingUnavailableError as err:
                 raise StartupError(str(err)) from None
+            if worker is not None:
+                worker.registry = self.observability.registry
+                self.observability.serve_metrics_from(worker.render_metrics)
 
             self.cache = self._response_cache(settings)
 
@@ -206,7 +220,7 @@ class InhouseServer:
                         "or set grpc.enabled: false to silence this", extra={"missing": err.name})
             return None
         return GrpcFrontEnd(self.settings, self.tls, self.dataplane, self.llm, self.security,
-                            self.observability.metrics.grpc)
+                            self.observability.metrics.grpc, reuse_port=self._worker is not None)
 
     @property
     def grpc_target(self) -> str | None:
@@ -228,7 +242,7 @@ class InhouseServer:
 
     async def start(self) -> None:
         """Bind, start serving (live, not yet ready), load the start-up models, become ready."""
-        sock = bind_socket(self.settings.host, self.settings.http_port, "HTTP")
+        sock = bind_socket(self.settings.host, self.settings.http_port, "HTTP", reuse_port=self._worker is not None)
         self.http_port = sock.getsockname()[1]
         self._uvicorn = _EmbeddedUvicorn(self._uvicorn_config(self.asgi, **self._uvicorn_http()))
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock])))
@@ -248,11 +262,13 @@ class InhouseServer:
         log.info("listening", extra={"url": self.http_url, "repository": str(self.repository.root)})
         log.info("console", extra={"url": f"{self.http_url}/console"})
         await self._initial_load()
+        if self._worker is not None:
+            await self._worker.sync()  # the loads and unloads made while this worker was not running
         if self._heap is not None:
             self._heap.settle_now()  # before ready: the first requests meet a frozen heap
         self.state.started = True
-        if self.settings.discovery:
-            await self._advertise()
+        if self.settings.discovery and (self._worker is None or self._worker.index == 0):
+            await self._advertise()  # one announcement per server, not one per worker process
         if self.settings.poll:
             self._tasks.append(asyncio.create_task(self._poll()))
         log.info("ready", extra={"models": sorted(self.manager.serving())})
@@ -300,7 +316,7 @@ class InhouseServer:
         """The dedicated metrics port: a second uvicorn server in this loop, over an app with the
         main port's security middleware and TLS (transports/http/metrics_app.py)."""
         s = self.settings
-        sock = bind_socket(s.metrics_host or s.host, port, "metrics")
+        sock = bind_socket(s.metrics_host or s.host, port, "metrics", reuse_port=self._worker is not None)
         self.metrics_port = sock.getsockname()[1]
         app = build_metrics_app(gate=self.security, observability=self.observability.http,
                                 max_request_bytes=s.max_request_bytes)

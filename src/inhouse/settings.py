@@ -20,6 +20,7 @@ from pydantic_settings import (
 from inhouse.rates import parse_rate
 
 DEFAULT_CONFIG_FILE = "inhouse.yaml"
+AUTO_WORKERS_MAX = 8
 
 
 def default_data_dir() -> Path:
@@ -74,6 +75,8 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    workers: int | Literal["auto"] = Field(default=1, description="server processes sharing the ports; 'auto': "
+                                           f"one per core, at most {AUTO_WORKERS_MAX}")
     load_timeout_s: float | None = Field(default=None, gt=0, description="a model load (backend load and "
                                          "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
@@ -200,6 +203,23 @@ class ServerSettings(BaseSettings):
         if settings_cls.model_config.get("yaml_file"):
             sources.append(YamlConfigSettingsSource(settings_cls))
         return tuple(sources)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("workers must be 1 or more, or 'auto' (one per core)")
+        return v
+
+    def worker_count(self) -> int:
+        """Processes to run: ``workers``, or one per core this process may use, up to the limit."""
+        if self.workers != "auto":
+            return int(self.workers)
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, AUTO_WORKERS_MAX))
 
     def load_names(self) -> list[str] | Literal["all", "none"]:
         value = self.load.strip()

@@ -57,6 +57,8 @@ def serve(
     advertise: Annotated[bool | None, typer.Option(
         "--advertise/--no-advertise",
         help="Announce this server on the LAN over mDNS (_inhouse._tcp; needs inhouse[discovery]).")] = None,
+    workers: Annotated[str | None, typer.Option(
+        help="Server processes sharing the ports: N | auto (one per core, at most 8) [1].")] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
@@ -68,12 +70,17 @@ def serve(
             data_dir=data_dir, model_key_file=model_key_file, log_level=log_level, log_format=log_format,
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
             llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,
-            load_timeout_s=load_timeout, discovery=advertise,
+            load_timeout_s=load_timeout, discovery=advertise, workers=workers,
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    count = settings.worker_count()
+    if count > 1:
+        from inhouse.workers.supervisor import run_workers
+
+        raise typer.Exit(run_workers(settings, count))
     # lazy: the server pulls in the web stack and every backend; other commands start without it
     from inhouse.server import InhouseServer, StartupError
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -17,13 +19,18 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     return encoder(registry), content_type
 
 
-def build_metrics_router(registry: CollectorRegistry) -> APIRouter:
+Exposition = Callable[[str | None], Awaitable[tuple[bytes, str]]]
+"""Renders the metrics of more than this registry (worker processes: the sum over all of them)."""
+
+
+def build_metrics_router(registry: CollectorRegistry, source: Exposition | None = None) -> APIRouter:
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", summary="Prometheus metrics")
     @guarded(Guard("metrics", "metrics"))
     async def metrics(request: Request) -> Response:
-        body, content_type = render(registry, request.headers.get("accept"))
+        accept = request.headers.get("accept")
+        body, content_type = await source(accept) if source is not None else render(registry, accept)
         return Response(body, media_type=None, headers={"Content-Type": content_type})
 
     return router

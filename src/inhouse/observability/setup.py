@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry
 
@@ -14,6 +14,7 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.core.manager import ModelManager
 from inhouse.observability.access import HttpMetrics
 from inhouse.observability.collectors import GpuCollector, ModelCollector, ProcessCollector
+from inhouse.observability.endpoint import Exposition
 from inhouse.observability.metrics import LifecycleRecorder, Metrics
 from inhouse.observability.observer import RequestObserver
 from inhouse.observability.tracing import Tracer
@@ -32,6 +33,7 @@ class HttpObservability:
     tracer: Tracer | None
     access_log: bool
     log_client_address: bool
+    exposition: Exposition | None = None  # what /metrics serves instead of the registry alone
 
 
 class Observability:
@@ -56,6 +58,10 @@ class Observability:
         self.http_metrics = HttpMetrics(self.metrics)
         self.http = HttpObservability(self.registry, self.http_metrics, self.tracer, settings.access_log,
                                       settings.log_client_address)
+
+    def serve_metrics_from(self, exposition: Exposition) -> None:
+        """/metrics renders ``exposition`` (worker processes: every worker's metrics added up)."""
+        self.http = replace(self.http, exposition=exposition)
 
     async def start(self) -> Callable[[], Awaitable[None]]:
         """Returns the stopper (the dedicated metrics port is the server's: it serves an app

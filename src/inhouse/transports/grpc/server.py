@@ -51,7 +51,7 @@ class GrpcPortError(ListenError):
     """The gRPC port cannot be opened."""
 
 
-def server_options(g: GrpcSettings) -> list[tuple[str, int]]:
+def server_options(g: GrpcSettings, reuse_port: bool = False) -> list[tuple[str, int]]:
     keepalive_ms = int(g.keepalive_time_s * 1000)
     return [
         ("grpc.max_receive_message_length", g.max_message_bytes),
@@ -62,8 +62,8 @@ def server_options(g: GrpcSettings) -> list[tuple[str, int]]:
         # let clients ping as often as the server itself does, without a GOAWAY
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min(keepalive_ms, 10_000)),
         ("grpc.http2.max_ping_strikes", 0),
-        # a port in use must fail the start, not be shared silently
-        ("grpc.so_reuseport", 0),
+        # a port in use must fail the start, not be shared silently (worker processes share it on purpose)
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
@@ -73,11 +73,12 @@ class GrpcFrontEnd:
     concurrency limit when one is set."""
 
     def __init__(self, settings: ServerSettings, tls: TlsMaterial | None, dataplane: DataPlane,
-                 llm: LLMService, gate: SecurityGate, metrics: GrpcMetrics) -> None:
+                 llm: LLMService, gate: SecurityGate, metrics: GrpcMetrics, *, reuse_port: bool = False) -> None:
         self._settings = settings
         self._tls = tls
         self._dataplane = dataplane
         self._llm = llm  # chat models stream through ModelStreamInfer
+        self._reuse_port = reuse_port
         self.interceptors: list[grpc.aio.ServerInterceptor] = [
             GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log),
             SecurityInterceptor(gate),
@@ -97,7 +98,7 @@ class GrpcFrontEnd:
         # them then run there, in order)
         at_registration = all(isinstance(i, CachedWrapInterceptor) for i in interceptors)
         aio = grpc.aio.server(migration_thread_pool=pool, interceptors=None if at_registration else interceptors,
-                              options=server_options(g))
+                              options=server_options(g, self._reuse_port))
         target: Any = WrappingRegistrar(aio, interceptors) if at_registration and interceptors else aio
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
             InferenceServicer(self._dataplane, llm=self._llm), target)

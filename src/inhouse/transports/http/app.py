@@ -48,7 +48,7 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     app.include_router(anthropic.build_router(llm, settings.max_request_bytes))
     app.include_router(ollama.build_router(llm, dataplane.manager, settings.max_request_bytes))
     if observability is not None:
-        app.include_router(build_metrics_router(observability.registry))
+        app.include_router(build_metrics_router(observability.registry, observability.exposition))
 
     # Routes raise; these render, in the format error_renderer picks for the path.
     async def http_error(request: Request, exc: Exception) -> Response:

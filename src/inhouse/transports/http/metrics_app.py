@@ -16,7 +16,7 @@ from inhouse.transports.http.security import SecurityMiddleware
 
 def build_metrics_app(*, gate: SecurityGate, observability: HttpObservability, max_request_bytes: int) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(build_metrics_router(observability.registry))
+    app.include_router(build_metrics_router(observability.registry, observability.exposition))
     app.add_middleware(ErrorResponses)
     app.add_middleware(SecurityMiddleware, gate=gate, max_request_bytes=max_request_bytes)
     # outermost, as on the main port: refused scrapes are measured and logged too
