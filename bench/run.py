@@ -149,20 +149,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Settings given to every server this run starts, on top of the defaults (``--server-setting``);
+# empty unless asked for, and printed with the results, so a table always says what it measured.
+SERVER_SETTINGS: dict[str, str] = {}
+
+
+def setting_env(settings: dict[str, str]) -> dict[str, str]:
+    """``{"access_log": "false"}`` -> ``{"INHOUSE_ACCESS_LOG": "false"}`` (nested keys with ``.``)."""
+    return {"INHOUSE_" + k.upper().replace(".", "__"): v for k, v in settings.items()}
+
+
 @contextmanager
 def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """``inhouse serve`` as a user starts it: default settings (logging and the access log
+    included, written to a file as a service manager would keep them), plus only what
+    ``--server-setting`` asked for and ``extra_env``."""
     http, grpc = free_port(), free_port()
-    env = {**os.environ, **(extra_env or {})}
+    env = {**os.environ, **setting_env(SERVER_SETTINGS), **(extra_env or {})}
     cmd = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--log-level", "warning",
-           "--data-dir", str(repo.parent / "data")]
-    proc = subprocess.Popen(cmd, env=env)
+           "--http-port", str(http), "--grpc-port", str(grpc), "--data-dir", str(repo.parent / "data")]
+    log_path = repo.parent / f"server-{http}.log"
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http}"
     try:
         end = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
+                tail = log_path.read_bytes()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"the server exited during start-up:\n{tail}")
             try:
                 if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
@@ -178,6 +193,7 @@ def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()
 
 
 def payload_file(feed: dict[str, np.ndarray], folder: Path, name: str) -> Path:
@@ -434,13 +450,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="repeat every point, interleaved; report medians")
     p.add_argument("--asgi-reference", action="store_true",
                    help="mlp: also measure REST with the HTTP fast path off (http_fast_path: false)")
+    p.add_argument("--server-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a server setting other than its default (as INHOUSE_KEY=VALUE), e.g. access_log=false; "
+                        "repeatable, reported with the results; the default is none: the server as shipped")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    for item in args.server_setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--server-setting wants KEY=VALUE, got {item!r}")
+        SERVER_SETTINGS[key.strip()] = value.strip()
+    print(f"server settings: {SERVER_SETTINGS or 'defaults (as shipped)'}", flush=True)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.spinning = [s.strip() == "on" for s in args.spinning.split(",")]
     transports = [t.strip() for t in args.transport.split(",")]
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-                                           "onnxruntime": ort.__version__}, "args": vars(args) | {"out": None}}
+                                           "onnxruntime": ort.__version__}, "args": vars(args) | {"out": None},
+                               "server_settings": SERVER_SETTINGS or "defaults"}
     with tempfile.TemporaryDirectory(prefix="inhouse-bench-") as tmp:
         work = Path(tmp)
         if args.scenario in ("all", "mlp"):

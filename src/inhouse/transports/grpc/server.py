@@ -79,7 +79,8 @@ class GrpcFrontEnd:
         self._dataplane = dataplane
         self._llm = llm  # chat models stream through ModelStreamInfer
         self.interceptors: list[grpc.aio.ServerInterceptor] = [
-            GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log),
+            GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log,
+                                         access_log_sample=settings.access_log_sample),
             SecurityInterceptor(gate),
         ]
         if settings.grpc.max_concurrent_rpcs is not None:
