@@ -76,9 +76,14 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 class JsonLineSink:
     """A fast lane into the JSON handler for lines built elsewhere (the access log builds its
     line with orjson, no ``LogRecord``, no formatter): lines written on an event loop are
-    joined and written once per loop turn; from any other thread they are written at once.
-    They go where the handler's records go (``sys.stderr`` as it is then), under its lock, so
-    lines never interleave. ``flush`` (at server stop and exit) writes what is still pending."""
+    joined and written together ``FLUSH_AFTER_S`` after the first of them (at once when
+    ``MAX_PENDING`` wait); from any other thread they are written at once. A short delay rather
+    than one write per loop turn: gRPC calls finish one or two per turn. They go where the
+    handler's records go (``sys.stderr`` as it is then), under its lock, so lines never
+    interleave. ``flush`` (at server stop and exit) writes what is still pending."""
+
+    FLUSH_AFTER_S = 0.002
+    MAX_PENDING = 256
 
     def __init__(self, handler: logging.Handler) -> None:
         self.handler = handler
@@ -89,18 +94,19 @@ class JsonLineSink:
     def write(self, line: bytes) -> None:
         with self._lock:
             self._pending.append(line)
-            if self._scheduled:
+            if self._scheduled and len(self._pending) < self.MAX_PENDING:
                 return
+            arm = not self._scheduled  # else: a full buffer, its flush already armed: written now
             try:
-                loop = asyncio.get_running_loop()
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-            else:
+            if loop is not None and arm:
                 self._scheduled = True
-        if loop is None:
-            self.flush()
+        if loop is not None and arm:
+            loop.call_later(self.FLUSH_AFTER_S, self.flush)
         else:
-            loop.call_soon(self.flush)
+            self.flush()
 
     def flush(self) -> None:
         with self._lock:
