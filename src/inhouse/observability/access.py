@@ -169,15 +169,14 @@ def _ms(seconds: float) -> float:
 def _emit(level: int, msg: str, fields: dict[str, Any], pii_keys: tuple[str, ...]) -> None:
     """One access-log line. When the server's JSON handler is the only destination, the line is
     built here with orjson (what the handler's formatter and filters would write, key for key)
-    and written in a batch with the other lines of this event-loop turn; otherwise (text format,
+    and written in one batch with the lines of the next few milliseconds; otherwise (text format,
     a log capture or another handler attached) it goes through logging as a record."""
     sink = json_line_sink(access_log)
     if sink is None:
         access_log.log(level, msg, extra=fields)
         return
     doc: dict[str, Any] = {"ts": _timestamp(time.time()), "level": "warning" if level >= logging.WARNING else "info",
-                           "logger": "inhouse.access", "msg": msg}
-    doc.update(fields)
+                           "logger": "inhouse.access", "msg": msg, **fields}
     for key in pii_keys:
         value = doc.get(key)
         if isinstance(value, str):
