@@ -7,7 +7,7 @@ Every number is measured in this run against a reference taken in the same run:
    in µs per request, against the same observations with prometheus_client's own types;
 2. DataPlane.infer on a tiny ONNX model in-process, without and with the observer and recorders;
 3. the whole ASGI app (REST infer, no network) without and with the observability middleware,
-   access log off and on (JSON lines to /dev/null)."""
+   access log off and on (JSON lines to /dev/null, as the server writes them)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.manager import ModelManager
 from inhouse.core.repository import ModelRepository
 from inhouse.core.types import InferRequest, InputTensor
-from inhouse.logs import JsonFormatter
+from inhouse.logs import configure_logging
 from inhouse.observability.metrics import Metrics
 from inhouse.observability.observer import RequestObserver
 from inhouse.settings import ServerSettings
@@ -186,12 +186,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     args = ap.parse_args()
-    # access-log lines go through the JSON formatter to /dev/null, as they would to a log file
-    sink = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
-    sink.setFormatter(JsonFormatter())
-    access = logging.getLogger("inhouse.access")
-    access.addHandler(sink)
-    access.propagate = False
+    # logging as `inhouse serve` sets it up (JSON lines on stderr), with stderr sent to /dev/null
+    # as a log file would take it: access-log lines take the server's fast lane
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    configure_logging("info", "json")
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         write_model(repo, "add", add_model(), {"warmup": {"samples": 0}})

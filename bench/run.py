@@ -149,20 +149,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Settings given to every server this run starts, on top of the defaults (``--server-setting``);
+# empty unless asked for, and printed with the results, so a table always says what it measured.
+SERVER_SETTINGS: dict[str, str] = {}
+
+
+def setting_env(settings: dict[str, str]) -> dict[str, str]:
+    """``{"access_log": "false"}`` -> ``{"INHOUSE_ACCESS_LOG": "false"}`` (nested keys with ``.``)."""
+    return {"INHOUSE_" + k.upper().replace(".", "__"): v for k, v in settings.items()}
+
+
 @contextmanager
 def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """``inhouse serve`` as a user starts it: default settings (logging and the access log
+    included, written to a file as a service manager would keep them), plus only what
+    ``--server-setting`` asked for and ``extra_env``."""
     http, grpc = free_port(), free_port()
-    env = {**os.environ, **(extra_env or {})}
+    env = {**os.environ, **setting_env(SERVER_SETTINGS), **(extra_env or {})}
     cmd = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--log-level", "warning",
-           "--data-dir", str(repo.parent / "data")]
-    proc = subprocess.Popen(cmd, env=env)
+           "--http-port", str(http), "--grpc-port", str(grpc), "--data-dir", str(repo.parent / "data")]
+    log_path = repo.parent / f"server-{http}.log"
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http}"
     try:
         end = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
+                tail = log_path.read_bytes()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"the server exited during start-up:\n{tail}")
             try:
                 if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
@@ -170,6 +185,60 @@ def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[
                 pass
             if time.monotonic() > end:
                 raise RuntimeError("the server did not become ready")
+            time.sleep(0.2)
+        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "grpc-h2load": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+
+
+@contextmanager
+def serve_triton(args: argparse.Namespace, work: Path, name: str, model: bytes, max_batch: int,
+                 delay_ms: float) -> Iterator[dict[str, str]]:
+    """Triton (its C++ front ends, the python backend running onnxruntime with one thread, its
+    dynamic batcher at ``max_batch`` / ``delay_ms``) serving ``model`` as ``name``: the peer
+    harness's ``triton-pyb``, from what ``peers.sh setup`` installed under ``--triton``."""
+    venvs, harness = args.triton, args.peer_harness
+    dist = venvs / "triton-dist"
+    libs = venvs / "venv-pytriton" / "lib" / "python3.11" / "site-packages" / "nvidia_pytriton.libs"
+    if not (dist / "bin" / "tritonserver").is_file() or not (harness / "servers" / "triton_pyb_model.py").is_file():
+        raise RuntimeError(f"no Triton under {venvs} or no harness in {harness}: run peers.sh setup")
+    repo = work / "triton-repo"
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text('backend: "python"\ninstance_group [ { kind: KIND_CPU count: 1 } ]\n')
+    (repo / name / "1" / "model.py").write_bytes((harness / "servers" / "triton_pyb_model.py").read_bytes())
+    (work / f"{name}.onnx").write_bytes(model)
+    http, grpc = free_port(), free_port()
+    import sysconfig
+
+    env = {**os.environ, "MODEL_PATH": str(work / f"{name}.onnx"), "MODEL_NAME": name, "ORT_THREADS": "1",
+           "MAX_BATCH": str(max_batch), "MAX_WAIT_MS": str(delay_ms), "BENCH_SERVERS": str(harness / "servers"),
+           "PATH": f"{venvs / 'venv-pytriton' / 'bin'}:{os.environ.get('PATH', '')}",
+           "LD_LIBRARY_PATH": f"{sysconfig.get_config_var('LIBDIR')}:{libs}"}
+    cmd = [str(dist / "bin" / "tritonserver"), f"--model-repository={repo}", "--model-control-mode=explicit",
+           f"--load-model={name}", f"--backend-directory={dist / 'backends'}", f"--cache-directory={dist / 'caches'}",
+           "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+           "--allow-metrics=false", "--log-verbose=0"]
+    log_path = work / "triton.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("Triton exited during start-up:\n" + log_path.read_text(errors="replace")[-2000:])
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError("Triton did not become ready")
             time.sleep(0.2)
         yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "grpc-h2load": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
     finally:
@@ -323,6 +392,14 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
             r["model"] = "mlp-batch (ASGI path)"
             print(_row(r), flush=True)
         rows += asgi
+    if args.triton is not None:
+        # Triton with the same model, batching and load, in the same run: the issue's yardstick
+        with serve_triton(args, work / "mlp", "mlp-batch", model, 64, 1) as urls:
+            peer = measure(args, urls, payload, [(t, "mlp-batch", c) for t in transports for c in (64, 1)])
+        for r in peer:
+            r["model"] = "triton-pyb"
+            print(_row(r), flush=True)
+        rows += peer
     floor = http_floor(args, payload) if "rest" in transports else {}
     if floor:
         print(f"  http floor (bare uvicorn app, c=64 / c=1): {floor}", flush=True)
@@ -354,6 +431,15 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
         if g_floor.get("c64", {}).get("server_cpu_us_per_req") and on_grpc.get("server_cpu_us_per_req"):
             summary[f"{t}_batching_c64_cpu_per_req_vs_grpc_floor"] = round(
                 on_grpc["server_cpu_us_per_req"] / g_floor["c64"]["server_cpu_us_per_req"], 2)
+    for transport in transports:
+        for c in (64, 1):
+            ours = next((r for r in rows if r.get("transport") == transport and r["model"] == "mlp-batch"
+                         and r["concurrency"] == c), {})
+            theirs = next((r for r in rows if r.get("transport") == transport and r["model"] == "triton-pyb"
+                           and r["concurrency"] == c), {})
+            if ours.get("rps") and theirs.get("rps"):
+                summary[f"{transport}_c{c}_rps_vs_triton"] = round(ours["rps"] / theirs["rps"], 2)
+                summary[f"{transport}_c{c}_p50_ms_inhouse_triton"] = (ours["p50_ms"], theirs["p50_ms"])
     print(f"mlp summary: {summary}", flush=True)
     return {"raw": raw, "server": rows, "http_floor": floor, "grpc_floor": g_floors.get("grpc", {}),
             "grpc_floors": g_floors, "summary": summary}
@@ -434,13 +520,28 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="repeat every point, interleaved; report medians")
     p.add_argument("--asgi-reference", action="store_true",
                    help="mlp: also measure REST with the HTTP fast path off (http_fast_path: false)")
+    p.add_argument("--server-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a server setting other than its default (as INHOUSE_KEY=VALUE), e.g. access_log=false; "
+                        "repeatable, reported with the results; the default is none: the server as shipped")
+    p.add_argument("--triton", type=Path, default=None, metavar="PEERBENCH_DIR",
+                   help="mlp: also measure Triton (python backend, onnxruntime) with the same model, batching and "
+                        "load, from what the peer harness's `peers.sh setup` installed there (e.g. /tmp/peerbench)")
+    p.add_argument("--peer-harness", type=Path, default=HERE.parent.parent / "shared" / "peerbench",
+                   help="the peer harness's folder (its servers/triton_pyb_model.py)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    for item in args.server_setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--server-setting wants KEY=VALUE, got {item!r}")
+        SERVER_SETTINGS[key.strip()] = value.strip()
+    print(f"server settings: {SERVER_SETTINGS or 'defaults (as shipped)'}", flush=True)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.spinning = [s.strip() == "on" for s in args.spinning.split(",")]
     transports = [t.strip() for t in args.transport.split(",")]
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-                                           "onnxruntime": ort.__version__}, "args": vars(args) | {"out": None}}
+                                           "onnxruntime": ort.__version__}, "args": vars(args) | {"out": None},
+                               "server_settings": SERVER_SETTINGS or "defaults"}
     with tempfile.TemporaryDirectory(prefix="inhouse-bench-") as tmp:
         work = Path(tmp)
         if args.scenario in ("all", "mlp"):

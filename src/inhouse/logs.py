@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -70,10 +73,94 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class JsonLineSink:
+    """A fast lane into the JSON handler for lines built elsewhere (the access log builds its
+    line with orjson, no ``LogRecord``, no formatter): lines written on an event loop are
+    joined and written together ``FLUSH_AFTER_S`` after the first of them (at once when
+    ``MAX_PENDING`` wait); from any other thread they are written at once. A short delay rather
+    than one write per loop turn: gRPC calls finish one or two per turn. They go where the
+    handler's records go (``sys.stderr`` as it is then), under its lock, so lines never
+    interleave. ``flush`` (at server stop and exit) writes what is still pending."""
+
+    FLUSH_AFTER_S = 0.002
+    MAX_PENDING = 256
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self.handler = handler
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            self._pending.append(line)
+            if self._scheduled and len(self._pending) < self.MAX_PENDING:
+                return
+            arm = not self._scheduled  # else: a full buffer, its flush already armed: written now
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None and arm:
+                self._scheduled = True
+        if loop is not None and arm:
+            loop.call_later(self.FLUSH_AFTER_S, self.flush)
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            lines, self._pending = self._pending, []
+        if not lines:
+            return
+        text = (b"\n".join(lines) + b"\n").decode()
+        with self.handler.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            try:
+                stream = sys.stderr
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError):  # stderr closed or gone: as logging does, the lines are dropped
+                pass
+
+
+_sink: JsonLineSink | None = None
+
+
+def json_line_sink(logger: logging.Logger) -> JsonLineSink | None:
+    """The fast lane for ``logger``'s records, when their only destination is the JSON handler
+    :func:`configure_logging` installed; None when anything else would see them (a handler or
+    filter added since, such as a test's log capture): then they must go through logging."""
+    sink = _sink
+    if sink is None or logger.filters or logger.handlers or not logger.propagate:
+        return None
+    root = logging.root
+    handlers = root.handlers
+    if len(handlers) != 1 or handlers[0] is not sink.handler or root.filters:
+        return None
+    parent = logger.parent
+    while parent is not None and parent is not root:
+        if parent.handlers or parent.filters or not parent.propagate:
+            return None
+        parent = parent.parent
+    return sink
+
+
+def flush_json_lines() -> None:
+    if _sink is not None:
+        _sink.flush()
+
+
+atexit.register(flush_json_lines)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    global _sink
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    flush_json_lines()
+    _sink = JsonLineSink(handler) if use_json else None
     handler.addFilter(RequestContextFilter())
     handler.addFilter(PiiLogFilter())  # PII never reaches the logs
     root = logging.getLogger()

@@ -167,7 +167,8 @@ class InhouseServer:
             self.asgi = InferEntry(
                 self.app, dataplane=self.dataplane, gate=self.security, max_request_bytes=settings.max_request_bytes,
                 gzip_min_bytes=settings.gzip_min_bytes, http_metrics=http.http_metrics, tracer=http.tracer,
-                access_log_enabled=http.access_log, log_client_address=http.log_client_address)
+                access_log_enabled=http.access_log, log_client_address=http.log_client_address,
+                access_log_sample=http.access_log_sample)
             self._grpc = self._grpc_front_end() if settings.grpc.enabled else None
         except BaseException:
             self.security.close()  # it opened the key store and audit log

@@ -183,6 +183,9 @@ class ServerSettings(BaseSettings):
                                      description="also serve /metrics on this port (e.g. 9091)")
     metrics_host: str | None = Field(default=None, description="address of the metrics port (default: host)")
     access_log: bool = Field(default=True, description="one log line per HTTP / gRPC request")
+    access_log_sample: float = Field(default=1.0, ge=0.0, le=1.0,
+                                     description="share of successful requests given an access-log line "
+                                                 "(errors and refusals always get one)")
     log_client_address: bool = Field(default=False, description="put the client IP in access logs")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP collector, e.g. http://otel:4318")
     otel_service_name: str = "inhouse"

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from inhouse.core.dataplane import DataPlane
 from inhouse.core.manager import ModelManager
+from inhouse.logs import flush_json_lines
 from inhouse.observability.access import HttpMetrics
 from inhouse.observability.collectors import GpuCollector, ModelCollector, ProcessCollector
 from inhouse.observability.endpoint import Exposition
@@ -33,6 +34,7 @@ class HttpObservability:
     tracer: Tracer | None
     access_log: bool
     log_client_address: bool
+    access_log_sample: float = 1.0
     exposition: Exposition | None = None  # what /metrics serves instead of the registry alone
 
 
@@ -57,7 +59,7 @@ class Observability:
             self.tracer = Tracer(settings.otlp_endpoint, settings.otel_service_name, settings.trace_sample_ratio)
         self.http_metrics = HttpMetrics(self.metrics)
         self.http = HttpObservability(self.registry, self.http_metrics, self.tracer, settings.access_log,
-                                      settings.log_client_address)
+                                      settings.log_client_address, settings.access_log_sample)
 
     def serve_metrics_from(self, exposition: Exposition) -> None:
         """/metrics renders ``exposition`` (worker processes: every worker's metrics added up)."""
@@ -68,6 +70,7 @@ class Observability:
         behind the security middleware, transports/http/metrics_app.py)."""
 
         async def stop() -> None:
+            flush_json_lines()  # access-log lines of the last event-loop turn
             if self.tracer is not None:
                 self.tracer.shutdown()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,11 +13,11 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from inhouse.observability.access import log_rpc
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.metrics import GrpcMetrics
 from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
-access_log = logging.getLogger("inhouse.access")
 
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").rpartition("/")
@@ -43,10 +42,12 @@ def _code_name(context: Any, raised: BaseException | None) -> str:
 
 
 class GrpcObservabilityInterceptor(CachedWrapInterceptor):
-    def __init__(self, metrics: GrpcMetrics, *, access_log_enabled: bool = True) -> None:
+    def __init__(self, metrics: GrpcMetrics, *, access_log_enabled: bool = True,
+                 access_log_sample: float = 1.0) -> None:
         super().__init__()
         self.metrics = metrics
         self._log = access_log_enabled
+        self._sample = access_log_sample
 
     def _begin(self, started: Any, context: Any) -> RequestContext:
         started.inc()
@@ -65,15 +66,7 @@ class GrpcObservabilityInterceptor(CachedWrapInterceptor):
         self.metrics.handled.labels(*labels, code).inc()
         seconds_hist.observe(seconds)
         if self._log:
-            level = logging.WARNING if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS") else logging.INFO
-            if access_log.isEnabledFor(level):
-                extra: dict[str, Any] = {"request_id": ctx.request_id, "trace_id": ctx.trace_id, "rpc": method,
-                                         "grpc_code": code, "latency_ms": round(seconds * 1000, 3)}
-                if ctx.model is not None:
-                    extra["model"], extra["version"] = ctx.model, ctx.version
-                if ctx.code is not None:
-                    extra["code"] = ctx.code
-                access_log.log(level, "rpc", extra=extra)
+            log_rpc(method, ctx, code, seconds, self._sample)
 
     def _unary(self, behavior: Unary, method: str, kind: RpcKind) -> Unary:
         service, name = _split(method)

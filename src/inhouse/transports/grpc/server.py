@@ -80,7 +80,8 @@ class GrpcFrontEnd:
         self._llm = llm  # chat models stream through ModelStreamInfer
         self._reuse_port = reuse_port
         self.interceptors: list[grpc.aio.ServerInterceptor] = [
-            GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log),
+            GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log,
+                                         access_log_sample=settings.access_log_sample),
             SecurityInterceptor(gate),
         ]
         if settings.grpc.max_concurrent_rpcs is not None:

@@ -89,7 +89,8 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     if observability is not None:
         app.add_middleware(ObservabilityMiddleware, http_metrics=observability.http_metrics,
                            tracer=observability.tracer, access_log_enabled=observability.access_log,
-                           log_client_address=observability.log_client_address)
+                           log_client_address=observability.log_client_address,
+                           access_log_sample=observability.access_log_sample)
     guard_docs(app)
     return app
 

@@ -73,7 +73,8 @@ class InferEntry:
 
     def __init__(self, app: ASGIApp, *, dataplane: DataPlane, gate: SecurityGate, max_request_bytes: int,
                  gzip_min_bytes: int = 0, http_metrics: HttpMetrics | None = None, tracer: Tracer | None = None,
-                 access_log_enabled: bool = True, log_client_address: bool = False) -> None:
+                 access_log_enabled: bool = True, log_client_address: bool = False,
+                 access_log_sample: float = 1.0) -> None:
         self.app = app
         self._dataplane = dataplane
         self._gate = gate
@@ -83,6 +84,7 @@ class InferEntry:
         self._tracer = tracer
         self._log = access_log_enabled
         self._client = log_client_address
+        self._sample = access_log_sample
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -212,4 +214,4 @@ class InferEntry:
         if span is not None and self._tracer is not None:
             self._tracer.end_request(span, ctx, route, status)
         if self._log:
-            log_access("POST", path, peer, ctx, route, status, seconds, self._client)
+            log_access("POST", path, peer, ctx, route, status, seconds, self._client, self._sample)

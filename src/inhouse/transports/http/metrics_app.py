@@ -22,5 +22,6 @@ def build_metrics_app(*, gate: SecurityGate, observability: HttpObservability, m
     # outermost, as on the main port: refused scrapes are measured and logged too
     app.add_middleware(ObservabilityMiddleware, http_metrics=observability.http_metrics,
                        tracer=observability.tracer, access_log_enabled=observability.access_log,
-                       log_client_address=observability.log_client_address)
+                       log_client_address=observability.log_client_address,
+                       access_log_sample=observability.access_log_sample)
     return app
