@@ -73,6 +73,14 @@ def mlp_json(rows: int = 1) -> bytes:
                                    "data": data.ravel().tolist()}]}).encode()
 
 
+def slow_binary(rows: int, width: int = 512) -> tuple[bytes, list[tuple[str, str]]]:
+    """A v2 request for the slow model with its tensor in the binary extension (cheap to parse)."""
+    x = np.full((rows, width), 0.01, np.float32)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [rows, width], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return header + x.tobytes(), [("Inference-Header-Content-Length", str(len(header)))]
+
+
 def slow_json(rows: int, width: int = 512) -> bytes:
     return json.dumps({"inputs": [{"name": "x", "shape": [rows, width], "datatype": "FP32",
                                    "data": [0.01] * (rows * width)}]}).encode()
@@ -215,6 +223,7 @@ class HttpConn:
         self.host, self.port = host, int(port)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.headers: dict[str, str] = {}  # of the last response, names in lower case
 
     async def request(self, raw: bytes, limit_s: float = 60) -> tuple[int, bytes]:
         """(status, body); raises OSError / TimeoutError / EOFError when the exchange broke."""
@@ -242,9 +251,11 @@ async def _read_response(reader: asyncio.StreamReader, conn: HttpConn | None) ->
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     length, close, chunked = 0, False, False
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         k, _, v = line.partition(":")
         k = k.strip().lower()
+        headers[k] = v.strip()
         if k == "content-length":
             length = int(v)
         elif k == "connection" and "close" in v.lower():
@@ -260,8 +271,10 @@ async def _read_response(reader: asyncio.StreamReader, conn: HttpConn | None) ->
                 break
     else:
         body = await reader.readexactly(length)
-    if close and conn is not None:
-        conn.close()
+    if conn is not None:
+        conn.headers = headers
+        if close:
+            conn.close()
     return status, body
 
 

@@ -25,7 +25,7 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
@@ -60,8 +60,9 @@ class AuditWriteError(AuditUnavailableError):
     """An entry could not be committed. The client sees a fixed message (503, code 4050); the
     reason (``reason``: SQLite's or the audit writer's words) goes to the server log."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(_REFUSED, headers={"Retry-After": "1"})
+    def __init__(self, message: str = _REFUSED, *, headers: dict[str, str] | None = None,
+                 details: dict[str, Any] | None = None, reason: str = "") -> None:
+        super().__init__(message, headers={"Retry-After": "1"} if headers is None else headers, details=details)
         self.reason = reason
 
 
@@ -87,7 +88,7 @@ class _WriterProtocol(asyncio.SubprocessProtocol):
             elif self.awaiting:
                 error = None
                 if reply:
-                    error = AuditWriteError(reply.decode(errors="replace"))
+                    error = AuditWriteError(reason=reply.decode(errors="replace"))
                     log.error("the audit log could not be written; refusing the requests of this batch",
                               extra={"reason": error.reason})
                 _resolve(self.awaiting.popleft(), error)
@@ -95,7 +96,7 @@ class _WriterProtocol(asyncio.SubprocessProtocol):
             self.on_idle()
 
     def process_exited(self) -> None:
-        error = AuditWriteError("the audit writer process exited before committing these entries")
+        error = AuditWriteError(reason="the audit writer process exited before committing these entries")
         if not self.ready.done():
             self.ready.set_result(b"the audit writer process exited while starting")
         while self.awaiting:
@@ -253,7 +254,7 @@ class GroupCommitter:
         try:
             self._log.append_many(entries)
         except (sqlite3.Error, OSError) as exc:  # nothing of the batch was written: its requests are refused
-            error = AuditWriteError(f"{type(exc).__name__}: {exc}")
+            error = AuditWriteError(reason=f"{type(exc).__name__}: {exc}")
             log.error("the audit log could not be written; refusing the requests of this batch",
                       extra={"reason": error.reason})
             raise error from exc
