@@ -263,11 +263,13 @@ def test_group_commit_failure_fails_every_caller(tmp_path: Path) -> None:
             asyncio.gather(*(commits.commit(_entry(i)) for i in range(3)), return_exceptions=True), 10)
 
     results = asyncio.run(main())
-    assert all(isinstance(r, sqlite3.ProgrammingError) for r in results), results
+    # every caller gets the coded refusal (503, 4050), SQLite's error behind it
+    assert all(isinstance(r, AuditWriteError) and isinstance(r.__cause__, sqlite3.ProgrammingError)
+               for r in results), results
     async def later() -> None:
         await commits.commit(_entry(9))
 
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(AuditWriteError):
         asyncio.run(later())
 
 

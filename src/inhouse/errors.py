@@ -195,6 +195,14 @@ class RateLimitedError(InhouseError):
     openai_type = "rate_limit_error"
 
 
+class AuditUnavailableError(InhouseError):
+    """The audit log cannot be written (a full disk, an I/O error): with the audit log on, a
+    request is refused rather than answered unrecorded."""
+
+    code, http_status, grpc_status = 4050, 503, "UNAVAILABLE"
+    openai_type = "server_error"
+
+
 # 5xxx: policy
 class PolicyBlockedError(InhouseError):
     code, http_status, grpc_status = 5001, 400, "INVALID_ARGUMENT"

@@ -233,7 +233,8 @@ class AuditLog:
             db.execute("COMMIT")
         except BaseException:
             self._head = None
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk: SQLITE_FULL)
+                db.execute("ROLLBACK")
             raise
         self._head = (seq, prev, text)
         return seqs
@@ -265,7 +266,8 @@ class AuditLog:
                     self._set_meta("anchor", {"seq": keep_seq, "prev_hash": keep_prev})
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         return n
 

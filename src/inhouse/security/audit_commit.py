@@ -21,13 +21,15 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
+from inhouse.errors import AuditUnavailableError
 from inhouse.security.audit import AuditEntry, AuditLog
 from inhouse.security.audit_writer import frame, take_frame
 
@@ -50,8 +52,18 @@ class _Done:
 DONE: Awaitable[None] = _Done()
 
 
-class AuditWriteError(RuntimeError):
-    """The audit writer could not commit an entry (its message says why)."""
+_REFUSED = ("The audit log cannot be written, so this request was refused rather than answered unrecorded; "
+            "free space in the server's data directory (or fix its storage) and retry.")
+
+
+class AuditWriteError(AuditUnavailableError):
+    """An entry could not be committed. The client sees a fixed message (503, code 4050); the
+    reason (``reason``: SQLite's or the audit writer's words) goes to the server log."""
+
+    def __init__(self, message: str = _REFUSED, *, headers: dict[str, str] | None = None,
+                 details: dict[str, Any] | None = None, reason: str = "") -> None:
+        super().__init__(message, headers={"Retry-After": "1"} if headers is None else headers, details=details)
+        self.reason = reason
 
 
 class _WriterProtocol(asyncio.SubprocessProtocol):
@@ -74,13 +86,17 @@ class _WriterProtocol(asyncio.SubprocessProtocol):
             if not self.ready.done():
                 self.ready.set_result(reply)
             elif self.awaiting:
-                error = AuditWriteError(reply.decode(errors="replace")) if reply else None
+                error = None
+                if reply:
+                    error = AuditWriteError(reason=reply.decode(errors="replace"))
+                    log.error("the audit log could not be written; refusing the requests of this batch",
+                              extra={"reason": error.reason})
                 _resolve(self.awaiting.popleft(), error)
         if not self.awaiting and self.on_idle is not None:
             self.on_idle()
 
     def process_exited(self) -> None:
-        error = AuditWriteError("the audit writer process exited before committing these entries")
+        error = AuditWriteError(reason="the audit writer process exited before committing these entries")
         if not self.ready.done():
             self.ready.set_result(b"the audit writer process exited while starting")
         while self.awaiting:
@@ -235,7 +251,13 @@ class GroupCommitter:
         _resolve(batch, None)
 
     def _write(self, entries: list[AuditEntry]) -> None:
-        self._log.append_many(entries)
+        try:
+            self._log.append_many(entries)
+        except (sqlite3.Error, OSError) as exc:  # nothing of the batch was written: its requests are refused
+            error = AuditWriteError(reason=f"{type(exc).__name__}: {exc}")
+            log.error("the audit log could not be written; refusing the requests of this batch",
+                      extra={"reason": error.reason})
+            raise error from exc
         self.commits += 1
         self.entries += len(entries)
 

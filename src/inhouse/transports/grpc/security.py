@@ -7,6 +7,7 @@ audit entry is committed before the answer is sent."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -15,7 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from inhouse.errors import InhouseError
+from inhouse.errors import AuditUnavailableError, InhouseError
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import as_inhouse_error as as_error
 from inhouse.protocols.errors import grpc_abort
@@ -105,11 +106,20 @@ class _Rpc:
                 exchange = self.check(call, request, None)
         except Exception as exc:
             err = as_error(exc)
-            await self.gate.record(call, err.http_status, err.code, err.message)
+            with contextlib.suppress(AuditUnavailableError):  # a refusal goes out even when it cannot be recorded
+                await self.gate.record(call, err.http_status, err.code, err.message)
             await grpc_abort(context, err)
         return call, exchange
 
     async def finish(self, call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        """Commit the call's audit entry; when it cannot be written the RPC ends UNAVAILABLE (4050)
+        instead of answering unrecorded."""
+        try:
+            await self._finish(call, context, exc)
+        except AuditUnavailableError as err:
+            await grpc_abort(context, err)
+
+    async def _finish(self, call: Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         if call.recorded:
             return
         if exc is None:

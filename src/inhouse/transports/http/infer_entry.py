@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inhouse.core.dataplane import DataPlane
 from inhouse.core.types import InferResponse
-from inhouse.errors import InhouseError
+from inhouse.errors import AuditUnavailableError, InhouseError
 from inhouse.observability.access import HttpMetrics, log_access
 from inhouse.observability.context import RequestContext, activate, deactivate, new_context
 from inhouse.observability.tracing import Tracer
@@ -100,8 +100,11 @@ class InferEntry:
         client = scope.get("client")
         reader = partial(receive_body, receive, self._limit, header_text(h.get(b"content-length")),
                          header_text(h.get(b"content-encoding")))
-        reply = await self.answer(scope["path"], model, version, h, client[0] if client else None, reader,
-                                  partial(cancel_on_disconnect, receive), start)
+        try:
+            reply = await self.answer(scope["path"], model, version, h, client[0] if client else None, reader,
+                                      partial(cancel_on_disconnect, receive), start)
+        except AuditUnavailableError as err:  # answered by nobody rather than unrecorded: 503, as on the fast path
+            reply = error_reply(err)
         await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
         await send({"type": "http.response.body", "body": reply.body})
 
@@ -123,8 +126,9 @@ class InferEntry:
                          request_id=ctx.request_id, trace_id=ctx.trace_id)
         try:
             status, headers, body = await self._respond(read_body, guard, h, ctx, call, model, version)
-        except BaseException:
-            self._finish(path, peer, ctx, span, version, 500, start)
+        except BaseException as exc:
+            self._finish(path, peer, ctx, span, version, exc.http_status if isinstance(exc, InhouseError) else 500,
+                         start)
             raise
         finally:
             deactivate(token)

@@ -6,6 +6,7 @@ entry before the response starts, and the answer's texts. It knows no URL and no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inhouse.core.json_doc import json_object
 from inhouse.core.spec import ModelSpec
+from inhouse.errors import AuditUnavailableError
 from inhouse.observability.context import current as current_request
 from inhouse.protocols.errors import as_inhouse_error, error_renderer
 from inhouse.protocols.http_body import read_body
@@ -153,11 +155,12 @@ def inspect_body(gate: SecurityGate, call: Call, guard: Guard, spec: ModelSpec |
 class _Answer:
     """What the middleware holds of one answer while it rewrites or records it."""
 
-    __slots__ = ("error", "held", "start", "stream")
+    __slots__ = ("error", "held", "refused", "start", "stream")
 
     def __init__(self) -> None:
         self.start: Message | None = None  # held back: an error, or an answer whose texts are rewritten
         self.error = False
+        self.refused = False  # its audit entry could not be written: a 503 went out instead of it
         self.held: list[bytes] = []
         self.stream: AnswerStream | None = None
 
@@ -197,7 +200,8 @@ class SecurityMiddleware:
                 scope, receive, output_fn = await self._inspect(call, guard, scope, receive, h)
         except Exception as exc:
             err = as_inhouse_error(exc)
-            await gate.record(call, err.http_status, err.code, err.message)
+            with contextlib.suppress(AuditUnavailableError):  # a refusal goes out even when it cannot be recorded
+                await gate.record(call, err.http_status, err.code, err.message)
             response = error_renderer(scope["path"])(err)
             if echo:
                 response.headers[REQUEST_ID_HEADER] = call.request_id
@@ -207,7 +211,16 @@ class SecurityMiddleware:
         answer = _Answer()
         stream_fn = guard.texts.stream if guard.texts is not None else None
 
+        async def refuse(err: AuditUnavailableError) -> None:
+            """The answer's audit entry could not be committed: a 503 instead, and the rest dropped."""
+            answer.refused = True
+            response = error_renderer(scope["path"])(err)
+            response.headers[REQUEST_ID_HEADER] = call.request_id
+            await response(scope, receive, send)
+
         async def send_wrapper(message: Message) -> None:
+            if answer.refused:
+                return
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), *extra]
                 message = {**message, "headers": headers}
@@ -216,7 +229,11 @@ class SecurityMiddleware:
                 if message["status"] >= 400 and framing is None:
                     answer.start, answer.error = message, True  # recorded with its message once the body is here
                     return
-                await gate.record(call, message["status"], _error_code(headers))
+                try:
+                    await gate.record(call, message["status"], _error_code(headers))
+                except AuditUnavailableError as err:
+                    await refuse(err)
+                    return
                 if output_fn is None or not (framing is not None or ctype.startswith(b"application/json")):
                     await send(message)
                 elif framing is not None:
@@ -243,7 +260,11 @@ class SecurityMiddleware:
                 return
             body = b"".join(answer.held)
             if answer.error:
-                await gate.record(call, start["status"], _error_code(start["headers"]), _error_message(body))
+                try:
+                    await gate.record(call, start["status"], _error_code(start["headers"]), _error_message(body))
+                except AuditUnavailableError as err:
+                    await refuse(err)
+                    return
             else:
                 body = transform_json_body(body, output_fn)  # type: ignore[arg-type]  # set when not an error
                 start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
@@ -255,7 +276,8 @@ class SecurityMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             if not call.recorded:
-                await gate.record(call, 500, 9000, "the request failed before a response was sent")
+                with contextlib.suppress(AuditUnavailableError):  # the app's own failure is the one to raise
+                    await gate.record(call, 500, 9000, "the request failed before a response was sent")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """No WebSocket routes exist today; any future one gets the same admission check."""
