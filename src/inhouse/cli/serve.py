@@ -54,6 +54,9 @@ def serve(
     llm_timeout_s: Annotated[float | None, typer.Option(help="Deadline for one generation, seconds.")] = None,
     load_timeout: Annotated[float | None, typer.Option(
         help="Seconds a model load (with warm-up) may take before it fails with 1009 [no limit].")] = None,
+    ray: Annotated[str | None, typer.Option(
+        help="Run models as Ray Serve deployments: local (start a Ray), auto, or a cluster's HOST:PORT "
+             "(needs inhouse[ray]).")] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
@@ -66,6 +69,7 @@ def serve(
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
             llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,
             load_timeout_s=load_timeout,
+            ray=None if ray is None else {"address": None if ray == "local" else ray},
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)
