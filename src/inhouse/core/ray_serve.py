@@ -184,6 +184,9 @@ class RayPlacement:
         with self._lock:
             if self._connected:
                 return
+            # a Ray call after this server left its cluster (a handle's background thread) would
+            # otherwise start a whole local Ray of its own
+            os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
             try:
                 import ray
                 from ray import serve
@@ -213,7 +216,10 @@ class RayPlacement:
             if not self._connected:
                 return
             import ray
+            from ray import serve
 
+            if self.address is None:
+                serve.shutdown()  # the local Ray is this server's alone
             ray.shutdown()
             self._connected = False
 
@@ -246,7 +252,7 @@ class RayServeBackend:
             raise ModelLoadError(f"Ray Serve could not deploy model '{spec.name}' version {version}: {why}; "
                                  "check that every Ray node has inhouse installed and can read the "
                                  "model repository at the same path.") from None
-        meta: dict[str, Any] = handle.metadata.remote().result(timeout_s=60)
+        meta: dict[str, Any] = handle.options(method_name="metadata").remote().result(timeout_s=60)
         if "error" in meta:
             _delete(app)
             _unpack(meta["error"])
@@ -273,16 +279,23 @@ class RayServeModel:
         self.inputs = [TensorSpec.model_validate(t) for t in meta["inputs"]]
         self.outputs = [TensorSpec.model_validate(t) for t in meta["outputs"]]
         self._handle = handle
+        self._predict = handle.options(method_name="predict")
         self._spec = spec
         self._retries = retries
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
-        return _unpack(self._handle.predict.remote(inputs, outputs, None).result(timeout_s=60))
+        return _unpack(self._predict.remote(inputs, outputs, None).result(timeout_s=60))
 
     def make_scheduler(self) -> Scheduler:
-        return RayServeScheduler(self._handle, self._spec, self._retries)
+        return RayServeScheduler(self._predict, self._spec, self._retries)
 
     def close(self) -> None:
+        # the handles share one router, which keeps pushing metrics from a thread of its own
+        # until it is shut down (and after the server left Ray, that thread would fail)
+        try:
+            self._handle.shutdown()
+        except Exception:
+            log.debug("a Ray Serve handle did not shut down cleanly", exc_info=True)
         _delete(self.app)
 
 
@@ -326,7 +339,7 @@ class RayServeScheduler:
                     timeout_s: float | None) -> dict[str, np.ndarray]:
         for attempt in itertools.count():
             try:
-                result = await self._handle.predict.remote(inputs, outputs, timeout_s)
+                result = await self._handle.remote(inputs, outputs, timeout_s)
             except self._lost:
                 if attempt >= self._retries:
                     raise InferenceError(f"The Ray replicas of model '{self._spec.name}' died while running the "
