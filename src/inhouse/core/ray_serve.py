@@ -219,7 +219,7 @@ class RayPlacement:
             from ray import serve
 
             if self.address is None:
-                serve.shutdown()  # the local Ray is this server's alone
+                serve.shutdown()  # type: ignore[no-untyped-call]  # the local Ray is this server's alone
             ray.shutdown()
             self._connected = False
 
