@@ -1,6 +1,6 @@
-"""Under ``CI=true`` a test, or a whole test file, skipped because torch or transformers will not
-import fails the run instead: CI installs both (the ``test`` extra), so there such a skip means a
-broken install, not an optional extra. Elsewhere the skip stays a skip."""
+"""Under ``CI=true`` a test, or a whole test file, skipped because torch, transformers or ray will
+not import fails the run instead: CI installs them (the ``test`` extra), so there such a skip means
+a broken install, not an optional extra. Elsewhere the skip stays a skip."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-REQUIRED = ("torch", "transformers")
+REQUIRED = ("torch", "transformers", "ray")
 
 
 def _failed_import(longrepr: Any) -> str | None:
@@ -23,7 +23,8 @@ def _fail_in_ci(report: pytest.CollectReport | pytest.TestReport) -> None:
     text = _failed_import(report.longrepr)
     if text is not None:
         report.outcome = "failed"
-        report.longrepr = f"{text} (CI=true: the test extra installs torch and transformers, so this must not skip)"
+        report.longrepr = (f"{text} (CI=true: the test extra installs torch, transformers and ray, so this must "
+                           "not skip)")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -40,6 +40,7 @@ from inhouse.transports.http.metrics_app import build_metrics_app
 from inhouse.transports.tls import TlsConfigError, TlsMaterial, load_tls, server_context
 
 if TYPE_CHECKING:
+    from inhouse.core.ray_serve import RayPlacement
     from inhouse.transports.grpc.server import GrpcFrontEnd
     from inhouse.workers.link import WorkerLink
 
@@ -129,6 +130,7 @@ class InhouseServer:
                              "vllm": settings.vllm, "vllm_command": settings.vllm_command},
             drain_timeout_s=settings.drain_timeout_s,
             load_timeout_s=settings.load_timeout_s,
+            placement=self._ray_placement(settings),
         )
         self._heap: HeapSettler | None = None
         if settings.gc_freeze:
@@ -200,6 +202,18 @@ class InhouseServer:
         self.llm.cache = cache
         self.manager.listeners.append(cache)
         return cache
+
+    @staticmethod
+    def _ray_placement(settings: ServerSettings) -> RayPlacement | None:
+        """Ray Serve placement when the settings ask for it; Ray itself is imported on the first
+        placed load, so a missing extra fails that load with its install command."""
+        if settings.ray is None:
+            return None
+        from inhouse.core.ray_serve import RayPlacement
+
+        r = settings.ray
+        return RayPlacement(r.address, namespace=r.namespace, num_cpus=r.num_cpus,
+                            object_store_mb=r.object_store_mb, retries=r.retries)
 
     @staticmethod
     def _single_model(settings: ServerSettings) -> tuple[str, LinkedModel] | None:

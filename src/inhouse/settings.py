@@ -52,6 +52,19 @@ class CacheSettings(BaseModel):
     redis_url: str | None = Field(default=None, description="e.g. redis://cache:6379/0; unset: in memory")
     share_across_keys: bool = Field(default=False, description="let one API key's cached answer serve "
                                     "another key's identical request")
+class RaySettings(BaseModel):
+    """Ray Serve placement (``--ray``): models run as Ray Serve deployments, this process stays
+    the front door."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(default=None, description="'auto', HOST:PORT or ray://HOST:PORT of a "
+                                "running cluster; unset: start a local Ray for this server")
+    namespace: str = Field(default="inhouse", min_length=1, description="Ray namespace of the deployments")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (no address)")
+    object_store_mb: int = Field(default=128, ge=64, description="object store of a local Ray, MiB")
+    retries: int = Field(default=2, ge=0, le=10, description="times a request is sent again to another "
+                         "replica when its replica died under it")
 
 
 _GUIDE_SERVER_KEYS = ("host", "http_port", "grpc_port")
@@ -111,6 +124,7 @@ class ServerSettings(BaseSettings):
     insecure: bool = False
     model_key_file: Path | None = None
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    ray: RaySettings | None = Field(default=None, description="run models on Ray Serve (inhouse[ray])")
 
     # ---- scheduling ----
 

@@ -59,6 +59,9 @@ def serve(
         help="Announce this server on the LAN over mDNS (_inhouse._tcp; needs inhouse[discovery]).")] = None,
     workers: Annotated[str | None, typer.Option(
         help="Server processes sharing the ports: N | auto (one per core, at most 8) [1].")] = None,
+    ray: Annotated[str | None, typer.Option(
+        help="Run models as Ray Serve deployments: local (start a Ray), auto, or a cluster's HOST:PORT "
+             "(needs inhouse[ray]).")] = None,
 ) -> None:
     """Start the server: KServe v2 REST (and gRPC), OpenAI- and Anthropic-compatible APIs."""
     try:
@@ -71,6 +74,7 @@ def serve(
             metrics_port=metrics_port, access_log=access_log, otlp_endpoint=otlp_endpoint,
             llm_stream_usage=llm_stream_usage, llm_max_pending=llm_max_pending, llm_timeout_s=llm_timeout_s,
             load_timeout_s=load_timeout, discovery=advertise, workers=workers,
+            ray=None if ray is None else {"address": None if ray == "local" else ray},
         )
     except SettingsError as err:
         typer.echo(f"error: {err}", err=True)

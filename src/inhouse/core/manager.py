@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
-from inhouse.backends import ArtefactDecryptor, LoadContext, LoadedModel, get_backend
+from inhouse.backends import ArtefactDecryptor, Backend, LoadContext, LoadedModel, get_backend
 from inhouse.core.datatypes import numpy_dtype
 from inhouse.core.memory import available_memory_bytes, pin_mmap_threshold
 from inhouse.core.recorders import NULL_RECORDERS, Recorders, attach_recorders
@@ -51,6 +51,15 @@ class ModelState(enum.StrEnum):
 
 
 SchedulerFactory = Callable[[LoadedModel, ModelSpec], Scheduler]
+
+
+class Placement(Protocol):
+    """Where a model runs when not in this process (Ray Serve): the backend that places it,
+    or None to load it here."""
+
+    def backend_for(self, spec: ModelSpec) -> Backend | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -104,6 +113,7 @@ class ModelManager:
         drain_timeout_s: float = 30.0,
         load_timeout_s: float | None = None,
         load_workers: int = 2,
+        placement: Placement | None = None,
     ) -> None:
         self.repository = repository
         pin_mmap_threshold()  # so that unloading a model gives its memory back (see memory.py)
@@ -112,6 +122,7 @@ class ModelManager:
         self._backend_options = backend_options or {}
         self._drain_timeout_s = drain_timeout_s
         self._load_timeout_s = load_timeout_s
+        self._placement = placement
         self._serving: dict[str, dict[int, ModelVersion]] = {}
         self._records: dict[tuple[str, int | None], ModelVersion | IndexEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -352,8 +363,10 @@ class ModelManager:
         await asyncio.get_running_loop().run_in_executor(self._loader, model.close)
 
     def _load_blocking(self, mv: ModelVersion) -> tuple[LoadedModel, Scheduler]:
-        backend = get_backend(mv.spec.backend)
-        check_memory(mv.spec)
+        placed = self._placement.backend_for(mv.spec) if self._placement is not None else None
+        backend = placed or get_backend(mv.spec.backend)
+        if placed is None:
+            check_memory(mv.spec)  # a placed model needs the memory of its cluster's nodes, not this one
         model_dir = self.repository.model_dir(mv.name)
         ctx = LoadContext(model_dir=model_dir, version_dir=self.repository.version_dir(mv.name, mv.version),
                           spec=mv.spec,
@@ -362,7 +375,9 @@ class ModelManager:
         model = backend.load(ctx)
         try:
             warmup(model, mv.spec, model_dir)
-            scheduler = self._scheduler_factory(model, mv.spec)
+            # a model placed elsewhere brings its own request path (its replicas batch)
+            own = getattr(model, "make_scheduler", None)
+            scheduler = own() if callable(own) else self._scheduler_factory(model, mv.spec)
         except BaseException:
             model.close()
             raise
@@ -502,6 +517,8 @@ class ModelManager:
             with suppress(InhouseError):
                 await self.unload(name)
         await self.settle()
+        if self._placement is not None:
+            await asyncio.get_running_loop().run_in_executor(self._loader, self._placement.close)
         self._loader.shutdown(wait=False)
 
 

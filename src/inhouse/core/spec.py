@@ -351,6 +351,34 @@ class VllmSpec(_Strict):
     extra_args: list[str] = Field(default_factory=list, description="more 'vllm serve' arguments")
     startup_timeout_s: float = Field(default=1200.0, gt=0)
     restarts: int = Field(default=3, ge=0, description="restarts after a crash before giving up")
+class RayAutoscalingSpec(_Strict):
+    """Ray Serve's autoscaling on ongoing requests per replica (``ray.autoscaling``)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="requests in flight per replica "
+                                           "that Ray Serve keeps replicas for")
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RayAutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class RaySpec(_Strict):
+    """How a model runs on Ray Serve when the server has Ray on (``--ray``): a deployment of
+    ``replicas`` (or an autoscaled number of) replicas, each one inhouse backend."""
+
+    enabled: bool = Field(default=True, description="false: keep this model in the server process")
+    replicas: int = Field(default=1, ge=1, le=256, description="fixed replica count (without autoscaling)")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica (fractions share one)")
+    max_ongoing_requests: int = Field(default=16, ge=1, description="requests one replica takes at once")
+    max_replicas_per_node: int | None = Field(default=None, ge=1, description="1 spreads replicas over nodes")
+    autoscaling: RayAutoscalingSpec | None = None
 
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?|[kmgtp]|)B?\s*$")
@@ -488,6 +516,7 @@ class ModelSpec(BaseModel):
     upstream: UpstreamSpec | None = None
     overflow: OverflowSpec | None = None
     vllm: VllmSpec = Field(default_factory=VllmSpec)
+    ray: RaySpec | None = Field(default=None, description="placement on Ray Serve (with --ray)")
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
