@@ -228,6 +228,14 @@ class ServerSettings(BaseSettings):
             raise ValueError("workers must be 1 or more, or 'auto' (one per core)")
         return v
 
+    @model_validator(mode="after")
+    def _ray_in_one_process(self) -> ServerSettings:
+        # each worker would deploy the same Ray Serve applications: Ray scales those models itself
+        if self.ray is not None and self.workers != 1:
+            raise ValueError("ray and workers above 1 do not go together: models on Ray Serve scale with their "
+                             "replicas; keep workers: 1 with --ray")
+        return self
+
     def worker_count(self) -> int:
         """Processes to run: ``workers``, or one per core this process may use, up to the limit."""
         if self.workers != "auto":
