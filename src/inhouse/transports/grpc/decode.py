@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from inhouse.errors import InvalidRequestError
 from inhouse.protocols.errors import grpc_abort
-from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary, rewrap
+from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
 
 class Undecodable:
