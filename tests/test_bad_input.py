@@ -4,6 +4,8 @@ server keeps serving its other models afterwards."""
 from __future__ import annotations
 
 import gzip
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import RunningServer, run_server
+from inhouse.errors import PayloadTooLargeError
+from inhouse.protocols.http_body import INFLATE_PIECE, decode_body
 from models import add_model, identity_model, mlp_model, write_model
 
 LIMIT = 8192
@@ -229,6 +233,29 @@ def test_body_over_size_limit(c: httpx.Client) -> None:
     _expect(c.post("/v2/models/add/infer", content=b"not gzip", headers={"content-encoding": "gzip"}),
             400, 2001, "gzip")
     _expect(c.post("/v2/models/add/infer", content=b"{}", headers={"content-encoding": "br"}), 400, 2001)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_bomb_memory_is_bounded_and_freed(encoding: str) -> None:
+    # A bomb inflates to at most the limit plus one piece, and nothing of it outlives the 413:
+    # the error's traceback (kept by whoever logs or holds it) used to keep the whole inflated
+    # buffer alive, one limit's worth per bomb.
+    limit = 8 << 20
+    c = zlib.compressobj(9, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    bomb = b"".join(c.compress(b"\0" * (1 << 20)) for _ in range(64)) + c.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLargeError) as info:
+            decode_body(bomb, limit, encoding)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == 2013
+    assert held < 1 << 20, f"{held} bytes still held after the 413"
+    assert peak < limit + 4 * INFLATE_PIECE, peak
+    # a body inflating to exactly the limit is still accepted, whole
+    doc = b"x" * limit
+    assert decode_body(gzip.compress(doc) if encoding == "gzip" else zlib.compress(doc), limit, encoding) == doc
 
 
 def test_out_of_memory_while_running(c: httpx.Client) -> None:

@@ -282,3 +282,21 @@ def test_stream_burst_beyond_window(stub: Any) -> None:
 
     ids = [r.infer_response.id for r in stub.ModelStreamInfer(burst(), timeout=120) if not r.error_message]
     assert sorted(ids, key=int) == [str(i) for i in range(300)]
+
+
+def test_undecodable_messages_are_invalid_argument(stub: Any, channel: grpc.Channel) -> None:
+    # bytes no protobuf decoder accepts (a length-delimited field cut short): grpcio alone
+    # answers UNKNOWN for unary calls and INTERNAL for streams
+    garbage = b"\x0a\xff\xff\x01xx"
+    ident: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
+    for method in ("/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ServerLive",
+                   "/grpc.health.v1.Health/Check"):
+        _fails(lambda m=method: channel.unary_unary(m, **ident)(garbage, timeout=10),
+               grpc.StatusCode.INVALID_ARGUMENT, "2001", "not a valid protobuf message", method)
+    stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", **ident)
+    _fails(lambda: list(stream(iter([_add_request().SerializeToString(), garbage]), timeout=10)),
+           grpc.StatusCode.INVALID_ARGUMENT, "2001", "not a valid protobuf message")
+    watch = channel.unary_stream("/grpc.health.v1.Health/Watch", **ident)
+    _fails(lambda: list(watch(garbage, timeout=10)), grpc.StatusCode.INVALID_ARGUMENT, "2001")
+    resp = stub.ModelInfer(_add_request())  # and the server still serves
+    assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [2.0] * 4

@@ -111,6 +111,20 @@ class PayloadTooLargeError(InhouseError):
     openai_type = "invalid_request_error"
 
 
+class RequestTimeoutError(InhouseError):
+    """The client sent its request head or body too slowly (header_timeout_s / body_timeout_s)."""
+
+    code, http_status, grpc_status = 2014, 408, "DEADLINE_EXCEEDED"
+    openai_type = "invalid_request_error"
+
+
+class HeadersTooLargeError(InhouseError):
+    """The request line and headers exceed max_header_bytes."""
+
+    code, http_status, grpc_status = 2015, 431, "INVALID_ARGUMENT"
+    openai_type = "invalid_request_error"
+
+
 class ShapeError(InhouseError):
     code, http_status, grpc_status = 2005, 400, "INVALID_ARGUMENT"
     openai_type = "invalid_request_error"

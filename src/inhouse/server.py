@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from inhouse.core.dataplane import DataPlane, ServerState
 from inhouse.core.heap import HeapSettler
@@ -34,6 +35,7 @@ from inhouse.security.paths import check_model_source
 from inhouse.security.serving import ModelKeyError, exposure_problem, model_keyring, start_security
 from inhouse.settings import ServerSettings
 from inhouse.transports.http.app import build_app
+from inhouse.transports.http.client_limits import limited
 from inhouse.transports.http.fast_path import fast_protocol
 from inhouse.transports.http.infer_entry import InferEntry
 from inhouse.transports.http.metrics_app import build_metrics_app
@@ -335,7 +337,7 @@ class InhouseServer:
         self.metrics_port = sock.getsockname()[1]
         app = build_metrics_app(gate=self.security, observability=self.observability.http,
                                 max_request_bytes=s.max_request_bytes)
-        server = _EmbeddedUvicorn(self._uvicorn_config(app))
+        server = _EmbeddedUvicorn(self._uvicorn_config(app, http=self._limited(HttpToolsProtocol)))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():
@@ -351,10 +353,16 @@ class InhouseServer:
         return stop
 
     def _uvicorn_http(self) -> dict[str, Any]:
-        """v2 infer answered on the connection (transports/http/fast_path.py), unless turned off."""
-        if not self.settings.http_fast_path:
-            return {}
-        return {"http": fast_protocol(self.asgi, self.settings.max_request_bytes)}
+        """v2 infer answered on the connection (transports/http/fast_path.py), unless turned off;
+        either way with the slow-client and header limits (transports/http/client_limits.py)."""
+        base: type[HttpToolsProtocol] = (fast_protocol(self.asgi, self.settings.max_request_bytes)
+                                         if self.settings.http_fast_path else HttpToolsProtocol)
+        return {"http": self._limited(base)}
+
+    def _limited(self, protocol: type[HttpToolsProtocol]) -> type[HttpToolsProtocol]:
+        s = self.settings
+        return limited(protocol, header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
+                       max_header_bytes=s.max_header_bytes)
 
     def _uvicorn_tls(self) -> dict[str, Any]:
         tls = self.tls

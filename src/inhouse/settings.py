@@ -86,6 +86,12 @@ class ServerSettings(BaseSettings):
     poll_interval_s: float = Field(default=2.0, gt=0)
     data_dir: Path = Field(default_factory=default_data_dir)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="request line and headers; "
+                                  "more gets 431 (code 2015)")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="an HTTP request's headers must arrive "
+                                    "within this (also a new connection's first request); else 408 (code 2014)")
+    body_timeout_s: float = Field(default=60.0, gt=0, description="an HTTP request's body must arrive within "
+                                  "this after its headers; else 408 (code 2014)")
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
     workers: int | Literal["auto"] = Field(default=1, description="server processes sharing the ports; 'auto': "

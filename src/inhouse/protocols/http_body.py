@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.types import Receive
 
+from inhouse.core.memory import release_freed_memory
 from inhouse.errors import CancelledError, InvalidRequestError, PayloadTooLargeError
 
 T = TypeVar("T")
@@ -76,6 +77,11 @@ def check_declared_length(declared: str | None, limit: int) -> None:
             raise InvalidRequestError("Content-Length header is not a number.") from None
 
 
+# inflate this much at a time: a body that inflates past the limit is refused after at most
+# ``limit`` bytes plus one piece, not after one buffer of ``limit`` grown (and copied) in steps
+INFLATE_PIECE = 256 * 1024
+
+
 def decode_body(body: bytes, limit: int, encoding: str | None) -> bytes:
     """``body`` decompressed as its Content-Encoding says, under the same ``limit``."""
     encoding = (encoding or "identity").lower()
@@ -83,15 +89,34 @@ def decode_body(body: bytes, limit: int, encoding: str | None) -> bytes:
         return body
     if encoding in ("gzip", "deflate"):
         wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-        d = zlib.decompressobj(wbits)
-        try:
-            out = d.decompress(body, limit + 1)
-        except zlib.error:
-            raise InvalidRequestError(f"Request body is not valid {encoding} data.") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise too_large(limit)
-        return out
+        return _inflate(body, limit, wbits, encoding)
     raise InvalidRequestError(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none.")
+
+
+def _inflate(body: bytes, limit: int, wbits: int, encoding: str) -> bytes:
+    d = zlib.decompressobj(wbits)
+    pieces: list[bytes] = []
+    size = 0
+    data = body
+    try:
+        while not d.eof:
+            piece = d.decompress(data, INFLATE_PIECE)
+            data = d.unconsumed_tail
+            if not piece and not data:
+                break  # the input is used up
+            size += len(piece)
+            if size > limit:
+                break
+            pieces.append(piece)
+    except zlib.error:
+        raise InvalidRequestError(f"Request body is not valid {encoding} data.") from None
+    if size > limit:
+        # dropped before the error is raised (its traceback keeps this frame alive a while), and
+        # the freed pages handed back: the pieces were small enough to come from malloc's heap
+        del pieces, piece, data, d
+        release_freed_memory()
+        raise too_large(limit)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class _DisconnectWatch:

@@ -605,7 +605,8 @@ def build_router(service: LLMService, manager: ModelManager, max_request_bytes: 
     router.add_api_route("/generate", routes.generate, methods=["POST"])
     router.add_api_route("/embed", routes.embed, methods=["POST"])
     router.add_api_route("/embeddings", routes.embeddings, methods=["POST"])
+    # listed (so schema fuzzing reaches them) though they only answer that they are not supported
     for path in ("/pull", "/push", "/create", "/copy"):
-        router.add_api_route(path, routes.manage, methods=["POST"], include_in_schema=False)
-    router.add_api_route("/delete", routes.manage, methods=["DELETE"], include_in_schema=False)
+        router.add_api_route(path, routes.manage, methods=["POST"])
+    router.add_api_route("/delete", routes.manage, methods=["DELETE"])
     return router

@@ -119,10 +119,10 @@ def open_call(transport: str, guard: Guard, *, model: str | None, version: str |
 def rules_apply(gate: SecurityGate, guard: Guard, model: str | None) -> tuple[bool, ModelSpec | None]:
     """Whether the request's texts must be read (the body names the model, payloads are
     audited, or the model has a content policy or PII rules), and the model's spec when known."""
+    if guard.body_names_model:  # read even without texts: the key's model list is checked against it
+        return True, None
     if guard.texts is None:
         return False, None
-    if guard.body_names_model:
-        return True, None
     spec = gate.spec_for(model)
     return gate.settings.audit_payloads or (
         spec is not None and (spec.policy is not None or spec.pii is not None)), spec

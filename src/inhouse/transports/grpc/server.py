@@ -24,6 +24,7 @@ from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as openclaw_
 from inhouse.protocols.proto._pool import POOL
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import GrpcSettings, ServerSettings
+from inhouse.transports.grpc.decode import DecodeGuardInterceptor
 from inhouse.transports.grpc.health import HealthServicer
 from inhouse.transports.grpc.intercept import CachedWrapInterceptor, WrappingRegistrar
 from inhouse.transports.grpc.limits import ConcurrencyLimitInterceptor
@@ -69,7 +70,8 @@ def server_options(g: GrpcSettings, reuse_port: bool = False) -> list[tuple[str,
 
 class GrpcFrontEnd:
     """The gRPC server over the services it is given. Interceptors, outermost first:
-    observability (``grpc_server_*`` metrics, request context, access log), security, then the
+    observability (``grpc_server_*`` metrics, request context, access log), the decode guard
+    (undecodable messages → INVALID_ARGUMENT), security, then the
     concurrency limit when one is set."""
 
     def __init__(self, settings: ServerSettings, tls: TlsMaterial | None, dataplane: DataPlane,
@@ -82,6 +84,7 @@ class GrpcFrontEnd:
         self.interceptors: list[grpc.aio.ServerInterceptor] = [
             GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log,
                                          access_log_sample=settings.access_log_sample),
+            DecodeGuardInterceptor(),
             SecurityInterceptor(gate),
         ]
         if settings.grpc.max_concurrent_rpcs is not None:

@@ -139,6 +139,8 @@ def inspect_body(gate: SecurityGate, call: Call, guard: Guard, spec: ModelSpec |
     and the function that rewrites the answer's texts, if any."""
     texts = guard.texts
     if texts is None:
+        if guard.body_names_model:  # no texts to inspect, but the key may not be for this model
+            body_model(gate, call, guard, json_object(body))
         return body, None
     doc: Any = None
     if not binary and not (texts.skip is not None and texts.skip(body)):
@@ -196,7 +198,7 @@ class SecurityMiddleware:
         output_fn: TextFn | None = None
         try:
             admit(gate, guard, call)
-            if guard.texts is not None:
+            if guard.texts is not None or guard.body_names_model:
                 scope, receive, output_fn = await self._inspect(call, guard, scope, receive, h)
         except Exception as exc:
             err = as_inhouse_error(exc)
