@@ -24,8 +24,16 @@ from typing import Any
 import httpx
 
 from inhouse.backends import LoadContext
-from inhouse.backends.child_server import ChildFailed, ServerProcess
-from inhouse.backends.relay import RelayEngine, RelayModel, SchemaConstraint, StreamState, post
+from inhouse.backends.child_server import ServerProcess
+from inhouse.backends.relay import (
+    RelayEngine,
+    RelayModel,
+    SchemaConstraint,
+    StreamState,
+    check_relayable,
+    launch,
+    post,
+)
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InferenceError, ModelFormatError, ModelSpecError
 from inhouse.llm.images import IMAGE_MARKER
@@ -123,12 +131,7 @@ class LlamaCppBackend:
 
     def load(self, ctx: LoadContext) -> LlamaCppModel:
         spec = ctx.spec
-        if spec.task not in ("chat", "generate"):
-            raise ModelSpecError(f"Model '{spec.name}': the llamacpp backend serves task 'chat' or 'generate', "
-                                 f"not '{spec.task}'.")
-        if spec.encryption is not None:
-            raise ModelFormatError(f"Model '{spec.name}': llama-server reads its GGUF from disk, so the llamacpp "
-                                   "backend cannot serve a model encrypted at rest; remove 'encryption'.")
+        check_relayable(spec, "llamacpp", "llama-server", "GGUF")
         binary = find_llama_server(ctx.options.get("llama_server"))
         gguf = _gguf_file(ctx)
         if ctx.progress is not None:
@@ -143,22 +146,8 @@ class LlamaCppBackend:
         except BaseException:
             child.stop()
             raise
-        if ctx.progress is not None:
-            ctx.progress(10, "starting llama-server")
-        try:
-            child.start()
-        except ChildFailed as err:
-            raise ModelFormatError(f"Model '{spec.name}': llama-server could not load {gguf.name}: {err}") from None
-        try:
-            engine = LlamaCppEngine(spec, child)
-            if ctx.progress is not None:
-                ctx.progress(95, "warming up")
-            engine.warm_up()
-        except BaseException:
-            child.stop()
-            raise
-        log.info("llama.cpp model ready", extra={"model": spec.name, "pid": child.pid,
-                                                 "max_model_len": engine.max_model_len})
+        engine = launch(spec, child, ctx.progress, lambda: LlamaCppEngine(spec, child), starting="llama-server",
+                        label="llama.cpp", failed=f"llama-server could not load {gguf.name}")
         return LlamaCppModel(spec, engine, child)
 
 

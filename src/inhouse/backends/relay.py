@@ -12,18 +12,55 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
-from inhouse.backends.child_server import ServerProcess
+from inhouse.backends.child_server import ChildFailed, ServerProcess
 from inhouse.core.recorders import LLMRecorder
 from inhouse.core.spec import ModelSpec, TensorSpec
-from inhouse.errors import InferenceError, InvalidRequestError, ModelNotReadyError
+from inhouse.errors import InferenceError, InvalidRequestError, ModelFormatError, ModelNotReadyError, ModelSpecError
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound="RelayEngine")
+
+
+def check_relayable(spec: ModelSpec, backend: str, reader: str, files: str) -> None:
+    """What a relayed engine can serve: generation tasks, from plain files (the child reads
+    them from disk itself, so nothing encrypted at rest)."""
+    if spec.task not in ("chat", "generate"):
+        raise ModelSpecError(f"Model '{spec.name}': the {backend} backend serves task 'chat' or 'generate', "
+                             f"not '{spec.task}'.")
+    if spec.encryption is not None:
+        raise ModelFormatError(f"Model '{spec.name}': {reader} reads its {files} from disk, so the {backend} "
+                               "backend cannot serve a model encrypted at rest; remove 'encryption'.")
+
+
+def launch(spec: ModelSpec, child: ServerProcess, progress: Callable[[float, str], None] | None,
+           make_engine: Callable[[], E], *, starting: str, label: str, failed: str) -> E:
+    """Start the child, then build its engine and warm it up; a child whose engine fails is
+    stopped. ``starting`` names the child in the load progress, ``label`` the engine in the log,
+    ``failed`` what could not be served, in the load error."""
+    if progress is not None:
+        progress(10, f"starting {starting}")
+    try:
+        child.start()
+    except ChildFailed as err:
+        raise ModelFormatError(f"Model '{spec.name}': {failed}: {err}") from None
+    try:
+        engine = make_engine()
+        if progress is not None:
+            progress(95, "warming up")
+        engine.warm_up()
+    except BaseException:
+        child.stop()
+        raise
+    log.info(f"{label} model ready", extra={"model": spec.name, "pid": child.pid,
+                                           "max_model_len": engine.max_model_len})
+    return engine
 
 
 @dataclass(slots=True)
@@ -78,6 +115,8 @@ def post(client: httpx.Client, path: str, body: dict[str, Any], label: str) -> d
 class RelayEngine:
     """An ``LLMEngine`` that relays to a server child; closing a ``generate`` stream closes its
     HTTP stream, which makes the child cancel the request and free its slot."""
+
+    max_model_len: int  # set by each engine from what its child serves
 
     def __init__(self, spec: ModelSpec, child: ServerProcess) -> None:
         self._spec = spec

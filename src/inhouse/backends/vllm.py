@@ -23,8 +23,16 @@ from typing import Any
 import httpx
 
 from inhouse.backends import LoadContext
-from inhouse.backends.child_server import ChildFailed, ServerProcess
-from inhouse.backends.relay import RelayEngine, RelayModel, SchemaConstraint, StreamState, post
+from inhouse.backends.child_server import ServerProcess
+from inhouse.backends.relay import (
+    RelayEngine,
+    RelayModel,
+    SchemaConstraint,
+    StreamState,
+    check_relayable,
+    launch,
+    post,
+)
 from inhouse.core.spec import ModelSpec
 from inhouse.errors import InvalidRequestError, ModelFormatError, ModelSpecError
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest
@@ -99,12 +107,7 @@ class VllmBackend:
 
     def load(self, ctx: LoadContext) -> VllmModel:
         spec = ctx.spec
-        if spec.task not in ("chat", "generate"):
-            raise ModelSpecError(f"Model '{spec.name}': the vllm backend serves task 'chat' or 'generate', "
-                                 f"not '{spec.task}'.")
-        if spec.encryption is not None:
-            raise ModelFormatError(f"Model '{spec.name}': vLLM reads its weights from disk, so the vllm backend "
-                                   "cannot serve a model encrypted at rest; remove 'encryption'.")
+        check_relayable(spec, "vllm", "vLLM", "weights")
         command: list[str] | None = ctx.options.get("vllm_command")
         if command:
             found = shutil.which(command[0])
@@ -124,22 +127,8 @@ class VllmBackend:
         child = ServerProcess(binary, name=spec.name, startup_timeout_s=cfg.startup_timeout_s, restarts=cfg.restarts,
                               label="vllm", listen="tcp", key_env=("VLLM_API_KEY", "LLAMA_API_KEY"))
         child.args = fixed or serve_args(spec, source, child.private_dir, max_len)
-        if ctx.progress is not None:
-            ctx.progress(10, "starting vllm serve")
-        try:
-            child.start()
-        except ChildFailed as err:
-            raise ModelFormatError(f"Model '{spec.name}': vLLM could not serve {source}: {err}") from None
-        try:
-            engine = VllmEngine(spec, child, tokenizer, max_len)
-            if ctx.progress is not None:
-                ctx.progress(95, "warming up")
-            engine.warm_up()
-        except BaseException:
-            child.stop()
-            raise
-        log.info("vllm model ready", extra={"model": spec.name, "pid": child.pid,
-                                            "max_model_len": engine.max_model_len})
+        engine = launch(spec, child, ctx.progress, lambda: VllmEngine(spec, child, tokenizer, max_len),
+                        starting="vllm serve", label="vllm", failed=f"vLLM could not serve {source}")
         return VllmModel(spec, engine, child)
 
 
