@@ -168,23 +168,31 @@ def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[
     env = {**os.environ, **setting_env(SERVER_SETTINGS), **(extra_env or {})}
     cmd = [sys.executable, "-c", "from inhouse.cli import main; main()", "serve", "--repo", str(repo),
            "--http-port", str(http), "--grpc-port", str(grpc), "--data-dir", str(repo.parent / "data")]
-    log_path = repo.parent / f"server-{http}.log"
-    log_file = log_path.open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    with running(cmd, env, repo.parent / f"server-{http}.log", http, grpc, "the server", 300) as ends:
+        yield ends
+
+
+@contextmanager
+def running(cmd: list[str], env: dict[str, str], log_path: Path, http: int, grpc: int, who: str,
+            ready_s: float) -> Iterator[dict[str, str]]:
+    """A server process started with ``cmd``, its output in ``log_path``, once it answers ready on
+    ``http``: its endpoints; stopped (terminate, then kill after 30 s) when the block ends."""
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http}"
     try:
-        end = time.monotonic() + 300
+        end = time.monotonic() + ready_s
         while True:
             if proc.poll() is not None:
                 tail = log_path.read_bytes()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"the server exited during start-up:\n{tail}")
+                raise RuntimeError(f"{who} exited during start-up:\n{tail}")
             try:
                 if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > end:
-                raise RuntimeError("the server did not become ready")
+                raise RuntimeError(f"{who} did not become ready")
             time.sleep(0.2)
         yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "grpc-h2load": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
     finally:
@@ -193,8 +201,6 @@ def serve(repo: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log_file.close()
-
 
 @contextmanager
 def serve_triton(args: argparse.Namespace, work: Path, name: str, model: bytes, max_batch: int,
@@ -223,31 +229,8 @@ def serve_triton(args: argparse.Namespace, work: Path, name: str, model: bytes, 
            f"--load-model={name}", f"--backend-directory={dist / 'backends'}", f"--cache-directory={dist / 'caches'}",
            "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
            "--allow-metrics=false", "--log-verbose=0"]
-    log_path = work / "triton.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        end = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("Triton exited during start-up:\n" + log_path.read_text(errors="replace")[-2000:])
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > end:
-                raise RuntimeError("Triton did not become ready")
-            time.sleep(0.2)
-        yield {"rest": url, "grpc": f"127.0.0.1:{grpc}", "grpc-h2load": f"127.0.0.1:{grpc}", "pid": str(proc.pid)}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
+    with running(cmd, env, work / "triton.log", http, grpc, "Triton", 120) as ends:
+        yield ends
 
 def payload_file(feed: dict[str, np.ndarray], folder: Path, name: str) -> Path:
     """The request as a v2 JSON header plus binary tensor data (as perf_analyzer sends it)."""
