@@ -30,6 +30,18 @@ class LoadContext:
     options: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[float, str], None] | None = None  # (percent, what) while loading; shown as reason
 
+    def hf_folder(self, fix: str) -> Path:
+        """The Hugging Face folder the model loads from: ``source`` (relative to the version
+        folder) or the version folder itself; 1005 with ``fix`` when it has no config.json."""
+        src = self.spec.source
+        path = self.version_dir if src is None else Path(src).expanduser()
+        if not path.is_absolute():
+            path = self.version_dir / path
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"Model '{self.spec.name}': {path} is not a Hugging Face model folder (no "
+                                 f"config.json); {fix}")
+        return path
+
     def read_artefact(self, relative: str) -> bytes:
         """Bytes of ``VERSION/relative``, checksum-verified and decrypted in memory if needed.
         Raises 1004 on a checksum mismatch or failed decryption, 1005 when it is missing."""

@@ -50,7 +50,7 @@ class TransformersBackend:
 
     def load(self, ctx: LoadContext) -> GenerativeModel | EncoderModel:
         spec = ctx.spec
-        source = _source_dir(ctx)
+        source = ctx.hf_folder("set 'source' in model.yaml to a local folder saved with save_pretrained().")
         progress: Progress = getattr(ctx, "progress", None) or (lambda pct, what: None)
         device = _device(spec)
         dtype = _dtype(spec, device)
@@ -71,17 +71,6 @@ class TransformersBackend:
                                    "use a smaller dtype or a smaller model.") from None
         raise ModelSpecError(f"Model '{spec.name}': the transformers backend serves task 'chat', 'generate' "
                              f"or 'embedding', not '{spec.task}'.")
-
-
-def _source_dir(ctx: LoadContext) -> Path:
-    src = ctx.spec.source
-    path = ctx.version_dir if src is None else Path(src).expanduser()
-    if not path.is_absolute():
-        path = ctx.version_dir / path
-    if not (path / "config.json").is_file():
-        raise ModelSpecError(f"Model '{ctx.spec.name}': {path} is not a Hugging Face model folder (no config.json); "
-                             "set 'source' in model.yaml to a local folder saved with save_pretrained().")
-    return path
 
 
 def _device(spec: ModelSpec) -> torch.device:

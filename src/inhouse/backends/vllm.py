@@ -59,17 +59,6 @@ def find_vllm(configured: Path | str | None) -> Path:
                            "and use backend: llamacpp.")
 
 
-def _source_dir(ctx: LoadContext) -> Path:
-    src = ctx.spec.source
-    path = ctx.version_dir if src is None else Path(src).expanduser()
-    if not path.is_absolute():
-        path = ctx.version_dir / path
-    if not (path / "config.json").is_file():
-        raise ModelSpecError(f"Model '{ctx.spec.name}': {path} is not a Hugging Face model folder (no config.json); "
-                             "put the model in the version folder or set 'source' to a local folder.")
-    return path
-
-
 def _config_max_len(source: Path) -> int | None:
     try:
         doc = json.loads((source / "config.json").read_text(encoding="utf-8"))
@@ -117,7 +106,7 @@ class VllmBackend:
             binary, fixed = Path(found), list(command[1:])
         else:
             binary, fixed = find_vllm(ctx.options.get("vllm")), []
-        source = _source_dir(ctx)
+        source = ctx.hf_folder("put the model in the version folder or set 'source' to a local folder.")
         if ctx.progress is not None:
             ctx.progress(0, "verifying checksums")
         ctx.verify_listed()  # vLLM reads the folder itself
