@@ -22,23 +22,12 @@ import pytest
 import yaml
 
 from conftest import RunningServer, run_server, wait_until
+from gguf_fixtures import need_llama_server
 from llm_fixtures import build_causal_lm
 
 openai = pytest.importorskip("openai")
 
 MODEL, CANCEL, CRASH, FRAGILE = "tiny-gguf", "tiny-gguf-one-slot", "tiny-gguf-crash", "tiny-gguf-fragile"
-
-
-def _binary() -> Path:
-    from inhouse.backends.llamacpp import find_llama_server
-    from inhouse.errors import ModelFormatError
-
-    try:
-        return find_llama_server(os.environ.get("INHOUSE_LLAMA_SERVER"))
-    except ModelFormatError as err:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but llama-server is missing ({err.message}); .ci/run builds it.")
-        pytest.skip("llama-server is not built; run: bash scripts/build_llama_server.sh")
 
 
 def _converter(binary: Path) -> Path:
@@ -62,7 +51,7 @@ _CONVERT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversi
 
 @pytest.fixture(scope="session")
 def llama_server() -> Path:
-    return _binary()
+    return need_llama_server()
 
 
 @pytest.fixture(scope="session")
