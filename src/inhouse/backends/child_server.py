@@ -77,6 +77,11 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._port}" if self._listen == "tcp" else "http://child"
 
+    @property
+    def address(self) -> str | tuple[str, int]:
+        """Where the child listens: its socket path, or (host, port)."""
+        return ("127.0.0.1", self._port) if self._listen == "tcp" else self.socket
+
     def transport(self) -> httpx.HTTPTransport:
         return httpx.HTTPTransport() if self._listen == "tcp" else httpx.HTTPTransport(uds=self.socket)
 

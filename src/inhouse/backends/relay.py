@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 
 from inhouse.backends.child_server import ChildFailed, ServerProcess
+from inhouse.backends.child_stream import ChildStream, StreamBroken
 from inhouse.core.recorders import LLMRecorder
 from inhouse.core.spec import ModelSpec, TensorSpec
 from inhouse.errors import InferenceError, InvalidRequestError, ModelFormatError, ModelNotReadyError, ModelSpecError
@@ -163,18 +164,15 @@ class RelayEngine:
         state = StreamState(request, len(request.prompt_token_ids))
         try:
             path, body = await self._request(self._aclient, request)
-            async with self._aclient.stream("POST", path, json=body) as r:
-                if r.status_code != 200:
-                    text = (await r.aread()).decode("utf-8", "replace")
-                    if r.status_code == 400:
+            async with ChildStream(self._child.address, path, body, self._child.headers) as r:
+                if r.status != 200:
+                    text = await r.body()
+                    if r.status == 400:
                         raise InvalidRequestError(f"{label} refused the request: {error_text(text)}")
-                    raise InferenceError(f"{label} answered HTTP {r.status_code}: {error_text(text)}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    data = json.loads(line[6:])
+                    raise InferenceError(f"{label} answered HTTP {r.status}: {error_text(text)}")
+                async for data in r.events():
                     if "error" in data:
-                        raise InferenceError(f"{label} failed while generating: {error_text(line[6:])}")
+                        raise InferenceError(f"{label} failed while generating: {error_text(json.dumps(data))}")
                     before = state.completion_tokens
                     chunk = self._read(data, state)
                     if chunk is None:
@@ -190,9 +188,10 @@ class RelayEngine:
                     if chunk.finish_reason is not None:
                         state.finished = True
                         return
-        except httpx.TransportError as err:
+        except (httpx.TransportError, StreamBroken) as err:
+            why = err if isinstance(err, StreamBroken) else type(err).__name__
             raise InferenceError(f"Model '{self._spec.name}': the connection to {label} broke "
-                                 f"({type(err).__name__}); {self._child.reason or 'it may have crashed'}.") from None
+                                 f"({why}); {self._child.reason or 'it may have crashed'}.") from None
         finally:
             if self.recorder is not None:
                 self.recorder.observe_tokens(state.prompt_tokens, state.completion_tokens)
