@@ -184,3 +184,33 @@ def test_real_vllm_serves_the_tiny_model(tmp_path: Path, llm_models: dict[str, P
         r = _client(srv).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
         assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_and_vllm(), reason="needs an NVIDIA GPU and the vllm command")
+def test_real_vllm_reads_images(tmp_path: Path) -> None:
+    """A tiny random SmolVLM (Idefics3) folder, found to be a VLM from its config: chats with images
+    go to vLLM's chat endpoint as data URLs, and two different images give different greedy outputs."""
+    import base64
+
+    from vlm_fixtures import build_vlm, png
+
+    hf = build_vlm(tmp_path / "hf")
+    repo = tmp_path / "models"
+    _write(repo, MODEL, hf, {"gpu_memory_utilization": 0.3, "max_model_len": 1024, "extra_args": ["--enforce-eager"]},
+           dtype="float32")
+
+    def describe(image: bytes) -> str:
+        url = f"data:image/png;base64,{base64.b64encode(image).decode()}"
+        r = _client(srv).chat.completions.create(
+            model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [{"type": "text", "text": "describe the picture"},
+                                                   {"type": "image_url", "image_url": {"url": url}}]}])
+        assert r.usage is not None and r.usage.completion_tokens == 8
+        return r.choices[0].message.content or ""
+
+    with run_server(repo) as srv:
+        assert _index(srv)[MODEL]["state"] == "READY", _index(srv)[MODEL]
+        red = describe(png(64, 64, lambda x, y: (255, 0, 0)))
+        checks = describe(png(64, 64, lambda x, y: (0, 0, 255) if (x // 8 + y // 8) % 2 else (255, 255, 255)))
+        assert red != checks
