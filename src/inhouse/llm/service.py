@@ -226,7 +226,7 @@ class LLMService:
             def decoder(i: int) -> ChoiceDecoder:
                 return ChoiceDecoder(
                     i, mode=mode, function=function,
-                    tool_parser=parser_cls() if parser_cls else None,
+                    tool_parser=parser_cls.create(req.tools) if parser_cls else None,
                     reasoning=reasoning_cls(opens_think) if reasoning_cls else None,
                 )
 
