@@ -220,3 +220,7 @@ def test_parser_names() -> None:
     assert detect_tool_parser("plain") is None
     glm45 = "{{ '\\n<tool_call>' + tc.name }}{% for k, v in _args.items() %}<arg_key>{{ k }}</arg_key>"
     assert detect_tool_parser(glm45) == "glm45" and get_tool_parser("glm47") is get_tool_parser("glm45")
+    # the architecture, where the template says nothing; the template wins where it does
+    assert detect_tool_parser(None, "glm4_moe") == detect_tool_parser("plain", "glm4_moe") == "glm45"
+    assert detect_tool_parser("{{ '<tool_call>' }}", "glm4_moe") == "hermes"
+    assert detect_tool_parser(None, "llama") is None

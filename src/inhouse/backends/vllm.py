@@ -146,7 +146,10 @@ class VllmBackend:
                               label="vllm", listen="tcp", key_env=("VLLM_API_KEY", "LLAMA_API_KEY"))
         child.args = fixed or serve_args(spec, source, child.private_dir, max_len)
         images = reads_images(spec, source)
-        engine = launch(spec, child, ctx.progress, lambda: VllmEngine(spec, child, tokenizer, max_len, images),
+        model_type = _config(source).get("model_type")
+        engine = launch(spec, child, ctx.progress,
+                        lambda: VllmEngine(spec, child, tokenizer, max_len, images,
+                                           model_type if isinstance(model_type, str) else None),
                         starting="vllm serve", label="vllm", failed=f"vLLM could not serve {source}")
         return VllmModel(spec, engine, child)
 
@@ -176,10 +179,11 @@ class VllmEngine(RelayEngine):
     to its ``/v1/chat/completions``."""
 
     def __init__(self, spec: ModelSpec, child: ServerProcess, tokenizer: Any, max_model_len: int,
-                 accepts_images: bool = False) -> None:
+                 accepts_images: bool = False, model_type: str | None = None) -> None:
         super().__init__(spec, child)
         self.tokenizer = tokenizer
         self.accepts_images = accepts_images
+        self.model_type = model_type  # config.json's, for a tool-call format its template may not show
         self._chat_template = spec.chat_template
         self.max_model_len = self._served_max_len() or max_model_len
 

@@ -216,7 +216,8 @@ class LLMService:
             constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, mode)
             parser_cls = None
             if mode == "parse":
-                pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv))
+                pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv),
+                                                                       getattr(engine, "model_type", None))
                 parser_cls = get_tool_parser(pname) if pname else None
             reasoning_cls = None
             if mv.spec.reasoning_parser and mode in ("text", "parse") and req.response_format is None:

@@ -426,10 +426,15 @@ def get_tool_parser(name: str) -> type[ToolParser]:
     return cls
 
 
-def detect_tool_parser(chat_template: str | None) -> str | None:
-    """A parser that fits a chat template's own tool-call format, when the spec names none."""
+# architectures whose format a template might not show (a GGUF or folder without its template)
+_BY_MODEL_TYPE = {"glm4_moe": "glm45", "glm4v_moe": "glm45"}
+
+
+def detect_tool_parser(chat_template: str | None, model_type: str | None = None) -> str | None:
+    """A parser that fits a chat template's own tool-call format, else the architecture's, when
+    the spec names none."""
     if not chat_template:
-        return None
+        return _BY_MODEL_TYPE.get(model_type or "")
     if "<arg_key>" in chat_template:  # before hermes: GLM-4.5 wraps its calls in <tool_call> too
         return "glm45"
     if "<tool_call>" in chat_template:
@@ -440,4 +445,4 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
         return "mistral"
     if "<|python_tag|>" in chat_template or '"parameters"' in chat_template:
         return "llama3_json"
-    return None
+    return _BY_MODEL_TYPE.get(model_type or "")
