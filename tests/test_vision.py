@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import random
 import shutil
 import threading
@@ -149,9 +150,10 @@ def test_allow_listed_remote_image_is_fetched(vlm_server: RunningServer, image_h
     assert _describe(vlm_server, f"{image_host}/ok/red.png") == _describe(vlm_server, RED)
 
 
-def test_anthropic_image_block(vlm_server: RunningServer) -> None:
+@ENGINES
+def test_anthropic_image_block(vlm_server: RunningServer, vlm: str, text: str) -> None:
     with vlm_server.client(timeout=120) as c:
-        r = c.post("/v1/messages", json={"model": VLM, "max_tokens": 8, "temperature": 0, "messages": [
+        r = c.post("/v1/messages", json={"model": vlm, "max_tokens": 8, "temperature": 0, "messages": [
             {"role": "user", "content": [
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                              "data": base64.b64encode(RED).decode()}},
@@ -209,3 +211,17 @@ def test_builtin_engine_answers_images_with_the_engines_that_read_them(vlm_serve
     assert "backend: vllm" in r.text and "llamacpp.mmproj" in r.text, r.text
     r2 = client.chat.completions.create(model=BUILTIN, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert r2.usage is not None and r2.usage.completion_tokens >= 1
+
+
+def test_json_schema_with_an_image_on_vllm(vlm_server: RunningServer) -> None:
+    """The chat path carries the schema too: the answer parses and matches it."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue", "white"]}}, "required": ["color"],
+              "additionalProperties": False}
+    r = _client(vlm_server).chat.completions.create(
+        model=VLLM_VLM, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "which color?"},
+                                               {"type": "image_url", "image_url": {"url": _url(RED)}}]}])
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
