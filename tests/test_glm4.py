@@ -110,7 +110,9 @@ def test_native_tool_call_becomes_an_openai_tool_call(glm: tuple[RunningServer, 
 
 @pytest.mark.parametrize(("model_type", "extra", "engine"), [
     ("gpt2", {}, "--to gguf"),
+    ("glm4_moe", {}, "--to gguf"),  # GLM-4.5 / 4.6
     ("qwen2_vl", {"vision_config": {}}, "llamacpp.mmproj"),
+    ("glm4v", {}, "llamacpp.mmproj"),  # GLM-4.1V (AutoGLM-Phone-9B): a VLM by its type alone
 ])
 def test_refused_architectures_name_the_engine_that_serves_them(tmp_path: Path, llm_models: dict[str, Path],
                                                                 model_type: str, extra: dict[str, Any],

@@ -13,9 +13,10 @@ from inhouse.llm.reasoning import ThinkTagsParser
 from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
 
 
-def run(parser: str | None, text: str, step: int, reasoning: ThinkTagsParser | None = None):
+def run(parser: str | None, text: str, step: int, reasoning: ThinkTagsParser | None = None,
+        tools: list[dict] | None = None):
     dec = ChoiceDecoder(0, mode="parse" if parser else "text",
-                        tool_parser=get_tool_parser(parser)() if parser else None, reasoning=reasoning)
+                        tool_parser=get_tool_parser(parser).create(tools) if parser else None, reasoning=reasoning)
     events = []
     for i in range(0, len(text), step):
         events.extend(dec.feed(text[i:i + step]))
@@ -108,6 +109,56 @@ def test_glm4(step: int) -> None:
         assert c.text == plain and not c.tool_calls and c.finish_reason == "stop"
 
 
+GLM45_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "zip": {"type": "string"}, "days": {"type": "integer"}}}}}]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_glm45_text_then_calls(step: int) -> None:
+    """GLM-4.5's format as its template writes it: text, then calls of key/value pairs; values are
+    JSON when they parse, else strings, and strings where the schema says so (zip "75001")."""
+    text = ("Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Pa<ris> & co</arg_value>\n"
+            "<arg_key>zip</arg_key>\n<arg_value>75001</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n"
+            "</tool_call>\n<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>{\"x\": [1, null]}</arg_value>\n"
+            "<arg_key>b</arg_key>\n<arg_value>true</arg_value>\n<arg_key>c</arg_key>\n<arg_value>not json</arg_value>\n"
+            "</tool_call>")
+    events, c = run("glm45", text, step, tools=GLM45_TOOLS)
+    assert c.text == "Let me check.\n" and c.finish_reason == "tool_calls"
+    assert [(t.name, json.loads(t.arguments)) for t in c.tool_calls] == [
+        ("get_weather", {"city": "Pa<ris> & co", "zip": "75001", "days": 3}),
+        ("add", {"a": {"x": [1, None]}, "b": True, "c": "not json"})]
+    assert "<tool_call>" not in "".join(e.text for e in events if isinstance(e, TextDelta))
+    # without the tools' schemas a number-like value is a number
+    _, c = run("glm45", text, step)
+    assert json.loads(c.tool_calls[0].arguments)["zip"] == 75001
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_glm45_compact_form_and_call_without_arguments(step: int) -> None:
+    """GLM-4.7 writes the same calls without newlines; a call may have no arguments."""
+    text = ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>"
+            "<tool_call>now</tool_call>")
+    _, c = run("glm45", text, step, tools=GLM45_TOOLS)
+    assert [(t.name, json.loads(t.arguments)) for t in c.tool_calls] == [("get_weather", {"city": "Paris"}),
+                                                                         ("now", {})]
+    assert c.text == ""
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_glm45_malformed_blocks_are_text(step: int) -> None:
+    for plain in ("a <tool_call>not a call at all</tool_call> b",  # a name with spaces
+                  "<tool_call>f\n<arg_key>k</arg_key> stray <arg_value>v</arg_value></tool_call>",
+                  "<tool_call>f\n<arg_value>v</arg_value></tool_call>",  # a value without its key
+                  "x <tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Par",  # cut off
+                  "1 < 2 and <tool_ca", "plain text"):
+        _, c = run("glm45", plain, step)
+        assert c.text == plain and not c.tool_calls and c.finish_reason == "stop"
+    # a good call after a malformed block still counts
+    _, c = run("glm45", "<tool_call>bad name</tool_call><tool_call>f\n<arg_key>k</arg_key>\n<arg_value>1</arg_value>"
+               "\n</tool_call>", step)
+    assert c.text == "<tool_call>bad name</tool_call>" and json.loads(c.tool_calls[0].arguments) == {"k": 1}
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_think_tags(step: int) -> None:
     _, c = run(None, "<think>\nplan it</think>\n\nThe answer.", step, ThinkTagsParser())
@@ -129,6 +180,12 @@ def test_reasoning_then_tool_call(step: int) -> None:
     assert c.reasoning == "need weather" and c.text == "" and c.tool_calls[0].name == "w"
     assert any(isinstance(e, ReasoningDelta) for e in events)
     assert isinstance(events[-1], ChoiceEnd) and events[-1].finish_reason == "tool_calls"
+    # GLM-4.5 thinks first, as its template shows (an empty block when thinking is off)
+    text = ("\n<think>need weather</think>\nChecking.\n<tool_call>w\n<arg_key>c</arg_key>\n<arg_value>x</arg_value>\n"
+            "</tool_call>")
+    _, c = run("glm45", text, step, ThinkTagsParser())
+    assert c.reasoning == "need weather" and c.text == "Checking.\n"
+    assert c.tool_calls[0].name == "w" and json.loads(c.tool_calls[0].arguments) == {"c": "x"}
 
 
 def test_without_parser_text_is_untouched() -> None:
@@ -161,3 +218,9 @@ def test_parser_names() -> None:
     assert detect_tool_parser("{{ '<tool_call>' }}") == "hermes"
     assert detect_tool_parser("<|assistant|>{{ f.name }}\n<|observation|>") == "glm4"
     assert detect_tool_parser("plain") is None
+    glm45 = "{{ '\\n<tool_call>' + tc.name }}{% for k, v in _args.items() %}<arg_key>{{ k }}</arg_key>"
+    assert detect_tool_parser(glm45) == "glm45" and get_tool_parser("glm47") is get_tool_parser("glm45")
+    # the architecture, where the template says nothing; the template wins where it does
+    assert detect_tool_parser(None, "glm4_moe") == detect_tool_parser("plain", "glm4_moe") == "glm45"
+    assert detect_tool_parser("{{ '<tool_call>' }}", "glm4_moe") == "hermes"
+    assert detect_tool_parser(None, "llama") is None

@@ -1,14 +1,19 @@
 """Images in chats: a tiny random SmolVLM converted to GGUF with its projector (``llamacpp.mmproj``),
 served by a real ``llama-server`` child and called through the ``openai`` and ``anthropic`` SDKs.
-Two different images must give different greedy outputs (the image reached the model), the
-Open-AutoGLM request shape streams, a remote image under an allow-listed prefix (a real HTTP server
-the test starts) is fetched, and bad images get coded errors: a text-only model 400, an oversized
-image 413, data that is not an image or a URL off the allow-list 400."""
+The same model is also served with ``backend: vllm`` — the relay's chat path, with llama-server
+and the projector standing in for ``vllm serve`` (the ``vllm_command`` setting), and the model
+found to be a VLM from its config.json. On both engines two different images must give different
+greedy outputs (the image reached the model), the Open-AutoGLM request shape streams, and bad
+images get coded errors: a text-only model 400, an oversized image 413, data that is not an image
+or a URL off the allow-list 400. A remote image under an allow-listed prefix (a real HTTP server
+the test starts) is fetched; the built-in engine answers images with a 400 naming the engines
+that read them."""
 
 from __future__ import annotations
 
 import base64
 import http.server
+import json
 import random
 import shutil
 import threading
@@ -21,10 +26,14 @@ import yaml
 
 from conftest import RunningServer, run_server
 from gguf_fixtures import need_convert_tools
+from llm_fixtures import write_llm_model
 from vlm_fixtures import build_vlm, convert_vlm, png
 
 openai = pytest.importorskip("openai")
 VLM, TEXT = "tiny-vlm", "tiny-text-only"
+VLLM_VLM, VLLM_TEXT = "tiny-vlm-vllm", "tiny-text-vllm"  # backend: vllm
+BUILTIN = "tiny-builtin"  # backend: transformers
+ENGINES = pytest.mark.parametrize(("vlm", "text"), [(VLM, TEXT), (VLLM_VLM, VLLM_TEXT)], ids=["llamacpp", "vllm"])
 RED = png(64, 64, lambda x, y: (255, 0, 0))
 CHECKS = png(64, 64, lambda x, y: (0, 0, 255) if (x // 8 + y // 8) % 2 else (255, 255, 255))
 
@@ -69,20 +78,34 @@ def image_host() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def vlm_server(tmp_path_factory: pytest.TempPathFactory, image_host: str) -> Iterator[RunningServer]:
+def vlm_server(tmp_path_factory: pytest.TempPathFactory, image_host: str,
+               llm_models: dict[str, Path]) -> Iterator[RunningServer]:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from inhouse.tools.convert_gguf import find_tools
 
     binary = need_convert_tools()
     root = tmp_path_factory.mktemp("vlm")
-    text, mmproj = convert_vlm(build_vlm(root / "hf"), root, find_tools(str(binary)).convert_dir)
+    hf = build_vlm(root / "hf")
+    text, mmproj = convert_vlm(hf, root, find_tools(str(binary)).convert_dir)
     repo = root / "models"
     _write(repo, VLM, {"model.gguf": text, "mmproj.gguf": mmproj}, {"mmproj": "mmproj.gguf"},
            max_image_bytes=40_000)
     _write(repo, TEXT, {"model.gguf": text}, {})
-    with run_server(repo, llama_server=binary, image_url_allow=[f"{image_host}/ok/"]) as srv:
+    _write_vllm(repo, VLLM_VLM, hf, {}, max_image_bytes=40_000)
+    _write_vllm(repo, VLLM_TEXT, hf, {"images": False})  # the config says VLM; model.yaml has the last word
+    write_llm_model(repo, BUILTIN, llm_models["llama"], {"max_model_len": 512})
+    stand_in = [str(binary), "--model", str(text), "--mmproj", str(mmproj), "--ctx-size", "2048", "--parallel", "2",
+                "--threads", "1", "--no-webui", "--jinja"]
+    with run_server(repo, llama_server=binary, vllm_command=stand_in, image_url_allow=[f"{image_host}/ok/"]) as srv:
         yield srv
+
+
+def _write_vllm(repo: Path, name: str, source: Path, vllm: dict[str, Any], **spec: Any) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    doc = {"name": name, "backend": "vllm", "task": "chat", "source": str(source),
+           "vllm": {"max_model_len": 2048, **vllm}, **spec}
+    (repo / name / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def _client(srv: RunningServer) -> Any:
@@ -100,18 +123,20 @@ def _describe(srv: RunningServer, image: bytes | str, model: str = VLM) -> str:
     return r.choices[0].message.content or ""
 
 
-def test_two_images_give_different_greedy_outputs(vlm_server: RunningServer) -> None:
-    red, checks = _describe(vlm_server, RED), _describe(vlm_server, CHECKS)
+@ENGINES
+def test_two_images_give_different_greedy_outputs(vlm_server: RunningServer, vlm: str, text: str) -> None:
+    red, checks = _describe(vlm_server, RED, vlm), _describe(vlm_server, CHECKS, vlm)
     assert red != checks
-    assert _describe(vlm_server, RED) == red  # greedy: the same image, the same answer
+    assert _describe(vlm_server, RED, vlm) == red  # greedy: the same image, the same answer
 
 
-def test_open_autoglm_request_shape_streams(vlm_server: RunningServer) -> None:
+@ENGINES
+def test_open_autoglm_request_shape_streams(vlm_server: RunningServer, vlm: str, text: str) -> None:
     """What Open-AutoGLM's phone agent sends each step: a system prompt, then the task text and
     a screenshot as a data URL, streamed, temperature 0, top_p 0.85, frequency_penalty 0.2."""
     pieces, finish = [], None
     for chunk in _client(vlm_server).chat.completions.create(
-            model=VLM, stream=True, temperature=0, top_p=0.85, frequency_penalty=0.2, max_tokens=10,
+            model=vlm, stream=True, temperature=0, top_p=0.85, frequency_penalty=0.2, max_tokens=10,
             messages=[{"role": "system", "content": "You are a phone-operating agent."},
                       {"role": "user", "content": [{"type": "text", "text": "Open the settings app."},
                                                    {"type": "image_url", "image_url": {"url": _url(CHECKS)}}]}]):
@@ -125,9 +150,10 @@ def test_allow_listed_remote_image_is_fetched(vlm_server: RunningServer, image_h
     assert _describe(vlm_server, f"{image_host}/ok/red.png") == _describe(vlm_server, RED)
 
 
-def test_anthropic_image_block(vlm_server: RunningServer) -> None:
+@ENGINES
+def test_anthropic_image_block(vlm_server: RunningServer, vlm: str, text: str) -> None:
     with vlm_server.client(timeout=120) as c:
-        r = c.post("/v1/messages", json={"model": VLM, "max_tokens": 8, "temperature": 0, "messages": [
+        r = c.post("/v1/messages", json={"model": vlm, "max_tokens": 8, "temperature": 0, "messages": [
             {"role": "user", "content": [
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                              "data": base64.b64encode(RED).decode()}},
@@ -136,7 +162,8 @@ def test_anthropic_image_block(vlm_server: RunningServer) -> None:
     assert r.json()["usage"]["output_tokens"] >= 1
 
 
-def test_bad_images_get_coded_errors(vlm_server: RunningServer, image_host: str) -> None:
+@ENGINES
+def test_bad_images_get_coded_errors(vlm_server: RunningServer, image_host: str, vlm: str, text: str) -> None:
     rng = random.Random(0)
     noisy = png(160, 160, lambda x, y: (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
     assert len(noisy) > 40_000
@@ -147,18 +174,54 @@ def test_bad_images_get_coded_errors(vlm_server: RunningServer, image_host: str)
                 {"role": "user", "content": [{"type": "text", "text": "hi"},
                                              {"type": "image_url", "image_url": {"url": url}}]}]})
 
-    r = send(TEXT, _url(RED))
+    r = send(text, _url(RED))
     assert r.status_code == 400 and "accepts text only" in r.text, r.text
-    r = send(VLM, _url(noisy))
+    assert "llamacpp.mmproj" in r.text and "backend: vllm" in r.text, r.text
+    r = send(vlm, _url(noisy))
     assert r.status_code == 413 and "max_image_bytes" in r.text, r.text
-    r = send(VLM, _url(b"these bytes are not a picture", "image/png"))
+    r = send(vlm, _url(b"these bytes are not a picture", "image/png"))
     assert r.status_code == 400 and "not an image" in r.text, r.text
-    r = send(VLM, "https://example.com/cat.png")
+    r = send(vlm, "https://example.com/cat.png")
     assert r.status_code == 400 and "image_url_allow" in r.text, r.text
-    r = send(VLM, f"{image_host}/elsewhere/red.png")  # the right host, outside the allowed path
+    r = send(vlm, f"{image_host}/elsewhere/red.png")  # the right host, outside the allowed path
     assert r.status_code == 400 and "image_url_allow" in r.text, r.text
-    r = send(VLM, f"{image_host}/ok/text.png")
+    r = send(vlm, f"{image_host}/ok/text.png")
     assert r.status_code == 400 and "not an image" in r.text, r.text
-    r = send(VLM, f"{image_host}/ok/moved.png")  # redirects are not followed: they could leave the list
+    r = send(vlm, f"{image_host}/ok/moved.png")  # redirects are not followed: they could leave the list
     assert r.status_code == 400 and "HTTP 302" in r.text, r.text
-    assert _describe(vlm_server, RED)  # still serving
+    assert _describe(vlm_server, RED, vlm)  # still serving
+
+
+def test_builtin_engine_answers_images_with_the_engines_that_read_them(vlm_server: RunningServer) -> None:
+    """The built-in engine reads text only: an image part, OpenAI's or Anthropic's, is a 400 that
+    names the two engines that serve images, and the model keeps serving text."""
+    client = _client(vlm_server)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BUILTIN, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "describe the picture"}, {"type": "image_url", "image_url": {"url": _url(RED)}}]}])
+    message = str(err.value)
+    assert "accepts text only" in message and "messages[0].content[1]" in message, message
+    assert "backend: llamacpp with llamacpp.mmproj" in message and "backend: vllm" in message, message
+    with vlm_server.client(timeout=120) as c:
+        r = c.post("/v1/messages", json={"model": BUILTIN, "max_tokens": 4, "messages": [
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": base64.b64encode(RED).decode()}}]}]})
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text
+    assert "backend: vllm" in r.text and "llamacpp.mmproj" in r.text, r.text
+    r2 = client.chat.completions.create(model=BUILTIN, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert r2.usage is not None and r2.usage.completion_tokens >= 1
+
+
+def test_json_schema_with_an_image_on_vllm(vlm_server: RunningServer) -> None:
+    """The chat path carries the schema too: the answer parses and matches it."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue", "white"]}}, "required": ["color"],
+              "additionalProperties": False}
+    r = _client(vlm_server).chat.completions.create(
+        model=VLLM_VLM, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "which color?"},
+                                               {"type": "image_url", "image_url": {"url": _url(RED)}}]}])
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)

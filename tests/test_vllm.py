@@ -167,6 +167,44 @@ def test_serve_args_follow_model_yaml(tmp_path: Path) -> None:
     assert "--gpu-memory-utilization 0.9" in " ".join(serve_args(spec, Path("/m"), tmp_path, 1024))
 
 
+def test_chat_messages_put_each_image_in_its_place() -> None:
+    """What the vLLM engine sends for a chat with images: the client's parts in order, each image
+    as a data URL of its own format, tool-call arguments as JSON strings."""
+    import base64
+
+    from inhouse.backends.vllm import chat_messages
+    from inhouse.llm.images import IMAGE_MARKER
+    from vlm_fixtures import png
+
+    one, two = png(2, 2, lambda x, y: (1, 2, 3)), b"\xff\xd8\xff\xe0 a jpeg"
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": f"first\n{IMAGE_MARKER}\nthen\n{IMAGE_MARKER}", "images": ["refs"]},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]
+    out = chat_messages(messages, [one, two])
+    assert out[0] == messages[0]
+    assert out[1] == {"role": "user", "content": [
+        {"type": "text", "text": "first"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(one).decode()}},
+        {"type": "text", "text": "then"},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(two).decode()}}]}
+    assert out[2]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
+
+
+def test_reasoning_split_off_by_vllm_comes_back_in_think_tags() -> None:
+    from inhouse.backends.relay import StreamState
+    from inhouse.backends.vllm import _delta_text
+    from inhouse.llm.types import GenerationRequest
+
+    state = StreamState(GenerationRequest("r", [1]), 1)
+    pieces = [{"delta": {"reasoning_content": "hm"}}, {"delta": {"reasoning": "m"}}, {"delta": {"content": "Hi"}},
+              {"delta": {"content": "!"}, "finish_reason": "stop"}]
+    assert "".join(_delta_text(p, state) for p in pieces) == "<think>hmm</think>Hi!"
+    state = StreamState(GenerationRequest("r", [1]), 1)
+    cut = [{"delta": {"reasoning": "cut"}}, {"delta": {}, "finish_reason": "length"}]
+    assert "".join(_delta_text(p, state) for p in cut) == "<think>cut</think>"
+
+
 def _gpu_and_vllm() -> bool:
     if shutil.which("vllm") is None or shutil.which("nvidia-smi") is None:
         return False
@@ -184,3 +222,33 @@ def test_real_vllm_serves_the_tiny_model(tmp_path: Path, llm_models: dict[str, P
         r = _client(srv).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
         assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_and_vllm(), reason="needs an NVIDIA GPU and the vllm command")
+def test_real_vllm_reads_images(tmp_path: Path) -> None:
+    """A tiny random SmolVLM (Idefics3) folder, found to be a VLM from its config: chats with images
+    go to vLLM's chat endpoint as data URLs, and two different images give different greedy outputs."""
+    import base64
+
+    from vlm_fixtures import build_vlm, png
+
+    hf = build_vlm(tmp_path / "hf")
+    repo = tmp_path / "models"
+    _write(repo, MODEL, hf, {"gpu_memory_utilization": 0.3, "max_model_len": 1024, "extra_args": ["--enforce-eager"]},
+           dtype="float32")
+
+    def describe(image: bytes) -> str:
+        url = f"data:image/png;base64,{base64.b64encode(image).decode()}"
+        r = _client(srv).chat.completions.create(
+            model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [{"type": "text", "text": "describe the picture"},
+                                                   {"type": "image_url", "image_url": {"url": url}}]}])
+        assert r.usage is not None and r.usage.completion_tokens == 8
+        return r.choices[0].message.content or ""
+
+    with run_server(repo) as srv:
+        assert _index(srv)[MODEL]["state"] == "READY", _index(srv)[MODEL]
+        red = describe(png(64, 64, lambda x, y: (255, 0, 0)))
+        checks = describe(png(64, 64, lambda x, y: (0, 0, 255) if (x // 8 + y // 8) % 2 else (255, 255, 255)))
+        assert red != checks

@@ -53,6 +53,9 @@ def build_vlm(out_dir: Path, seed: int = 0) -> Path:
         "image_processor_type": "Idefics3ImageProcessor", "do_resize": True, "size": {"longest_edge": 64},
         "max_image_size": {"longest_edge": 64}, "do_image_splitting": False, "image_mean": [0.5] * 3,
         "image_std": [0.5] * 3, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255}))
+    # Idefics3Processor's count of tokens per image (vLLM's processor reads it): 16 patches / 2²
+    (out_dir / "processor_config.json").write_text(json.dumps({"processor_class": "Idefics3Processor",
+                                                               "image_seq_len": 4}))
     return out_dir
 
 

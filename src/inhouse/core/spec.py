@@ -347,6 +347,8 @@ class VllmSpec(_Strict):
     tool_call_parser: str | None = Field(default=None, description="vLLM's own parser for its chat endpoint "
                                          "(--tool-call-parser); inhouse parses with the top-level one")
     reasoning_parser: str | None = Field(default=None, description="vLLM's --reasoning-parser")
+    images: bool | None = Field(default=None, description="the model reads images (a vision-language model); "
+                                "default: what its config.json says (vision_config, a known VLM type)")
     dtype: str | None = Field(default=None, description="default: the top-level dtype")
     extra_args: list[str] = Field(default_factory=list, description="more 'vllm serve' arguments")
     startup_timeout_s: float = Field(default=1200.0, gt=0)

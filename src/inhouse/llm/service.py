@@ -37,7 +37,15 @@ from inhouse.llm.images import ImageFetcher, ImageRef
 from inhouse.llm.reasoning import get_reasoning_parser
 from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat, request_canonical
 from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
-from inhouse.llm.types import Embedder, GenerationChunk, GenerationRequest, LLMEngine, SamplingParams, TokenConstraint
+from inhouse.llm.types import (
+    ChatInput,
+    Embedder,
+    GenerationChunk,
+    GenerationRequest,
+    LLMEngine,
+    SamplingParams,
+    TokenConstraint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +216,8 @@ class LLMService:
             constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, mode)
             parser_cls = None
             if mode == "parse":
-                pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv))
+                pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv),
+                                                                       getattr(engine, "model_type", None))
                 parser_cls = get_tool_parser(pname) if pname else None
             reasoning_cls = None
             if mv.spec.reasoning_parser and mode in ("text", "parse") and req.response_format is None:
@@ -218,13 +227,14 @@ class LLMService:
             def decoder(i: int) -> ChoiceDecoder:
                 return ChoiceDecoder(
                     i, mode=mode, function=function,
-                    tool_parser=parser_cls() if parser_cls else None,
+                    tool_parser=parser_cls.create(req.tools) if parser_cls else None,
                     reasoning=reasoning_cls(opens_think) if reasoning_cls else None,
                 )
 
+            chat = ChatInput(req.messages, template_tools, req.template_kwargs) if images else None
             yield Prompt(len(prompt), req.n)
             async for ev in self._run(engine, req.request_id, [prompt] * req.n, sampling, constraint_for,
-                                      decoder, req.timeout_s, req.priority, images=images):
+                                      decoder, req.timeout_s, req.priority, images=images, chat=chat):
                 yield ev
 
     def _chat_prompt(self, engine: LLMEngine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -324,8 +334,9 @@ class LLMService:
         if not getattr(engine, "accepts_images", False):
             first = refs[0]
             raise InvalidRequestError(f"Model '{mv.name}' accepts text only, but {first.where} is an '{first.kind}' "
-                                      "part. Remove the image/media part or send it to a vision model (e.g. backend: "
-                                      "llamacpp with llamacpp.mmproj).", details={"param": first.where})
+                                      "part. Remove the image/media part or send it to a vision-language model: "
+                                      "images are served by backend: llamacpp with llamacpp.mmproj (the GGUF "
+                                      "projector) and by backend: vllm.", details={"param": first.where})
         images: list[bytes] = []
         limit = mv.spec.max_image_bytes
         for ref in refs:
@@ -355,7 +366,8 @@ class LLMService:
 
     async def _run(self, engine: LLMEngine, request_id: str, prompts: list[list[int]], sampling: SamplingParams,
                    constraint_for: Any, decoder_for: Any, timeout_s: float | None, priority: int,
-                   count_prompt_once: bool = True, images: list[bytes] | None = None) -> AsyncIterator[Event]:
+                   count_prompt_once: bool = True, images: list[bytes] | None = None,
+                   chat: ChatInput | None = None) -> AsyncIterator[Event]:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         deadline = time.monotonic() + timeout if timeout is not None else None
         requests = []
@@ -363,7 +375,7 @@ class LLMService:
             s = sampling if sampling.seed is None or i == 0 else replace(sampling, seed=sampling.seed + i)
             constraint: TokenConstraint | None = constraint_for() if constraint_for else None
             requests.append(GenerationRequest(f"{request_id}-{i}", prompt, s, constraint, deadline, priority,
-                                              images=list(images or ())))
+                                              images=list(images or ()), chat=chat))
         usage = Usage(0, 0)
         seen_prompts: set[int] = set()
 

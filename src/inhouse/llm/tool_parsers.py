@@ -7,6 +7,9 @@
 - ``glm4`` (GLM-4, GLM-4-0414): the reply is the function's name on a line, then its arguments
   as a JSON object (``get_weather\n{"city": "Paris"}``); the template ends the turn with
   ``<|observation|>``, and a reply opening with a newline is text
+- ``glm45`` (GLM-4.5, 4.6, 4.7): ``<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>
+  ...</tool_call>`` (4.7 without the newlines); a value is JSON when it parses, else a string —
+  always a string for an argument the tool's schema types as one
 
 Each parser is fed the model's text as it streams and returns ``Content`` (ordinary text) and
 the scanner's ``CallName`` / ``CallArgs`` / ``CallEnd`` events; markup never reaches content
@@ -14,8 +17,11 @@ unless it was not a well-formed call, in which case the text is passed through u
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from inhouse.errors import ModelSpecError
 from inhouse.llm.json_calls import CallArgs, CallEnd, CallName, JsonCallScanner, ScanEvent
@@ -39,6 +45,11 @@ def partial_suffix(text: str, marker: str) -> int:
 
 class ToolParser:
     name = "base"
+
+    @classmethod
+    def create(cls, tools: Sequence[dict[str, Any]] | None = None) -> ToolParser:
+        """A parser for one reply; ``tools`` are the request's (OpenAI form), for parsers that need them."""
+        return cls()
 
     def feed(self, text: str) -> list[ParseEvent]:
         raise NotImplementedError
@@ -304,12 +315,105 @@ class Glm4Parser(ToolParser):
         return out
 
 
+_ARG_PAIR = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+
+class Glm45Parser(ToolParser):
+    """GLM-4.5's XML-ish calls. Text outside ``<tool_call>`` blocks streams as content; a call
+    comes out whole once its ``</tool_call>`` arrives (its arguments are only JSON once every
+    pair is read). A block that is not a name and key/value pairs, or one the reply never
+    closes, is passed through as text."""
+
+    name = "glm45"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, string_args: dict[str, set[str]] | None = None) -> None:
+        self._buf = ""
+        self._in_call = False
+        self._calls = 0
+        self._string_args = string_args or {}  # tool name -> the arguments its schema types as strings
+
+    @classmethod
+    def create(cls, tools: Sequence[dict[str, Any]] | None = None) -> ToolParser:
+        strings: dict[str, set[str]] = {}
+        for t in tools or ():
+            fn = t.get("function", t)
+            props = (fn.get("parameters") or {}).get("properties") or {}
+            if isinstance(props, dict):
+                strings[str(fn.get("name"))] = {k for k, v in props.items()
+                                                 if isinstance(v, dict) and v.get("type") == "string"}
+        return cls(strings)
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        self._buf += text
+        out: list[ParseEvent] = []
+        while self._buf:
+            if not self._in_call:
+                i = self._buf.find(self.OPEN)
+                if i < 0:
+                    keep = partial_suffix(self._buf, self.OPEN)
+                    self._content(self._buf[: len(self._buf) - keep], out)
+                    self._buf = self._buf[len(self._buf) - keep:]
+                    break
+                self._content(self._buf[:i], out)
+                self._buf, self._in_call = self._buf[i + len(self.OPEN):], True
+                continue
+            j = self._buf.find(self.CLOSE)
+            if j < 0:
+                break
+            block, self._buf = self._buf[:j], self._buf[j + len(self.CLOSE):]
+            self._in_call = False
+            out.extend(self._call(block))
+        return out
+
+    def _content(self, text: str, out: list[ParseEvent]) -> None:
+        if text and not (self._calls and not text.strip()):  # whitespace between and after calls is dropped
+            out.append(Content(text))
+
+    def _call(self, block: str) -> list[ParseEvent]:
+        raw = self.OPEN + block + self.CLOSE
+        ends = [i for i in (block.find("\n"), block.find("<arg_key>")) if i >= 0]
+        cut = min(ends) if ends else len(block)
+        name, rest = block[:cut].strip(), block[cut:]
+        if _FUNCTION_NAME.fullmatch(name) is None:
+            return [Content(raw)]
+        args: dict[str, Any] = {}
+        pos = 0
+        while (m := _ARG_PAIR.match(rest, pos)) is not None:
+            key = m.group(1).strip()
+            args[key] = self._value(name, key, m.group(2))
+            pos = m.end()
+        if rest[pos:].strip():
+            return [Content(raw)]
+        self._calls += 1
+        return [CallName(name), CallArgs(json.dumps(args, ensure_ascii=False)), CallEnd(raw, True)]
+
+    def _value(self, tool: str, key: str, value: str) -> Any:
+        if key in self._string_args.get(tool, ()):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+
+    def finish(self) -> list[ParseEvent]:
+        out: list[ParseEvent] = []
+        if self._in_call:
+            out.append(Content(self.OPEN + self._buf))  # cut off before </tool_call>: text, as it came
+        else:
+            self._content(self._buf, out)
+        self._buf, self._in_call = "", False
+        return out
+
+
 PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser,
     "qwen": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
     "glm4": Glm4Parser,
+    "glm45": Glm45Parser,
+    "glm47": Glm45Parser,
 }
 
 
@@ -322,10 +426,17 @@ def get_tool_parser(name: str) -> type[ToolParser]:
     return cls
 
 
-def detect_tool_parser(chat_template: str | None) -> str | None:
-    """A parser that fits a chat template's own tool-call format, when the spec names none."""
+# architectures whose format a template might not show (a GGUF or folder without its template)
+_BY_MODEL_TYPE = {"glm4_moe": "glm45", "glm4v_moe": "glm45"}
+
+
+def detect_tool_parser(chat_template: str | None, model_type: str | None = None) -> str | None:
+    """A parser that fits a chat template's own tool-call format, else the architecture's, when
+    the spec names none."""
     if not chat_template:
-        return None
+        return _BY_MODEL_TYPE.get(model_type or "")
+    if "<arg_key>" in chat_template:  # before hermes: GLM-4.5 wraps its calls in <tool_call> too
+        return "glm45"
     if "<tool_call>" in chat_template:
         return "hermes"
     if "<|observation|>" in chat_template:
@@ -334,4 +445,4 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
         return "mistral"
     if "<|python_tag|>" in chat_template or '"parameters"' in chat_template:
         return "llama3_json"
-    return None
+    return _BY_MODEL_TYPE.get(model_type or "")

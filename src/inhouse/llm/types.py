@@ -47,6 +47,16 @@ class TokenConstraint(Protocol):
 
 
 @dataclass(slots=True)
+class ChatInput:
+    """The chat behind a prompt, for an engine that renders it itself with its images (vLLM
+    renders a vision-language model's template and image placeholders on its own)."""
+
+    messages: list[dict[str, Any]]  # normalised; an image stands in the text as IMAGE_MARKER
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
@@ -55,6 +65,7 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value; past it the sequence ends 'deadline'
     priority: int = 0
     images: list[bytes] = field(default_factory=list)  # in the order of the prompt's image markers
+    chat: ChatInput | None = None  # set with images only
 
 
 @dataclass(slots=True)
