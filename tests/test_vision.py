@@ -225,3 +225,34 @@ def test_json_schema_with_an_image_on_vllm(vlm_server: RunningServer) -> None:
         messages=[{"role": "user", "content": [{"type": "text", "text": "which color?"},
                                                {"type": "image_url", "image_url": {"url": _url(RED)}}]}])
     jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+
+
+def test_ollama_images(vlm_server: RunningServer) -> None:
+    """Open WebUI and the ollama client send base64 ``images`` beside the text: the same image
+    gives the same greedy answer as through the OpenAI API, a different one a different answer."""
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=vlm_server.url, timeout=120)
+    options = {"temperature": 0, "num_predict": 8, "repeat_penalty": 1.0}
+
+    def describe(image: bytes) -> str:
+        r = client.chat(model=VLM, options=options, messages=[
+            {"role": "user", "content": "describe the picture", "images": [base64.b64encode(image).decode()]}])
+        return str(r.message.content)
+
+    red = describe(RED)
+    assert red != describe(CHECKS)
+    assert red == describe(RED)
+    generated = client.generate(model=VLM, prompt="describe the picture", options=options,
+                                images=[base64.b64encode(RED).decode()])
+    assert generated.response == red  # /api/generate renders the prompt as the same user turn
+    for call, status, text in [
+        (lambda: client.chat(model=TEXT, messages=[{"role": "user", "content": "x",
+                                                    "images": [base64.b64encode(RED).decode()]}]), 400, "text only"),
+        (lambda: client.chat(model=VLM, messages=[{"role": "user", "content": "x", "images": ["aGk="]}]), 400,
+         "not an image"),
+        (lambda: client.generate(model=VLM, prompt="x", raw=True, images=[base64.b64encode(RED).decode()]), 400,
+         "raw"),
+    ]:
+        with pytest.raises(ollama.ResponseError) as e:
+            call()
+        assert e.value.status_code == status and text in e.value.error, e.value.error

@@ -200,11 +200,17 @@ def _sampling(options: Options | None, served: ServedModel) -> tuple[SamplingPar
     return sampling, num_ctx
 
 
-def _text_only(images: Any, where: str, model: str) -> None:
-    if images:
-        raise InvalidRequestError(
-            f"Model '{model}' accepts text only, but {where} has images. Remove them or send them to a vision model.",
-            details={"param": where})
+def _with_images(content: Any, images: Any, where: str) -> Any:
+    """Ollama's ``images`` (base64 strings beside the text) as OpenAI content parts, so they meet
+    the same checks and engines as ``image_url`` data URLs: a text-only model still answers 400."""
+    if not images:
+        return content
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise InvalidRequestError(f"{where} must be a list of base64-encoded images.", details={"param": where})
+    parts: list[dict[str, Any]] = [{"type": "text", "text": content}] if isinstance(content, str) and content else []
+    # the media type is a placeholder: the format is read from the bytes themselves
+    parts += [{"type": "image_url", "image_url": {"url": f"data:image/*;base64,{x}"}} for x in images]
+    return parts
 
 
 def to_openai_messages(messages: list[Any], model: str) -> list[dict[str, Any]]:
@@ -215,8 +221,9 @@ def to_openai_messages(messages: list[Any], model: str) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise InvalidRequestError(f"messages[{i}] must be an object with 'role' and 'content'.",
                                       details={"param": f"messages[{i}]"})
-        _text_only(m.get("images"), f"messages[{i}].images", model)
         msg = {k: v for k, v in m.items() if k not in ("images", "thinking", "tool_name")}
+        if m.get("images"):
+            msg["content"] = _with_images(m.get("content"), m["images"], f"messages[{i}].images")
         if isinstance(m.get("thinking"), str) and m["thinking"]:
             msg["reasoning_content"] = m["thinking"]
         if m.get("tool_name"):
@@ -527,7 +534,9 @@ class OllamaRoutes:
         body = await parse_json_model(request, GenerateBody, self.limit)
         _log_ignored(request.url.path, body)
         served, mv = self._served(body.model, GENERATIVE_TASKS)
-        _text_only(body.images, "images", body.model)
+        if body.images and body.raw:
+            raise InvalidRequestError("images cannot go with raw: true (a raw prompt has no place for them); send "
+                                      "them without raw, or use /api/chat.", details={"param": "images"})
         if body.suffix:
             raise InvalidRequestError(f"Model '{body.model}' does not support insert ('suffix'); send the prompt "
                                       "alone.", details={"param": "suffix"})
@@ -549,7 +558,7 @@ class OllamaRoutes:
             events = self.service.complete(raw)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
-                {"role": "user", "content": body.prompt}]
+                {"role": "user", "content": _with_images(body.prompt, body.images, "images")}]
             req = ChatRequest(model=body.model, messages=normalize_messages(messages, body.model), sampling=sampling,
                               response_format=fmt, template_kwargs=_think_kwargs(body.think, mv, body.model))
             await self._fit_context(req, num_ctx, mv)
