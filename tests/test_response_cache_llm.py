@@ -80,3 +80,13 @@ def test_chat_cached_at_temperature_zero(tmp_path: Path, llm_models: dict[str, P
         for _ in range(2):
             assert c.post("/v2/models/tiny-llama/infer", json=v2).status_code == 200
         assert _cache(c) == (5, 4)
+        # a forced tool call is cached with its arguments, but every answer gets its own call id
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+        call = {**body, "tools": tools, "tool_choice": "required", "max_tokens": 40}
+        t1, t2 = c.post("/v1/chat/completions", json=call), c.post("/v1/chat/completions", json=call)
+        assert t1.status_code == t2.status_code == 200, t1.text
+        assert _cache(c) == (6, 5)
+        c1, c2 = (r.json()["choices"][0]["message"]["tool_calls"][0] for r in (t1, t2))
+        assert c1["function"] == c2["function"] and c1["function"]["name"] == "get_weather"
+        assert c1["id"] != c2["id"]

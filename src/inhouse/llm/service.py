@@ -32,10 +32,10 @@ from inhouse.llm import constraint as cons
 from inhouse.llm.chat import merge_consecutive
 from inhouse.llm.context_window import check_context
 from inhouse.llm.decoder import CallMode, ChoiceDecoder
-from inhouse.llm.events import Event, Prompt, TextDelta, Usage, decode_events, encode_events
+from inhouse.llm.events import Event, Prompt, TextDelta, ToolCallStart, Usage, decode_events, encode_events
 from inhouse.llm.images import ImageFetcher, ImageRef
 from inhouse.llm.reasoning import get_reasoning_parser
-from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat, request_canonical
+from inhouse.llm.requests import ChatRequest, CompletionRequest, JsonFormat, new_call_id, request_canonical
 from inhouse.llm.tool_parsers import detect_tool_parser, get_tool_parser
 from inhouse.llm.types import (
     ChatInput,
@@ -166,6 +166,8 @@ class LLMService:
             value = await cache.get(mv.name, mv.version, key)
             if value is not None:
                 for ev in decode_events(value):
+                    if isinstance(ev, ToolCallStart):  # agents match tool results by id: never repeat one
+                        ev.id = new_call_id()
                     yield ev
                 return
             events: list[Event] = []
