@@ -151,9 +151,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]) 
     back_url = f"https://127.0.0.1:{port}"
 
     def start_back() -> Any:
-        # drain_timeout_s: an idle TLS keep-alive client would hold uvicorn's shutdown for asyncio's
-        # 30 s SSL shutdown timeout
-        return run_server(back_repo, http_port=port, auth=True, drain_timeout_s=1, audit_payloads=True,
+        return run_server(back_repo, http_port=port, auth=True, audit_payloads=True,
                           data_dir=back_data, tls_cert=pki.server.cert, tls_key=pki.server.key)
 
     up = {"url": back_url, "api_key_file": str(tmp / "back.key"), "tls": {"ca_file": str(pki.ca.cert)},

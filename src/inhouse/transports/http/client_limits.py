@@ -9,7 +9,7 @@ connection's start, or a request's first byte, until its headers are complete; 4
 2014), ``body_timeout_s`` (from the headers until the whole body has arrived; 408) and
 ``max_header_bytes`` (request target plus header names and values; 431, code 2015). Each
 refusal is a v2 error body and closes the connection; idle keep-alive connections stay
-uvicorn's (``timeout_keep_alive``)."""
+uvicorn's (``timeout_keep_alive``), except that on stop an idle TLS connection is dropped at once."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ class ClientLimits(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm(self.header_timeout_s)  # a client that connects and says nothing is not kept
+
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle and self.transport.get_extra_info("ssl_object") is not None:
+            # closing TLS waits for the client's close_notify (asyncio's 30 s ssl_shutdown_timeout),
+            # which an idle keep-alive client never sends: the stop would wait out drain_timeout_s
+            self.transport.abort()
 
     def on_message_begin(self) -> None:
         self._head_bytes = 0
