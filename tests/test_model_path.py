@@ -114,3 +114,17 @@ def test_a_missing_or_unusable_model_path_is_a_clear_start_up_error(tmp_path: Pa
         assert len(errors) == 1, stderr
         for f in fragments:
             assert f in errors[0], (f, errors[0])
+
+
+def test_an_explicit_repo_wins_over_an_ambient_model_path(tmp_path: Path) -> None:
+    """MODEL_PATH is a common variable name other tools set (benchmark harnesses, other servers'
+    containers): ``--repo`` on the command line serves the repository, not that path."""
+    repo = tmp_path / "repo"
+    (repo / "adder" / "1").mkdir(parents=True)
+    (repo / "adder" / "1" / "model.onnx").write_bytes(add_model())
+    stray = tmp_path / "stray.onnx"
+    stray.write_bytes(add_model(scale=5.0))
+    proc, log_path = _start(tmp_path, "repo", stray, "--repo", str(repo))
+    with _ready(proc, log_path) as c:
+        assert _names(c) == ["adder"]
+        assert c.post("/v2/models/adder/infer", json=ADD_BODY).json()["outputs"][0]["data"] == [2, 3, 4, 5]

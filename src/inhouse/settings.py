@@ -275,9 +275,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServerSetting
         raise SettingsError(f"Config file {config} does not exist.")
     if config is not None:
         _check_yaml(config)
-    # containers built for the deployment guides set MODEL_PATH; INHOUSE_MODEL_PATH and --model win
-    if overrides.get("model_path") is None and "INHOUSE_MODEL_PATH" not in os.environ \
-            and os.environ.get("MODEL_PATH"):
+    # containers built for the deployment guides set MODEL_PATH; INHOUSE_MODEL_PATH and --model win,
+    # and an explicit --repo too: MODEL_PATH is a common name that other tools set for their own use
+    if overrides.get("model_path") is None and overrides.get("repo") is None \
+            and "INHOUSE_MODEL_PATH" not in os.environ and os.environ.get("MODEL_PATH"):
         overrides["model_path"] = Path(os.environ["MODEL_PATH"])
     cls: type[ServerSettings] = ServerSettings
     if config is not None:
