@@ -192,6 +192,7 @@ def test_stop_sends_goaway_and_finishes_the_call_in_flight(tmp_path: Path) -> No
         assert gate.entered.acquire(timeout=10)
         idle = socket.create_connection(("127.0.0.1", srv.grpc_port or 0), timeout=10)  # a second, idle one
         idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+        assert idle.recv(65536)  # the server's SETTINGS: the connection is the front's
         stopping = threading.Thread(target=lambda: server.__exit__(None, None, None))  # the server's stop
         stopping.start()
         # the port stops taking connections while the call in flight is still being answered

@@ -136,10 +136,14 @@ class InnerLink(asyncio.Protocol):
             self._down.relay_lost(streams)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # after its GOAWAY (grpc follows it with a PING): h2 takes no more frames
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            log.warning("the inner gRPC server broke HTTP/2", extra={"error": str(exc)})
+            if self.conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                # (frames after its GOAWAY, such as grpc's PING, are only the end of a stop)
+                log.warning("the inner gRPC server broke HTTP/2", extra={"error": str(exc)})
             self.lost()
             if self._transport is not None:
                 self._transport.close()

@@ -67,6 +67,7 @@ class FrontConfig:
         self.keepalive_s = keepalive_s
         self.keepalive_timeout_s = keepalive_timeout_s
         self.connections: set[FrontProtocol] = set()
+        self.stopping = False
 
 
 class _Call:
@@ -121,6 +122,8 @@ class FrontProtocol(asyncio.Protocol, forward.Downstream):
         transport.write(conn.data_to_send())
         self._config.connections.add(self)
         self._arm_keepalive(self._config.keepalive_s)
+        if self._config.stopping:  # accepted just before the listener closed
+            self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._config.connections.discard(self)
@@ -422,6 +425,7 @@ class FrontServer:
     async def stop(self, grace_s: float) -> None:
         """Stops listening, sends every connection a GOAWAY, waits up to ``grace_s`` for the calls
         in flight, then closes what is left."""
+        self.config.stopping = True
         if self._server is not None:
             self._server.close()
         connections = self.config.connections
