@@ -217,3 +217,22 @@ def _refused(port: int) -> bool:
         return True
     time.sleep(0.05)
     return False
+
+
+def test_a_concurrency_limit_counts_modelinfer_too(server_factory: Any, repo: Path) -> None:
+    """With ``max_concurrent_rpcs`` set every RPC goes through grpc.aio's limit, ModelInfer included."""
+    with server_factory(repo, grpc={"max_concurrent_rpcs": 1}) as srv, grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        release = threading.Event()
+
+        def held() -> Any:
+            yield _mlp_request()
+            release.wait(30)
+
+        stream = stub.ModelStreamInfer(held())
+        assert not next(stream).error_message  # the one RPC allowed is open
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(_mlp_request(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3004" in err.value.details()
+        release.set()
+        list(stream)

@@ -58,9 +58,9 @@ def parse_timeout(value: bytes | None) -> float | None:
 class FrontConfig:
     """What every connection of one front shares."""
 
-    def __init__(self, infer: InferCall, max_message: int, inner_path: str, secret: str,
+    def __init__(self, infer: InferCall | None, max_message: int, inner_path: str, secret: str,
                  keepalive_s: float, keepalive_timeout_s: float) -> None:
-        self.infer = infer
+        self.infer = infer  # None: ModelInfer is forwarded like the rest
         self.max_message = max_message
         self.inner_path = inner_path
         self.secret = secret
@@ -238,7 +238,7 @@ class FrontProtocol(asyncio.Protocol, forward.Downstream):
             return
         raw: list[tuple[bytes, bytes]] = event.headers
         headers = dict(raw)
-        if (headers.get(b":path") == _METHOD and headers.get(b":method") == b"POST"
+        if (self._config.infer is not None and headers.get(b":path") == _METHOD and headers.get(b":method") == b"POST"
                 and headers.get(b"content-type", b"").startswith(b"application/grpc")):
             self._calls[sid] = _Call(headers)
             if event.stream_ended is not None:
@@ -307,8 +307,9 @@ class FrontProtocol(asyncio.Protocol, forward.Downstream):
             else:
                 md = {k.decode("latin-1"): v.decode("latin-1") for k, v in call.headers.items()
                       if k[:1] != b":" and not k.endswith(b"-bin")}
-                answer = await self._config.infer.answer(md, self._peer, message,
-                                                         parse_timeout(call.headers.get(b"grpc-timeout")))
+                infer = self._config.infer
+                assert infer is not None  # only ModelInfer calls are taken, and only with it
+                answer = await infer.answer(md, self._peer, message, parse_timeout(call.headers.get(b"grpc-timeout")))
         finally:
             self._calls.pop(sid, None)
         self._send(sid, answer)

@@ -1,7 +1,12 @@
 """The gRPC front end: a grpc.aio server in the server's own event loop, serving KServe v2
 (``inference.GRPCInferenceService``), OpenClaw's ``openclaw.api.v1.ModelService``, health
 checking and reflection over the same data plane
-as REST, with the limits, keep-alive and TLS from the settings."""
+as REST, with the limits, keep-alive and TLS from the settings.
+
+With ``grpc.front: fast`` (the default) the port is served by inhouse's own HTTP/2 front
+(``front.py``), which answers ModelInfer itself and forwards every other RPC to this grpc.aio
+server, then listening only on a Unix socket in a private folder; ``grpcio`` puts grpc.aio on
+the port itself."""
 
 from __future__ import annotations
 
@@ -172,8 +177,12 @@ class GrpcFrontEnd:
         if aio.add_insecure_port(f"unix:{inner}") == 0:
             raise GrpcPortError(f"Cannot listen for gRPC on the private socket {inner}.")
         await aio.start()
+        # the front answers ModelInfer only where that is all the interceptors would do: a
+        # concurrency limit, or an interceptor someone added, sees every call in grpc.aio instead
+        ours = all(type(i) in (GrpcObservabilityInterceptor, DecodeGuardInterceptor, SecurityInterceptor)
+                   for i in self.interceptors)
         infer = InferCall(self._dataplane, self._gate, self._metrics, access_log_enabled=settings.access_log,
-                          access_log_sample=settings.access_log_sample)
+                          access_log_sample=settings.access_log_sample) if ours else None
         config = FrontConfig(infer, g.max_message_bytes, inner, self._secret, g.keepalive_time_s,
                              g.keepalive_timeout_s)
         ssl_ctx = None
