@@ -236,3 +236,30 @@ def test_a_concurrency_limit_counts_modelinfer_too(server_factory: Any, repo: Pa
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3004" in err.value.details()
         release.set()
         list(stream)
+
+
+def test_messages_larger_than_the_windows(server: RunningServer) -> None:
+    """Answers and forwarded messages of several MiB go through HTTP/2 flow control on both sides
+    (grpcio's windows start at 64 KiB)."""
+    values = np.arange(600_000, dtype=np.int64).reshape(1, -1)  # 4.8 MB each way
+    req = pb.ModelInferRequest(model_name="echo-i64")
+    req.inputs.add(name="x", datatype="INT64", shape=list(values.shape))
+    req.raw_input_contents.append(values.tobytes())
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.grpc_target or "", options=opts) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        futures = [stub.ModelInfer.future(req, timeout=60) for _ in range(4)]  # the front's path
+        for f in futures:
+            assert np.frombuffer(f.result().raw_output_contents[0], np.int64).tolist() == values.ravel().tolist()
+        answers = list(stub.ModelStreamInfer(iter([req, req]), timeout=60))  # forwarded
+        assert len(answers) == 2 and not answers[0].error_message
+        got = np.frombuffer(answers[1].infer_response.raw_output_contents[0], np.int64)
+        assert got.tolist() == values.ravel().tolist()
+
+
+def test_a_client_that_stops_answering_pings_is_dropped(server_factory: Any, repo: Path) -> None:
+    with server_factory(repo, grpc={"keepalive_time_s": 0.3, "keepalive_timeout_s": 0.3}) as srv:
+        start = time.monotonic()
+        got = _exchange(srv.grpc_port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+        assert b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" in got  # a PING (8 bytes, type 6, stream 0)
+        assert time.monotonic() - start < 4  # then the silent connection is closed
