@@ -174,8 +174,8 @@ class FrontProtocol(asyncio.Protocol, forward.Downstream):
         out = self._h2.data_to_send()
         if out and self._transport is not None:
             self._transport.write(out)
-        if self._draining is not None and not self._calls and not self._relayed:
-            self._close()
+        if self._draining is not None and not self._calls and not self._relayed and not self._outbox.busy:
+            self._close()  # stopping, and the last answer is out
 
     def _later(self) -> None:
         """Flush at the end of this loop turn: the answers finishing together go out in one write."""

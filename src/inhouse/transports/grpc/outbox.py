@@ -68,8 +68,10 @@ class Outbox:
         if trailers is not None:
             conn.send_headers(sid, trailers, end_stream=True)
 
-    def waiting(self, sid: int) -> bool:
-        return sid in self._pending
+    @property
+    def busy(self) -> bool:
+        """Whether anything waits for a window."""
+        return bool(self._pending)
 
     def drop(self, sid: int) -> None:
         self._pending.pop(sid, None)
