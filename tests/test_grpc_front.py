@@ -263,3 +263,33 @@ def test_a_client_that_stops_answering_pings_is_dropped(server_factory: Any, rep
         got = _exchange(srv.grpc_port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
         assert b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" in got  # a PING (8 bytes, type 6, stream 0)
         assert time.monotonic() - start < 4  # then the silent connection is closed
+
+
+def test_a_call_the_client_cancels_is_audited(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    (repo / "g2" / "1").mkdir(parents=True)
+    (repo / "g2" / "model.yaml").write_text(yaml.safe_dump({"name": "g2", "backend": "gate"}))
+    GATES["g2"] = gate = Gate()
+    gate.open.clear()
+    req = pb.ModelInferRequest(model_name="g2")
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    req.raw_input_contents.append(np.array([[1, 2]], np.float32).tobytes())
+    data = tmp_path / "data"
+    try:
+        with run_server(repo, data_dir=data, audit=True) as srv, grpc.insecure_channel(srv.grpc_target or "") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            running = stub.ModelInfer.future(req, timeout=30)
+            assert gate.entered.acquire(timeout=10)
+            queued = stub.ModelInfer.future(req, timeout=30)
+            scheduler: Any = srv.server.manager.resolve("g2").scheduler
+            wait_until(lambda: scheduler.queue_depth() == 1)
+            queued.cancel()
+            wait_until(lambda: scheduler.queue_depth() == 0)
+            gate.open.set()
+            assert running.result(timeout=30).model_name == "g2"
+    finally:
+        gate.open.set()
+    log = AuditLog(data)
+    rows = [(r["status"], r["code"]) for r in log.entries() if r["action"] == "infer"]
+    log.close()
+    assert sorted(rows, key=str) == sorted([(200, None), (499, 3003)], key=str)

@@ -201,7 +201,7 @@ def forwarded_headers(headers: list[tuple[bytes, bytes]], secret: str, peer: str
                       identity: str | None) -> Headers:
     """The request headers for the inner server: the client's own, less any ``x-inhouse-front-*``,
     plus ours."""
-    out = [(k, v) for k, v in headers if not k.startswith(FRONT_PREFIX)]
+    out = [(k, v) for k, v in headers if not k.lower().startswith(FRONT_PREFIX)]
     out.append((FRONT_SECRET.encode(), secret.encode()))
     if peer is not None:
         out.append((FRONT_PEER.encode(), peer.encode("latin-1", "replace")))

@@ -12,6 +12,7 @@ modules grpc.aio runs (:class:`~inhouse.transports.grpc.security.RpcChecks`,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import time
@@ -22,12 +23,13 @@ from urllib.parse import quote
 import grpc
 
 from inhouse.core.dataplane import DataPlane
-from inhouse.errors import AuditUnavailableError, InhouseError
+from inhouse.errors import AuditUnavailableError, CancelledError, InhouseError
 from inhouse.observability.access import log_rpc
 from inhouse.observability.context import activate, deactivate, new_context
 from inhouse.observability.metrics import GrpcMetrics
 from inhouse.protocols.cache_scope import headers_tenant
 from inhouse.protocols.errors import as_inhouse_error, grpc_error
+from inhouse.protocols.http_body import client_gone
 from inhouse.protocols.kserve_v2.grpc_service import RPC_GUARDS, SERVICE_NAME
 from inhouse.protocols.kserve_v2.grpc_wire import parse_infer_request, render_infer_response
 from inhouse.protocols.proto import grpc_service_pb2 as pb
@@ -134,15 +136,25 @@ class InferCall:
         try:
             req = parse_infer_request(request, timeout_s)
             req.cache_tenant = headers_tenant(md)
-            resp = await self._dataplane.infer(req)
+            try:
+                resp = await self._dataplane.infer(req)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None:
+                    raise
+                # the client reset the call or went away: recorded and counted as CANCELLED (3003)
+                raise client_gone(task) from None
             result = render_infer_response(resp, req)
             if exchange is not None:
                 exchange.render(result)
         except Exception as exc:
             if call is not None and not call.recorded:
-                # as the servicer's errors are recorded behind grpc.aio: the status, not our code
-                code, _, _ = grpc_error(exc)
-                await gate.record(call, 500, None, f"gRPC status {code}")
+                if isinstance(exc, CancelledError):
+                    await gate.record(call, exc.http_status, exc.code, exc.message)
+                else:
+                    # as the servicer's errors are recorded behind grpc.aio: the status, not our code
+                    code, _, _ = grpc_error(exc)
+                    await gate.record(call, 500, None, f"gRPC status {code}")
             raise
         if call is not None and not call.recorded:
             await gate.record(call, 200, None)  # AuditUnavailableError: UNAVAILABLE (4050), unanswered
