@@ -36,6 +36,10 @@ class GrpcSettings(BaseModel):
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     keepalive_time_s: float = Field(default=60.0, gt=0)
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    front: Literal["fast", "grpcio"] = Field(
+        default="fast", description="fast: inhouse's own HTTP/2 front answers ModelInfer on the port and hands "
+        "every other RPC to grpc.aio behind it; grpcio: grpc.aio serves the port itself (a fallback, should "
+        "a client's HTTP/2 need what only grpc's C core does)")
 
 
 class CacheSettings(BaseModel):

@@ -434,6 +434,9 @@ class DynamicBatcher:
         """A deadline passed: a queued request is dropped (never runs); a running one is
         answered now and its result discarded when it arrives."""
         if p.future is None or p.future.done():
+            # answered, or its caller cancelled it in this same loop turn (its task has not yet
+            # run to leave the queue): still queued, it must leave the queue's count here
+            self._queue.discard(p)
             p.state = DONE
             return
         if p.state == QUEUED:  # in no batch yet: dropped, and its tensors with it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from inhouse.protocols.errors import grpc_abort
 from inhouse.protocols.kserve_v2.grpc_service import request_size
 from inhouse.security.gate import Call, SecurityGate, new_request_id
 from inhouse.security.pipeline import Exchange, Guard, as_served, check_request, open_call
+from inhouse.transports.grpc.forward import FRONT_PEER, FRONT_SECRET
 from inhouse.transports.grpc.intercept import CachedWrapInterceptor, RpcKind, Streaming, Unary
 
 
@@ -59,19 +61,36 @@ def peer_address(peer: str | None) -> str | None:
     return None
 
 
-class _Rpc:
+def client_address(peer: str | None, md: Mapping[str, str], front_secret: str | None) -> str | None:
+    """The client's address: the connection's peer, or, for a call the HTTP/2 front forwarded
+    over the private Unix socket with this process's secret, the address the front saw. The
+    front drops these names from what clients send, and a call from anywhere else that carries
+    them is taken as from its own peer."""
+    if front_secret is not None and peer is not None and peer.startswith("unix:"):
+        sent = md.get(FRONT_SECRET)
+        if sent is not None and hmac.compare_digest(sent.encode(), front_secret.encode()):
+            return md.get(FRONT_PEER) or None
+    return peer_address(peer)
+
+
+class RpcChecks:
     """The pipeline's steps for the calls of one RPC method, built once per method."""
 
-    __slots__ = ("gate", "guard")
+    __slots__ = ("front_secret", "gate", "guard")
 
-    def __init__(self, gate: SecurityGate, guard: Guard) -> None:
+    def __init__(self, gate: SecurityGate, guard: Guard, front_secret: str | None = None) -> None:
         self.gate = gate
         self.guard = guard
+        self.front_secret = front_secret
 
     def new_call(self, context: grpc.aio.ServicerContext) -> Call:
         md = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        return self.open(md, client_address(context.peer(), md, self.front_secret))
+
+    def open(self, md: Mapping[str, str], peer: str | None) -> Call:
+        """The caller record from the call's (lower-case, text) metadata and the client's address."""
         ctx = current_request()  # the observability interceptor's request id and trace, when it runs
-        return open_call("grpc", self.guard, model=None, version=None, peer=peer_address(context.peer()),
+        return open_call("grpc", self.guard, model=None, version=None, peer=peer,
                          forwarded_for=md.get("x-forwarded-for"), authorization=md.get("authorization"),
                          api_key=md.get("x-api-key"),
                          request_id=ctx.request_id if ctx else new_request_id(md.get("x-request-id")),
@@ -148,7 +167,7 @@ class _Stream:
 
     __slots__ = ("call", "exchange", "rpc")
 
-    def __init__(self, rpc: _Rpc, call: Call) -> None:
+    def __init__(self, rpc: RpcChecks, call: Call) -> None:
         self.rpc = rpc
         self.call = call
         self.exchange: Exchange | None = None
@@ -171,9 +190,14 @@ class _Stream:
 
 
 class SecurityInterceptor(CachedWrapInterceptor):
-    def __init__(self, gate: SecurityGate, guards: Mapping[str, Guard] | None = None) -> None:
+    """``front_secret``: the secret of the HTTP/2 front that forwards calls to this server (see
+    :func:`client_address`), or None when clients reach it directly."""
+
+    def __init__(self, gate: SecurityGate, guards: Mapping[str, Guard] | None = None, *,
+                 front_secret: str | None = None) -> None:
         super().__init__()
         self.gate = gate
+        self.front_secret = front_secret
         declared = guards if guards is not None else declared_rpcs()
         self.guards = {m: as_served(g, gate.settings.open_readiness) for m, g in declared.items()}
 
@@ -183,7 +207,7 @@ class SecurityInterceptor(CachedWrapInterceptor):
         return super()._wrap(handler, method)
 
     def _unary(self, behavior: Unary, method: str, kind: RpcKind) -> Unary:
-        rpc = _Rpc(self.gate, guard_for(method, self.guards))
+        rpc = RpcChecks(self.gate, guard_for(method, self.guards), self.front_secret)
         gate = self.gate
         if kind.client_streaming:
 
@@ -222,7 +246,7 @@ class SecurityInterceptor(CachedWrapInterceptor):
         return unary_unary
 
     def _streaming(self, behavior: Streaming, method: str, kind: RpcKind) -> Streaming:
-        rpc = _Rpc(self.gate, guard_for(method, self.guards))
+        rpc = RpcChecks(self.gate, guard_for(method, self.guards), self.front_secret)
         if kind.client_streaming:
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

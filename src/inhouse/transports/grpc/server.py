@@ -1,11 +1,20 @@
 """The gRPC front end: a grpc.aio server in the server's own event loop, serving KServe v2
 (``inference.GRPCInferenceService``), OpenClaw's ``openclaw.api.v1.ModelService``, health
 checking and reflection over the same data plane
-as REST, with the limits, keep-alive and TLS from the settings."""
+as REST, with the limits, keep-alive and TLS from the settings.
+
+With ``grpc.front: fast`` (the default) the port is served by inhouse's own HTTP/2 front
+(``front.py``), which answers ModelInfer itself and forwards every other RPC to this grpc.aio
+server, then listening only on a Unix socket in a private folder; ``grpcio`` puts grpc.aio on
+the port itself."""
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,12 +34,14 @@ from inhouse.protocols.proto._pool import POOL
 from inhouse.security.gate import SecurityGate
 from inhouse.settings import GrpcSettings, ServerSettings
 from inhouse.transports.grpc.decode import DecodeGuardInterceptor
+from inhouse.transports.grpc.front import FrontConfig, FrontServer
 from inhouse.transports.grpc.health import HealthServicer
+from inhouse.transports.grpc.infer_call import InferCall
 from inhouse.transports.grpc.intercept import CachedWrapInterceptor, WrappingRegistrar
 from inhouse.transports.grpc.limits import ConcurrencyLimitInterceptor
 from inhouse.transports.grpc.observability import GrpcObservabilityInterceptor
 from inhouse.transports.grpc.security import SecurityInterceptor
-from inhouse.transports.tls import TlsMaterial
+from inhouse.transports.tls import TlsMaterial, server_context
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +92,18 @@ class GrpcFrontEnd:
         self._dataplane = dataplane
         self._llm = llm  # chat models stream through ModelStreamInfer
         self._reuse_port = reuse_port
+        self._gate = gate
+        self._metrics = metrics
+        self._front: FrontServer | None = None
+        self._inner_folder: str | None = None
+        # what the front adds to each forwarded call so the inner server trusts its address
+        # metadata, over the private socket only
+        self._secret = secrets.token_hex(16)
         self.interceptors: list[grpc.aio.ServerInterceptor] = [
             GrpcObservabilityInterceptor(metrics, access_log_enabled=settings.access_log,
                                          access_log_sample=settings.access_log_sample),
             DecodeGuardInterceptor(),
-            SecurityInterceptor(gate),
+            SecurityInterceptor(gate, front_secret=self._secret if settings.grpc.front == "fast" else None),
         ]
         if settings.grpc.max_concurrent_rpcs is not None:
             self.interceptors.append(ConcurrencyLimitInterceptor(settings.grpc.max_concurrent_rpcs))
@@ -113,6 +131,13 @@ class GrpcFrontEnd:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(REFLECTED_SERVICES, pool=POOL), target)
 
+        if g.front == "fast":
+            self._aio, self._pool = aio, pool
+            try:
+                return await self._start_front(aio)
+            except BaseException:
+                await self.stop()
+                raise
         address = grpc_address(settings.host, settings.grpc_port)
         tls = self._tls
         port: int
@@ -139,8 +164,50 @@ class GrpcFrontEnd:
                                           "mutual_tls": bool(tls and tls.mutual)})
         return port
 
+    @property
+    def inner_socket(self) -> str | None:
+        """The Unix socket grpc.aio listens on behind the front (None without the front)."""
+        return None if self._inner_folder is None else os.path.join(self._inner_folder, "grpc.sock")
+
+    async def _start_front(self, aio: grpc.aio.Server) -> int:
+        """grpc.aio on a Unix socket in a folder of its own (0700), and the front on the port."""
+        settings, g = self._settings, self._settings.grpc
+        folder = self._inner_folder = tempfile.mkdtemp(prefix="inhouse-grpc-")
+        inner = os.path.join(folder, "grpc.sock")
+        if aio.add_insecure_port(f"unix:{inner}") == 0:
+            raise GrpcPortError(f"Cannot listen for gRPC on the private socket {inner}.")
+        await aio.start()
+        # the front answers ModelInfer only where that is all the interceptors would do: a
+        # concurrency limit, or an interceptor someone added, sees every call in grpc.aio instead
+        ours = all(type(i) in (GrpcObservabilityInterceptor, DecodeGuardInterceptor, SecurityInterceptor)
+                   for i in self.interceptors)
+        infer = InferCall(self._dataplane, self._gate, self._metrics, access_log_enabled=settings.access_log,
+                          access_log_sample=settings.access_log_sample) if ours else None
+        config = FrontConfig(infer, g.max_message_bytes, inner, self._secret, g.keepalive_time_s,
+                             g.keepalive_timeout_s)
+        ssl_ctx = None
+        if self._tls is not None:
+            ssl_ctx = server_context(self._tls)
+            ssl_ctx.set_alpn_protocols(["h2"])
+        front = FrontServer(config)
+        try:
+            port = await front.start(settings.host, settings.grpc_port, ssl=ssl_ctx, reuse_port=self._reuse_port)
+        except OSError as exc:
+            raise GrpcPortError(
+                f"Cannot listen for gRPC on {grpc_address(settings.host, settings.grpc_port)} ({exc.strerror}). "
+                "Another process may use the port; stop it or choose another port (--grpc-port), or turn gRPC "
+                "off (grpc.enabled: false).") from exc
+        self._front = front
+        log.info("gRPC listening", extra={"address": grpc_address(settings.host, port), "tls": self._tls is not None,
+                                          "mutual_tls": bool(self._tls and self._tls.mutual), "front": "fast"})
+        return port
+
     async def stop(self) -> None:
+        if self._front is not None:
+            await self._front.stop(STOP_GRACE_S)  # GOAWAY; what is in flight, forwarded too, finishes
         if self._aio is not None:
             await self._aio.stop(STOP_GRACE_S)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        if self._inner_folder is not None:
+            shutil.rmtree(self._inner_folder, ignore_errors=True)

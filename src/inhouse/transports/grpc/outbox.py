@@ -1,0 +1,108 @@
+"""Sending on HTTP/2 streams within the peer's flow-control windows: what does not fit yet waits
+in an :class:`Outbox` until a WINDOW_UPDATE lets it through. The front (``front.py``) sends its
+answers through one per public connection and relays forwarded streams through one on each side,
+so a slow reader on either side stops the other side by its window rather than by our memory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import h2.connection
+import h2.exceptions
+
+Headers = list[tuple[bytes, bytes]]
+Sent = Callable[[int], None]
+"""Called with the number of bytes of a chunk once they are handed to h2 (the relay's cue to
+acknowledge them to the side they came from)."""
+
+
+@contextlib.contextmanager
+def gone() -> Iterator[None]:
+    """Sends on a stream the peer reset, or on a closed connection: nothing left to send there."""
+    with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        yield
+
+
+class _Pending:
+    __slots__ = ("chunks", "end", "trailers")
+
+    def __init__(self) -> None:
+        self.chunks: deque[tuple[bytes, Sent | None]] = deque()
+        self.end = False
+        self.trailers: Headers | None = None
+
+
+class Outbox:
+    def __init__(self, conn: h2.connection.H2Connection) -> None:
+        self.conn = conn
+        self._pending: dict[int, _Pending] = {}
+
+    def send(self, sid: int, data: bytes, *, sent: Sent | None = None, end: bool = False,
+             trailers: Headers | None = None) -> None:
+        """``data`` on stream ``sid``, then, when asked, the end of the stream or ``trailers``."""
+        pending = self._pending.get(sid)
+        if pending is None:
+            conn = self.conn
+            if not data or len(data) <= min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size):
+                with gone():  # the common case: it fits at once
+                    self._finish_now(sid, data, sent, end, trailers)
+                return
+            pending = self._pending[sid] = _Pending()
+        if data:
+            pending.chunks.append((data, sent))
+        pending.end = pending.end or end
+        if trailers is not None:
+            pending.trailers = trailers
+        self.drain(sid)
+
+    def _finish_now(self, sid: int, data: bytes, sent: Sent | None, end: bool, trailers: Headers | None) -> None:
+        conn = self.conn
+        if data:
+            conn.send_data(sid, data, end_stream=end and trailers is None)
+            if sent is not None:
+                sent(len(data))
+        elif end and trailers is None:
+            conn.end_stream(sid)
+        if trailers is not None:
+            conn.send_headers(sid, trailers, end_stream=True)
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything waits for a window."""
+        return bool(self._pending)
+
+    def drop(self, sid: int) -> None:
+        self._pending.pop(sid, None)
+
+    def drain(self, sid: int | None = None) -> None:
+        """Send what the windows now allow, on ``sid`` or on every stream waiting."""
+        sids = list(self._pending) if sid is None else [sid] if sid in self._pending else []
+        conn = self.conn
+        for s in sids:
+            pending = self._pending[s]
+            try:
+                while pending.chunks:
+                    data, sent = pending.chunks[0]
+                    size = min(conn.local_flow_control_window(s), conn.max_outbound_frame_size, len(data))
+                    if size <= 0:
+                        break
+                    conn.send_data(s, data[:size])
+                    if sent is not None:
+                        sent(size)
+                    if size == len(data):
+                        pending.chunks.popleft()
+                    else:
+                        pending.chunks[0] = (data[size:], sent)
+                if pending.chunks:
+                    continue
+                if pending.trailers is not None:
+                    conn.send_headers(s, pending.trailers, end_stream=True)
+                elif pending.end:
+                    conn.end_stream(s)
+                else:
+                    continue  # more may come: keep the (empty) entry so order is kept
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            del self._pending[s]
