@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from inhouse.core.ray_serve import RayPlacement
     from inhouse.transports.grpc.server import GrpcFrontEnd
     from inhouse.workers.link import WorkerLink
+    from inhouse.workers.placement import WorkerPlacement
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class InhouseServer:
                              "vllm": settings.vllm, "vllm_command": settings.vllm_command},
             drain_timeout_s=settings.drain_timeout_s,
             load_timeout_s=settings.load_timeout_s,
-            placement=self._ray_placement(settings),
+            placement=self._ray_placement(settings) or self._worker_placement(settings, worker),
         )
         self._heap: HeapSettler | None = None
         if settings.gc_freeze:
@@ -204,6 +205,15 @@ class InhouseServer:
         self.llm.cache = cache
         self.manager.listeners.append(cache)
         return cache
+
+    def _worker_placement(self, settings: ServerSettings, worker: WorkerLink | None) -> WorkerPlacement | None:
+        """With several workers, models placed on one of them load as stand-ins in the others."""
+        if worker is None or worker.count < 2:
+            return None
+        from inhouse.workers.placement import WorkerPlacement
+
+        return WorkerPlacement(self.repository, worker.folder, worker.index, worker.count,
+                               settings.placement_one_above_mb)
 
     @staticmethod
     def _ray_placement(settings: ServerSettings) -> RayPlacement | None:

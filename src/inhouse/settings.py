@@ -96,6 +96,9 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     workers: int | Literal["auto"] = Field(default=1, description="server processes sharing the ports; 'auto': "
                                            f"one per core, at most {AUTO_WORKERS_MAX}")
+    placement_one_above_mb: float = Field(default=256.0, gt=0, description="with workers above 1, a model "
+                                          "whose files exceed this is held by one worker (model.yaml "
+                                          "placement wins)")
     load_timeout_s: float | None = Field(default=None, gt=0, description="a model load (backend load and "
                                          "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")

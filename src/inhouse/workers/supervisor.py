@@ -26,6 +26,7 @@ from inhouse.errors import InhouseError
 from inhouse.settings import ServerSettings
 from inhouse.workers.control import Channel
 from inhouse.workers.link import control_path
+from inhouse.workers.placement import owner_of
 
 log = logging.getLogger("inhouse.workers")
 
@@ -155,7 +156,7 @@ class Supervisor:
         w.channel = None
         w.started_at = time.monotonic()
         w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "inhouse.workers.child", control_path(self._folder), str(w.index),
+            sys.executable, "-m", "inhouse.workers.child", control_path(self._folder), str(w.index), str(self.count),
             stdin=asyncio.subprocess.PIPE)
         stdin = w.proc.stdin
         if stdin is not None:  # the settings go down a pipe, as the worker cannot re-read flags
@@ -252,11 +253,20 @@ class Supervisor:
         name = str(change["name"])
         async with self._locks.setdefault(name, asyncio.Lock()):
             workers = self._connected_workers()
-            channels = [w.channel for w in workers if w.channel is not None]
             # the token tells the asking worker which of its results to answer with
             recorded = {k: v for k, v in change.items() if k != "token"}
-            results = await asyncio.gather(*(c.request("apply", change=change if c is origin else recorded)
-                                             for c in channels), return_exceptions=True)
+
+            def send(c: Channel) -> Any:
+                return c.request("apply", change=change if c is origin else recorded)
+
+            # the worker that would hold the model (placement: one) first: the others' stand-ins
+            # then find it loaded (or not, with its reason), and a failure there stops the change
+            owner = self._workers[owner_of(name, self.count)]
+            first = [owner.channel] if owner in workers and owner.channel is not None else []
+            rest = [w.channel for w in workers if w is not owner and w.channel is not None]
+            results: list[Any] = list(await asyncio.gather(*(send(c) for c in first), return_exceptions=True))
+            if not any(isinstance(r, BaseException) for r in results):
+                results += await asyncio.gather(*(send(c) for c in rest), return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
             if len(failures) < len(results):  # applied somewhere: a worker started later applies it too
                 self._changes.pop(name, None)
@@ -266,7 +276,7 @@ class Supervisor:
                     raise r
             if failures:
                 raise failures[0]
-            versions: list[int] = results[0] if results else []  # type: ignore[assignment]
+            versions: list[int] = results[0] if results else []
             return versions
 
     async def _expositions(self) -> list[str]:
