@@ -30,12 +30,15 @@ from inhouse.security.keys import KeyStore
 from inhouse.workers.placement import owner_of, placement_of
 from llm_fixtures import write_llm_model
 from models import mlp_model, write_model
+from test_llamacpp import _write as write_gguf
+from test_llamacpp import llama_server, tiny_gguf  # noqa: F401 (fixtures)
 from test_workers import _free_port
 
 pytestmark = pytest.mark.timeout(300)
 
 CONNECTIONS = 16  # fresh connections per check: all on one worker by chance is 2**-15
 CHAT = "chat"
+GGUF = "gguf"  # held by the other worker than CHAT (see test_the_owner_is_the_same_in_every_process)
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
@@ -47,6 +50,7 @@ class Served:
     data: Path
     log: Path
     admin: str
+    has_gguf: bool
 
     def children(self) -> set[int]:
         return {int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()}
@@ -91,10 +95,23 @@ class Served:
         raise AssertionError(f"the workers never served the chat model:\n{self.log.read_text()[-4000:]}")
 
 
+def _gguf(request: pytest.FixtureRequest) -> Path | None:
+    """The tiny GGUF of test_llamacpp.py; None where llama.cpp is not built (CI=true fails instead)."""
+    try:
+        path: Path = request.getfixturevalue("tiny_gguf")
+    except pytest.skip.Exception:
+        return None
+    return path
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path],
+           request: pytest.FixtureRequest) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("placement")
     repo, data = root / "models", root / "data"
+    gguf = _gguf(request)
+    if gguf is not None:
+        write_gguf(repo, GGUF, gguf, {"parallel": 2, "ctx_size": 1024})
     write_llm_model(repo, CHAT, llm_models["llama"], {"max_model_len": 512,
                                                       "engine": {"max_num_seqs": 2, "max_num_batched_tokens": 512}})
     write_model(repo, "mlp", mlp_model())
@@ -109,7 +126,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]
             [sys.executable, "-m", "inhouse", "serve", "--repo", str(repo), "--http-port", str(port),
              "--grpc-port", str(grpc_port), "--data-dir", str(data), "--auth", "--workers", "2",
              "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    s = Served(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", data, log, admin)
+    s = Served(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", data, log, admin, gguf is not None)
     try:
         s.wait_served()
         yield s
@@ -157,6 +174,45 @@ def test_only_the_owner_holds_the_llm(served: Served) -> None:
     assert all("(worker" not in r.json()["platform"] for _, r in meta)  # each: a copy in every worker
     big = served.per_connection("GET", "/v2/models/big")
     assert {("(worker" in r.json()["platform"]) for _, r in big} == {True, False}
+
+
+def _llama_servers(pid: int) -> list[int]:
+    """llama-server processes started by ``pid`` (from any of its threads)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"llama-server" in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_one_llama_server_for_every_worker(served: Served) -> None:
+    if not served.has_gguf:
+        pytest.skip("llama-server is not built; run: bash scripts/build_llama_server.sh")
+    children = {w: _llama_servers(w) for w in served.children()}
+    assert sorted(len(c) for c in children.values()) == [0, 1], children  # exactly one, in one worker
+    answers: dict[int, set[str]] = {}
+    for _ in range(CONNECTIONS // 2):
+        with served.client() as http:
+            pid = int(http.get("/v2").json()["worker"]["pid"])
+            r = http.post("/v1/chat/completions", json={"model": GGUF, "messages": MESSAGES, "max_tokens": 6,
+                                                        "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 6
+            answers.setdefault(pid, set()).add(r.json()["choices"][0]["message"]["content"])
+    assert len(answers) == 2 and len(set().union(*answers.values())) == 1, answers
+    # a JSON schema crosses as the schema: llama-server enforces it in the owner
+    with served.client() as http:
+        for _ in range(4):
+            r = http.post("/v1/chat/completions", json={
+                "model": GGUF, "messages": MESSAGES, "max_tokens": 40, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                    "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}})
+            assert r.status_code == 200, r.text
+            assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"])["n"], int)
 
 
 def test_chat_through_every_worker(served: Served) -> None:
@@ -293,7 +349,8 @@ def test_keys_and_audit_stay_in_the_worker_reached(served: Served) -> None:
     assert entries >= 2 * CONNECTIONS, done.stdout  # every chat above, in whichever worker it reached
     # requests are counted once: by the worker the client reached, not again by the owner
     chats = _metric(served, "inhouse_http_requests_total", route="/v1/chat/completions", status="200")
-    assert chats == CONNECTIONS + 2, chats  # the chats above, the stream left mid-way and the one after
+    # the chats above, the stream left mid-way and the one after, and the llama.cpp test's
+    assert chats == CONNECTIONS + 2 + (CONNECTIONS // 2 + 4 if served.has_gguf else 0), chats
 
 
 def _index(served: Served, name: str) -> dict[int, list[tuple[str, str]]]:
@@ -346,4 +403,5 @@ def test_owner_killed_answers_503_until_restarted(served: Served) -> None:
 
 def test_the_owner_is_the_same_in_every_process() -> None:
     assert {owner_of(CHAT, 2) for _ in range(3)} == {owner_of(CHAT, 2)}
+    assert owner_of(GGUF, 2) != owner_of(CHAT, 2)
     assert {owner_of(f"model-{i}", 4) for i in range(64)} == {0, 1, 2, 3}  # spread over the workers
