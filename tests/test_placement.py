@@ -380,6 +380,7 @@ def test_unload_and_load_from_a_worker_without_the_model(served: Served) -> None
 
 def test_owner_killed_answers_503_until_restarted(served: Served) -> None:
     owner = served.owner_pid()
+    survivors = served.children() - {owner}
     os.kill(owner, signal.SIGKILL)
     codes: set[int] = set()
     deadline = time.time() + 10
@@ -394,6 +395,14 @@ def test_owner_killed_answers_503_until_restarted(served: Served) -> None:
             assert "worker" in r.json()["error"]["message"], r.text
             codes.add(r.status_code)
     assert codes == {503}
+    for _ in range(20):  # the stand-in's view (a restarted owner may already answer: its own view is LOADING)
+        with served.client() as c:
+            if int(c.get("/v2").json()["worker"]["pid"]) in survivors:
+                index = [e for e in c.post("/v2/repository/index", json={}).json() if e["name"] == CHAT]
+                assert [e["state"] for e in index] == ["FAILED"] and "worker" in index[0]["reason"], index
+                break
+    else:
+        raise AssertionError("never reached the worker that stayed")
     served.wait_served(exclude=frozenset({owner}))
     assert served.owner_pid() != owner
     with served.client() as c:
