@@ -39,6 +39,7 @@ pytestmark = pytest.mark.timeout(300)
 CONNECTIONS = 16  # fresh connections per check: all on one worker by chance is 2**-15
 CHAT = "chat"
 GGUF = "gguf"  # held by the other worker than CHAT (see test_the_owner_is_the_same_in_every_process)
+ENCODER = "encoder"  # held by CHAT's owner: the other worker maps no torch at all
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
@@ -115,6 +116,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]
     write_llm_model(repo, CHAT, llm_models["llama"], {"max_model_len": 512,
                                                       "engine": {"max_num_seqs": 2, "max_num_batched_tokens": 512}})
     write_model(repo, "mlp", mlp_model())
+    write_llm_model(repo, ENCODER, llm_models["bert"], {"task": "embedding", "placement": "one"})
     write_model(repo, "big", mlp_model(seed=1), {"placement": "one"})
     store = KeyStore(data)
     admin = store.create("admin", ["admin", "infer", "metrics"])[0]
@@ -287,6 +289,20 @@ def test_grpc_generate_stream_and_infer_through_every_worker(served: Served) -> 
     assert all(np.allclose(np.array(r.json()["outputs"][0]["data"]).reshape(3, 2), first) for _, r in rest)
 
 
+def test_embeddings_through_every_worker(served: Served) -> None:
+    vectors: dict[bool, list[list[float]]] = {}
+    for _ in range(CONNECTIONS // 2):
+        with served.client() as http:
+            stand_in = "(worker" in http.get(f"/v2/models/{ENCODER}").json()["platform"]
+            c = openai.OpenAI(base_url=served.url + "/v1", api_key=served.admin, http_client=http, max_retries=0)
+            out = c.embeddings.create(model=ENCODER, input=["hello world", "the weather"])
+            assert out.usage.prompt_tokens > 0 and len(out.data) == 2
+            vectors.setdefault(stand_in, []).extend(d.embedding for d in out.data[:1])
+    assert set(vectors) == {True, False}, vectors.keys()
+    first = vectors[False][0]
+    assert all(np.allclose(v, first, atol=1e-6) for v in vectors[True] + vectors[False])
+
+
 def _metric(served: Served, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -412,5 +428,5 @@ def test_owner_killed_answers_503_until_restarted(served: Served) -> None:
 
 def test_the_owner_is_the_same_in_every_process() -> None:
     assert {owner_of(CHAT, 2) for _ in range(3)} == {owner_of(CHAT, 2)}
-    assert owner_of(GGUF, 2) != owner_of(CHAT, 2)
+    assert owner_of(GGUF, 2) != owner_of(CHAT, 2) == owner_of(ENCODER, 2)
     assert {owner_of(f"model-{i}", 4) for i in range(64)} == {0, 1, 2, 3}  # spread over the workers
