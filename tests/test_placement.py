@@ -365,6 +365,10 @@ def test_keys_and_audit_stay_in_the_worker_reached(served: Served) -> None:
     assert entries >= 2 * CONNECTIONS, done.stdout  # every chat above, in whichever worker it reached
     # requests are counted once: by the worker the client reached, not again by the owner
     chats = _metric(served, "inhouse_http_requests_total", route="/v1/chat/completions", status="200")
+    # v2 infer of the model held by one worker: once per request, though the owner ran each one
+    infers = CONNECTIONS // 2 + CONNECTIONS  # gRPC and REST above
+    assert _metric(served, "inhouse_inference_requests_total", model="big") == infers
+    assert 0 < _metric(served, "inhouse_batch_size_count", model="big") <= infers  # the owner's batches
     # the chats above, the stream left mid-way and the one after, and the llama.cpp test's
     assert chats == CONNECTIONS + 2 + (CONNECTIONS // 2 + 4 if served.has_gguf else 0), chats
 
