@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -238,6 +239,20 @@ def test_chat_through_every_worker(served: Served) -> None:
     assert next(iter(next(iter(answers.values()))))
 
 
+def test_json_schema_crosses_to_the_owner(served: Served) -> None:
+    """The constraint is rebuilt from its schema in the owner (llguidance for the built-in engine)."""
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"], "additionalProperties": False}
+    with _through_stand_in(served) as http:
+        c = openai.OpenAI(base_url=served.url + "/v1", api_key=served.admin, http_client=http, max_retries=0)
+        for seed in (1, 2):
+            r = c.chat.completions.create(
+                model=CHAT, messages=MESSAGES, max_tokens=120, temperature=1.0, seed=seed,  # type: ignore[arg-type]
+                response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+            jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+
+
 def _grpc_stream(client: Any, text: str, headers: dict[str, str]) -> tuple[str, Any]:
     got: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put((result, error)), headers=headers)
@@ -369,8 +384,8 @@ def test_keys_and_audit_stay_in_the_worker_reached(served: Served) -> None:
     infers = CONNECTIONS // 2 + CONNECTIONS  # gRPC and REST above
     assert _metric(served, "inhouse_inference_requests_total", model="big") == infers
     assert 0 < _metric(served, "inhouse_batch_size_count", model="big") <= infers  # the owner's batches
-    # the chats above, the stream left mid-way and the one after, and the llama.cpp test's
-    assert chats == CONNECTIONS + 2 + (CONNECTIONS // 2 + 4 if served.has_gguf else 0), chats
+    # the chats above (each chat test's), the stream left mid-way and the one after, the llama.cpp test's
+    assert chats == CONNECTIONS + 2 + 2 + (CONNECTIONS // 2 + 4 if served.has_gguf else 0), chats
 
 
 def _index(served: Served, name: str) -> dict[int, list[tuple[str, str]]]:
