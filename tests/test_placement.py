@@ -119,6 +119,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]
     write_model(repo, "mlp", mlp_model())
     write_llm_model(repo, ENCODER, llm_models["bert"], {"task": "embedding", "placement": "one"})
     write_model(repo, "big", mlp_model(seed=1), {"placement": "one"})
+    write_model(repo, "broken", b"not an onnx graph", {"placement": "one"})  # fails in its owner
     store = KeyStore(data)
     admin = store.create("admin", ["admin", "infer", "metrics"])[0]
     store.close()
@@ -393,6 +394,18 @@ def _index(served: Served, name: str) -> dict[int, list[tuple[str, str]]]:
     for pid, r in served.per_connection("POST", "/v2/repository/index", json={}):
         out[pid] = [(e.get("version", ""), e["state"]) for e in r.json() if e["name"] == name]
     return out
+
+
+def test_a_load_failed_in_the_owner_is_the_same_failure_everywhere(served: Served) -> None:
+    index = {pid: [(e["state"], e["reason"]) for e in r.json() if e["name"] == "broken"]
+             for pid, r in served.per_connection("POST", "/v2/repository/index", json={})}
+    assert len(index) == 2, index
+    (owner_view, stand_in_view) = index.values()
+    assert owner_view[0][0] == stand_in_view[0][0] == "FAILED", index
+    assert owner_view[0][1] and owner_view[0][1] == stand_in_view[0][1], index  # the owner's reason
+    with served.client() as c:
+        r = c.post("/v2/repository/models/broken/load")
+        assert r.status_code >= 400 and r.json()["error"], r.text
 
 
 def test_unload_and_load_from_a_worker_without_the_model(served: Served) -> None:
