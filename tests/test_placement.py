@@ -53,6 +53,7 @@ class Served:
     log: Path
     admin: str
     has_gguf: bool
+    repo: Path
 
     def children(self) -> set[int]:
         return {int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()}
@@ -130,7 +131,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]
             [sys.executable, "-m", "inhouse", "serve", "--repo", str(repo), "--http-port", str(port),
              "--grpc-port", str(grpc_port), "--data-dir", str(data), "--auth", "--workers", "2",
              "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    s = Served(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", data, log, admin, gguf is not None)
+    s = Served(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", data, log, admin, gguf is not None, repo)
     try:
         s.wait_served()
         yield s
@@ -424,6 +425,19 @@ def test_unload_and_load_from_a_worker_without_the_model(served: Served) -> None
     index = _index(served, CHAT)
     assert len(index) == 2 and all(v == [("1", "READY")] for v in index.values()), index
     served.wait_served()
+
+
+def test_a_version_switch_of_a_model_held_by_one_worker(served: Served) -> None:
+    write_model(served.repo, "big", mlp_model(seed=2), {"placement": "one"}, version=2)
+    with _through_stand_in(served) as c:
+        r = c.post("/v2/repository/models/big/load")
+        assert r.status_code == 200 and r.json()["versions"] == ["2"], r.text
+    x = np.ones((1, 32), np.float32)
+    body = {"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    answers = served.per_connection("POST", "/v2/models/big/infer", json=body)
+    assert len({pid for pid, _ in answers}) == 2
+    assert all(r.status_code == 200 and r.json()["model_version"] == "2" for _, r in answers), answers
+    assert len({json.dumps(r.json()["outputs"][0]["data"]) for _, r in answers}) == 1  # the owner's version 2
 
 
 def test_owner_killed_answers_503_until_restarted(served: Served) -> None:
