@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -33,6 +35,62 @@ log = logging.getLogger("inhouse.workers")
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_S = 60.0  # a worker that ran this long before dying is restarted at once again
 EXIT_GRACE_S = 15.0  # beyond drain_timeout_s, for a worker to close its stores and exit
+
+
+PR_SET_CHILD_SUBREAPER = 36
+ORPHAN_GRACE_S = 10.0
+
+
+def become_subreaper() -> bool:
+    """Make the engine servers a worker started (llama-server, vllm serve) ours when that worker
+    dies (the kernel re-parents them here, not to init), so they can be stopped instead of
+    holding their memory beside the restarted worker's own."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def orphans(workers: set[int]) -> list[int]:
+    """Our children that are not workers: what dead workers left behind."""
+    me, found = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in workers:
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me:
+            found.append(int(d.name))
+    return found
+
+
+def stop_orphans(pids: list[int], grace_s: float = ORPHAN_GRACE_S) -> None:
+    """SIGTERM, SIGKILL after ``grace_s``, and reap them (blocking: run it in a thread)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                left.discard(pid)
+        if left and time.monotonic() > deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        if left:
+            time.sleep(0.05)
 
 
 class SupervisorError(Exception):
@@ -82,6 +140,7 @@ class Supervisor:
         self._worker_settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False  # every worker was ready once
+        self._reaper = False  # orphaned grandchildren come to us (become_subreaper)
 
     # ---- running ----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -91,6 +150,7 @@ class Supervisor:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self._stopping.set)
         server = await asyncio.start_unix_server(self._connected, control_path(self._folder))
+        self._reaper = become_subreaper()
         try:
             self._reserve_ports()
             if not await self._start_all():
@@ -176,6 +236,11 @@ class Supervisor:
             log.error("worker failed to start", extra={"worker": w.index, "exit_code": code})
             if not all(x.ever_ready for x in self._workers):
                 return  # still starting: _start_all gives up
+        if self._reaper:
+            left = orphans(set(self.pids()))
+            if left:
+                log.warning("stopping what the worker left running", extra={"worker": w.index, "pids": left})
+                await asyncio.to_thread(stop_orphans, left)
         ran = time.monotonic() - w.started_at
         w.failures = 0 if ran > STABLE_S else w.failures + 1
         delay = 0.0 if w.failures == 0 else RESTART_BACKOFF_S[min(w.failures, len(RESTART_BACKOFF_S)) - 1]
@@ -202,6 +267,8 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
             await asyncio.gather(*(p.wait() for p in live))
+        if self._reaper:
+            await asyncio.to_thread(stop_orphans, orphans(set()))
         for t in list(self._tasks):
             t.cancel()
 
