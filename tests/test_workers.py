@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inhouse.protocols.proto import openclaw_model_service_pb2 as openclaw_pb
 from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as openclaw_grpc
 from inhouse.security.keys import KeyStore
-from inhouse.settings import AUTO_WORKERS_MAX, SettingsError, load_settings
+from inhouse.settings import AUTO_WORKERS_MAX, ServerSettings, SettingsError, cgroup_cpus, load_settings
 from models import mlp_model, sleep_model, slow_request, write_model
 
 CONNECTIONS = 24  # fresh connections per check: all on one of two workers by chance is 2**-23
@@ -263,7 +263,20 @@ def test_sigterm_drains_every_worker(workers: Workers) -> None:
 def test_workers_setting() -> None:
     assert 1 <= load_settings(None, workers="auto").worker_count() <= AUTO_WORKERS_MAX
     assert load_settings(None, workers="3").worker_count() == 3
-    assert load_settings(None).worker_count() == 1
+    assert load_settings(None, workers="1").worker_count() == 1
+    # the default is auto (the suite's conftest pins INHOUSE_WORKERS=1 for servers not about workers)
+    assert ServerSettings.model_fields["workers"].default == "auto"
+    assert load_settings(None, workers="auto", ray={"address": None}).worker_count() == 1
+
+
+
+def test_auto_workers_follow_a_container_cpu_quota(tmp_path: Path) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text("250000 100000\n")  # 2.5 CPUs: three workers can use them
+    assert cgroup_cpus(quota) == 3
+    quota.write_text("max 100000\n")
+    assert cgroup_cpus(quota) is None
+    assert cgroup_cpus(tmp_path / "absent") is None
     for bad in ("0", "many"):
         with pytest.raises(SettingsError, match="workers"):
             load_settings(None, workers=bad)
