@@ -173,6 +173,29 @@ def test_revoked_key_is_refused_by_every_worker(workers: Workers) -> None:
     assert len(seen) == 2  # both workers took connections meanwhile, so both refused it
 
 
+def test_a_key_rate_holds_for_the_server_not_per_worker(workers: Workers) -> None:
+    """Rate limits are counted in a table every worker maps: a key allowed 12 requests a minute
+    gets 12 in all, wherever its connections land, and both workers refuse the rest."""
+    with httpx.Client(base_url=workers.url, headers=workers.headers(), timeout=30) as c:
+        made = c.post("/v2/security/keys", json={"name": "metered", "scopes": ["infer"], "rate": "12/minute"})
+        assert made.status_code == 201, made.text
+        key = made.json()["key"]
+    if time.time() % 60 > 50:  # all 12 inside one minute's window, whatever the second now is
+        time.sleep(61 - time.time() % 60)
+    answers = []
+    for _ in range(CONNECTIONS):  # a fresh connection each: the kernel picks the worker
+        with httpx.Client(base_url=workers.url, timeout=30) as c:
+            r = c.post("/v2/models/mlp/infer", json=_infer_body(), headers=workers.headers(key))
+            pid = int(c.get("/v2", headers=workers.headers()).json()["worker"]["pid"])  # the admin key: no rate
+            answers.append((pid, r))
+    codes = [r.status_code for _, r in answers]
+    assert codes.count(200) == 12 and codes.count(429) == CONNECTIONS - 12, codes
+    assert codes[:12] == [200] * 12  # one at a time: the 13th is the first refused
+    refused_by = {pid for pid, r in answers if r.status_code == 429}
+    assert len(refused_by) == 2, refused_by  # both workers saw the other's count
+    assert all(r.headers.get("retry-after") for _, r in answers if r.status_code == 429)
+
+
 def _index(answers: list[tuple[int, httpx.Response]], name: str) -> dict[int, list[tuple[object, str]]]:
     out: dict[int, list[tuple[object, str]]] = {}
     for pid, r in answers:

@@ -32,6 +32,7 @@ from inhouse.observability.setup import Observability
 from inhouse.observability.tracing import TracingUnavailableError
 from inhouse.security.gate import SecurityGate
 from inhouse.security.paths import check_model_source
+from inhouse.security.ratelimit import SharedRateLimiter
 from inhouse.security.serving import ModelKeyError, exposure_problem, model_keyring, start_security
 from inhouse.settings import ServerSettings
 from inhouse.transports.http.app import build_app
@@ -150,7 +151,10 @@ class InhouseServer:
 
             self.dataplane = WorkerDataPlane(self.manager, worker, self.state, check_source=check_source)
 
-        self.security = SecurityGate(settings, self.manager)
+        limiter = None
+        if worker is not None and worker.count > 1:  # a key's rate holds for the server, not per worker
+            limiter = SharedRateLimiter(worker.folder / "rates.bin", worker.index, worker.count)
+        self.security = SecurityGate(settings, self.manager, limiter)
         try:
             fetcher = ImageFetcher(settings.image_url_allow) if settings.image_url_allow else None
             self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s,
