@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -15,6 +16,9 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# `workers` defaults to one per core: servers the tests start (here and as `inhouse serve`
+# subprocesses, which inherit this) run one process unless the test is about workers
+os.environ.setdefault("INHOUSE_WORKERS", "1")
 
 from inhouse.server import InhouseServer
 from inhouse.settings import load_settings

@@ -17,14 +17,18 @@ from typer.testing import CliRunner
 
 from conftest import RunningServer
 from inhouse.cli import app
+from inhouse.settings import AUTO_WORKERS_MAX
 from models import add_model, write_model
 
 INHOUSE = [sys.executable, "-c", "from inhouse.cli import main; main()"]
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+def _env(tmp_path: Path, workers: str | None = "1") -> dict[str, str]:
+    """``workers`` None: the default (one per core), as a user's ``inhouse serve`` gets it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INHOUSE_")}
     env["INHOUSE_LOG_FORMAT"] = "json"
+    if workers is not None:
+        env["INHOUSE_WORKERS"] = workers
     env["HOME"] = str(tmp_path)  # never touch the real user data folder
     return env
 
@@ -131,22 +135,26 @@ def test_serve_demo_repository_end_to_end(tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([*INHOUSE, "serve", "--data-dir", str(tmp_path / "data"), "--http-port", "0",
-                                 "--grpc-port", "0"], env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+                                 "--grpc-port", "0"], env=_env(tmp_path, workers=None), stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
-        url = None
+        url, workers = None, 1
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             for line in log_path.read_text().splitlines():
                 if line.startswith("{"):
                     doc = json.loads(line)
                     url = doc.get("url", url) if doc.get("msg") == "listening" else url
-                    if doc.get("msg") == "ready":
+                    workers = int(doc["workers"]) if doc.get("msg") == "workers starting" else workers
+                    # one process per core by default: ready once every worker is
+                    if doc.get("msg") == ("ready" if workers == 1 else "workers ready"):
                         break
             else:
                 time.sleep(0.2)
                 continue
             break
         assert url is not None and proc.poll() is None, log_path.read_text()
+        assert workers == min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX), log_path.read_text()[-2000:]
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/v2/health/ready").json() == {"ready": True}
             r = c.post("/v2/models/iris/infer", json={"inputs": [

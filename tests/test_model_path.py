@@ -26,6 +26,7 @@ ADD_BODY = {"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data"
 def _env(tmp_path: Path, model_path: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INHOUSE_") and k != "MODEL_PATH"}
     env["INHOUSE_LOG_FORMAT"] = "json"
+    env["INHOUSE_WORKERS"] = "1"  # the tests are not about workers
     env["HOME"] = str(tmp_path)  # never touch the real user data folder
     if model_path is not None:
         env["MODEL_PATH"] = str(model_path)

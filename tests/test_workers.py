@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inhouse.protocols.proto import openclaw_model_service_pb2 as openclaw_pb
 from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as openclaw_grpc
 from inhouse.security.keys import KeyStore
-from inhouse.settings import AUTO_WORKERS_MAX, SettingsError, load_settings
+from inhouse.settings import AUTO_WORKERS_MAX, ServerSettings, SettingsError, cgroup_cpus, load_settings
 from models import mlp_model, sleep_model, slow_request, write_model
 
 CONNECTIONS = 24  # fresh connections per check: all on one of two workers by chance is 2**-23
@@ -173,6 +173,29 @@ def test_revoked_key_is_refused_by_every_worker(workers: Workers) -> None:
     assert len(seen) == 2  # both workers took connections meanwhile, so both refused it
 
 
+def test_a_key_rate_holds_for_the_server_not_per_worker(workers: Workers) -> None:
+    """Rate limits are counted in a table every worker maps: a key allowed 12 requests a minute
+    gets 12 in all, wherever its connections land, and both workers refuse the rest."""
+    with httpx.Client(base_url=workers.url, headers=workers.headers(), timeout=30) as c:
+        made = c.post("/v2/security/keys", json={"name": "metered", "scopes": ["infer"], "rate": "12/minute"})
+        assert made.status_code == 201, made.text
+        key = made.json()["key"]
+    if time.time() % 60 > 50:  # all 12 inside one minute's window, whatever the second now is
+        time.sleep(61 - time.time() % 60)
+    answers = []
+    for _ in range(CONNECTIONS):  # a fresh connection each: the kernel picks the worker
+        with httpx.Client(base_url=workers.url, timeout=30) as c:
+            r = c.post("/v2/models/mlp/infer", json=_infer_body(), headers=workers.headers(key))
+            pid = int(c.get("/v2", headers=workers.headers()).json()["worker"]["pid"])  # the admin key: no rate
+            answers.append((pid, r))
+    codes = [r.status_code for _, r in answers]
+    assert codes.count(200) == 12 and codes.count(429) == CONNECTIONS - 12, codes
+    assert codes[:12] == [200] * 12  # one at a time: the 13th is the first refused
+    refused_by = {pid for pid, r in answers if r.status_code == 429}
+    assert len(refused_by) == 2, refused_by  # both workers saw the other's count
+    assert all(r.headers.get("retry-after") for _, r in answers if r.status_code == 429)
+
+
 def _index(answers: list[tuple[int, httpx.Response]], name: str) -> dict[int, list[tuple[object, str]]]:
     out: dict[int, list[tuple[object, str]]] = {}
     for pid, r in answers:
@@ -263,7 +286,20 @@ def test_sigterm_drains_every_worker(workers: Workers) -> None:
 def test_workers_setting() -> None:
     assert 1 <= load_settings(None, workers="auto").worker_count() <= AUTO_WORKERS_MAX
     assert load_settings(None, workers="3").worker_count() == 3
-    assert load_settings(None).worker_count() == 1
+    assert load_settings(None, workers="1").worker_count() == 1
+    # the default is auto (the suite's conftest pins INHOUSE_WORKERS=1 for servers not about workers)
+    assert ServerSettings.model_fields["workers"].default == "auto"
+    assert load_settings(None, workers="auto", ray={"address": None}).worker_count() == 1
+
+
+
+def test_auto_workers_follow_a_container_cpu_quota(tmp_path: Path) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text("250000 100000\n")  # 2.5 CPUs: three workers can use them
+    assert cgroup_cpus(quota) == 3
+    quota.write_text("max 100000\n")
+    assert cgroup_cpus(quota) is None
+    assert cgroup_cpus(tmp_path / "absent") is None
     for bad in ("0", "many"):
         with pytest.raises(SettingsError, match="workers"):
             load_settings(None, workers=bad)

@@ -32,6 +32,7 @@ from inhouse.observability.setup import Observability
 from inhouse.observability.tracing import TracingUnavailableError
 from inhouse.security.gate import SecurityGate
 from inhouse.security.paths import check_model_source
+from inhouse.security.ratelimit import SharedRateLimiter
 from inhouse.security.serving import ModelKeyError, exposure_problem, model_keyring, start_security
 from inhouse.settings import ServerSettings
 from inhouse.transports.http.app import build_app
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from inhouse.core.ray_serve import RayPlacement
     from inhouse.transports.grpc.server import GrpcFrontEnd
     from inhouse.workers.link import WorkerLink
+    from inhouse.workers.placement import WorkerPlacement
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ class InhouseServer:
                              "vllm": settings.vllm, "vllm_command": settings.vllm_command},
             drain_timeout_s=settings.drain_timeout_s,
             load_timeout_s=settings.load_timeout_s,
-            placement=self._ray_placement(settings),
+            placement=self._ray_placement(settings) or self._worker_placement(settings, worker),
         )
         self._heap: HeapSettler | None = None
         if settings.gc_freeze:
@@ -149,7 +151,10 @@ class InhouseServer:
 
             self.dataplane = WorkerDataPlane(self.manager, worker, self.state, check_source=check_source)
 
-        self.security = SecurityGate(settings, self.manager)
+        limiter = None
+        if worker is not None and worker.count > 1:  # a key's rate holds for the server, not per worker
+            limiter = SharedRateLimiter(worker.folder / "rates.bin", worker.index, worker.count)
+        self.security = SecurityGate(settings, self.manager, limiter)
         try:
             fetcher = ImageFetcher(settings.image_url_allow) if settings.image_url_allow else None
             self.llm = LLMService(self.manager, max_pending=settings.llm_max_pending, timeout_s=settings.llm_timeout_s,
@@ -204,6 +209,15 @@ class InhouseServer:
         self.llm.cache = cache
         self.manager.listeners.append(cache)
         return cache
+
+    def _worker_placement(self, settings: ServerSettings, worker: WorkerLink | None) -> WorkerPlacement | None:
+        """With several workers, models placed on one of them load as stand-ins in the others."""
+        if worker is None or worker.count < 2:
+            return None
+        from inhouse.workers.placement import WorkerPlacement
+
+        return WorkerPlacement(self.repository, worker.folder, worker.index, worker.count,
+                               settings.placement_one_above_mb)
 
     @staticmethod
     def _ray_placement(settings: ServerSettings) -> RayPlacement | None:

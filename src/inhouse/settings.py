@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,18 @@ AUTO_WORKERS_MAX = 8
 
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("inhouse", appauthor=False))
+
+
+def cgroup_cpus(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """The CPUs a container's quota allows (cgroup v2 ``cpu.max``, rounded up), or None without one:
+    a pod limited to 2 CPUs on a 64-core node must not start one worker per node core."""
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
 
 
 class GrpcSettings(BaseModel):
@@ -98,8 +111,12 @@ class ServerSettings(BaseSettings):
                                   "this after its headers; else 408 (code 2014)")
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    workers: int | Literal["auto"] = Field(default=1, description="server processes sharing the ports; 'auto': "
-                                           f"one per core, at most {AUTO_WORKERS_MAX}")
+    workers: int | Literal["auto"] = Field(default="auto", description="server processes sharing the ports; "
+                                           f"'auto': one per core, at most {AUTO_WORKERS_MAX} (1 with ray, and "
+                                           "off Linux)")
+    placement_one_above_mb: float = Field(default=256.0, gt=0, description="with workers above 1, a model "
+                                          "whose files exceed this is held by one worker (model.yaml "
+                                          "placement wins)")
     load_timeout_s: float | None = Field(default=None, gt=0, description="a model load (backend load and "
                                          "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
@@ -241,7 +258,7 @@ class ServerSettings(BaseSettings):
     @model_validator(mode="after")
     def _ray_in_one_process(self) -> ServerSettings:
         # each worker would deploy the same Ray Serve applications: Ray scales those models itself
-        if self.ray is not None and self.workers != 1:
+        if self.ray is not None and self.workers not in (1, "auto"):
             raise ValueError("ray and workers above 1 do not go together: models on Ray Serve scale with their "
                              "replicas; keep workers: 1 with --ray")
         return self
@@ -250,11 +267,14 @@ class ServerSettings(BaseSettings):
         """Processes to run: ``workers``, or one per core this process may use, up to the limit."""
         if self.workers != "auto":
             return int(self.workers)
+        # Ray Serve scales its models with replicas; elsewhere SO_REUSEPORT does not spread connections
+        if self.ray is not None or not sys.platform.startswith("linux"):
+            return 1
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
             cores = os.cpu_count() or 1
-        return max(1, min(cores, AUTO_WORKERS_MAX))
+        return max(1, min(cores, cgroup_cpus() or cores, AUTO_WORKERS_MAX))
 
     def load_names(self) -> list[str] | Literal["all", "none"]:
         value = self.load.strip()

@@ -519,6 +519,10 @@ class ModelSpec(BaseModel):
     overflow: OverflowSpec | None = None
     vllm: VllmSpec = Field(default_factory=VllmSpec)
     ray: RaySpec | None = Field(default=None, description="placement on Ray Serve (with --ray)")
+    placement: Literal["each", "one"] | None = Field(
+        default=None, description="with workers above 1: 'each' worker loads its own copy, or 'one' worker "
+        "holds it and the others route to it; unset: 'one' for generative LLM backends and models whose files "
+        "exceed the server's placement_one_above_mb, else 'each'")
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

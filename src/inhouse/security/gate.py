@@ -22,7 +22,7 @@ from inhouse.security.audit_commit import DONE, GroupCommitter
 from inhouse.security.keys import ApiKey, KeyStore
 from inhouse.security.network import Address, ClientAddressResolver, address_text, in_networks
 from inhouse.security.pii import redact
-from inhouse.security.ratelimit import RateLimiter
+from inhouse.security.ratelimit import RateLimiter, SharedRateLimiter
 from inhouse.security.secret import load_or_create_secret
 from inhouse.settings import ServerSettings
 
@@ -76,7 +76,8 @@ def new_request_id(given: str | None) -> str:
 
 
 class SecurityGate:
-    def __init__(self, settings: ServerSettings, manager: ModelManager | None = None) -> None:
+    def __init__(self, settings: ServerSettings, manager: ModelManager | None = None,
+                 limiter: RateLimiter | SharedRateLimiter | None = None) -> None:
         self.settings = settings
         self.manager = manager
         self.auth = settings.auth
@@ -84,7 +85,7 @@ class SecurityGate:
 
         self._allow = parse_networks(settings.allow_ips)
         self._resolver = ClientAddressResolver(parse_networks(settings.trusted_proxies))
-        self._limiter = RateLimiter()
+        self._limiter = limiter if limiter is not None else RateLimiter()  # shared by workers when given
         self._rate_ip = settings.rate_limit_ip
         self._rate_key = settings.rate_limit_key
         data_dir: Path = settings.data_dir

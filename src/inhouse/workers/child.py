@@ -1,6 +1,6 @@
 """One worker process (started by the supervisor, never by hand):
 
-    python -m inhouse.workers.child CONTROL_SOCKET INDEX   (settings as JSON on stdin)
+    python -m inhouse.workers.child CONTROL_SOCKET INDEX COUNT   (settings as JSON on stdin)
 
 A whole server on the shared ports; it stops when asked (SIGTERM: drain, then exit) or when its
 supervisor goes away."""
@@ -14,6 +14,8 @@ import sys
 from inhouse.logs import configure_logging
 from inhouse.settings import ServerSettings
 from inhouse.workers.link import WorkerLink
+from inhouse.workers.owner import ModelHost
+from inhouse.workers.wire import owner_path
 
 
 async def _serve(settings: ServerSettings, link: WorkerLink) -> None:
@@ -22,6 +24,9 @@ async def _serve(settings: ServerSettings, link: WorkerLink) -> None:
     await link.connect()
     await link.tell("may_build")  # answered once the first worker has created the shared stores
     server = InhouseServer(settings, worker=link)
+    # the models this worker holds for the others (placement: one) are reached here
+    host = ModelHost(server.manager, lambda: server.state.started)
+    await host.start(owner_path(link.folder, link.index))
     await link.tell("built")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -33,17 +38,18 @@ async def _serve(settings: ServerSettings, link: WorkerLink) -> None:
         await link.tell("ready")
         await server.wait_stopped()
     finally:
+        await host.close()
         await server.stop()
         await link.close()
 
 
 def main() -> int:
-    path, index = sys.argv[1], int(sys.argv[2])
+    path, index, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     settings = ServerSettings.model_validate_json(sys.stdin.buffer.read())
     configure_logging(settings.log_level, settings.log_format)
     from inhouse.server import StartupError
 
-    coro = _serve(settings, WorkerLink(path, index))
+    coro = _serve(settings, WorkerLink(path, index, count))
     try:
         try:
             import uvloop

@@ -25,11 +25,14 @@ OP_TIMEOUT_S = 3600.0  # a load may take long (a big model); the supervisor answ
 
 
 class WorkerLink:
-    """The connection to the supervisor (``path``: its Unix socket) of worker number ``index``."""
+    """The connection to the supervisor (``path``: its Unix socket) of worker number ``index``
+    of ``count``."""
 
-    def __init__(self, path: str, index: int) -> None:
+    def __init__(self, path: str, index: int, count: int = 1) -> None:
         self.path = path
         self.index = index
+        self.count = count
+        self.folder = Path(path).parent  # the supervisor's 0700 folder: the workers' sockets live there
         self.pid = os.getpid()
         self._channel: Channel | None = None
         self.dataplane: WorkerDataPlane | None = None

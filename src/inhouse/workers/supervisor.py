@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -26,12 +28,69 @@ from inhouse.errors import InhouseError
 from inhouse.settings import ServerSettings
 from inhouse.workers.control import Channel
 from inhouse.workers.link import control_path
+from inhouse.workers.placement import owner_of
 
 log = logging.getLogger("inhouse.workers")
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_S = 60.0  # a worker that ran this long before dying is restarted at once again
 EXIT_GRACE_S = 15.0  # beyond drain_timeout_s, for a worker to close its stores and exit
+
+
+PR_SET_CHILD_SUBREAPER = 36
+ORPHAN_GRACE_S = 10.0
+
+
+def become_subreaper() -> bool:
+    """Make the engine servers a worker started (llama-server, vllm serve) ours when that worker
+    dies (the kernel re-parents them here, not to init), so they can be stopped instead of
+    holding their memory beside the restarted worker's own."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def orphans(workers: set[int]) -> list[int]:
+    """Our children that are not workers: what dead workers left behind."""
+    me, found = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in workers:
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me:
+            found.append(int(d.name))
+    return found
+
+
+def stop_orphans(pids: list[int], grace_s: float = ORPHAN_GRACE_S) -> None:
+    """SIGTERM, SIGKILL after ``grace_s``, and reap them (blocking: run it in a thread)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                left.discard(pid)
+        if left and time.monotonic() > deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        if left:
+            time.sleep(0.05)
 
 
 class SupervisorError(Exception):
@@ -81,6 +140,7 @@ class Supervisor:
         self._worker_settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False  # every worker was ready once
+        self._reaper = False  # orphaned grandchildren come to us (become_subreaper)
 
     # ---- running ----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -90,6 +150,7 @@ class Supervisor:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self._stopping.set)
         server = await asyncio.start_unix_server(self._connected, control_path(self._folder))
+        self._reaper = become_subreaper()
         try:
             self._reserve_ports()
             if not await self._start_all():
@@ -155,7 +216,7 @@ class Supervisor:
         w.channel = None
         w.started_at = time.monotonic()
         w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "inhouse.workers.child", control_path(self._folder), str(w.index),
+            sys.executable, "-m", "inhouse.workers.child", control_path(self._folder), str(w.index), str(self.count),
             stdin=asyncio.subprocess.PIPE)
         stdin = w.proc.stdin
         if stdin is not None:  # the settings go down a pipe, as the worker cannot re-read flags
@@ -175,6 +236,11 @@ class Supervisor:
             log.error("worker failed to start", extra={"worker": w.index, "exit_code": code})
             if not all(x.ever_ready for x in self._workers):
                 return  # still starting: _start_all gives up
+        if self._reaper:
+            left = orphans(set(self.pids()))
+            if left:
+                log.warning("stopping what the worker left running", extra={"worker": w.index, "pids": left})
+                await asyncio.to_thread(stop_orphans, left)
         ran = time.monotonic() - w.started_at
         w.failures = 0 if ran > STABLE_S else w.failures + 1
         delay = 0.0 if w.failures == 0 else RESTART_BACKOFF_S[min(w.failures, len(RESTART_BACKOFF_S)) - 1]
@@ -201,6 +267,8 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
             await asyncio.gather(*(p.wait() for p in live))
+        if self._reaper:
+            await asyncio.to_thread(stop_orphans, orphans(set()))
         for t in list(self._tasks):
             t.cancel()
 
@@ -252,11 +320,20 @@ class Supervisor:
         name = str(change["name"])
         async with self._locks.setdefault(name, asyncio.Lock()):
             workers = self._connected_workers()
-            channels = [w.channel for w in workers if w.channel is not None]
             # the token tells the asking worker which of its results to answer with
             recorded = {k: v for k, v in change.items() if k != "token"}
-            results = await asyncio.gather(*(c.request("apply", change=change if c is origin else recorded)
-                                             for c in channels), return_exceptions=True)
+
+            def send(c: Channel) -> Any:
+                return c.request("apply", change=change if c is origin else recorded)
+
+            # the worker that would hold the model (placement: one) first: the others' stand-ins
+            # then find it loaded (or not, with its reason), and a failure there stops the change
+            owner = self._workers[owner_of(name, self.count)]
+            first = [owner.channel] if owner in workers and owner.channel is not None else []
+            rest = [w.channel for w in workers if w is not owner and w.channel is not None]
+            results: list[Any] = list(await asyncio.gather(*(send(c) for c in first), return_exceptions=True))
+            if not any(isinstance(r, BaseException) for r in results):
+                results += await asyncio.gather(*(send(c) for c in rest), return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
             if len(failures) < len(results):  # applied somewhere: a worker started later applies it too
                 self._changes.pop(name, None)
@@ -266,7 +343,7 @@ class Supervisor:
                     raise r
             if failures:
                 raise failures[0]
-            versions: list[int] = results[0] if results else []  # type: ignore[assignment]
+            versions: list[int] = results[0] if results else []
             return versions
 
     async def _expositions(self) -> list[str]:
