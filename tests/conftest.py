@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-# `workers` defaults to one per core: servers the tests start (here and as `inhouse serve`
-# subprocesses, which inherit this) run one process unless the test is about workers
+# servers the tests start (here and as `inhouse serve` subprocesses, which inherit this) run one
+# process unless the test is about workers (or INHOUSE_WORKERS is set on purpose)
 os.environ.setdefault("INHOUSE_WORKERS", "1")
 
 from inhouse.server import InhouseServer

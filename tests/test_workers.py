@@ -287,8 +287,8 @@ def test_workers_setting() -> None:
     assert 1 <= load_settings(None, workers="auto").worker_count() <= AUTO_WORKERS_MAX
     assert load_settings(None, workers="3").worker_count() == 3
     assert load_settings(None, workers="1").worker_count() == 1
-    # the default is auto (the suite's conftest pins INHOUSE_WORKERS=1 for servers not about workers)
-    assert ServerSettings.model_fields["workers"].default == "auto"
+    # the default is one process (README: Worker processes says why)
+    assert ServerSettings.model_fields["workers"].default == 1
     assert load_settings(None, workers="auto", ray={"address": None}).worker_count() == 1
 
 

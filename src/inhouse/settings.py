@@ -111,7 +111,9 @@ class ServerSettings(BaseSettings):
                                   "this after its headers; else 408 (code 2014)")
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    workers: int | Literal["auto"] = Field(default="auto", description="server processes sharing the ports; "
+    # one by default: on 2 cores two workers measured no faster, and the in-memory response cache,
+    # the console's live figures and repository polling are still per worker
+    workers: int | Literal["auto"] = Field(default=1, description="server processes sharing the ports; "
                                            f"'auto': one per core, at most {AUTO_WORKERS_MAX} (1 with ray, and "
                                            "off Linux)")
     placement_one_above_mb: float = Field(default=256.0, gt=0, description="with workers above 1, a model "

@@ -58,7 +58,7 @@ def serve(
         "--advertise/--no-advertise",
         help="Announce this server on the LAN over mDNS (_inhouse._tcp; needs inhouse[discovery]).")] = None,
     workers: Annotated[str | None, typer.Option(
-        help="Server processes sharing the ports: N | auto (one per core, at most 8; 1 with --ray) [auto].")] = None,
+        help="Server processes sharing the ports: N | auto (one per core, at most 8; 1 with --ray) [1].")] = None,
     ray: Annotated[str | None, typer.Option(
         help="Run models as Ray Serve deployments: local (start a Ray), auto, or a cluster's HOST:PORT "
              "(needs inhouse[ray]).")] = None,
