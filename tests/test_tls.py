@@ -127,24 +127,26 @@ def test_tls_versions(repo: Path, pki: Pki) -> None:
                     f"was not checked on {', '.join(unchecked)}")
 
 
-def test_tls_13_can_be_required_on_rest(repo: Path, pki: Pki) -> None:
-    with run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_min_version="1.3",
-                    grpc={"enabled": False}) as srv:
-        port = srv.server.http_port
-        tls12 = _https(pki, client=False)
-        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            _handshake(port, tls12, "http/1.1")
-        assert _handshake(port, _https(pki, client=False), "http/1.1") == "TLSv1.3"
-        with httpx.Client(base_url=f"https://localhost:{port}", verify=_https(pki, client=False)) as c:
+def test_tls_13_can_be_required_on_both_ports(repo: Path, pki: Pki) -> None:
+    """The HTTP port and the gRPC port's HTTP/2 front both refuse a TLS 1.2-only client."""
+    with run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_min_version="1.3") as srv:
+        for port, alpn in ((srv.server.http_port, "http/1.1"), (srv.grpc_port, "h2")):
+            tls12 = _https(pki, client=False)
+            tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _handshake(port, tls12, alpn)
+            assert _handshake(port, _https(pki, client=False), alpn) == "TLSv1.3"
+        with httpx.Client(base_url=f"https://localhost:{srv.server.http_port}", verify=_https(pki, client=False)) as c:
             assert c.get("/v2/health/live").status_code == 200
+        assert _grpc(srv, pki, client=False).is_server_live()
 
 
-def test_tls_13_with_grpc_is_refused_at_start(repo: Path, pki: Pki, tmp_path: Path) -> None:
-    """grpcio's server credentials have no minimum TLS version: requiring 1.3 with gRPC on would be a
-    promise the gRPC port does not keep."""
-    with pytest.raises(StartupError, match=r"cannot be enforced on gRPC.*grpc.enabled: false"), \
-            run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_min_version="1.3"):
+def test_tls_13_with_grpcio_on_the_port_is_refused_at_start(repo: Path, pki: Pki, tmp_path: Path) -> None:
+    """grpcio's server credentials have no minimum TLS version: requiring 1.3 with grpc.aio on the
+    port would be a promise the gRPC port does not keep."""
+    with pytest.raises(StartupError, match=r"cannot be enforced with grpc.front: grpcio.*grpc.front: fast"), \
+            run_server(repo, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_min_version="1.3",
+                       grpc={"front": "grpcio"}):
         pass
     cfg = tmp_path / "inhouse.yaml"
     cfg.write_text("tls_min_version: 1.3\n")  # a YAML number

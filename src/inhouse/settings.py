@@ -141,7 +141,7 @@ class ServerSettings(BaseSettings):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     tls_min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="lowest TLS version accepted; "
-                                                   "1.3 needs grpc.enabled: false (grpcio cannot enforce it)")
+                                                   "1.3 is refused with grpc.front: grpcio (grpcio cannot enforce it)")
 
     @field_validator("tls_min_version", mode="before")
     @classmethod

@@ -66,12 +66,13 @@ def load_tls(settings: ServerSettings) -> TlsMaterial | None:
         client_ca=_read(ca, "client CA", "--tls-client-ca") if ca is not None else None,
         min_version=_VERSIONS[settings.tls_min_version],
     )
-    if material.min_version > MIN_TLS_VERSION and settings.grpc.enabled:
-        # grpcio's ssl_server_credentials takes no TLS version: gRPC would still accept 1.2
+    if material.min_version > MIN_TLS_VERSION and settings.grpc.enabled and settings.grpc.front == "grpcio":
+        # grpcio's ssl_server_credentials takes no TLS version: gRPC would still accept 1.2 (the
+        # HTTP/2 front terminates TLS with server_context below, which does keep the minimum)
         raise TlsConfigError(
-            f"tls_min_version {settings.tls_min_version} cannot be enforced on gRPC: grpcio's server "
-            "credentials accept TLS 1.2 and 1.3 and have no minimum to set. Turn gRPC off (grpc.enabled: "
-            "false, INHOUSE_GRPC__ENABLED=false) to require TLS 1.3 on REST, or keep tls_min_version at 1.2."
+            f"tls_min_version {settings.tls_min_version} cannot be enforced with grpc.front: grpcio: grpcio's "
+            "server credentials accept TLS 1.2 and 1.3 and have no minimum to set. Use grpc.front: fast (the "
+            "default), turn gRPC off (grpc.enabled: false), or keep tls_min_version at 1.2."
         )
     server_context(material)  # fails here, at start, if the pieces do not fit together
     return material
