@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -56,7 +58,8 @@ class Workers:
         return {int(p) for p in path.read_text().split()}
 
     def headers(self, key: str | None = None) -> dict[str, str]:
-        return {"authorization": f"Bearer {key or self.admin}"}
+        key = key or self.admin
+        return {"authorization": f"Bearer {key}"} if key else {}  # no key: a server without --auth
 
     def per_connection(self, method: str, path: str, key: str | None = None,
                        **kw: object) -> list[tuple[int, httpx.Response]]:
@@ -316,3 +319,50 @@ def test_a_start_that_fails_in_the_workers_fails_once(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "does not exist or is not a folder" in done.stderr
+
+
+def test_repository_polling_is_done_once_for_every_worker(tmp_path: Path) -> None:
+    """With ``--poll``, worker 0 follows the repository and applies what it finds in every worker
+    through the supervisor: a model added later is served by both, a worker restarted afterwards
+    serves it too (it was started with ``--load mlp``, so without the recorded change it would
+    park the newcomer), and a model removed from the folder leaves every worker."""
+    repo, data = tmp_path / "models", tmp_path / "data"
+    write_model(repo, "mlp", mlp_model())
+    port, grpc_port = _free_port(), _free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inhouse", "serve", "--repo", str(repo), "--http-port", str(port),
+             "--grpc-port", str(grpc_port), "--data-dir", str(data), "--workers", "2", "--poll",
+             "--load", "mlp", "--log-format", "json"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "INHOUSE_POLL_INTERVAL_S": "1"})
+    w = Workers(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", repo, data, log, "", "")
+    try:
+        w.wait_ready()
+
+        def served_by_both(name: str, wanted: int) -> bool:
+            answers = w.per_connection("GET", f"/v2/models/{name}/ready")
+            return len({pid for pid, _ in answers}) == 2 and all(r.status_code == wanted for _, r in answers)
+
+        def until(check: Any, what: str) -> None:
+            deadline = time.time() + 60
+            while not check():
+                assert time.time() < deadline, f"{what}:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+
+        write_model(repo, "late", mlp_model(seed=3))
+        until(lambda: served_by_both("late", 200), "the added model was not served by both workers")
+        victim = max(w.children())
+        os.kill(victim, signal.SIGKILL)
+        w.wait_ready(exclude={victim})
+        assert served_by_both("late", 200), "the restarted worker does not serve the polled model"
+        shutil.rmtree(repo / "late")
+        until(lambda: served_by_both("late", 404), "the removed model is still served")
+        polled = [line for line in log.read_text().splitlines() if "model removed from repository" in line]
+        assert len(polled) == 1, polled  # one worker polled, not each
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

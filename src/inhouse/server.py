@@ -300,7 +300,8 @@ class InhouseServer:
         self.state.started = True
         if self.settings.discovery and (self._worker is None or self._worker.index == 0):
             await self._advertise()  # one announcement per server, not one per worker process
-        if self.settings.poll:
+        # with workers, worker 0 polls for the server and applies what it finds in every worker
+        if self.settings.poll and (self._worker is None or self._worker.index == 0):
             self._tasks.append(asyncio.create_task(self._poll()))
         log.info("ready", extra={"models": sorted(self.manager.serving())})
 
@@ -423,7 +424,7 @@ class InhouseServer:
         try:
             async for _ in watcher:
                 try:
-                    await self.manager.reconcile()
+                    await self.manager.reconcile(self.dataplane.load_model, self.dataplane.unload_model)
                 except InhouseError as err:
                     log.error("repository poll failed", extra={"code": err.code, "reason": err.message})
                 except Exception:

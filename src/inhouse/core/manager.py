@@ -10,7 +10,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -51,6 +51,7 @@ class ModelState(enum.StrEnum):
 
 
 SchedulerFactory = Callable[[LoadedModel, ModelSpec], Scheduler]
+Lifecycle = Callable[[str], Awaitable[Any]]  # load or unload one model by name
 
 
 class Placement(Protocol):
@@ -459,14 +460,17 @@ class ModelManager:
                 results[n] = err
         return results
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, load: Lifecycle | None = None, unload: Lifecycle | None = None) -> None:
         """Bring the serving set in line with the repository (used by polling): load new models,
-        reload changed versions, unload removed ones."""
+        reload changed versions, unload removed ones. ``load`` / ``unload`` replace this
+        manager's own (with workers, the calls that apply a change in every worker)."""
+        load = load or self.load
+        unload = unload or self.unload
         on_disk = set(self.repository.model_names())
         for name in sorted(set(self._serving) - on_disk):
             log.info("model removed from repository; unloading", extra={"model": name})
             with suppress(InhouseError):
-                await self.unload(name)
+                await unload(name)
             self._records = {k: v for k, v in self._records.items() if k[0] != name}
         self._parked = {n: fp for n, fp in self._parked.items() if n in on_disk}
         for name in sorted(on_disk):
@@ -486,7 +490,7 @@ class ModelManager:
             if not changed or self._failed_at.get(name) == fp:
                 continue  # unchanged, or unchanged since its last failed load
             try:
-                await self.load(name)
+                await load(name)
                 self._failed_at.pop(name, None)
             except InhouseError as err:
                 self._failed_at[name] = fp
