@@ -160,6 +160,20 @@ def test_metrics_are_the_sum_over_workers(workers: Workers) -> None:
     assert workers.metric("inhouse_models", state="READY") == 2  # mlp and slow, not 4: the same in each
 
 
+def test_console_figures_are_the_sum_over_workers(workers: Workers) -> None:
+    """The console's live figures (``/console/api/metrics``) are the server's, whichever worker
+    serves the page: every answer counts the requests both workers served."""
+    answers = workers.per_connection("POST", "/v2/models/mlp/infer", key=workers.infer, json=_infer_body())
+    assert len({pid for pid, _ in answers}) == 2
+    total = workers.metric("inhouse_inference_requests_total")
+    console = workers.per_connection("GET", "/console/api/metrics")
+    assert len({pid for pid, _ in console}) == 2
+    for _, r in console:
+        assert r.status_code == 200, r.text
+        assert r.json()["inference"]["requests"] == total, (r.json()["inference"], total)
+        assert r.json()["process"]["resident_memory_bytes"] > 0
+
+
 def test_revoked_key_is_refused_by_every_worker(workers: Workers) -> None:
     with httpx.Client(base_url=workers.url, headers=workers.headers(), timeout=30) as c:
         made = c.post("/v2/security/keys", json={"name": "short-lived", "scopes": ["infer"]})

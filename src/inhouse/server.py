@@ -165,7 +165,7 @@ class InhouseServer:
                 raise StartupError(str(err)) from None
             if worker is not None:
                 worker.registry = self.observability.registry
-                self.observability.serve_metrics_from(worker.render_metrics)
+                self.observability.serve_metrics_from(worker.render_metrics, worker.metric_families)
 
             self.cache = self._response_cache(settings)
 

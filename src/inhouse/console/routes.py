@@ -20,6 +20,7 @@ from inhouse.console.snapshot import snapshot
 from inhouse.core.dataplane import DataPlane
 from inhouse.doctor import DoctorOptions, run_checks
 from inhouse.errors import InvalidRequestError, RouteNotFoundError, UnauthenticatedError
+from inhouse.observability.endpoint import Families
 from inhouse.security.audit import AuditLog
 from inhouse.security.gate import SecurityGate
 from inhouse.security.pipeline import Guard, credential, guarded
@@ -91,7 +92,7 @@ class AuditFilter:
 
 
 def build_router(dataplane: DataPlane, settings: ServerSettings, gate: SecurityGate,
-                 registry: CollectorRegistry | None) -> APIRouter:
+                 registry: CollectorRegistry | None, families: Families | None = None) -> APIRouter:
     # the API is in /openapi.json (so schema fuzzing reaches it); the page and its files are not
     router = APIRouter(tags=["console"])
 
@@ -134,7 +135,8 @@ def build_router(dataplane: DataPlane, settings: ServerSettings, gate: SecurityG
     async def metrics() -> Response:
         if registry is None:
             raise RouteNotFoundError("This server runs without metrics.")
-        return _json(snapshot(registry))
+        # with workers, the figures of every worker: the console's page may be served by any one
+        return _json(snapshot(await families() if families is not None else registry.collect()))
 
     @router.get("/console/api/audit")
     @guarded(Guard("console.audit", "admin"))

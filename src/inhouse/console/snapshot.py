@@ -11,7 +11,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 CONSOLE_ROUTES = "/console"
@@ -62,10 +61,11 @@ def _histogram(metric: Metric | None) -> dict[str, Any]:
     return h.doc()
 
 
-def snapshot(registry: CollectorRegistry, clock: Any = time.time) -> dict[str, Any]:
-    """Totals since start-up of the numbers the console charts. HTTP requests leave out the
-    console's own routes, so that its polling does not show as traffic."""
-    families: dict[str, Metric] = {m.name: m for m in _collect(registry)}
+def snapshot(metrics: Iterable[Metric], clock: Any = time.time) -> dict[str, Any]:
+    """Totals since start-up of the numbers the console charts (``metrics``: a registry's
+    families, or every worker's added up). HTTP requests leave out the console's own routes, so
+    that its polling does not show as traffic."""
+    families: dict[str, Metric] = {m.name: m for m in metrics}
     get = families.get
     inference = get("inhouse_inference_requests")
     errors: dict[str, float] = defaultdict(float)
@@ -92,10 +92,6 @@ def snapshot(registry: CollectorRegistry, clock: Any = time.time) -> dict[str, A
                     "system_memory_total_bytes": _total(get("inhouse_system_memory_total_bytes")),
                     "system_memory_available_bytes": _total(get("inhouse_system_memory_available_bytes"))},
     }
-
-
-def _collect(registry: CollectorRegistry) -> Iterable[Metric]:
-    return registry.collect()
 
 
 def _without_console(metric: Metric | None) -> Metric | None:

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,6 +21,7 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
 
 
 Exposition = Callable[[str | None], Awaitable[tuple[bytes, str]]]
+Families = Callable[[], Awaitable[list[Metric]]]  # the metric families the console charts, merged over workers
 """Renders the metrics of more than this registry (worker processes: the sum over all of them)."""
 
 

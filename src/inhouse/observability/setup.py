@@ -15,7 +15,7 @@ from inhouse.core.manager import ModelManager
 from inhouse.logs import flush_json_lines
 from inhouse.observability.access import HttpMetrics
 from inhouse.observability.collectors import GpuCollector, ModelCollector, ProcessCollector
-from inhouse.observability.endpoint import Exposition
+from inhouse.observability.endpoint import Exposition, Families
 from inhouse.observability.metrics import LifecycleRecorder, Metrics
 from inhouse.observability.observer import RequestObserver
 from inhouse.observability.tracing import Tracer
@@ -36,6 +36,7 @@ class HttpObservability:
     log_client_address: bool
     access_log_sample: float = 1.0
     exposition: Exposition | None = None  # what /metrics serves instead of the registry alone
+    families: Families | None = None  # what the console charts instead of the registry alone
 
 
 class Observability:
@@ -61,9 +62,10 @@ class Observability:
         self.http = HttpObservability(self.registry, self.http_metrics, self.tracer, settings.access_log,
                                       settings.log_client_address, settings.access_log_sample)
 
-    def serve_metrics_from(self, exposition: Exposition) -> None:
-        """/metrics renders ``exposition`` (worker processes: every worker's metrics added up)."""
-        self.http = replace(self.http, exposition=exposition)
+    def serve_metrics_from(self, exposition: Exposition, families: Families) -> None:
+        """/metrics renders ``exposition`` and the console charts ``families`` (worker processes:
+        every worker's metrics added up)."""
+        self.http = replace(self.http, exposition=exposition, families=families)
 
     async def start(self) -> Callable[[], Awaitable[None]]:
         """Returns the stopper (the dedicated metrics port is the server's: it serves an app

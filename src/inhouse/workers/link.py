@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from inhouse.core.dataplane import DataPlane, ServerState, SourceCheck
 from inhouse.core.manager import ModelManager, ModelVersion
 from inhouse.errors import InhouseError
 from inhouse.workers.control import Channel
-from inhouse.workers.metrics_merge import exposition, render_merged
+from inhouse.workers.metrics_merge import exposition, merge, render_merged
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class WorkerLink:
     async def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
         texts: list[str] = await self.channel.request("metrics", limit_s=30)
         return render_merged(texts, accept)
+
+    async def metric_families(self) -> list[Metric]:
+        """Every worker's metrics added up, as families (the console's live figures)."""
+        texts: list[str] = await self.channel.request("metrics", limit_s=30)
+        return merge(texts)
 
     async def _handle(self, op: str, args: dict[str, Any]) -> Any:
         if op == "apply" and self.dataplane is not None:

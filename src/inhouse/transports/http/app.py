@@ -82,7 +82,8 @@ def build_app(dataplane: DataPlane, settings: ServerSettings, *, llm: LLMService
     # puts it in front); its routes here serve the app when it is mounted on its own.
     app.include_router(keys_admin.build_router(gate, settings.max_request_bytes))
     app.include_router(console.build_router(dataplane, settings, gate,
-                                            observability.registry if observability is not None else None))
+                                            observability.registry if observability is not None else None,
+                                            observability.families if observability is not None else None))
     app.add_middleware(SecurityMiddleware, gate=gate, max_request_bytes=settings.max_request_bytes)
     app.add_middleware(ConsoleHeaders)  # the console's CSP and framing rules, on its refusals too
     # outermost, added last: even requests the security layer rejects are measured and logged
