@@ -31,6 +31,7 @@ from inhouse.protocols.proto import openclaw_model_service_pb2 as openclaw_pb
 from inhouse.protocols.proto import openclaw_model_service_pb2_grpc as openclaw_grpc
 from inhouse.security.keys import KeyStore
 from inhouse.settings import AUTO_WORKERS_MAX, ServerSettings, SettingsError, cgroup_cpus, load_settings
+from inhouse.workers.placement import start_count
 from models import mlp_model, sleep_model, slow_request, write_model
 
 CONNECTIONS = 24  # fresh connections per check: all on one of two workers by chance is 2**-23
@@ -304,10 +305,30 @@ def test_workers_setting() -> None:
     assert 1 <= load_settings(None, workers="auto").worker_count() <= AUTO_WORKERS_MAX
     assert load_settings(None, workers="3").worker_count() == 3
     assert load_settings(None, workers="1").worker_count() == 1
-    # the default is one process (README: Worker processes says why)
-    assert ServerSettings.model_fields["workers"].default == 1
+    # the default is a front end per core (README: Worker processes)
+    assert ServerSettings.model_fields["workers"].default == "auto"
     assert load_settings(None, workers="auto", ray={"address": None}).worker_count() == 1
 
+
+
+def test_auto_workers_are_one_when_every_model_at_start_is_held_by_one(tmp_path: Path) -> None:
+    """``workers: auto`` starts one process for a repository of LLMs (every model placed on one
+    worker: more front ends would only add a hop per token), and one per core otherwise."""
+    cores = load_settings(None, workers="auto").worker_count()
+    llms = tmp_path / "llms"
+    (llms / "chat" / "1").mkdir(parents=True)
+    (llms / "chat" / "1" / "model.gguf").write_bytes(b"GGUF")
+    (llms / "chat" / "model.yaml").write_text("name: chat\nbackend: llamacpp\ntask: chat\n")
+    write_model(llms, "big", mlp_model(), {"placement": "one"})
+    assert start_count(load_settings(None, workers="auto", repo=str(llms))) == 1
+    assert start_count(load_settings(None, workers="3", repo=str(llms))) == 3  # a number is a number
+    mixed = tmp_path / "mixed"
+    shutil.copytree(llms, mixed)
+    write_model(mixed, "mlp", mlp_model())
+    assert start_count(load_settings(None, workers="auto", repo=str(mixed))) == cores
+    # only what loads at start counts: the ONNX model left out, the LLMs alone decide
+    assert start_count(load_settings(None, workers="auto", repo=str(mixed), load="chat,big")) == 1
+    assert start_count(load_settings(None, workers="auto")) == cores  # the demo: small ONNX models
 
 
 def test_auto_workers_follow_a_container_cpu_quota(tmp_path: Path) -> None:

@@ -111,11 +111,10 @@ class ServerSettings(BaseSettings):
                                   "this after its headers; else 408 (code 2014)")
     gzip_min_bytes: int = Field(default=4096, ge=0, description="0 turns response compression off")
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    # one by default: on 2 cores two workers measured no faster, and the in-memory response cache,
-    # the console's live figures and repository polling are still per worker
-    workers: int | Literal["auto"] = Field(default=1, description="server processes sharing the ports; "
-                                           f"'auto': one per core, at most {AUTO_WORKERS_MAX} (1 with ray, and "
-                                           "off Linux)")
+    # one event loop uses one core: by default a front end per core (bench/README.md measures it)
+    workers: int | Literal["auto"] = Field(default="auto", description="server processes sharing the ports; "
+                                           f"'auto': one per core, at most {AUTO_WORKERS_MAX} (1 with ray, off "
+                                           "Linux, and when every model loaded at start is held by one worker)")
     placement_one_above_mb: float = Field(default=256.0, gt=0, description="with workers above 1, a model "
                                           "whose files exceed this is held by one worker (model.yaml "
                                           "placement wins)")

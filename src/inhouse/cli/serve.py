@@ -80,7 +80,9 @@ def serve(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level, settings.log_format)
-    count = settings.worker_count()
+    from inhouse.workers.placement import start_count
+
+    count = start_count(settings)
     if count > 1:
         from inhouse.workers.supervisor import run_workers
 

@@ -9,8 +9,10 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
-from inhouse.core.repository import ModelRepository
+from inhouse.core.repository import ModelRepository, single_model
 from inhouse.core.spec import ModelSpec
+from inhouse.errors import InhouseError
+from inhouse.settings import ServerSettings
 from inhouse.workers.standin import StandInBackend
 from inhouse.workers.wire import owner_path
 
@@ -76,3 +78,41 @@ class WorkerPlacement:
 
     def close(self) -> None:
         return None
+
+
+def start_count(settings: ServerSettings) -> int:
+    """How many worker processes to start. ``workers: auto`` is one per core, except when every
+    model the server loads at start is held by one worker (a repository of LLMs): that worker
+    does each request's model work, and more front ends would only add a hop per token."""
+    count = settings.worker_count()
+    if settings.workers != "auto" or count < 2:
+        return count
+    placements = _start_placements(settings)
+    return 1 if placements and all(p == "one" for p in placements) else count
+
+
+def _start_placements(settings: ServerSettings) -> list[Placement]:
+    """The placement of each model loaded at start; empty when there are none, or for the
+    built-in demo repository (small ONNX models: a copy per worker)."""
+    if settings.model_path is not None:
+        try:
+            name, linked = single_model(settings.model_path)
+        except InhouseError:
+            return []  # the server itself says why, at start
+        repository = ModelRepository(settings.data_dir / "no-repository")
+        repository.link(name, linked)
+        names = [name]
+    elif settings.repo is not None and settings.repo.is_dir():
+        repository = ModelRepository(settings.repo)
+        wanted = settings.load_names()
+        names = [n for n in repository.model_names() if wanted == "all" or (wanted != "none" and n in wanted)]
+    else:
+        return []
+    out: list[Placement] = []
+    for name in names:
+        try:
+            spec = repository.read_spec(name)
+            out.append(placement_of(spec, repository.model_dir(name), settings.placement_one_above_mb))
+        except InhouseError:
+            continue  # a model that will fail to load counts for neither
+    return out
