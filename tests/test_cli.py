@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import RunningServer
 from inhouse.cli import app
+from inhouse.settings import load_settings
 from models import add_model, write_model
 
 INHOUSE = [sys.executable, "-c", "from inhouse.cli import main; main()"]
@@ -153,7 +154,8 @@ def test_serve_demo_repository_end_to_end(tmp_path: Path) -> None:
                 continue
             break
         assert url is not None and proc.poll() is None, log_path.read_text()
-        assert workers == 1, log_path.read_text()[-2000:]  # the default: one process
+        # the default: a front end per core (the demo's models are small ONNX ones, a copy in each)
+        assert workers == load_settings(None, workers="auto").worker_count(), log_path.read_text()[-2000:]
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/v2/health/ready").json() == {"ready": True}
             r = c.post("/v2/models/iris/infer", json={"inputs": [
