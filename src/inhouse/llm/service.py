@@ -214,8 +214,7 @@ class LLMService:
                                              req.template_kwargs)
             sampling = self._fit(engine, req.sampling, len(prompt))
             mode, function = self._call_mode(req)
-            # llguidance compiles (and, once per tokenizer, indexes the vocabulary) off the event loop
-            constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, mode)
+            constraint_for = await self._constraint_factory(engine, req, mode)
             parser_cls = None
             if mode == "parse":
                 pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv),
@@ -269,8 +268,8 @@ class LLMService:
                 f"({', '.join(names)}).", details={"param": "tool_choice"})
         return "named", req.tool_choice
 
-    def _constraint_factory(self, engine: LLMEngine, req: ChatRequest | CompletionRequest,
-                            mode: CallMode) -> Any:
+    async def _constraint_factory(self, engine: LLMEngine, req: ChatRequest | CompletionRequest,
+                                  mode: CallMode) -> Any:
         schema: dict[str, Any] | None
         if isinstance(req, ChatRequest) and mode == "required":
             assert req.tools is not None
@@ -286,7 +285,9 @@ class LLMService:
         native = getattr(engine, "schema_constraint", None)
         if native is not None:  # an engine in another process (llama-server) enforces the schema itself
             return lambda: native(schema)
-        grammar = cons.compile_json_schema(engine.tokenizer, schema)  # raises a 400 for a bad schema
+        # llguidance compiles (and, once per tokenizer, indexes the vocabulary) off the event loop;
+        # a bad schema raises a 400
+        grammar = await asyncio.to_thread(cons.compile_json_schema, engine.tokenizer, schema)
         return lambda: cons.GrammarConstraint(grammar)
 
     # ---- completions --------------------------------------------------------------------
@@ -310,7 +311,7 @@ class LLMService:
                         f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
                         details={"param": "prompt"})
             sampling = self._fit(engine, req.sampling, max(len(p) for p in prompts))
-            constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, "text")
+            constraint_for = await self._constraint_factory(engine, req, "text")
             runs = [p for p in prompts for _ in range(req.n)]
             echo = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
 
