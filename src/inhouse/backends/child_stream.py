@@ -68,18 +68,25 @@ class _Response(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         part = self._partial
-        part += body
         if self._whole:
+            part += body
             if len(part) > _MAX_BODY:
                 self._fail("an answer larger than the limit")
             return
         if b"\n" not in body:
+            part += body
             if len(part) > _MAX_LINE:
                 self._fail("an event line without an end")
             return
-        *done, rest = bytes(part).split(b"\n")
+        if part:  # the end of a line that came in pieces
+            part += body
+            body = bytes(part)
+            part.clear()
+        done = body.split(b"\n")
+        rest = done.pop()
+        if rest:
+            part += rest
         self.lines.extend(done)
-        self._partial = bytearray(rest)
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -177,18 +184,27 @@ class ChildStream:
             await r.wait()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        async for line in self._lines():
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].rstrip(b"\r")
-            if data == b"[DONE]":
+        r = self._response
+        lines = r.lines
+        while True:  # _lines inlined: this runs once per token
+            while lines:
+                line = lines.popleft()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].rstrip(b"\r")
+                if data == b"[DONE]":
+                    return
+                try:
+                    doc = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise StreamBroken("an event that is not JSON") from None
+                if isinstance(doc, dict):
+                    yield doc
+            if r.complete:
                 return
-            try:
-                doc = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise StreamBroken("an event that is not JSON") from None
-            if isinstance(doc, dict):
-                yield doc
+            if r.error is not None:
+                raise StreamBroken(r.error)
+            await r.wait()
 
     async def whole(self) -> bytes:
         """The body of a plain answer (``whole=True``)."""
