@@ -444,3 +444,18 @@ def test_without_max_tokens_the_answer_ends_with_the_window(gguf_server: Running
                                                      extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length"
     assert r.usage is not None and r.usage.prompt_tokens == n and r.usage.completion_tokens == 2048 - n
+
+
+def test_cached_prefix_tokens_are_reported(gguf_server: RunningServer) -> None:
+    """The child reuses the KV cache of a prompt that starts like an earlier one; its count of
+    reused tokens reaches usage (``prompt_tokens_details.cached_tokens``)."""
+    system = {"role": "system", "content": "you answer questions about cities and weather " * 30}
+    client = _client(gguf_server)
+    first = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Paris"}],
+                                           max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Tokyo"}],
+                                            max_tokens=2, temperature=0)
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert first.usage.prompt_tokens // 2 < details.cached_tokens < second.usage.prompt_tokens

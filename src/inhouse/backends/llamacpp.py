@@ -315,15 +315,17 @@ class LlamaCppEngine(RelayEngine):
         return "/completion", body
 
     def _read(self, data: dict[str, Any], state: StreamState) -> GenerationChunk | None:
-        if "prompt_progress" in data:  # the first says how long the prompt is; later ones, how far along
+        progress = data.get("prompt_progress")
+        if progress is not None:  # the first says how long the prompt is and how much was cached
             if state.extra.get("counted"):
                 return None
             state.extra["counted"] = True
             state.prompt_tokens = int(data.get("tokens_evaluated") or 0)
-            return GenerationChunk([], "", None, state.prompt_tokens, 0)
+            cached = min(int(progress.get("cache") or 0), state.prompt_tokens)
+            return GenerationChunk([], "", None, state.prompt_tokens, 0, cached_tokens=cached)
         state.prompt_tokens = int(data.get("tokens_evaluated") or state.prompt_tokens)
         state.completion_tokens = int(data.get("tokens_predicted") or state.completion_tokens)
-        tokens = [int(t) for t in data.get("tokens") or []]
+        tokens = list(data.get("tokens") or ())
         text = str(data.get("content", ""))
         if not data.get("stop"):
             return GenerationChunk(tokens, text, None, state.prompt_tokens, state.completion_tokens)
