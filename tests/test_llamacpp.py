@@ -6,6 +6,7 @@ these tests instead of skipping them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -322,8 +323,6 @@ def test_api_key_required_when_auth_on(tmp_path: Path, tiny_gguf: Path, llama_se
 
 
 def test_json_schema_and_forced_tool_call(gguf_server: RunningServer) -> None:
-    import json
-
     import jsonschema
 
     client = _client(gguf_server)
@@ -362,3 +361,101 @@ def test_anthropic_ollama_and_v2_generate_routes(gguf_server: RunningServer) -> 
                                                         "parameters": {"max_tokens": 6, "temperature": 0}})
         assert r.status_code == 200, r.text
         assert r.json()["finish_reason"] in ("length", "stop") and 0 < r.json()["completion_tokens"] <= 6
+
+
+def _child_count(srv: RunningServer, name: str, messages: list[dict[str, Any]]) -> int:
+    """The prompt's token count as the child itself has it: its template, then its tokenizer as
+    /completion applies it to text (special tokens added)."""
+    child = _child(srv, name)
+    with httpx.Client(transport=child.transport(), base_url="http://llama", headers=child.headers,
+                      timeout=60) as raw:
+        prompt = raw.post("/apply-template", json={"messages": messages, "add_generation_prompt": True}
+                          ).json()["prompt"]
+        return len(raw.post("/tokenize", json={"content": prompt, "add_special": True, "parse_special": True}
+                            ).json()["tokens"])
+
+
+def test_prompt_tokens_in_usage_are_the_childs_count(gguf_server: RunningServer) -> None:
+    turn = [{"role": "user", "content": "the weather in Paris"}]
+    messages = [{"role": "system", "content": "answer briefly"}, *turn]
+    expected = _child_count(gguf_server, MODEL, messages)
+    r = _client(gguf_server).chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)
+    assert r.usage is not None and r.usage.prompt_tokens == expected
+    with gguf_server.client(timeout=120) as c:
+        counted = c.post("/v1/messages/count_tokens", json={"model": MODEL, "system": "answer briefly",
+                                                             "messages": turn})
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["input_tokens"] == expected
+        events = []
+        with c.stream("POST", "/v1/messages", json={"model": MODEL, "max_tokens": 3, "stream": True,
+                                                     "system": "answer briefly", "messages": turn}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        start = next(e for e in events if e["type"] == "message_start")
+        assert start["message"]["usage"]["input_tokens"] == expected
+
+
+def _overflow(srv: RunningServer, messages: list[dict[str, Any]], max_tokens: int, stream: bool) -> dict[str, Any]:
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": stream}
+    with srv.client(timeout=120) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text[:500]
+    assert r.headers["inhouse-error-code"] == "2030"
+    error: dict[str, Any] = r.json()["error"]
+    assert error["code"] == "2030" and error["type"] == "invalid_request_error" and error["param"] == "messages"
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_overflow_is_2030_in_the_words_agents_parse(gguf_server: RunningServer, stream: bool) -> None:
+    """The child counts the prompt: past this model's window (2048) but within the child's own
+    (8192), inhouse refuses it on the child's count; past the child's, the child refuses it and
+    inhouse answers the same way. Either way before any byte of a stream, as OpenAI does."""
+    for words in (1200, 6000):
+        messages = [{"role": "user", "content": "hello world " * words}]
+        n = _child_count(gguf_server, MODEL, messages)
+        assert n > 2048 and (n < 8192) == (words == 1200)
+        error = _overflow(gguf_server, messages, 16, stream)
+        assert error["message"] == (
+            f"This model's maximum context length is 2048 tokens. However, you requested {n + 16} tokens "
+            f"({n} in the messages, 16 in the completion). Please reduce the length of the messages or completion.")
+    short = [{"role": "user", "content": "hello"}]
+    n = _child_count(gguf_server, MODEL, short)
+    error = _overflow(gguf_server, short, 2048, stream)
+    assert f"However, you requested {n + 2048} tokens ({n} in the messages, 2048 in the completion)" in error["message"]
+    # the refused requests left the child's slots free
+    r = _client(gguf_server).chat.completions.create(model=MODEL, messages=short, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_without_max_tokens_the_answer_ends_with_the_window(gguf_server: RunningServer) -> None:
+    def chat(words: int) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": "hello world " * words}]
+
+    lo, hi = 100, 1500  # a prompt a few tokens short of the window (2048), found by bisection on the child's count
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _child_count(gguf_server, MODEL, chat(mid)) < 2044 else (lo, mid)
+    messages = chat(lo)
+    n = _child_count(gguf_server, MODEL, messages)
+    assert 2036 <= n < 2044
+    r = _client(gguf_server).chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                     extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.prompt_tokens == n and r.usage.completion_tokens == 2048 - n
+
+
+def test_cached_prefix_tokens_are_reported(gguf_server: RunningServer) -> None:
+    """The child reuses the KV cache of a prompt that starts like an earlier one; its count of
+    reused tokens reaches usage (``prompt_tokens_details.cached_tokens``)."""
+    system = {"role": "system", "content": "you answer questions about cities and weather " * 30}
+    client = _client(gguf_server)
+    first = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Paris"}],
+                                           max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Tokyo"}],
+                                            max_tokens=2, temperature=0)
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert first.usage.prompt_tokens // 2 < details.cached_tokens < second.usage.prompt_tokens

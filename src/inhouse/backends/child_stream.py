@@ -5,7 +5,8 @@ own threads, which slows every token. Here an event costs one callback and a spl
 
 One connection per stream (``Connection: close``): connecting to a loopback or Unix socket costs
 less than pooling would save, and closing the stream early closes the socket, which makes the
-child cancel the request and free its slot."""
+child cancel the request and free its slot. ``child_post`` makes a plain (not streamed) call the
+same way, on the event loop: no thread hop and none of httpx's ~0.3 ms per call."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import orjson
 
 _MAX_PENDING = 256  # events read ahead of the consumer before the socket stops being read
 _MAX_LINE = 8 << 20  # an event line longer than this is not an engine's token event
+_MAX_BODY = 256 << 20  # a plain answer (a rendered prompt) larger than this is not one
 
 
 class StreamBroken(ConnectionError):
@@ -26,12 +28,14 @@ class StreamBroken(ConnectionError):
 
 
 class _Response(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, whole: bool = False) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._partial = bytearray()
         self._paused = False
+        self._whole = whole  # a plain answer: kept as one body, not split into lines
+        self.whole_body = b""
         self.lines: collections.deque[bytes] = collections.deque()
         self.status = 0
         self.head_done = False
@@ -64,18 +68,31 @@ class _Response(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         part = self._partial
-        part += body
+        if self._whole:
+            part += body
+            if len(part) > _MAX_BODY:
+                self._fail("an answer larger than the limit")
+            return
         if b"\n" not in body:
+            part += body
             if len(part) > _MAX_LINE:
                 self._fail("an event line without an end")
             return
-        *done, rest = bytes(part).split(b"\n")
+        if part:  # the end of a line that came in pieces
+            part += body
+            body = bytes(part)
+            part.clear()
+        done = body.split(b"\n")
+        rest = done.pop()
+        if rest:
+            part += rest
         self.lines.extend(done)
-        self._partial = bytearray(rest)
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._partial:
+        if self._whole:
+            self.whole_body = bytes(self._partial)
+        elif self._partial:
             self.lines.append(bytes(self._partial))
             self._partial = bytearray()
         self.complete = True
@@ -112,18 +129,20 @@ class _Response(asyncio.Protocol):
 class ChildStream:
     """``async with ChildStream(...) as s``: ``s.status`` once the head arrived; ``s.events()``
     yields each ``data:`` payload decoded as JSON (``[DONE]`` ends it); ``s.body()`` reads a
-    non-streamed (error) body. Leaving the block closes the connection."""
+    non-streamed (error) body; with ``whole=True`` (a plain call) ``s.whole()`` reads the answer as
+    it came. Leaving the block closes the connection."""
 
     def __init__(self, address: str | tuple[str, int], path: str, body: dict[str, Any],
-                 headers: dict[str, str], connect_timeout_s: float = 10.0) -> None:
+                 headers: dict[str, str], connect_timeout_s: float = 10.0, *, whole: bool = False) -> None:
         self._address = address
         self._connect_timeout_s = connect_timeout_s
         payload = orjson.dumps(body)
+        accept = "application/json" if whole else "text/event-stream"
         head = [f"POST {path} HTTP/1.1", "Host: child", "Content-Type: application/json",
-                "Accept: text/event-stream", "Connection: close", f"Content-Length: {len(payload)}"]
+                f"Accept: {accept}", "Connection: close", f"Content-Length: {len(payload)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         self._request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
-        self._response = _Response()
+        self._response = _Response(whole)
         self.status = 0
 
     async def __aenter__(self) -> ChildStream:
@@ -165,18 +184,36 @@ class ChildStream:
             await r.wait()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        async for line in self._lines():
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].rstrip(b"\r")
-            if data == b"[DONE]":
+        r = self._response
+        lines = r.lines
+        while True:  # _lines inlined: this runs once per token
+            while lines:
+                line = lines.popleft()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].rstrip(b"\r")
+                if data == b"[DONE]":
+                    return
+                try:
+                    doc = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise StreamBroken("an event that is not JSON") from None
+                if isinstance(doc, dict):
+                    yield doc
+            if r.complete:
                 return
-            try:
-                doc = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise StreamBroken("an event that is not JSON") from None
-            if isinstance(doc, dict):
-                yield doc
+            if r.error is not None:
+                raise StreamBroken(r.error)
+            await r.wait()
+
+    async def whole(self) -> bytes:
+        """The body of a plain answer (``whole=True``)."""
+        r = self._response
+        while not r.complete:
+            if r.error is not None:
+                raise StreamBroken(r.error)
+            await r.wait()
+        return r.whole_body
 
     async def body(self, limit: int = 1 << 20) -> str:
         out = bytearray()
@@ -185,3 +222,11 @@ class ChildStream:
             if len(out) > limit:
                 break
         return out.decode("utf-8", "replace").rstrip("\n")
+
+
+async def child_post(address: str | tuple[str, int], path: str, body: dict[str, Any],
+                     headers: dict[str, str]) -> tuple[int, bytes]:
+    """One plain POST to a child: (status, body). Raises ``StreamBroken`` when the child cannot be
+    reached or its answer is cut short."""
+    async with ChildStream(address, path, body, headers, whole=True) as s:
+        return s.status, await s.whole()

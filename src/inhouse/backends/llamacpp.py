@@ -3,10 +3,14 @@ supervised child per model version (``backends/child_server.py``, relayed by ``b
 
 The child keeps its speed and features (quantised kernels, KV cache, slots); inhouse keeps the
 lifecycle, the public APIs, security and metrics. ``LlamaCppEngine`` is an ``LLMEngine``
-(``llm/types.py``), so ``LLMService`` serves it like the built-in engine: the prompt is rendered
-by the child from the GGUF's own Jinja template (``/apply-template``) and tokenized by it
-(``/tokenize``); generation streams from ``/completion`` with the prompt's token ids. JSON output
-and forced tool calls reach the child as a JSON schema, which it turns into a grammar."""
+(``llm/types.py``), so ``LLMService`` serves it like the built-in engine: a chat is rendered by
+the child from the GGUF's own Jinja template (``/apply-template``, called on the event loop) and
+the text streamed from ``/completion``, which tokenizes it as llama-server's own chat endpoint
+does. The child's first event (``return_progress``, sent when its slot starts, before the prompt
+is evaluated) gives the prompt's exact token count, on which the service checks the context
+window; a prompt past the child's own context comes back as its ``exceed_context_size_error``,
+answered with the same 2030. JSON output and forced tool calls reach the child as a JSON
+schema, which it turns into a grammar."""
 
 from __future__ import annotations
 
@@ -22,20 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from inhouse.backends import LoadContext
 from inhouse.backends.child_server import ServerProcess
+from inhouse.backends.child_stream import StreamBroken, child_post
 from inhouse.backends.relay import (
     RelayEngine,
     RelayModel,
     SchemaConstraint,
     StreamState,
     check_relayable,
+    error_text,
     launch,
     post,
 )
 from inhouse.core.spec import ModelSpec
-from inhouse.errors import InferenceError, ModelFormatError, ModelSpecError
+from inhouse.errors import InferenceError, InvalidRequestError, ModelFormatError, ModelSpecError
 from inhouse.llm.images import IMAGE_MARKER
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
 
@@ -158,9 +165,9 @@ class LlamaCppModel(RelayModel):
 
 
 class ServerTokenizer:
-    """The tokenizer calls ``LLMService`` makes, answered by the child (``/tokenize``,
-    ``/detokenize``), so inhouse counts exactly the tokens llama.cpp will see. Blocking: the
-    service calls it off the event loop."""
+    """The tokenizer calls ``LLMService`` makes outside chats (completions' prompts, token
+    counting), answered by the child (``/tokenize``, ``/detokenize``), so inhouse counts exactly
+    the tokens llama.cpp will see. Blocking: the service calls it off the event loop."""
 
     def __init__(self, client: httpx.Client, n_vocab: int, chat_template: str | None) -> None:
         self._client = client
@@ -207,8 +214,8 @@ _FINISH: dict[str, FinishReason] = {"limit": "length", "eos": "stop", "word": "s
 
 
 class LlamaCppEngine(RelayEngine):
-    """Relays to llama-server's native API: ``/apply-template`` and ``/tokenize`` for prompts,
-    ``/completion`` with the prompt's token ids for the stream."""
+    """Relays to llama-server's native API: ``/apply-template`` renders a chat, ``/completion``
+    streams from its text (or from token ids, for completions' prompts)."""
 
     def __init__(self, spec: ModelSpec, child: ServerProcess) -> None:
         super().__init__(spec, child)
@@ -235,17 +242,40 @@ class LlamaCppEngine(RelayEngine):
                 return int(meta["n_vocab"])
         return 1 << 31  # unknown: let the child judge token ids
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
-                            *, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
-        self._require_ready()
+    def _template_body(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+                       add_generation_prompt: bool, template_kwargs: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"messages": _messages_for_server(messages, self._media_marker),
                                 "add_generation_prompt": add_generation_prompt}
         if tools:
             body["tools"] = list(tools)
         if template_kwargs:
             body["chat_template_kwargs"] = template_kwargs
+        return body
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                          *, add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The chat as prompt text, for ``GenerationRequest.prompt_text``."""
+        self._require_ready()
+        body = self._template_body(messages, tools, add_generation_prompt, template_kwargs)
+        try:
+            status, answer = await child_post(self._child.address, "/apply-template", body, self._child.headers)
+        except StreamBroken as err:
+            raise InferenceError(f"llama-server is not reachable ({err}); retry shortly.") from None
+        if status == 400:
+            raise InvalidRequestError(f"llama-server refused the request: {error_text(answer.decode())}")
+        if status != 200:
+            raise InferenceError(f"llama-server answered /apply-template with HTTP {status}: "
+                                 f"{error_text(answer.decode())}")
+        return str(orjson.loads(answer)["prompt"])
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                            *, add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """The chat's token ids as ``/completion`` counts them from its text (a BOS the template
+        leaves out for the tokenizer to add included): blocking, for token counting."""
+        self._require_ready()
+        body = self._template_body(messages, tools, add_generation_prompt, template_kwargs)
         prompt = str(post(self._client, "/apply-template", body, "llama-server")["prompt"])
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def complete_blocking(self, prompt: str, max_tokens: int) -> str:
         self._require_ready()
@@ -254,15 +284,20 @@ class LlamaCppEngine(RelayEngine):
 
     async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         s: SamplingParams = request.sampling
-        prompt: Any = request.prompt_token_ids
-        if request.images:  # llama-server places images at the markers of a text prompt
-            r = await client.post("/detokenize", json={"tokens": prompt})
-            if r.status_code != 200:
-                raise InferenceError(f"llama-server answered /detokenize with HTTP {r.status_code}.")
-            prompt = {"prompt_string": str(r.json()["content"]),
+        text = request.prompt_text
+        prompt: Any = text if text is not None else request.prompt_token_ids
+        if request.images:  # llama-server places images at the media markers of a text prompt
+            if text is None:
+                r = await client.post("/detokenize", json={"tokens": prompt})
+                if r.status_code != 200:
+                    raise InferenceError(f"llama-server answered /detokenize with HTTP {r.status_code}.")
+                text = str(r.json()["content"])
+            prompt = {"prompt_string": text,
                       "multimodal_data": [base64.b64encode(img).decode() for img in request.images]}
         body: dict[str, Any] = {
             "prompt": prompt, "stream": True, "return_tokens": True, "cache_prompt": True,
+            # a text prompt's token count comes in the first event, sent as the slot starts
+            "return_progress": text is not None,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": 0.0,
             "repeat_penalty": s.repetition_penalty, "frequency_penalty": s.frequency_penalty,
             "presence_penalty": s.presence_penalty, "ignore_eos": s.ignore_eos,
@@ -280,9 +315,17 @@ class LlamaCppEngine(RelayEngine):
         return "/completion", body
 
     def _read(self, data: dict[str, Any], state: StreamState) -> GenerationChunk | None:
+        progress = data.get("prompt_progress")
+        if progress is not None:  # the first says how long the prompt is and how much was cached
+            if state.extra.get("counted"):
+                return None
+            state.extra["counted"] = True
+            state.prompt_tokens = int(data.get("tokens_evaluated") or 0)
+            cached = min(int(progress.get("cache") or 0), state.prompt_tokens)
+            return GenerationChunk([], "", None, state.prompt_tokens, 0, cached_tokens=cached)
         state.prompt_tokens = int(data.get("tokens_evaluated") or state.prompt_tokens)
         state.completion_tokens = int(data.get("tokens_predicted") or state.completion_tokens)
-        tokens = [int(t) for t in data.get("tokens") or []]
+        tokens = list(data.get("tokens") or ())
         text = str(data.get("content", ""))
         if not data.get("stop"):
             return GenerationChunk(tokens, text, None, state.prompt_tokens, state.completion_tokens)

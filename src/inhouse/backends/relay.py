@@ -21,7 +21,15 @@ from inhouse.backends.child_server import ChildFailed, ServerProcess
 from inhouse.backends.child_stream import ChildStream, StreamBroken
 from inhouse.core.recorders import LLMRecorder
 from inhouse.core.spec import ModelSpec, TensorSpec
-from inhouse.errors import InferenceError, InvalidRequestError, ModelFormatError, ModelNotReadyError, ModelSpecError
+from inhouse.errors import (
+    InferenceError,
+    InhouseError,
+    InvalidRequestError,
+    ModelFormatError,
+    ModelNotReadyError,
+    ModelSpecError,
+)
+from inhouse.llm.context_window import overflow
 from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,16 @@ def error_text(body: str) -> str:
     return body[:300]
 
 
+def _prompt_too_long(body: str) -> int | None:
+    """The prompt's token count when the child refused it as longer than its context
+    (llama-server's ``exceed_context_size_error``)."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+        err = json.loads(body)["error"]
+        if err["type"] == "exceed_context_size_error":
+            return int(err["n_prompt_tokens"])
+    return None
+
+
 def post(client: httpx.Client, path: str, body: dict[str, Any], label: str) -> dict[str, Any]:
     try:
         r = client.post(path, json=body)
@@ -166,10 +184,7 @@ class RelayEngine:
             path, body = await self._request(self._aclient, request)
             async with ChildStream(self._child.address, path, body, self._child.headers) as r:
                 if r.status != 200:
-                    text = await r.body()
-                    if r.status == 400:
-                        raise InvalidRequestError(f"{label} refused the request: {error_text(text)}")
-                    raise InferenceError(f"{label} answered HTTP {r.status}: {error_text(text)}")
+                    raise self._refused(r.status, await r.body(), request)
                 async for data in r.events():
                     if "error" in data:
                         raise InferenceError(f"{label} failed while generating: {error_text(json.dumps(data))}")
@@ -200,6 +215,15 @@ class RelayEngine:
                                                             "request_id": request.request_id})
         # a stream that ended without its final chunk
         yield GenerationChunk([], "", state.pending_finish or "stop", state.prompt_tokens, state.completion_tokens)
+
+    def _refused(self, status: int, body: str, request: GenerationRequest) -> InhouseError:
+        label = self._child.label
+        if status != 400:
+            return InferenceError(f"{label} answered HTTP {status}: {error_text(body)}")
+        prompt_tokens = _prompt_too_long(body)
+        if prompt_tokens is not None:  # the same 2030 as when the service counted the prompt itself
+            return overflow(self.max_model_len, prompt_tokens, request.sampling.max_tokens or 0)
+        return InvalidRequestError(f"{label} refused the request: {error_text(body)}")
 
     def close(self) -> None:
         # The async client belongs to the serving loop (this runs on a loader thread); its

@@ -15,9 +15,14 @@ def check_context(limit: int, prompt_tokens: int, completion_tokens: int | None,
                 f"This model's maximum context length is {limit} tokens. However, input {input_index} "
                 f"has {prompt_tokens} tokens. Please shorten it.", details={"param": "input"})
         return
-    total = prompt_tokens + completion_tokens
-    if prompt_tokens >= limit or total > limit:
-        raise ContextLengthError(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{max(total, prompt_tokens + 1)} tokens ({prompt_tokens} in the messages, {completion_tokens} in the "
-            "completion). Please reduce the length of the messages or completion.", details={"param": "messages"})
+    if prompt_tokens >= limit or prompt_tokens + completion_tokens > limit:
+        raise overflow(limit, prompt_tokens, completion_tokens)
+
+
+def overflow(limit: int, prompt_tokens: int, completion_tokens: int) -> ContextLengthError:
+    """The 2030 of a generation that does not fit, in the words clients parse (OpenAI's)."""
+    total = max(prompt_tokens + completion_tokens, prompt_tokens + 1)
+    return ContextLengthError(
+        f"This model's maximum context length is {limit} tokens. However, you requested {total} tokens "
+        f"({prompt_tokens} in the messages, {completion_tokens} in the completion). Please reduce the length of "
+        "the messages or completion.", details={"param": "messages"})

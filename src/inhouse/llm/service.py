@@ -210,12 +210,10 @@ class LLMService:
             engine = _engine(mv)
             images = await self._images(mv, engine, req.messages)
             template_tools = req.tools if req.tool_choice != "none" else None
-            prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, template_tools,
-                                             req.template_kwargs)
-            sampling = self._fit(engine, req.sampling, len(prompt))
+            prompt = await self._chat_prompt(engine, req.messages, template_tools, req.template_kwargs, text=True)
+            sampling = self._fit(engine, req.sampling, None if isinstance(prompt, str) else len(prompt))
             mode, function = self._call_mode(req)
-            # llguidance compiles (and, once per tokenizer, indexes the vocabulary) off the event loop
-            constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, mode)
+            constraint_for = await self._constraint_factory(engine, req, mode)
             parser_cls = None
             if mode == "parse":
                 pname = mv.spec.tool_call_parser or detect_tool_parser(_template_text(engine, mv),
@@ -234,21 +232,33 @@ class LLMService:
                 )
 
             chat = ChatInput(req.messages, template_tools, req.template_kwargs) if images else None
-            yield Prompt(len(prompt), req.n)
+            if not isinstance(prompt, str):  # a text prompt is announced once the engine has counted it (_run)
+                yield Prompt(len(prompt), req.n)
             async for ev in self._run(engine, req.request_id, [prompt] * req.n, sampling, constraint_for,
                                       decoder, req.timeout_s, req.priority, images=images, chat=chat):
                 yield ev
 
-    def _chat_prompt(self, engine: LLMEngine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     kwargs: dict[str, Any]) -> list[int]:
+    async def _chat_prompt(self, engine: LLMEngine, messages: list[dict[str, Any]],
+                           tools: list[dict[str, Any]] | None, kwargs: dict[str, Any], *,
+                           text: bool) -> list[int] | str:
+        """The chat rendered by the model's template: with ``text``, the text itself for an engine
+        that tokenizes it (``render_chat``, on the event loop), else token ids (off the loop)."""
+        render = getattr(engine, "render_chat", None) if text else None
+
+        async def attempt(turns: list[dict[str, Any]]) -> list[int] | str:
+            if render is not None:
+                return str(await render(turns, tools, add_generation_prompt=True, **kwargs))
+            return await asyncio.to_thread(
+                lambda: list(engine.apply_chat_template(turns, tools, add_generation_prompt=True, **kwargs)))
+
         try:
-            return list(engine.apply_chat_template(messages, tools, add_generation_prompt=True, **kwargs))
+            return await attempt(messages)
         except Exception as first:
             # Templates that insist on alternating roles get consecutive user turns merged.
             merged = merge_consecutive(messages)
             if merged != messages:
                 with contextlib.suppress(Exception):
-                    return list(engine.apply_chat_template(merged, tools, add_generation_prompt=True, **kwargs))
+                    return await attempt(merged)
             if isinstance(first, InhouseError):
                 raise
             raise InvalidRequestError(
@@ -269,8 +279,8 @@ class LLMService:
                 f"({', '.join(names)}).", details={"param": "tool_choice"})
         return "named", req.tool_choice
 
-    def _constraint_factory(self, engine: LLMEngine, req: ChatRequest | CompletionRequest,
-                            mode: CallMode) -> Any:
+    async def _constraint_factory(self, engine: LLMEngine, req: ChatRequest | CompletionRequest,
+                                  mode: CallMode) -> Any:
         schema: dict[str, Any] | None
         if isinstance(req, ChatRequest) and mode == "required":
             assert req.tools is not None
@@ -286,7 +296,9 @@ class LLMService:
         native = getattr(engine, "schema_constraint", None)
         if native is not None:  # an engine in another process (llama-server) enforces the schema itself
             return lambda: native(schema)
-        grammar = cons.compile_json_schema(engine.tokenizer, schema)  # raises a 400 for a bad schema
+        # llguidance compiles (and, once per tokenizer, indexes the vocabulary) off the event loop;
+        # a bad schema raises a 400
+        grammar = await asyncio.to_thread(cons.compile_json_schema, engine.tokenizer, schema)
         return lambda: cons.GrammarConstraint(grammar)
 
     # ---- completions --------------------------------------------------------------------
@@ -310,7 +322,7 @@ class LLMService:
                         f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
                         details={"param": "prompt"})
             sampling = self._fit(engine, req.sampling, max(len(p) for p in prompts))
-            constraint_for = await asyncio.to_thread(self._constraint_factory, engine, req, "text")
+            constraint_for = await self._constraint_factory(engine, req, "text")
             runs = [p for p in prompts for _ in range(req.n)]
             echo = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
 
@@ -357,28 +369,49 @@ class LLMService:
         return images
 
     # ---- shared generation path -----------------------------------------------------------
-    def _fit(self, engine: LLMEngine, sampling: SamplingParams, prompt_len: int) -> SamplingParams:
+    def _fit(self, engine: LLMEngine, sampling: SamplingParams, prompt_len: int | None) -> SamplingParams:
+        """``sampling`` with room for the prompt checked; ``prompt_len`` None: the engine counts the
+        prompt, which ``_run`` checks on its first chunk."""
         limit = engine.max_model_len
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be at least 1.", details={"param": "max_tokens"})
+        if prompt_len is None:
+            return sampling
         check_context(limit, prompt_len, sampling.max_tokens or 0)
         if sampling.max_tokens is None:
             return replace(sampling, max_tokens=limit - prompt_len)
         return sampling
 
-    async def _run(self, engine: LLMEngine, request_id: str, prompts: list[list[int]], sampling: SamplingParams,
-                   constraint_for: Any, decoder_for: Any, timeout_s: float | None, priority: int,
-                   count_prompt_once: bool = True, images: list[bytes] | None = None,
+    async def _run(self, engine: LLMEngine, request_id: str, prompts: Sequence[list[int] | str],
+                   sampling: SamplingParams, constraint_for: Any, decoder_for: Any, timeout_s: float | None,
+                   priority: int, count_prompt_once: bool = True, images: list[bytes] | None = None,
                    chat: ChatInput | None = None) -> AsyncIterator[Event]:
+        """Events of every sequence, then Usage. Text prompts (``render_chat``) are checked against
+        the context window on their first chunk, which carries the engine's count and comes before
+        any token, and announced then (``Prompt``); without max_tokens they end with the window."""
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         deadline = time.monotonic() + timeout if timeout is not None else None
         requests = []
         for i, prompt in enumerate(prompts):
             s = sampling if sampling.seed is None or i == 0 else replace(sampling, seed=sampling.seed + i)
             constraint: TokenConstraint | None = constraint_for() if constraint_for else None
-            requests.append(GenerationRequest(f"{request_id}-{i}", prompt, s, constraint, deadline, priority,
-                                              images=list(images or ()), chat=chat))
+            ids, text = ([], prompt) if isinstance(prompt, str) else (prompt, None)
+            requests.append(GenerationRequest(f"{request_id}-{i}", ids, s, constraint, deadline, priority,
+                                              images=list(images or ()), chat=chat, prompt_text=text))
         usage = Usage(0, 0)
+        first: Callable[[GenerationChunk], Event | None] | None = None
+        cap: int | None = None
+        if requests and requests[0].prompt_text is not None:
+            limit, announced = engine.max_model_len, False
+            cap = limit if sampling.max_tokens is None else None
+
+            def first(chunk: GenerationChunk) -> Event | None:
+                nonlocal announced
+                check_context(limit, chunk.prompt_tokens, sampling.max_tokens or 0)
+                if announced:
+                    return None
+                announced = True
+                return Prompt(chunk.prompt_tokens, len(requests))
         seen_prompts: set[int] = set()
 
         def account(i: int, chunk: GenerationChunk) -> None:
@@ -389,14 +422,15 @@ class LLMService:
                     usage.cached_tokens += chunk.cached_tokens
 
         if len(requests) == 1:
-            async for ev in _one(engine, requests[0], decoder_for(0), lambda c: account(0, c), usage):
+            async for ev in _one(engine, requests[0], decoder_for(0), lambda c: account(0, c), usage, first, cap):
                 yield ev
         else:
             queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
 
             async def pump(i: int) -> None:
                 try:
-                    async for ev in _one(engine, requests[i], decoder_for(i), lambda c: account(i, c), usage):
+                    async for ev in _one(engine, requests[i], decoder_for(i), lambda c: account(i, c), usage,
+                                         first, cap):
                         await queue.put(ev)
                 except BaseException as err:  # re-raised by the consumer
                     await queue.put(err)
@@ -435,24 +469,33 @@ class LLMService:
     async def count_tokens(self, req: ChatRequest) -> int:
         with self._use(req.model, GENERATIVE_TASKS) as mv:
             engine = _engine(mv)
-            prompt = await asyncio.to_thread(self._chat_prompt, engine, req.messages, req.tools, req.template_kwargs)
+            prompt = await self._chat_prompt(engine, req.messages, req.tools, req.template_kwargs, text=False)
             return len(prompt)
 
 
 async def _one(engine: LLMEngine, request: GenerationRequest, decoder: ChoiceDecoder, account: Any,
-               usage: Usage) -> AsyncIterator[Event]:
-    """One sequence: engine chunks → decoder events; closing it aborts the sequence."""
+               usage: Usage, first: Callable[[GenerationChunk], Event | None] | None = None,
+               cap: int | None = None) -> AsyncIterator[Event]:
+    """One sequence: engine chunks → decoder events; closing it aborts the sequence. ``first``
+    sees the first chunk (and may raise, or add an event); past ``cap`` prompt + completion
+    tokens the sequence ends with "length"."""
     last_completion = 0
     async with contextlib.aclosing(engine.generate(request)) as chunks:
         async for chunk in chunks:
+            if first is not None:
+                announce, first = first(chunk), None
+                if announce is not None:
+                    yield announce
             account(chunk)
             usage.completion_tokens += chunk.completion_tokens - last_completion
             last_completion = chunk.completion_tokens
             for ev in decoder.feed(chunk.text, chunk.logprobs):
                 yield ev
-            if chunk.finish_reason is None:
-                continue
             reason = chunk.finish_reason
+            if reason is None:
+                if cap is None or chunk.prompt_tokens + chunk.completion_tokens < cap:
+                    continue
+                reason = "length"  # the window is full; the engine was not told where it ends
             if reason == "deadline":
                 raise DeadlineExceededError(
                     f"The request's deadline passed after {chunk.completion_tokens} generated tokens.")
@@ -491,8 +534,8 @@ def _template_text(engine: LLMEngine, mv: ModelVersion) -> str | None:
     return mv.spec.chat_template or getattr(engine.tokenizer, "chat_template", None)
 
 
-def _prompt_opens_think(engine: LLMEngine, prompt: list[int]) -> bool:
-    tail = engine.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
+def _prompt_opens_think(engine: LLMEngine, prompt: list[int] | str) -> bool:
+    tail = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
     return bool(tail.rstrip().endswith("<think>"))
 
 

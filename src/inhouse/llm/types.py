@@ -59,13 +59,16 @@ class ChatInput:
 @dataclass(slots=True)
 class GenerationRequest:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # empty when prompt_text is set
     sampling: SamplingParams = field(default_factory=SamplingParams)
     constraint: TokenConstraint | None = None
     deadline: float | None = None  # time.monotonic() value; past it the sequence ends 'deadline'
     priority: int = 0
     images: list[bytes] = field(default_factory=list)  # in the order of the prompt's image markers
     chat: ChatInput | None = None  # set with images only
+    # The rendered prompt, for an engine that tokenizes it itself (one with ``render_chat``): its
+    # first chunk, before any token, carries the prompt's token count.
+    prompt_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,7 +94,12 @@ class GenerationChunk:
 
 
 class LLMEngine(Protocol):
-    """A loaded generation model. ``LoadedModel.engine`` of a chat/generate model is one."""
+    """A loaded generation model. ``LoadedModel.engine`` of a chat/generate model is one.
+
+    An engine in another process that renders and tokenizes prompts itself (llama-server) may
+    also have ``async render_chat(messages, tools, *, add_generation_prompt, **template_kwargs)
+    -> str``: the service then sends the text (``GenerationRequest.prompt_text``) instead of
+    token ids and checks the context window on the first chunk, which carries the count."""
 
     max_model_len: int
     tokenizer: Any  # a transformers PreTrainedTokenizerBase

@@ -380,6 +380,9 @@ class OpenAIRoutes:
 
         try:
             async for ev in events:
+                if isinstance(ev, TextDelta):  # first: nearly every event is one
+                    yield chunk(ev.choice, {"content": ev.text}, logprobs=_chat_logprobs(ev.logprobs))
+                    continue
                 if isinstance(ev, Usage):
                     if include_usage:
                         yield sse_data({"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -390,9 +393,7 @@ class OpenAIRoutes:
                     for i in range(ev.n):
                         yield chunk(i, {"role": "assistant", "content": ""})
                     continue
-                if isinstance(ev, TextDelta):
-                    yield chunk(ev.choice, {"content": ev.text}, logprobs=_chat_logprobs(ev.logprobs))
-                elif isinstance(ev, ReasoningDelta):
+                if isinstance(ev, ReasoningDelta):
                     yield chunk(ev.choice, {"reasoning_content": ev.text})
                 elif isinstance(ev, ToolCallStart):
                     yield chunk(ev.choice, {"tool_calls": [{"index": ev.call, "id": ev.id, "type": "function",

@@ -92,6 +92,10 @@ class ModelHost:
             part = getattr(model, "engine", None) or getattr(model, "embedder", None)
             if part is None:
                 raise InferenceError(f"Model '{name}' has no tokenizer to call.")
+            if op == "render":
+                return await part.render_chat(args["messages"], args.get("tools"),
+                                              add_generation_prompt=bool(args.get("add_generation_prompt", True)),
+                                              **(args.get("kwargs") or {}))
             if op == "template":
                 ids = await asyncio.to_thread(part.apply_chat_template, args["messages"], args.get("tools"),
                                               add_generation_prompt=bool(args.get("add_generation_prompt", True)),
@@ -126,7 +130,8 @@ class ModelHost:
             doc.update(max_model_len=int(part.max_model_len), vocab=len(tok),
                        chat_template=getattr(tok, "chat_template", None))
         if engine is not None:
-            doc.update(engine=True, accepts_images=bool(getattr(engine, "accepts_images", False)))
+            doc.update(engine=True, accepts_images=bool(getattr(engine, "accepts_images", False)),
+                       renders_text=hasattr(engine, "render_chat"))
         if embedder is not None:
             doc.update(embedder=True)
         return doc

@@ -160,6 +160,17 @@ class RemoteEngine:
         return self._owner.stream(request)
 
 
+class RemoteTextEngine(RemoteEngine):
+    """The stand-in of an engine that tokenizes prompt text itself (llama-server): chats are
+    rendered by the owner's engine and sent to it as text, as a local client's are."""
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                          *, add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        plain = [{k: v for k, v in m.items() if k != "images"} for m in messages]
+        return str(await self._owner.acall("render", messages=plain, tools=list(tools) if tools else None,
+                                           add_generation_prompt=add_generation_prompt, kwargs=template_kwargs))
+
+
 class RemoteEmbedder:
     def __init__(self, owner: _Owner, info: dict[str, Any]) -> None:
         self._owner = owner
@@ -203,7 +214,8 @@ class StandInModel:
         self.platform = f"{info['platform']} (worker {owner.index})"
         self.inputs = [TensorSpec.model_validate(t) for t in info["inputs"]]
         self.outputs = [TensorSpec.model_validate(t) for t in info["outputs"]]
-        self.engine = RemoteEngine(owner, info) if info.get("engine") else None
+        engine = RemoteTextEngine if info.get("renders_text") else RemoteEngine
+        self.engine = engine(owner, info) if info.get("engine") else None
         self.embedder = RemoteEmbedder(owner, info) if info.get("embedder") else None
         self._closed = threading.Event()
         self._watching: socket.socket | None = None

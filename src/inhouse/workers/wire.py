@@ -98,7 +98,7 @@ def pack_request(req: GenerationRequest, remaining_s: float | None, schema: dict
     """The constraint is an object of this process: what crosses is the schema to rebuild it from."""
     s = req.sampling
     return {"request_id": req.request_id, "prompt": req.prompt_token_ids, "remaining_s": remaining_s,
-            "priority": req.priority, "images": req.images, "schema": schema,
+            "priority": req.priority, "images": req.images, "schema": schema, "text": req.prompt_text,
             "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                          "top_k": s.top_k, "seed": s.seed, "stop": s.stop, "stop_token_ids": s.stop_token_ids,
                          "ignore_eos": s.ignore_eos, "frequency_penalty": s.frequency_penalty,
@@ -109,7 +109,8 @@ def pack_request(req: GenerationRequest, remaining_s: float | None, schema: dict
 def unpack_request(doc: dict[str, Any], deadline: float | None) -> GenerationRequest:
     return GenerationRequest(str(doc["request_id"]), [int(t) for t in doc["prompt"]],
                              SamplingParams(**doc["sampling"]), None, deadline, int(doc.get("priority") or 0),
-                             images=[base64.b64decode(x) for x in doc.get("images") or ()])
+                             images=[base64.b64decode(x) for x in doc.get("images") or ()],
+                             prompt_text=doc.get("text"))
 
 
 def pack_chunk(c: GenerationChunk) -> dict[str, Any]:
