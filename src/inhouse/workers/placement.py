@@ -92,22 +92,20 @@ def start_count(settings: ServerSettings) -> int:
 
 
 def _start_placements(settings: ServerSettings) -> list[Placement]:
-    """The placement of each model loaded at start; empty when there are none, or for the
-    built-in demo repository (small ONNX models: a copy per worker)."""
+    """The placement of each model loaded at start, from the models the server will find (its
+    repository, with ``MODEL_PATH``'s model linked in, as ``InhouseServer`` builds it) and
+    ``--load``; empty when there are none, or for the built-in demo repository (small ONNX
+    models: a copy per worker)."""
+    if settings.repo is None and settings.model_path is None:
+        return []
+    repository = ModelRepository(settings.repo if settings.repo is not None else settings.data_dir / "no-repository")
     if settings.model_path is not None:
         try:
-            name, linked = single_model(settings.model_path)
+            repository.link(*single_model(settings.model_path))
         except InhouseError:
             return []  # the server itself says why, at start
-        repository = ModelRepository(settings.data_dir / "no-repository")
-        repository.link(name, linked)
-        names = [name]
-    elif settings.repo is not None and settings.repo.is_dir():
-        repository = ModelRepository(settings.repo)
-        wanted = settings.load_names()
-        names = [n for n in repository.model_names() if wanted == "all" or (wanted != "none" and n in wanted)]
-    else:
-        return []
+    wanted = settings.load_names()
+    names = [n for n in repository.model_names() if wanted == "all" or (wanted != "none" and n in wanted)]
     out: list[Placement] = []
     for name in names:
         try:
