@@ -21,8 +21,9 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
 
 
 Exposition = Callable[[str | None], Awaitable[tuple[bytes, str]]]
-Families = Callable[[], Awaitable[list[Metric]]]  # the metric families the console charts, merged over workers
 """Renders the metrics of more than this registry (worker processes: the sum over all of them)."""
+Families = Callable[[], Awaitable[list[Metric]]]
+"""The metric families the console charts, of more than this registry (the same sum)."""
 
 
 def build_metrics_router(registry: CollectorRegistry, source: Exposition | None = None) -> APIRouter:

@@ -64,14 +64,13 @@ class WorkerLink:
                 log.info("lifecycle change not applied in this worker", extra={
                     "op": change.get("op"), "model": change.get("name"), "code": err.code, "reason": err.message})
 
-    async def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
-        texts: list[str] = await self.channel.request("metrics", limit_s=30)
-        return render_merged(texts, accept)
-
     async def metric_families(self) -> list[Metric]:
         """Every worker's metrics added up, as families (the console's live figures)."""
         texts: list[str] = await self.channel.request("metrics", limit_s=30)
         return merge(texts)
+
+    async def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
+        return render_merged(await self.metric_families(), accept)
 
     async def _handle(self, op: str, args: dict[str, Any]) -> Any:
         if op == "apply" and self.dataplane is not None:

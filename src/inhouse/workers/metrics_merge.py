@@ -71,9 +71,9 @@ class _Fixed:
         return iter(self._families)
 
 
-def render_merged(texts: Iterable[str], accept: str | None) -> tuple[bytes, str]:
-    """The merged exposition in the format the scraper asked for (Prometheus text or OpenMetrics)."""
+def render_merged(families: list[Metric], accept: str | None) -> tuple[bytes, str]:
+    """Merged families (``merge``) in the format the scraper asked for (Prometheus text or OpenMetrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(merge(texts)))
+    registry.register(_Fixed(families))
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
