@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,25 +112,36 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     admin = store.create("admin", ["admin", "infer", "metrics"])[0]
     infer = store.create("app", ["infer"])[0]
     store.close()
+    with _started(root, repo, data, ["--auth"], {"INHOUSE_DRAIN_TIMEOUT_S": "60",
+                                                  "INHOUSE_MODEL_DIRS": f'["{root / "openclaw"}"]'},
+                  admin, infer) as w:
+        yield w
+
+
+@contextmanager
+def _started(root: Path, repo: Path, data: Path, args: list[str], env: dict[str, str], admin: str = "",
+             infer: str = "") -> Iterator[Workers]:
+    """``inhouse serve --workers 2`` on ``repo`` with ``args``, once both workers are ready; its
+    log in ROOT/server.log. Killed at the end, with whatever workers it still had."""
     port, grpc_port = _free_port(), _free_port()
     log = root / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "inhouse", "serve", "--repo", str(repo), "--http-port", str(port),
-             "--grpc-port", str(grpc_port), "--data-dir", str(data), "--auth", "--workers", "2",
-             "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "INHOUSE_DRAIN_TIMEOUT_S": "60", "INHOUSE_MODEL_DIRS": f'["{root / "openclaw"}"]'})
+             "--grpc-port", str(grpc_port), "--data-dir", str(data), "--workers", "2", "--log-format", "json",
+             *args], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
     w = Workers(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", repo, data, log, admin, infer)
     try:
         w.wait_ready()
         yield w
     finally:
+        left = w.children() if proc.poll() is None else set()  # read before the supervisor is gone
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        for pid in w.children() if proc.poll() is None else set():
-            os.kill(pid, signal.SIGKILL)
+        for pid in left:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _infer_body(rows: int = 1) -> dict[str, object]:
@@ -363,17 +375,8 @@ def test_repository_polling_is_done_once_for_every_worker(tmp_path: Path) -> Non
     park the newcomer), and a model removed from the folder leaves every worker."""
     repo, data = tmp_path / "models", tmp_path / "data"
     write_model(repo, "mlp", mlp_model())
-    port, grpc_port = _free_port(), _free_port()
-    log = tmp_path / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inhouse", "serve", "--repo", str(repo), "--http-port", str(port),
-             "--grpc-port", str(grpc_port), "--data-dir", str(data), "--workers", "2", "--poll",
-             "--load", "mlp", "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "INHOUSE_POLL_INTERVAL_S": "1"})
-    w = Workers(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", repo, data, log, "", "")
-    try:
-        w.wait_ready()
+    with _started(tmp_path, repo, data, ["--poll", "--load", "mlp"], {"INHOUSE_POLL_INTERVAL_S": "1"}) as w:
+        log = w.log
 
         def served_by_both(name: str, wanted: int) -> bool:
             answers = w.per_connection("GET", f"/v2/models/{name}/ready")
@@ -395,9 +398,3 @@ def test_repository_polling_is_done_once_for_every_worker(tmp_path: Path) -> Non
         until(lambda: served_by_both("late", 404), "the removed model is still served")
         polled = [line for line in log.read_text().splitlines() if "model removed from repository" in line]
         assert len(polled) == 1, polled  # one worker polled, not each
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
