@@ -22,6 +22,13 @@ class Gate:
     def __post_init__(self) -> None:
         self.open.set()
 
+    def hold(self) -> None:
+        """Close the gate and forget the entries of calls made before: a test that then waits on
+        ``entered`` sees a call that started after the hold, not a stale permit."""
+        self.open.clear()
+        while self.entered.acquire(blocking=False):
+            pass
+
     def executed_ids(self) -> list[float]:
         """The first feature of every row the model ran (tests put a request id there)."""
         with self.lock:

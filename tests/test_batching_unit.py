@@ -166,7 +166,7 @@ async def test_batcher_on_a_fake_clock_drops_what_expired_while_queued() -> None
     gate = Gate()
     spec = ModelSpec.model_validate({"name": "g", "backend": "gate", "batching": {"max_batch_size": 4}})
     batcher = DynamicBatcher(GateModel(gate), spec, clock=lambda: now[0])
-    gate.open.clear()
+    gate.hold()
     x = np.zeros((1, 2), np.float32)
     blocker = asyncio.ensure_future(batcher.submit({"x": x}, None))
     await asyncio.to_thread(gate.entered.acquire, True, 10)
@@ -242,7 +242,7 @@ async def test_deadlines_share_one_timer_answer_running_requests_and_keep_no_ten
         assert batcher._deadlines._timer is timer
     assert len(batcher._deadlines) == 1 and all(not p.inputs for _, _, p in batcher._deadlines)
     # a request still running when its deadline passes is answered then (504), not when the model returns
-    gate.open.clear()
+    gate.hold()
     running = asyncio.ensure_future(batcher.submit({"x": x + 99}, None, timeout_s=0.2))
     await asyncio.to_thread(gate.entered.acquire, True, 10)
     t0 = time.monotonic()

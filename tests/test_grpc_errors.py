@@ -158,7 +158,7 @@ def test_client_disconnects_mid_call(tmp_path: Path) -> None:
     (root / "held" / "model.yaml").write_text("name: held\nbackend: gate\n")
     GATES["held"] = gate = Gate()
     write_model(root, "add", add_model())
-    gate.open.clear()
+    gate.hold()
     try:
         with run_server(root, grpc={"max_concurrent_rpcs": 2}) as srv, grpc.insecure_channel(srv.grpc_target) as ch:
             stub = tpb_grpc.GRPCInferenceServiceStub(ch)

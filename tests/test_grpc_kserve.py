@@ -169,7 +169,7 @@ def test_priority_and_timeout_take_effect(tmp_path: Path) -> None:
             client.async_infer("g", _gate_input(rid), lambda result, error: results.put((rid, error)), **kw)
 
         try:
-            gate.open.clear()
+            gate.hold()
             send(0)
             assert gate.entered.acquire(timeout=10)
             for rid in (1, 2, 3, 4):
@@ -182,9 +182,7 @@ def test_priority_and_timeout_take_effect(tmp_path: Path) -> None:
             assert all(e is None for e in done.values()), done
             assert gate.executed_ids()[:2] == [0, 9]  # the priority-1 request jumped the queue
 
-            gate.open.clear()
-            while gate.entered.acquire(blocking=False):  # the first round's batches left permits
-                pass
+            gate.hold()  # and drops the permits the first round's batches left
             send(10)
             assert gate.entered.acquire(timeout=10)  # 10 is running: 7 and 8 can only queue
             with pytest.raises(InferenceServerException) as err:

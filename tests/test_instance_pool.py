@@ -57,8 +57,8 @@ def test_pool_grows_to_max_size_under_load_and_shrinks_to_init_size_when_idle(tm
     _write(repo, "fixedpool", {"count": 1})
     GATES["pool"] = gate = Gate()
     GATES["fixedpool"] = fixed_gate = Gate()
-    gate.open.clear()
-    fixed_gate.open.clear()
+    gate.hold()
+    fixed_gate.hold()
     threads: list[threading.Thread] = []
     try:
         with run_server(repo) as srv, srv.client() as c:

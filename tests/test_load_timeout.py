@@ -80,7 +80,7 @@ def test_per_model_timeout_wins_and_grpc_load_gets_deadline_exceeded(tmp_path: P
 def test_warmup_counts_toward_the_timeout_at_start_up(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     GATES["slowwarm"] = gate = Gate()
-    gate.open.clear()  # every predict, warm-up included, blocks until the gate opens
+    gate.hold()  # every predict, warm-up included, blocks until the gate opens
     _write(repo, "slowwarm", {"backend": "gate", "warmup": {"samples": 1}, "load": {"timeout_s": 0.3}})
     try:
         with run_server(repo) as srv, srv.client() as c:

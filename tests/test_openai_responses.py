@@ -439,7 +439,7 @@ def test_models_list_is_503_while_startup_loading_runs(tmp_path: Path, llm_model
     (root / "a-held" / "model.yaml").write_text(yaml.safe_dump(
         {"name": "a-held", "backend": "gate", "warmup": {"samples": 1}}))
     GATES["a-held"] = gate = Gate()
-    gate.open.clear()
+    gate.hold()
     port, running, stop = _free_port(), threading.Event(), threading.Event()
 
     def serve() -> None:

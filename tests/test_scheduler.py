@@ -236,7 +236,7 @@ def test_priority_zero_is_served_before_earlier_low_priority(gate_repo: Path) ->
     with run_server(gate_repo) as srv:
         bg = _Bg(srv.url)
         try:
-            gate.open.clear()
+            gate.hold()
             blocker = bg.post("/v2/models/g-prio/infer", _infer_body([0]))
             assert gate.entered.acquire(timeout=10)
             stats = _stats(srv, "g-prio")
@@ -259,7 +259,7 @@ def test_full_queue_answers_429_at_once_and_loses_nothing(gate_repo: Path) -> No
     with run_server(gate_repo) as srv:
         bg = _Bg(srv.url)
         try:
-            gate.open.clear()
+            gate.hold()
             blocker = bg.post("/v2/models/g-full/infer", _infer_body([0]))
             assert gate.entered.acquire(timeout=10)
             queued = [bg.post("/v2/models/g-full/infer", _infer_body([i])) for i in (1, 2, 3)]
@@ -285,7 +285,7 @@ def test_deadline_returns_504_and_the_request_never_runs(gate_repo: Path) -> Non
     with run_server(gate_repo) as srv:
         bg = _Bg(srv.url)
         try:
-            gate.open.clear()
+            gate.hold()
             blocker = bg.post("/v2/models/g-late/infer", _infer_body([0]))
             assert gate.entered.acquire(timeout=10)
             with srv.client() as c:
@@ -310,7 +310,7 @@ def test_client_disconnect_cancels_queued_work(gate_repo: Path) -> None:
     with run_server(gate_repo) as srv:
         bg = _Bg(srv.url)
         try:
-            gate.open.clear()
+            gate.hold()
             blocker = bg.post("/v2/models/g-gone/infer", _infer_body([0]))
             assert gate.entered.acquire(timeout=10)
             body = orjson.dumps(_infer_body([5]))

@@ -317,7 +317,7 @@ def _back_details(data: Path, model: str) -> list[str]:
 
 def test_timeout_is_not_retried(pair: Pair) -> None:
     gate = GATES["slowb"]
-    gate.open.clear()
+    gate.hold()
     try:
         with pair.client() as c:
             started = time.monotonic()
@@ -349,7 +349,7 @@ def test_overflow_engages_when_full_and_stops_when_drained(pair: Pair, model: st
     """queue_above: 0 (one request queued is past it); predicted_wait_ms_above: 0.5 (one queued
     request is predicted to wait a call's time, 1 ms before any call was measured)."""
     local, remote = GATES[model], GATES["gateb"]
-    local.open.clear()
+    local.hold()
     with pair.client() as c, ThreadPoolExecutor(4) as pool:
         try:
             running = _busy(c, pool, model, [base + 1.0])
@@ -394,7 +394,7 @@ def test_upstream_down_circuit_fallback_retry_and_recovery(pair: Pair) -> None:
         assert r.status_code == 503 and _code(r) == 3006 and "health check failed" in r.json()["error"]
 
         # overflow while the upstream is down: the fallback answers
-        local.open.clear()
+        local.hold()
         try:
             running = _busy(c, pool, "locala", [11.0])
             assert local.entered.acquire(timeout=10)
