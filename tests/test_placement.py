@@ -5,6 +5,7 @@ audit and metrics stay in the worker the client reached. The tests share one ser
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,9 +27,12 @@ import openai
 import pytest
 import tritonclient.grpc as tgrpc
 
+from inhouse.core.manager import ModelManager
+from inhouse.core.repository import ModelRepository
 from inhouse.core.spec import ModelSpec
 from inhouse.security.keys import KeyStore
-from inhouse.workers.placement import owner_of, placement_of
+from inhouse.settings import usable_cores
+from inhouse.workers.placement import WorkerPlacement, owner_of, placement_of
 from llm_fixtures import write_llm_model
 from models import mlp_model, write_model
 from test_llamacpp import _write as write_gguf
@@ -166,6 +170,37 @@ def test_default_placement_follows_the_model(tmp_path: Path) -> None:
     assert placement_of(remote, small, 0.001) == "each"
     with pytest.raises(ValueError, match="placement"):
         _spec(placement="some")
+
+
+def test_copies_in_every_worker_share_the_cores(tmp_path: Path) -> None:
+    """Each worker's copy of a model placed on each gets its share of the cores (N workers with
+    onnxruntime's thread per core would put N threads on every core); a model held by one worker
+    keeps them all, and model.yaml's ``intra_op_threads`` wins."""
+    repo = tmp_path / "repo"
+    write_model(repo, "each", mlp_model())
+    write_model(repo, "one", mlp_model(), {"placement": "one"})
+    write_model(repo, "set", mlp_model(), {"onnxruntime": {"intra_op_threads": 3}})
+
+    def threads(count: int) -> dict[str, int]:
+        async def run() -> dict[str, int]:
+            repository = ModelRepository(repo)
+            placement = WorkerPlacement(repository, tmp_path, owner_of("one", count), count, 256)
+            manager = ModelManager(repository, placement=placement)
+            try:
+                out = {}
+                for name in ("each", "one", "set"):
+                    await manager.load(name)
+                    session = manager.resolve(name).model.session
+                    out[name] = session.get_session_options().intra_op_num_threads
+                return out
+            finally:
+                await manager.close()
+
+        return asyncio.run(run())
+
+    assert threads(1) == {"each": 0, "one": 0, "set": 3}  # one process: onnxruntime's own default
+    assert threads(2) == {"each": max(1, usable_cores() // 2), "one": 0, "set": 3}
+    assert threads(4) == {"each": max(1, usable_cores() // 4), "one": 0, "set": 3}
 
 
 def _torch_loaded(pid: int) -> bool:

@@ -40,6 +40,15 @@ def cgroup_cpus(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity, within the container's quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, cgroup_cpus() or cores))
+
+
 class GrpcSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -115,9 +124,9 @@ class ServerSettings(BaseSettings):
     workers: int | Literal["auto"] = Field(default="auto", description="server processes sharing the ports; "
                                            f"'auto': one per core, at most {AUTO_WORKERS_MAX} (1 with ray, off "
                                            "Linux, and when every model loaded at start is held by one worker)")
-    placement_one_above_mb: float = Field(default=256.0, gt=0, description="with workers above 1, a model "
-                                          "whose files exceed this is held by one worker (model.yaml "
-                                          "placement wins)")
+    placement_one_above_mb: float = Field(default=16.0, gt=0, description="with workers above 1, a model "
+                                          "whose files exceed this is held by one worker, with every core "
+                                          "(model.yaml placement wins)")
     load_timeout_s: float | None = Field(default=None, gt=0, description="a model load (backend load and "
                                          "warm-up) running longer fails with 1009; a model's load.timeout_s wins")
     http_fast_path: bool = Field(default=True, description="answer v2 infer straight from the HTTP connection")
@@ -271,11 +280,7 @@ class ServerSettings(BaseSettings):
         # Ray Serve scales its models with replicas; elsewhere SO_REUSEPORT does not spread connections
         if self.ray is not None or not sys.platform.startswith("linux"):
             return 1
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        return max(1, min(cores, cgroup_cpus() or cores, AUTO_WORKERS_MAX))
+        return min(usable_cores(), AUTO_WORKERS_MAX)
 
     def load_names(self) -> list[str] | Literal["all", "none"]:
         value = self.load.strip()

@@ -60,6 +60,10 @@ class Placement(Protocol):
 
     def backend_for(self, spec: ModelSpec) -> Backend | None: ...
 
+    def copies(self, spec: ModelSpec) -> int:
+        """How many processes on this machine load their own copy of the model (they share its cores)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -369,9 +373,12 @@ class ModelManager:
         if placed is None:
             check_memory(mv.spec)  # a placed model needs the memory of its cluster's nodes, not this one
         model_dir = self.repository.model_dir(mv.name)
+        options = self._backend_options
+        if placed is None and self._placement is not None:
+            options = {**options, "copies": self._placement.copies(mv.spec)}
         ctx = LoadContext(model_dir=model_dir, version_dir=self.repository.version_dir(mv.name, mv.version),
                           spec=mv.spec,
-                          decryptor=self._decryptor, options=self._backend_options,
+                          decryptor=self._decryptor, options=options,
                           progress=lambda pct, what: self._progress(mv, pct, what))
         model = backend.load(ctx)
         try:

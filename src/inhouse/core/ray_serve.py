@@ -180,6 +180,9 @@ class RayPlacement:
     def backend_for(self, spec: ModelSpec) -> RayServeBackend | None:
         return RayServeBackend(self) if placed_on_ray(spec) else None
 
+    def copies(self, spec: ModelSpec) -> int:
+        return 1  # with Ray, one server process: a model loaded here is its only copy
+
     def connect(self) -> None:
         with self._lock:
             if self._connected:

@@ -70,6 +70,9 @@ class WorkerPlacement:
             return None
         return owner_of(spec.name, self.count)
 
+    def copies(self, spec: ModelSpec) -> int:
+        return self.count if self.owner(spec) is None else 1
+
     def backend_for(self, spec: ModelSpec) -> StandInBackend | None:
         owner = self.owner(spec)
         if owner is None or owner == self.index:
