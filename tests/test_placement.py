@@ -24,6 +24,7 @@ import httpx
 import jsonschema
 import numpy as np
 import openai
+import psutil
 import pytest
 import tritonclient.grpc as tgrpc
 
@@ -144,7 +145,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Path]
         yield s
     finally:
         # read before the supervisor goes: its workers' llama-servers would be re-parented to init
-        pids = _descendants(proc.pid) if proc.poll() is None else set()
+        pids = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} if proc.poll() is None else set()
         if proc.poll() is None:
             proc.terminate()  # the supervisor stops its workers, which stop their engine servers
             try:
@@ -222,19 +223,6 @@ def test_only_the_owner_holds_the_llm(served: Served) -> None:
     assert all("(worker" not in r.json()["platform"] for _, r in meta)  # each: a copy in every worker
     big = served.per_connection("GET", "/v2/models/big")
     assert {("(worker" in r.json()["platform"]) for _, r in big} == {True, False}
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid``: its children, theirs, and so on."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - found
-        found |= frontier
-    return found
 
 
 def _llama_servers(pid: int) -> list[int]:

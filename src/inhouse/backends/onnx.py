@@ -205,12 +205,13 @@ class OnnxBackend:
         so.graph_optimization_level = _OPT_LEVELS[cfg.graph_optimization_level]
         so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if cfg.execution_mode == "parallel"
                              else ort.ExecutionMode.ORT_SEQUENTIAL)
+        copies = int(ctx.options.get("copies", 1))
         if cfg.intra_op_threads:
             so.intra_op_num_threads = cfg.intra_op_threads
-        elif int(ctx.options.get("copies", 1)) > 1:
+        elif copies > 1:
             # every worker loads its own copy: onnxruntime's default (a thread per core) in each
             # would put N threads on every core, and a compute-bound model loses ~16 % to the switching
-            so.intra_op_num_threads = max(1, usable_cores() // int(ctx.options["copies"]))
+            so.intra_op_num_threads = max(1, usable_cores() // copies)
         if cfg.inter_op_threads:
             so.inter_op_num_threads = cfg.inter_op_threads
         spinning = cfg.spinning
