@@ -5,7 +5,7 @@ so the time to the first token is inhouse's own, and the server's CPU per token 
 Checkouts given with ``--src`` (their ``src`` folders) are served in the same run, rounds
 interleaved; the medians are printed.
 
-    .venv/bin/python bench/llamacpp_relay.py --src src --src /tmp/before/src [--rounds 3]
+    .venv/bin/python bench/llamacpp_relay.py --src src --src /tmp/before/src [--rounds 3] [--api completions]
         [--requests 24] [--tokens 128] [--pace-ms 2.5] [--concurrency 1]
 
 The real engine's numbers (and bare llama-server beside it) come from the peer harness
@@ -121,21 +121,27 @@ def _cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _one(port: int, seed: int, tokens: int) -> tuple[float, int]:
+def _one(port: int, seed: int, tokens: int, api: str = "chat") -> tuple[float, int]:
     words = " ".join(f"w{(seed * 7 + i) % 97}" for i in range(PROMPT_WORDS))
-    body = json.dumps({"model": "stand-in", "messages": [{"role": "user", "content": words}], "max_tokens": tokens,
-                       "temperature": 0, "stream": True}).encode()
+    if api == "chat":
+        path, field = b"/v1/chat/completions", b'"content":" tok"'
+        body = json.dumps({"model": "stand-in", "messages": [{"role": "user", "content": words}],
+                           "max_tokens": tokens, "temperature": 0, "stream": True}).encode()
+    else:
+        path, field = b"/v1/completions", b'"text":" tok"'
+        body = json.dumps({"model": "stand-in", "prompt": words, "max_tokens": tokens, "temperature": 0,
+                           "stream": True}).encode()
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t0 = time.perf_counter()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body))
     ttft, seen, buf = 0.0, 0, b""
     while b"[DONE]" not in buf[-64:]:
         data = s.recv(65536)
         if not data:
             break
-        new = data.count(b'"content":" tok"')
+        new = data.count(field)
         if new and not seen:
             ttft = time.perf_counter() - t0
         seen += new
@@ -146,14 +152,14 @@ def _one(port: int, seed: int, tokens: int) -> tuple[float, int]:
 
 def _round(port: int, pid: int, args: argparse.Namespace, seed: int) -> dict[str, float]:
     async def burst() -> list[tuple[float, int]]:
-        return await asyncio.gather(*(asyncio.to_thread(_one, port, seed + i, args.tokens)
+        return await asyncio.gather(*(asyncio.to_thread(_one, port, seed + i, args.tokens, args.api)
                                       for i in range(args.requests)))
 
     cpu0, t0 = _cpu(pid), time.perf_counter()
     if args.concurrency > 1:
         results = asyncio.run(burst())
     else:
-        results = [_one(port, seed + i, args.tokens) for i in range(args.requests)]
+        results = [_one(port, seed + i, args.tokens, args.api) for i in range(args.requests)]
     wall, cpu = time.perf_counter() - t0, _cpu(pid) - cpu0
     tokens = sum(n for _, n in results)
     return {"ttft_ms": statistics.median(t for t, _ in results) * 1000, "tokens": tokens,
@@ -198,6 +204,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--pace-ms", type=float, default=2.5, help="the stand-in child's time per token")
     ap.add_argument("--concurrency", type=int, default=1, help="1: one request at a time; N: N at once")
+    ap.add_argument("--api", choices=("chat", "completions"), default="chat",
+                    help="the OpenAI endpoint the load calls (streamed)")
     args = ap.parse_args()
     sources = [s.resolve() for s in (args.src or [Path(__file__).resolve().parent.parent / "src"])]
     os.environ["STAND_IN_PACE_S"] = str(args.pace_ms / 1000)
@@ -225,7 +233,7 @@ def main() -> None:
             for _, _, proc in servers:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
-    print(f"stand-in llama-server: {args.tokens} tokens per request at {args.pace_ms} ms each, {args.requests} "
+    print(f"stand-in llama-server, {args.api}: {args.tokens} tokens per request at {args.pace_ms} ms each, {args.requests} "
           f"requests, concurrency {args.concurrency}, {args.rounds} rounds interleaved (medians)")
     for src, rs in rows.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}

@@ -174,6 +174,43 @@ def test_completions_length_and_v2_infer(gguf_server: RunningServer) -> None:
         assert isinstance(r2.json()["outputs"][0]["data"][0], str)
 
 
+def test_completions_count_reuse_and_echo_the_childs_way(gguf_server: RunningServer) -> None:
+    """A text prompt reaches the child as text: usage counts it as the child does, a prompt that
+    starts like an earlier one reports the reused tokens (``prompt_tokens_details``), and echo
+    repeats the text. A prompt of token ids reports its reused tokens too, which the child tells
+    only in its last event."""
+    child = _child(gguf_server, MODEL)
+    with httpx.Client(transport=child.transport(), base_url="http://llama", headers=child.headers,
+                      timeout=60) as raw:
+        def tokens(text: str) -> list[int]:
+            ids: list[int] = raw.post("/tokenize", json={"content": text, "add_special": True, "parse_special": True}
+                                      ).json()["tokens"]
+            return ids
+
+        shared = "you answer questions about cities and weather " * 30
+        client = _client(gguf_server)
+        first = client.completions.create(model=MODEL, prompt=shared + "Paris", max_tokens=2, temperature=0)
+        assert first.usage is not None and first.usage.prompt_tokens == len(tokens(shared + "Paris"))
+        second = client.completions.create(model=MODEL, prompt=shared + "Tokyo", max_tokens=2, temperature=0,
+                                           echo=True)
+        assert second.choices[0].text.startswith(shared + "Tokyo")
+        assert second.usage is not None and second.usage.prompt_tokens_details is not None
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached is not None and len(tokens(shared)) // 2 < cached < second.usage.prompt_tokens
+        for stream in (False, True):
+            ids = tokens(shared + f"Rome {stream}")
+            if stream:
+                chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}))
+                usage = chunks[-1].usage
+            else:
+                usage = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0).usage
+            assert usage is not None and usage.prompt_tokens == len(ids)
+            assert usage.prompt_tokens_details is not None
+            assert usage.prompt_tokens_details.cached_tokens is not None
+            assert len(tokens(shared)) // 2 < usage.prompt_tokens_details.cached_tokens < len(ids)
+
+
 def test_concurrent_streams_all_complete(gguf_server: RunningServer) -> None:
     client = _client(gguf_server)
     results: dict[int, tuple[str, str | None]] = {}

@@ -310,27 +310,40 @@ class LLMService:
     async def _complete(self, req: CompletionRequest) -> AsyncIterator[Event]:
         with self._use(req.model, GENERATIVE_TASKS) as mv, self._admit(mv.name):
             engine = _engine(mv)
-            prompts = [await asyncio.to_thread(_encode, engine, p) for p in req.prompts]
-            vocab = _vocab_size(engine)
-            for i, p in enumerate(prompts):
-                if not p:
-                    raise InvalidRequestError("The prompt is empty; send at least one token.",
-                                              details={"param": "prompt"})
-                bad = [t for t in p if t < 0 or t >= vocab]
-                if bad:
-                    raise InvalidRequestError(
-                        f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
-                        details={"param": "prompt"})
-            sampling = self._fit(engine, req.sampling, max(len(p) for p in prompts))
+            texts = [p for p in req.prompts if isinstance(p, str) and p]
+            runs: list[list[int] | str]
+            if getattr(engine, "render_chat", None) is not None and texts and len(texts) == len(req.prompts):
+                # an engine that tokenizes text itself (llama-server) gets the text, as a chat's
+                # rendered prompt: no tokenize call before it, and the count (and the cached
+                # part) comes in its first event, checked against the window there (_run)
+                sampling = self._fit(engine, req.sampling, None)
+                runs = [p for p in texts for _ in range(req.n)]
+                echo = texts if req.echo else None
+                counted: int | None = None
+            else:
+                prompts = [await asyncio.to_thread(_encode, engine, p) for p in req.prompts]
+                vocab = _vocab_size(engine)
+                for i, p in enumerate(prompts):
+                    if not p:
+                        raise InvalidRequestError("The prompt is empty; send at least one token.",
+                                                  details={"param": "prompt"})
+                    bad = [t for t in p if t < 0 or t >= vocab]
+                    if bad:
+                        raise InvalidRequestError(
+                            f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
+                            details={"param": "prompt"})
+                sampling = self._fit(engine, req.sampling, max(len(p) for p in prompts))
+                runs = [p for p in prompts for _ in range(req.n)]
+                echo = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
+                counted = sum(len(p) for p in prompts)
             constraint_for = await self._constraint_factory(engine, req, "text")
-            runs = [p for p in prompts for _ in range(req.n)]
-            echo = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
 
             def decoder(i: int) -> ChoiceDecoder:
                 return ChoiceDecoder(i)
 
             started: set[int] = set()
-            yield Prompt(sum(len(p) for p in prompts), len(runs))
+            if counted is not None:  # a text prompt is announced once the engine has counted it (_run)
+                yield Prompt(counted, len(runs))
             async for ev in self._run(engine, req.request_id, runs, sampling, constraint_for, decoder,
                                       req.timeout_s, req.priority, count_prompt_once=False):
                 if echo is not None and not isinstance(ev, Usage | Prompt) and ev.choice not in started:
@@ -412,14 +425,21 @@ class LLMService:
                     return None
                 announced = True
                 return Prompt(chunk.prompt_tokens, len(requests))
-        seen_prompts: set[int] = set()
+        counted: dict[int, int] = {}  # sequence → its cached prompt tokens counted so far; -1: not counted
 
         def account(i: int, chunk: GenerationChunk) -> None:
-            if i not in seen_prompts:
-                seen_prompts.add(i)
-                if not count_prompt_once or len(seen_prompts) == 1:
-                    usage.prompt_tokens += chunk.prompt_tokens
-                    usage.cached_tokens += chunk.cached_tokens
+            seen = counted.get(i)
+            if seen is None:
+                if count_prompt_once and counted:
+                    counted[i] = -1
+                    return
+                usage.prompt_tokens += chunk.prompt_tokens
+                seen = counted[i] = 0
+            # an engine may know how much of the prompt it reused only at the end (llama-server
+            # for a prompt of token ids)
+            if seen >= 0 and chunk.cached_tokens > seen:
+                usage.cached_tokens += chunk.cached_tokens - seen
+                counted[i] = chunk.cached_tokens
 
         if len(requests) == 1:
             async for ev in _one(engine, requests[0], decoder_for(0), lambda c: account(0, c), usage, first, cap):
