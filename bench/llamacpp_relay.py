@@ -233,8 +233,8 @@ def main() -> None:
             for _, _, proc in servers:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
-    print(f"stand-in llama-server, {args.api}: {args.tokens} tokens per request at {args.pace_ms} ms each, {args.requests} "
-          f"requests, concurrency {args.concurrency}, {args.rounds} rounds interleaved (medians)")
+    print(f"stand-in llama-server, {args.api}: {args.tokens} tokens per request at {args.pace_ms} ms each, "
+          f"{args.requests} requests, concurrency {args.concurrency}, {args.rounds} rounds interleaved (medians)")
     for src, rs in rows.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         print(f"{src!s:40} TTFT p50 {med['ttft_ms']:6.2f} ms   server CPU {med['cpu_ms_per_token']:.3f} ms/token, "
