@@ -204,10 +204,10 @@ def running(cmd: list[str], env: dict[str, str], log_path: Path, http: int, grpc
 
 @contextmanager
 def serve_triton(args: argparse.Namespace, work: Path, name: str, model: bytes, max_batch: int,
-                 delay_ms: float) -> Iterator[dict[str, str]]:
-    """Triton (its C++ front ends, the python backend running onnxruntime with one thread, its
-    dynamic batcher at ``max_batch`` / ``delay_ms``) serving ``model`` as ``name``: the peer
-    harness's ``triton-pyb``, from what ``peers.sh setup`` installed under ``--triton``."""
+                 delay_ms: float, threads: int = 1) -> Iterator[dict[str, str]]:
+    """Triton (its C++ front ends, the python backend running onnxruntime with ``threads``
+    threads, its dynamic batcher at ``max_batch`` / ``delay_ms``) serving ``model`` as ``name``:
+    the peer harness's ``triton-pyb``, from what ``peers.sh setup`` installed under ``--triton``."""
     venvs, harness = args.triton, args.peer_harness
     dist = venvs / "triton-dist"
     libs = venvs / "venv-pytriton" / "lib" / "python3.11" / "site-packages" / "nvidia_pytriton.libs"
@@ -221,7 +221,7 @@ def serve_triton(args: argparse.Namespace, work: Path, name: str, model: bytes, 
     http, grpc = free_port(), free_port()
     import sysconfig
 
-    env = {**os.environ, "MODEL_PATH": str(work / f"{name}.onnx"), "MODEL_NAME": name, "ORT_THREADS": "1",
+    env = {**os.environ, "MODEL_PATH": str(work / f"{name}.onnx"), "MODEL_NAME": name, "ORT_THREADS": str(threads),
            "MAX_BATCH": str(max_batch), "MAX_WAIT_MS": str(delay_ms), "BENCH_SERVERS": str(harness / "servers"),
            "PATH": f"{venvs / 'venv-pytriton' / 'bin'}:{os.environ.get('PATH', '')}",
            "LD_LIBRARY_PATH": f"{sysconfig.get_config_var('LIBDIR')}:{libs}"}
@@ -341,9 +341,31 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
                     # requests/s on a shared machine
                     r["cpu_efficiency_vs_raw"] = round(raw["min_cpu_ms_per_seq"] * 1e3 / r["server_cpu_us_per_req"], 3)
             print(_row(r), flush=True)
+        summary: dict[str, Any] = {}
+        if args.triton is not None:
+            # Triton with the same model on every core, its dynamic batcher at the same max batch and
+            # delay, under the same load in the same run: the issue's yardstick for the encoder
+            cores = len(os.sched_getaffinity(0))
+            with serve_triton(args, work / f"enc-{spin}", "enc-batch", model, max_batch, 1, threads=cores) as urls:
+                peer = measure(args, urls, payload, [(t, "enc-batch", c) for t in transports
+                                                     for c in args.concurrency], reference)
+            for r in peer:
+                r["model"] = "triton-pyb"
+                print(_row(r), flush=True)
+            rows += peer
+            for t in transports:
+                for c in args.concurrency:
+                    theirs = next((r for r in peer if r.get("transport") == t and r["concurrency"] == c), {})
+                    for name in ("enc", "enc-batch"):
+                        ours = next((r for r in rows if r.get("transport") == t and r["model"] == name
+                                     and r["concurrency"] == c), {})
+                        if ours.get("rps") and theirs.get("rps"):
+                            summary[f"{t}_{name}_c{c}_rps_vs_triton"] = round(ours["rps"] / theirs["rps"], 2)
+                            summary[f"{t}_{name}_c{c}_p50_ms_inhouse_triton"] = (ours["p50_ms"], theirs["p50_ms"])
+            print(f"encoder summary: {summary}", flush=True)
         out["spinning_on" if spin else "spinning_off"] = {
             "raw": raw, "raw_two_sessions": pair, "best_raw_seq_per_s": best_raw, "max_batch_size": max_batch,
-            "server": rows}
+            "server": rows, "summary": summary}
     return out
 
 
@@ -507,8 +529,9 @@ def main() -> None:
                    help="a server setting other than its default (as INHOUSE_KEY=VALUE), e.g. access_log=false; "
                         "repeatable, reported with the results; the default is none: the server as shipped")
     p.add_argument("--triton", type=Path, default=None, metavar="PEERBENCH_DIR",
-                   help="mlp: also measure Triton (python backend, onnxruntime) with the same model, batching and "
-                        "load, from what the peer harness's `peers.sh setup` installed there (e.g. /tmp/peerbench)")
+                   help="mlp, encoder: also measure Triton (python backend, onnxruntime) with the same model, "
+                        "batching and load, from what the peer harness's `peers.sh setup` installed there "
+                        "(e.g. /tmp/peerbench)")
     p.add_argument("--peer-harness", type=Path, default=HERE.parent.parent / "shared" / "peerbench",
                    help="the peer harness's folder (its servers/triton_pyb_model.py)")
     p.add_argument("--out", type=Path, default=None)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RunningServer, run_server, wait_until
 from gguf_fixtures import need_llama_server
@@ -209,6 +210,45 @@ def test_completions_count_reuse_and_echo_the_childs_way(gguf_server: RunningSer
             assert usage.prompt_tokens_details is not None
             assert usage.prompt_tokens_details.cached_tokens is not None
             assert len(tokens(shared)) // 2 < usage.prompt_tokens_details.cached_tokens < len(ids)
+
+
+def _scrape(srv: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with srv.client(timeout=30) as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200, r.text[:300]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_the_childs_metrics_and_its_cache_reuse_reach_metrics(gguf_server: RunningServer) -> None:
+    """llama-server's own metrics come out under inhouse's names with the model's labels (read in
+    the background: a scrape shows a copy a few seconds old at most), and the prompt tokens the
+    child reused count in the prefix-cache counters."""
+    ours = (("model", MODEL), ("version", "1"))
+
+    def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+        return samples.get((name, ours), 0.0)
+
+    before = _scrape(gguf_server)
+    assert not any(":" in name for name, _ in before)  # nothing under the child's own names
+    assert ("inhouse_llamacpp_requests_processing", ours) in before  # read at load
+    system = {"role": "system", "content": "you answer questions about rivers and mountains " * 30}
+    client = _client(gguf_server)
+    prompts = 0
+    for city in ("Lyon", "Oslo"):
+        r = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": city}],
+                                           max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage is not None
+        prompts += r.usage.prompt_tokens
+    assert r.usage.prompt_tokens_details is not None and r.usage.prompt_tokens_details.cached_tokens
+    after = _scrape(gguf_server)
+    hits = value(after, "inhouse_llm_prefix_cache_hit_tokens_total") - value(
+        before, "inhouse_llm_prefix_cache_hit_tokens_total")
+    queried = value(after, "inhouse_llm_prefix_cache_queried_tokens_total") - value(
+        before, "inhouse_llm_prefix_cache_queried_tokens_total")
+    assert hits >= r.usage.prompt_tokens_details.cached_tokens and queried == prompts
+    predicted = "inhouse_llamacpp_tokens_predicted_total"
+    wait_until(lambda: value(_scrape(gguf_server), predicted) >= value(before, predicted) + 8, timeout=30)
 
 
 def test_concurrent_streams_all_complete(gguf_server: RunningServer) -> None:

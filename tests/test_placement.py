@@ -28,6 +28,7 @@ import psutil
 import pytest
 import tritonclient.grpc as tgrpc
 
+from conftest import wait_until
 from inhouse.core.manager import ModelManager
 from inhouse.core.repository import ModelRepository
 from inhouse.core.spec import ModelSpec
@@ -264,6 +265,14 @@ def test_one_llama_server_for_every_worker(served: Served) -> None:
                     "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}})
             assert r.status_code == 200, r.text
             assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"])["n"], int)
+    # the child's own metrics, read in the owner, come once in the sum over the workers
+    def predicted() -> list[str]:
+        with served.client() as http:
+            text = http.get("/metrics").text
+        return [line for line in text.splitlines()
+                if line.startswith("inhouse_llamacpp_tokens_predicted_total{") and f'model="{GGUF}"' in line]
+
+    wait_until(lambda: len(predicted()) == 1 and float(predicted()[0].rsplit(" ", 1)[1]) >= 6, timeout=30)
 
 
 def test_chat_through_every_worker(served: Served) -> None:

@@ -107,7 +107,7 @@ def _check_gguf(spec: ModelSpec, path: Path) -> None:
 def _server_args(spec: ModelSpec, ctx: LoadContext, gguf: Path, private_dir: Path) -> list[str]:
     cfg = spec.llamacpp
     args = ["--model", str(gguf), "--ctx-size", str(cfg.ctx_size * cfg.parallel), "--parallel", str(cfg.parallel),
-            "--kv-unified", "--jinja", "--no-webui", "--alias", spec.name]
+            "--kv-unified", "--jinja", "--no-webui", "--metrics", "--alias", spec.name]
     if cfg.threads is not None:
         args += ["--threads", str(cfg.threads)]
     if cfg.gpu_layers is not None:

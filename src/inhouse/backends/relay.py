@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ from inhouse.llm.types import FinishReason, GenerationChunk, GenerationRequest
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound="RelayEngine")
+
+METRICS_MAX_AGE_S = 5.0  # how old the child's metrics may be when a scrape shows them
 
 
 def check_relayable(spec: ModelSpec, backend: str, reader: str, files: str) -> None:
@@ -64,6 +68,7 @@ def launch(spec: ModelSpec, child: ServerProcess, progress: Callable[[float, str
         if progress is not None:
             progress(95, "warming up")
         engine.warm_up()
+        engine.read_engine_metrics()  # the first scrape after the load shows them
     except BaseException:
         child.stop()
         raise
@@ -144,6 +149,38 @@ class RelayEngine:
                                     timeout=httpx.Timeout(600, connect=10))
         self._aclient: httpx.AsyncClient | None = None
         self.recorder: LLMRecorder | None = None
+        self._metrics_text: str | None = None
+        self._metrics_at = -math.inf
+        self._metrics_lock = threading.Lock()
+        self._metrics_reading = False
+
+    # ---- the child's own metrics ----------------------------------------------------------
+    def engine_metrics(self) -> str | None:
+        """The child's ``/metrics`` (Prometheus text) as last read, None before a read answered.
+        A copy older than ``METRICS_MAX_AGE_S`` starts a new read on a thread, so a scrape never
+        waits on the child: llama-server answers ``/metrics`` from its main loop, after the
+        batch it is computing (seconds, for a long prompt)."""
+        with self._metrics_lock:
+            stale = time.monotonic() - self._metrics_at > METRICS_MAX_AGE_S
+            if stale and not self._metrics_reading and self._child.state == "ready":
+                self._metrics_reading = True
+                threading.Thread(target=self.read_engine_metrics, name="inhouse-engine-metrics", daemon=True).start()
+            return self._metrics_text
+
+    def read_engine_metrics(self) -> None:
+        """Read the child's ``/metrics`` now (blocking); a child without them keeps None."""
+        text: str | None = None
+        try:
+            r = self._client.get("/metrics", timeout=10)
+            if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/plain"):
+                text = r.text
+        except httpx.HTTPError:
+            pass  # a child that is restarting or gone: the last copy stays until it answers again
+        with self._metrics_lock:
+            self._metrics_at = time.monotonic()
+            self._metrics_reading = False
+            if text is not None:
+                self._metrics_text = text
 
     async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         """(path, JSON body) of a streamed generation; ``client`` reaches the child if it must be asked first."""
@@ -180,6 +217,7 @@ class RelayEngine:
         label = self._child.label
         started = last = time.monotonic()
         state = StreamState(request, len(request.prompt_token_ids))
+        cached = 0  # prompt tokens the child reused from its cache, as its events tell
         try:
             path, body = await self._request(self._aclient, request)
             async with ChildStream(self._child.address, path, body, self._child.headers) as r:
@@ -192,6 +230,7 @@ class RelayEngine:
                     chunk = self._read(data, state)
                     if chunk is None:
                         continue
+                    cached = max(cached, chunk.cached_tokens)
                     now = time.monotonic()
                     if self.recorder is not None and state.completion_tokens > before:
                         if before == 0:
@@ -210,6 +249,8 @@ class RelayEngine:
         finally:
             if self.recorder is not None:
                 self.recorder.observe_tokens(state.prompt_tokens, state.completion_tokens)
+                if state.prompt_tokens:
+                    self.recorder.observe_prefix_cache(state.prompt_tokens, cached)
             if not state.finished:
                 log.debug("generation closed early", extra={"model": self._spec.name,
                                                             "request_id": request.request_id})

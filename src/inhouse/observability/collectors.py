@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -12,12 +13,16 @@ from typing import Any
 
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from inhouse.core.manager import ModelManager, ModelState
 from inhouse.core.scheduling import DynamicBatcher
 
 log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")  # ':' and the rest a Prometheus name outside a recording rule avoids
 
 
 class ModelCollector(Collector):
@@ -61,6 +66,48 @@ class ModelCollector(Collector):
         for s, n in totals.items():
             count.add_metric([s.value], float(n))
         yield from (state, count, depth, inflight, capacity, instances)
+
+
+class EngineCollector(Collector):
+    """The own metrics of engines that run as server children (llama-server, vLLM), re-exported
+    under inhouse's names with the model and version labels: ``llamacpp:requests_deferred`` →
+    ``inhouse_llamacpp_requests_deferred``, ``vllm:num_requests_waiting`` →
+    ``inhouse_vllm_num_requests_waiting``. Only a child's namespaced (``engine:``) families
+    come over; its process and runtime metrics would clash with inhouse's own. The text is the
+    engine's last read (``RelayEngine.engine_metrics``): a scrape never waits on a child."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    def describe(self) -> list[Metric]:
+        return []  # the families depend on the engines loaded at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        out: dict[str, Metric] = {}
+        for name, versions in self._manager.serving().items():
+            for mv in versions:
+                read = getattr(getattr(mv.model, "engine", None), "engine_metrics", None)
+                text = read() if callable(read) else None
+                if not text:
+                    continue
+                try:
+                    families = list(text_string_to_metric_families(text))
+                except ValueError:  # a child's unreadable exposition must not break the scrape
+                    log.warning("an engine's metrics could not be read", extra={"model": name})
+                    continue
+                for fam in families:
+                    if ":" not in fam.name:
+                        continue
+                    renamed = "inhouse_" + _UNSAFE.sub("_", fam.name)
+                    metric = out.get(renamed)
+                    if metric is None:
+                        metric = out[renamed] = Metric(renamed, fam.documentation, fam.type)
+                    for sample in fam.samples:
+                        labels = {("engine_" + k if k in ("model", "version") else k): v
+                                  for k, v in sample.labels.items()}
+                        metric.add_sample(renamed + sample.name[len(fam.name):],
+                                          {"model": name, "version": str(mv.version), **labels}, sample.value)
+        yield from out.values()
 
 
 class ProcessCollector(Collector):

@@ -14,7 +14,7 @@ from inhouse.core.dataplane import DataPlane
 from inhouse.core.manager import ModelManager
 from inhouse.logs import flush_json_lines
 from inhouse.observability.access import HttpMetrics
-from inhouse.observability.collectors import GpuCollector, ModelCollector, ProcessCollector
+from inhouse.observability.collectors import EngineCollector, GpuCollector, ModelCollector, ProcessCollector
 from inhouse.observability.endpoint import Exposition, Families
 from inhouse.observability.metrics import LifecycleRecorder, Metrics
 from inhouse.observability.observer import RequestObserver
@@ -48,6 +48,7 @@ class Observability:
         self.metrics = Metrics(registry)
         self.registry = self.metrics.registry
         self.registry.register(ModelCollector(manager))
+        self.registry.register(EngineCollector(manager))
         self.registry.register(ProcessCollector())
         self.gpu = GpuCollector()
         self.registry.register(self.gpu)
