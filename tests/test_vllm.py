@@ -42,7 +42,7 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory, llm_models: dict[str, Pat
     out = tmp_path_factory.mktemp("vllm-gguf") / "m"
     r = convert_to_gguf(llm_models["llama"], out, "f16", tokenizer_pre="gpt-2", llama_server=str(binary))
     command = [str(binary), "--model", str(r.artefact), "--ctx-size", "2048", "--parallel", "2", "--threads", "1",
-               "--no-webui"]
+               "--no-webui", "--metrics"]  # vllm serve has /metrics by default
     return llm_models["llama"], command
 
 
@@ -113,6 +113,26 @@ def test_v2_infer_and_anthropic(relay: RunningServer) -> None:
         r = c.post("/v1/messages", json={"model": MODEL, "max_tokens": 4, "temperature": 0,
                                          "messages": [{"role": "user", "content": "hello"}]})
         assert r.status_code == 200 and r.json()["usage"]["output_tokens"] >= 1, r.text
+
+
+def test_the_childs_own_metrics_come_under_inhouse_names(relay: RunningServer) -> None:
+    """The child's namespaced metrics (here the stand-in's ``llamacpp:``, with vLLM ``vllm:``)
+    are re-exported with the model's labels; none keep the child's own names."""
+    r = _client(relay).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, temperature=0)
+    assert r.usage is not None
+
+    def lines() -> list[str]:
+        with relay.client(timeout=30) as c:
+            return c.get("/metrics").text.splitlines()
+
+    def predicted() -> float:
+        found = [ln for ln in lines() if ln.startswith("inhouse_llamacpp_tokens_predicted_total{")
+                 and f'model="{MODEL}"' in ln and 'version="1"' in ln]
+        return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+    wait_until(lambda: predicted() >= 3, timeout=30)
+    assert not any(ln.startswith("llamacpp:") for ln in lines())
 
 
 def test_killed_child_restarts_on_its_port(relay: RunningServer) -> None:

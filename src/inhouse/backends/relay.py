@@ -170,11 +170,16 @@ class RelayEngine:
     def read_engine_metrics(self) -> None:
         """Read the child's ``/metrics`` now (blocking); a child without them keeps None."""
         text: str | None = None
+        child = self._child
         try:
-            r = self._client.get("/metrics", timeout=10)
+            # a client of its own: this runs on a thread beside the engine's calls, and may outlive
+            # the engine's client (an unload closes it)
+            with httpx.Client(transport=child.transport(), base_url=child.base_url, headers=child.headers,
+                              timeout=10) as client:
+                r = client.get("/metrics")
             if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/plain"):
                 text = r.text
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass  # a child that is restarting or gone: the last copy stays until it answers again
         with self._metrics_lock:
             self._metrics_at = time.monotonic()

@@ -92,8 +92,8 @@ class EngineCollector(Collector):
                     continue
                 try:
                     families = list(text_string_to_metric_families(text))
-                except ValueError:  # a child's unreadable exposition must not break the scrape
-                    log.warning("an engine's metrics could not be read", extra={"model": name})
+                except Exception:  # a child's unreadable exposition must not break the scrape
+                    log.warning("an engine's metrics could not be read", extra={"model": name}, exc_info=True)
                     continue
                 for fam in families:
                     if ":" not in fam.name:
