@@ -243,6 +243,30 @@ def test_real_vllm_serves_the_tiny_model(tmp_path: Path, llm_models: dict[str, P
                                                  max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
         assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 6
 
+        def scrape() -> str:
+            with srv.client(timeout=30) as c:
+                return c.get("/metrics").text
+
+        # vLLM's own metrics under inhouse's names, and its KV cache use on inhouse's gauge
+        wait_until(lambda: 'inhouse_vllm_num_requests_running{' in scrape(), timeout=30)
+        wait_until(lambda: any(ln.startswith("inhouse_llm_kv_cache_usage_ratio{") and f'model="{MODEL}"' in ln
+                               for ln in scrape().splitlines()), timeout=30)
+
+
+def test_kv_cache_use_is_read_from_an_engines_metrics() -> None:
+    """The KV cache in use as vLLM's V1 engine, its V0 engine and older llama-server name it."""
+    from inhouse.backends.relay import kv_cache_usage
+
+    v1 = ('# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n'
+          '# TYPE vllm:kv_cache_usage_perc gauge\n'
+          'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+          'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n')
+    assert kv_cache_usage(v1) == 0.25
+    assert kv_cache_usage('vllm:gpu_cache_usage_perc{model_name="m"} 0.5\n') == 0.5
+    assert kv_cache_usage("llamacpp:kv_cache_usage_ratio 0.125\n") == 0.125
+    assert kv_cache_usage("llamacpp:requests_processing 1\n") is None
+    assert kv_cache_usage("not { an exposition") is None
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_and_vllm(), reason="needs an NVIDIA GPU and the vllm command")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from inhouse.backends.child_server import ChildFailed, ServerProcess
 from inhouse.backends.child_stream import ChildStream, StreamBroken
@@ -106,6 +107,21 @@ class StreamState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# the KV cache in use (0–1) as engines name it: vLLM's V1 engine, its V0 engine, older llama-server
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
+
+
+def kv_cache_usage(metrics: str) -> float | None:
+    """The fraction of the KV cache in use from an engine's ``/metrics`` text (the largest, when
+    it reports several engines), or None when it does not say or cannot be read."""
+    try:
+        values = [s.value for fam in text_string_to_metric_families(metrics) if fam.name in _KV_USAGE
+                  for s in fam.samples]
+    except Exception:  # an unreadable exposition: the collector logs it
+        return None
+    return max(values) if values else None
+
+
 def error_text(body: str) -> str:
     with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
         err = json.loads(body)["error"]
@@ -186,6 +202,9 @@ class RelayEngine:
             self._metrics_reading = False
             if text is not None:
                 self._metrics_text = text
+        usage = kv_cache_usage(text) if text is not None else None
+        if usage is not None and self.recorder is not None:
+            self.recorder.set_kv_cache_usage(usage)
 
     async def _request(self, client: httpx.AsyncClient, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         """(path, JSON body) of a streamed generation; ``client`` reaches the child if it must be asked first."""
