@@ -255,7 +255,10 @@ def test_real_vllm_serves_the_tiny_model(tmp_path: Path, llm_models: dict[str, P
 
 def test_kv_cache_use_is_read_from_an_engines_metrics() -> None:
     """The KV cache in use as vLLM's V1 engine, its V0 engine and older llama-server name it."""
-    from inhouse.backends.relay import kv_cache_usage
+    from inhouse.backends.relay import read_metrics
+
+    def kv_cache_usage(text: str) -> float | None:
+        return read_metrics(text)[1]
 
     v1 = ('# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n'
           '# TYPE vllm:kv_cache_usage_perc gauge\n'
@@ -265,7 +268,7 @@ def test_kv_cache_use_is_read_from_an_engines_metrics() -> None:
     assert kv_cache_usage('vllm:gpu_cache_usage_perc{model_name="m"} 0.5\n') == 0.5
     assert kv_cache_usage("llamacpp:kv_cache_usage_ratio 0.125\n") == 0.125
     assert kv_cache_usage("llamacpp:requests_processing 1\n") is None
-    assert kv_cache_usage("not { an exposition") is None
+    assert read_metrics("not { an exposition") == ([], None)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from inhouse.backends.child_server import ChildFailed, ServerProcess
@@ -111,15 +112,17 @@ class StreamState:
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
 
 
-def kv_cache_usage(metrics: str) -> float | None:
-    """The fraction of the KV cache in use from an engine's ``/metrics`` text (the largest, when
-    it reports several engines), or None when it does not say or cannot be read."""
+def read_metrics(text: str) -> tuple[list[Metric], float | None]:
+    """An engine's ``/metrics`` text as metric families, and the fraction of its KV cache in use
+    (the largest, when it reports several engines; None when it does not say); ``([], None)``
+    for a text that cannot be read."""
     try:
-        values = [s.value for fam in text_string_to_metric_families(metrics) if fam.name in _KV_USAGE
-                  for s in fam.samples]
-    except Exception:  # an unreadable exposition: the collector logs it
-        return None
-    return max(values) if values else None
+        families = list(text_string_to_metric_families(text))
+    except Exception:  # prometheus_client's parser raises more than ValueError on bad input
+        log.warning("an engine's metrics could not be read", exc_info=True)
+        return [], None
+    usage = [s.value for fam in families if fam.name in _KV_USAGE for s in fam.samples]
+    return families, max(usage) if usage else None
 
 
 def error_text(body: str) -> str:
@@ -165,15 +168,15 @@ class RelayEngine:
                                     timeout=httpx.Timeout(600, connect=10))
         self._aclient: httpx.AsyncClient | None = None
         self.recorder: LLMRecorder | None = None
-        self._metrics_text: str | None = None
+        self._metric_families: list[Metric] = []
         self._metrics_at = -math.inf
         self._metrics_lock = threading.Lock()
         self._metrics_reading = False
 
     # ---- the child's own metrics ----------------------------------------------------------
-    def engine_metrics(self) -> str | None:
-        """The child's ``/metrics`` (Prometheus text) as last read, None before a read answered.
-        A copy older than ``METRICS_MAX_AGE_S`` starts a new read on a thread, so a scrape never
+    def engine_metrics(self) -> list[Metric]:
+        """The child's ``/metrics`` families as last read (read once, parsed once), none before a
+        read answered. A copy older than ``METRICS_MAX_AGE_S`` starts a new read on a thread, so a scrape never
         waits on the child: llama-server answers ``/metrics`` from its main loop, after the
         batch it is computing (seconds, for a long prompt)."""
         with self._metrics_lock:
@@ -181,10 +184,10 @@ class RelayEngine:
             if stale and not self._metrics_reading and self._child.state == "ready":
                 self._metrics_reading = True
                 threading.Thread(target=self.read_engine_metrics, name="inhouse-engine-metrics", daemon=True).start()
-            return self._metrics_text
+            return self._metric_families
 
     def read_engine_metrics(self) -> None:
-        """Read the child's ``/metrics`` now (blocking); a child without them keeps None."""
+        """Read the child's ``/metrics`` now (blocking); a child without them keeps none."""
         text: str | None = None
         child = self._child
         try:
@@ -197,12 +200,12 @@ class RelayEngine:
                 text = r.text
         except (httpx.HTTPError, OSError):
             pass  # a child that is restarting or gone: the last copy stays until it answers again
+        families, usage = read_metrics(text) if text is not None else (None, None)
         with self._metrics_lock:
             self._metrics_at = time.monotonic()
             self._metrics_reading = False
-            if text is not None:
-                self._metrics_text = text
-        usage = kv_cache_usage(text) if text is not None else None
+            if families is not None:
+                self._metric_families = families
         if usage is not None and self.recorder is not None:
             self.recorder.set_kv_cache_usage(usage)
 

@@ -14,7 +14,6 @@ from typing import Any
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from inhouse.core.manager import ModelManager, ModelState
@@ -74,7 +73,8 @@ class EngineCollector(Collector):
     ``inhouse_llamacpp_requests_deferred``, ``vllm:num_requests_waiting`` →
     ``inhouse_vllm_num_requests_waiting``. Only a child's namespaced (``engine:``) families
     come over; its process and runtime metrics would clash with inhouse's own. The text is the
-    engine's last read (``RelayEngine.engine_metrics``): a scrape never waits on a child."""
+    engine's last read, parsed there (``RelayEngine.engine_metrics``): a scrape never waits on
+    a child."""
 
     def __init__(self, manager: ModelManager) -> None:
         self._manager = manager
@@ -87,14 +87,7 @@ class EngineCollector(Collector):
         for name, versions in self._manager.serving().items():
             for mv in versions:
                 read = getattr(getattr(mv.model, "engine", None), "engine_metrics", None)
-                text = read() if callable(read) else None
-                if not text:
-                    continue
-                try:
-                    families = list(text_string_to_metric_families(text))
-                except Exception:  # a child's unreadable exposition must not break the scrape
-                    log.warning("an engine's metrics could not be read", extra={"model": name}, exc_info=True)
-                    continue
+                families: list[Metric] = read() if callable(read) else []
                 for fam in families:
                     if ":" not in fam.name:
                         continue
