@@ -307,6 +307,37 @@ def test_disconnect_cancels_and_frees_the_slot(gguf_server: RunningServer) -> No
     assert time.monotonic() - started < 10
 
 
+def test_a_stream_abandoned_before_its_first_token_is_withdrawn(gguf_server: RunningServer) -> None:
+    """One slot, held by a long stream: a second stream waits in the child's queue and nothing of
+    it has been sent yet (no headers either: errors before the first token are real statuses).
+    Its client gives up. The queued request must be withdrawn then, not run once the slot frees."""
+    llm = gguf_server.server.llm
+    child = _child(gguf_server, CANCEL)
+    client = _client(gguf_server)
+    messages = [{"role": "user", "content": "write a long answer"}]
+    with httpx.Client(transport=child.transport(), base_url="http://llama", headers=child.headers,
+                      timeout=60) as raw:
+        def busy() -> bool:
+            return any(s.get("is_processing") for s in raw.get("/slots").json())
+
+        holder = client.chat.completions.create(model=CANCEL, messages=messages, max_tokens=30000,
+                                                stream=True, extra_body={"ignore_eos": True})
+        it = iter(holder)
+        next(it), next(it)
+        assert busy() and llm._pending.get(CANCEL) == 1
+        body = {"model": CANCEL, "messages": messages, "max_tokens": 30000, "stream": True, "ignore_eos": True}
+        with (httpx.Client(timeout=httpx.Timeout(60, read=1.0)) as h, pytest.raises(httpx.ReadTimeout),
+              h.stream("POST", gguf_server.url + "/v1/chat/completions", json=body) as r):
+            r.read()
+        # inhouse lets go of it within a poll of the hang-up, while the first stream still runs
+        wait_until(lambda: llm._pending.get(CANCEL) == 1, timeout=5)
+        holder.close()
+        wait_until(lambda: not busy(), timeout=30)
+        time.sleep(1.5)  # the child would have started the abandoned request by now
+        assert not busy()
+        assert llm._pending.get(CANCEL) == 0
+
+
 def test_unload_stops_the_child(tmp_path: Path, tiny_gguf: Path, llama_server: Path) -> None:
     repo = tmp_path / "models"
     _write(repo, MODEL, tiny_gguf)

@@ -272,7 +272,7 @@ class AnthropicRoutes:
         mid = "msg_" + uuid.uuid4().hex[:24]
         events = self.service.chat(req)
         if body.stream:
-            _, stream = await first_and_rest(events)
+            _, stream = await first_and_rest(events, request)
             return sse_response(self._stream(stream, mid, body.model))
         collected = await until_disconnected(request, _collect(events))
         done = aggregate(collected, 1)

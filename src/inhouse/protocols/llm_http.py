@@ -85,10 +85,16 @@ async def until_disconnected(request: Request, work: Awaitable[T], poll_s: float
             task.cancel()
 
 
-async def first_and_rest(gen: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
+async def first_and_rest(gen: AsyncIterator[T], request: Request, poll_s: float = 0.2) -> tuple[T, AsyncIterator[T]]:
     """The first item (so errors before any output become a proper HTTP status) and an
-    iterator over all items, the first included."""
-    first = await gen.__anext__()
+    iterator over all items, the first included. A client that hangs up before the first item
+    cancels the generation: an engine that counts the prompt itself (llama.cpp, vLLM) gives
+    nothing until its slot is free and the prompt is read, which can take seconds."""
+
+    async def step() -> T:
+        return await gen.__anext__()
+
+    first = await until_disconnected(request, step(), poll_s)
 
     async def rest() -> AsyncIterator[T]:
         try:

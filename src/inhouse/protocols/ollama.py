@@ -491,7 +491,7 @@ class OllamaRoutes:
     async def _answer(self, request: Request, events: AsyncIterator[Event], model: str, piece: Piece, stream: bool,
                       timing: Timing) -> Response:
         if stream:
-            first, rest = await first_and_rest(events)
+            first, rest = await first_and_rest(events, request)
             timing.saw(first)
             return ndjson_response(_ndjson(rest, model, piece, timing))
 

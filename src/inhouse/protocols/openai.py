@@ -349,7 +349,7 @@ class OpenAIRoutes:
         rid, created = f"chatcmpl-{req.request_id}", int(time.time())
         events = self.service.chat(req)
         if body.stream:
-            _, stream = await first_and_rest(events)
+            _, stream = await first_and_rest(events, request)
             usage = _want_usage(body.stream_options, self.stream_usage_default)
             return sse_response(self._chat_stream(stream, rid, created, body.model, req.n, usage))
         collected = await until_disconnected(request, _collect(events))
@@ -415,7 +415,7 @@ class OpenAIRoutes:
         rid, created = f"cmpl-{req.request_id}", int(time.time())
         events = self.service.complete(req)
         if body.stream:
-            _, stream = await first_and_rest(events)
+            _, stream = await first_and_rest(events, request)
             usage = _want_usage(body.stream_options, self.stream_usage_default)
             return sse_response(self._completion_stream(stream, rid, created, body.model, usage))
         collected = await until_disconnected(request, _collect(events))

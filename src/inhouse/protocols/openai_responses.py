@@ -543,7 +543,7 @@ class ResponsesRoutes:
         turn = _Turn(_new_id("resp"), int(time.time()), body)
         events = self.service.chat(req)
         if body.stream:
-            _, stream = await first_and_rest(events)
+            _, stream = await first_and_rest(events, request)
             return sse_response(self._stream(stream, turn, owner, turn_messages))
         done = aggregate(await until_disconnected(request, _collect(events)), 1)
         c = done.choices[0]

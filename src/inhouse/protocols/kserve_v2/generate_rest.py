@@ -185,7 +185,7 @@ def build_router(dataplane: DataPlane, llm: LLMService, max_request_bytes: int) 
     @guarded(GENERATE_STREAM_GUARD)
     async def generate_stream(request: Request, model: str, version: str | None = None) -> Response:
         head, pieces = await start(request, model, version, streaming=True)
-        _, stream = await first_and_rest(pieces)  # errors before the first piece are real HTTP statuses
+        _, stream = await first_and_rest(pieces, request)  # errors before the first piece are real HTTP statuses
         return sse_response(_events(head, stream))
 
     return router
