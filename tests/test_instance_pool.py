@@ -37,6 +37,12 @@ def _gauge(c: httpx.Client, name: str) -> float:
     raise AssertionError(f"no inhouse_model_instances sample for {name}")
 
 
+def _config_count(c: httpx.Client, name: str) -> int:
+    group = c.get(f"/v2/models/{name}/config").json()["instance_group"]
+    assert len(group) == 1 and group[0]["kind"] == "KIND_CPU"
+    return int(group[0]["count"])
+
+
 def _send(srv: RunningServer, name: str, n: int) -> tuple[list[threading.Thread], list[int]]:
     codes: list[int] = []
 
@@ -70,6 +76,7 @@ def test_pool_grows_to_max_size_under_load_and_shrinks_to_init_size_when_idle(tm
             # every instance busy with requests waiting: one more instance at a time, up to max_size
             wait_until(lambda: pool.instance_count == 3, timeout=10)
             assert _gauge(c, "pool") == 3
+            assert _config_count(c, "pool") == 3  # Triton's layout tells the instances running, too
             time.sleep(0.4)
             assert pool.instance_count == 3  # never past max_size
             assert _pool(srv, "fixedpool").instance_count == 1  # count is a fixed pool
@@ -80,7 +87,7 @@ def test_pool_grows_to_max_size_under_load_and_shrinks_to_init_size_when_idle(tm
             assert codes == [200] * 6 and fixed_codes == [200] * 3
             # idle: back to init_size, one instance per idle_s
             wait_until(lambda: pool.instance_count == 1, timeout=10)
-            assert _gauge(c, "pool") == 1
+            assert _gauge(c, "pool") == 1 and _config_count(c, "pool") == 1
             r = c.post("/v2/models/pool/infer", json={"inputs": [
                 {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]})
             assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2, 4]

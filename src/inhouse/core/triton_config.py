@@ -29,6 +29,16 @@ def _dims(t: TensorSpec, batched: bool) -> list[int]:
     return shape
 
 
+_KIND = {"cpu": "KIND_CPU", "auto": "KIND_AUTO"}
+
+
+def _instances(mv: ModelVersion) -> int:
+    """The instances running now: a pool that grows (``init_size`` / ``max_size``) has between the
+    two; before its scheduler exists (loading), the spec's count."""
+    count = getattr(mv.scheduler, "instance_count", None)
+    return count if isinstance(count, int) and count > 0 else mv.spec.instances.count
+
+
 def triton_config(mv: ModelVersion) -> dict[str, Any]:
     """The Triton-layout config of a loaded (or loading) model version."""
     spec = mv.spec
@@ -44,8 +54,8 @@ def triton_config(mv: ModelVersion) -> dict[str, Any]:
         "input": [{"name": t.name, "data_type": _TYPE[t.dtype], "format": "FORMAT_NONE",
                    "dims": _dims(t, batched), "optional": t.optional} for t in inputs],
         "output": [{"name": t.name, "data_type": _TYPE[t.dtype], "dims": _dims(t, batched)} for t in outputs],
-        "instance_group": [{"name": f"{spec.name}_0", "count": spec.instances.count,
-                            "kind": "KIND_CPU" if spec.instances.device == "cpu" else "KIND_GPU"}],
+        "instance_group": [{"name": f"{spec.name}_0", "count": _instances(mv),
+                            "kind": _KIND.get(spec.instances.device, "KIND_GPU")}],
         "model_transaction_policy": {"decoupled": spec.task in _GENERATIVE},
     }
     if batched:
