@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from inhouse.core.scheduling import DynamicBatcher
+
 if TYPE_CHECKING:
     from inhouse.core.manager import ModelVersion
     from inhouse.core.spec import TensorSpec
@@ -33,10 +35,12 @@ _KIND = {"cpu": "KIND_CPU", "auto": "KIND_AUTO"}
 
 
 def _instances(mv: ModelVersion) -> int:
-    """The instances running now: a pool that grows (``init_size`` / ``max_size``) has between the
-    two; before its scheduler exists (loading), the spec's count."""
-    count = getattr(mv.scheduler, "instance_count", None)
-    return count if isinstance(count, int) and count > 0 else mv.spec.instances.count
+    """The instances running now (as the ``inhouse_model_instances`` gauge reads them): a pool that
+    grows (``init_size`` / ``max_size``) has between the two; before its scheduler runs, the spec's count."""
+    sched = mv.scheduler
+    if isinstance(sched, DynamicBatcher) and sched.instance_count:
+        return sched.instance_count
+    return mv.spec.instances.count
 
 
 def triton_config(mv: ModelVersion) -> dict[str, Any]:

@@ -90,11 +90,7 @@ async def first_and_rest(gen: AsyncIterator[T], request: Request, poll_s: float 
     iterator over all items, the first included. A client that hangs up before the first item
     cancels the generation: an engine that counts the prompt itself (llama.cpp, vLLM) gives
     nothing until its slot is free and the prompt is read, which can take seconds."""
-
-    async def step() -> T:
-        return await gen.__anext__()
-
-    first = await until_disconnected(request, step(), poll_s)
+    first = await until_disconnected(request, gen.__anext__(), poll_s)
 
     async def rest() -> AsyncIterator[T]:
         try:
