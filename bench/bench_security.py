@@ -96,9 +96,9 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], headers: dict[str, str])
 
 def mlp_repo(root: Path, policy: bool) -> Path:
     """The MLP of bench/models.py, batching off, one intra-op thread (as bench/run.py serves it)."""
-    from models import mlp_model, write
+    from models import MLP_SPEC, mlp_model, write
 
-    spec: dict[str, Any] = {"onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8}}
+    spec: dict[str, Any] = dict(MLP_SPEC)
     if policy:
         spec["policy"] = {"max_input_bytes": 65536, "deny_patterns": ["(?i)ignore previous instructions"]}
     write(root, "mlp", mlp_model(), spec)

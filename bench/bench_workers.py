@@ -27,7 +27,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from models import mlp_inputs, mlp_model, write  # noqa: E402
+from models import mlp_inputs, write_mlp  # noqa: E402
 from run import payload_file  # noqa: E402
 
 
@@ -133,10 +133,7 @@ def main() -> None:
         work = Path(tmp)
         repo = work / "models"
         repo.mkdir()
-        write(repo, "mlp-batch", mlp_model(), {
-            "onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8},
-            "batching": {"max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
-                         "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}})
+        write_mlp(repo, ("mlp-batch",))
         payload = payload_file(mlp_inputs(1), work, "mlp")
         rows = []
         for r in range(args.rounds):

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  # bench/run.py: the model, the payload, the server and the load generator
-from models import mlp_inputs, mlp_model, write  # noqa: E402
+from models import mlp_inputs, write_mlp  # noqa: E402
 
 TRANSPORT = "grpc-h2load"
 
@@ -91,12 +91,7 @@ def main() -> None:
         work = Path(tmp)
         repo = work / "models"
         repo.mkdir()
-        model = mlp_model()
-        (work / "mlp.onnx").write_bytes(model)
-        write(repo, "mlp-batch", model, {"onnxruntime": {"intra_op_threads": 1, "spinning": False},
-                                         "warmup": {"samples": 8}, "batching": {
-            "max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
-            "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}})
+        (work / "mlp.onnx").write_bytes(write_mlp(repo, ("mlp-batch",)))
         payload = run.payload_file(mlp_inputs(1), work, "mlp")
         servers = {"inhouse": stack.enter_context(run.serve(repo)),
                    "pyvoy-fixed": stack.enter_context(pyvoy(args.pyvoy, None, work / "pyvoy-fixed.log")),

@@ -14,20 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from floor_answer import RESPONSE
 from inhouse.protocols.proto import grpc_service_pb2 as pb
 
 _MODEL = os.environ.get("FLOOR_ENVOY_MODEL")
 _DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 
 
-def _fixed() -> bytes:
-    msg = pb.ModelInferResponse(model_name="floor", model_version="1")
-    msg.outputs.add(name="y", datatype="FP32", shape=[1, 2])
-    msg.raw_output_contents.append(b"\x00" * 8)
-    return msg.SerializeToString()
-
-
-_FIXED = _fixed()
 _SESSION: Any = None
 if _MODEL:
     import onnxruntime as ort
@@ -59,7 +52,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += event.get("body", b"")
         if not event.get("more_body"):
             break
-    message = _infer(body[5:]) if _SESSION is not None else _FIXED
+    message = _infer(body[5:]) if _SESSION is not None else RESPONSE
     await send({"type": "http.response.start", "status": 200, "trailers": True,
                 "headers": [(b"content-type", b"application/grpc")]})
     await send({"type": "http.response.body", "body": struct.pack(">BI", 0, len(message)) + message,

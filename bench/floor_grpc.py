@@ -15,20 +15,10 @@ from typing import Any
 
 import grpc
 
-from inhouse.protocols.proto import grpc_service_pb2 as pb
+from floor_answer import RESPONSE
 
 _METHOD = "ModelInfer"
 _SERVICE = "inference.GRPCInferenceService"
-
-
-def _response() -> bytes:
-    msg = pb.ModelInferResponse(model_name="floor", model_version="1")
-    msg.outputs.add(name="y", datatype="FP32", shape=[1, 2])
-    msg.raw_output_contents.append(b"\x00" * 8)
-    return msg.SerializeToString()
-
-
-_RESPONSE = _response()
 
 
 def _handlers(behavior: Any) -> grpc.GenericRpcHandler:
@@ -38,7 +28,7 @@ def _handlers(behavior: Any) -> grpc.GenericRpcHandler:
 
 async def serve_aio(port: int) -> None:
     async def infer(request: bytes, context: Any) -> bytes:
-        return _RESPONSE
+        return RESPONSE
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((_handlers(infer),))
@@ -49,7 +39,7 @@ async def serve_aio(port: int) -> None:
 
 def serve_sync(port: int) -> None:
     def infer(request: bytes, context: Any) -> bytes:
-        return _RESPONSE
+        return RESPONSE
 
     server = grpc.server(ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((_handlers(infer),))

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  # bench/run.py: the model, the payload, the server and the load generator
-from models import mlp_inputs, mlp_model, write  # noqa: E402
+from models import mlp_inputs, write_mlp  # noqa: E402
 
 FRONTS = ("fast", "grpcio")
 
@@ -45,12 +45,7 @@ def main() -> None:
         work = Path(tmp)
         repo = work / "mlp" / "models"
         repo.mkdir(parents=True)
-        model = mlp_model()
-        cfg = {"onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8}}
-        write(repo, "mlp", model, cfg)
-        write(repo, "mlp-batch", model, {**cfg, "batching": {
-            "max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
-            "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}})
+        write_mlp(repo)
         payload = run.payload_file(mlp_inputs(1), work, "mlp")
         servers = {f: stack.enter_context(run.serve(repo, {"INHOUSE_GRPC__FRONT": f})) for f in FRONTS}
         for rnd in range(args.rounds):

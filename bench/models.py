@@ -120,6 +120,21 @@ def write(repo: Path, name: str, onnx_bytes: bytes, spec: dict[str, Any]) -> Pat
     return repo / name
 
 
+MLP_SPEC: dict[str, Any] = {"onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8}}
+"""How the benchmarks serve the MLP: one intra-op thread, no spinning (as Triton's peer runs it)."""
+MLP_BATCHING: dict[str, Any] = {"max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
+                                "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}
+
+
+def write_mlp(repo: Path, names: tuple[str, ...] = ("mlp", "mlp-batch")) -> bytes:
+    """The MLP in ``repo`` as ``mlp`` (batching off) and / or ``mlp-batch`` (``MLP_BATCHING``);
+    returns the ONNX bytes."""
+    model = mlp_model()
+    for name in names:
+        write(repo, name, model, {**MLP_SPEC, "batching": MLP_BATCHING} if name == "mlp-batch" else MLP_SPEC)
+    return model
+
+
 def encoder_inputs(batch: int, seq: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"input_ids": rng.integers(1, 8192, (batch, seq)).astype(np.int64),

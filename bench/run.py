@@ -42,7 +42,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from models import encoder_inputs, encoder_model, mlp_inputs, mlp_model, write  # noqa: E402
+from models import encoder_inputs, encoder_model, mlp_inputs, mlp_model, write, write_mlp  # noqa: E402
 
 V2_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
@@ -353,15 +353,7 @@ def encoder_scenario(args: argparse.Namespace, work: Path, transports: list[str]
                 r["model"] = "triton-pyb"
                 print(_row(r), flush=True)
             rows += peer
-            for t in transports:
-                for c in args.concurrency:
-                    theirs = next((r for r in peer if r.get("transport") == t and r["concurrency"] == c), {})
-                    for name in ("enc", "enc-batch"):
-                        ours = next((r for r in rows if r.get("transport") == t and r["model"] == name
-                                     and r["concurrency"] == c), {})
-                        if ours.get("rps") and theirs.get("rps"):
-                            summary[f"{t}_{name}_c{c}_rps_vs_triton"] = round(ours["rps"] / theirs["rps"], 2)
-                            summary[f"{t}_{name}_c{c}_p50_ms_inhouse_triton"] = (ours["p50_ms"], theirs["p50_ms"])
+            summary.update(vs_triton(rows, transports, args.concurrency, {"enc": "enc_", "enc-batch": "enc-batch_"}))
             print(f"encoder summary: {summary}", flush=True)
         out["spinning_on" if spin else "spinning_off"] = {
             "raw": raw, "raw_two_sessions": pair, "best_raw_seq_per_s": best_raw, "max_batch_size": max_batch,
@@ -374,12 +366,7 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
     print(f"\nmlp: raw onnxruntime {raw}", flush=True)
     repo = work / "mlp" / "models"
     repo.mkdir(parents=True)
-    model = mlp_model()
-    cfg = {"onnxruntime": {"intra_op_threads": 1, "spinning": False}, "warmup": {"samples": 8}}
-    write(repo, "mlp", model, cfg)
-    write(repo, "mlp-batch", model, {**cfg, "batching": {
-        "max_batch_size": 64, "preferred_batch_sizes": [16, 32, 64], "max_queue_delay_ms": 1,
-        "max_queue_size": 2048, "default_timeout_ms": 2000, "priority_levels": 2}})
+    model = write_mlp(repo)
     payload = payload_file(mlp_inputs(1), work, "mlp")
     points = [(t, m, c) for t in transports for m in ("mlp-batch", "mlp") for c in (64, 1)]
     with serve(repo) as urls:
@@ -436,18 +423,30 @@ def mlp_scenario(args: argparse.Namespace, work: Path, transports: list[str]) ->
         if g_floor.get("c64", {}).get("server_cpu_us_per_req") and on_grpc.get("server_cpu_us_per_req"):
             summary[f"{t}_batching_c64_cpu_per_req_vs_grpc_floor"] = round(
                 on_grpc["server_cpu_us_per_req"] / g_floor["c64"]["server_cpu_us_per_req"], 2)
-    for transport in transports:
-        for c in (64, 1):
-            ours = next((r for r in rows if r.get("transport") == transport and r["model"] == "mlp-batch"
-                         and r["concurrency"] == c), {})
-            theirs = next((r for r in rows if r.get("transport") == transport and r["model"] == "triton-pyb"
-                           and r["concurrency"] == c), {})
-            if ours.get("rps") and theirs.get("rps"):
-                summary[f"{transport}_c{c}_rps_vs_triton"] = round(ours["rps"] / theirs["rps"], 2)
-                summary[f"{transport}_c{c}_p50_ms_inhouse_triton"] = (ours["p50_ms"], theirs["p50_ms"])
+    summary.update(vs_triton(rows, transports, [64, 1], {"mlp-batch": ""}))
     print(f"mlp summary: {summary}", flush=True)
     return {"raw": raw, "server": rows, "http_floor": floor, "grpc_floor": g_floors.get("grpc", {}),
             "grpc_floors": g_floors, "summary": summary}
+
+
+def vs_triton(rows: list[dict[str, Any]], transports: list[str], levels: list[int],
+              models: dict[str, str]) -> dict[str, Any]:
+    """inhouse ÷ Triton (the ``triton-pyb`` rows) in req/s, and both p50s, per transport and
+    concurrency, for each of ``models`` (model name → the infix of its summary keys)."""
+    def row(transport: str, model: str, c: int) -> dict[str, Any]:
+        return next((r for r in rows if r.get("transport") == transport and r["model"] == model
+                     and r["concurrency"] == c), {})
+
+    out: dict[str, Any] = {}
+    for t in transports:
+        for c in levels:
+            theirs = row(t, "triton-pyb", c)
+            for name, infix in models.items():
+                ours = row(t, name, c)
+                if ours.get("rps") and theirs.get("rps"):
+                    out[f"{t}_{infix}c{c}_rps_vs_triton"] = round(ours["rps"] / theirs["rps"], 2)
+                    out[f"{t}_{infix}c{c}_p50_ms_inhouse_triton"] = (ours["p50_ms"], theirs["p50_ms"])
+    return out
 
 
 def http_floor(args: argparse.Namespace, payload: Path) -> dict[str, Any]:
