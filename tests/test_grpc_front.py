@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import numpy as np
 import pytest
 import yaml
@@ -293,3 +297,84 @@ def test_a_call_the_client_cancels_is_audited(tmp_path: Path) -> None:
     rows = [(r["status"], r["code"]) for r in log.entries() if r["action"] == "infer"]
     log.close()
     assert sorted(rows, key=str) == sorted([(200, None), (499, 3003)], key=str)
+
+
+def test_answers_wait_for_a_client_that_holds_its_windows(server: RunningServer) -> None:
+    """An HTTP/2 client (h2, which raises FlowControlError on a byte past a window) that holds its
+    windows: with a 16-byte stream window the answer stops at 16 bytes; with large stream windows
+    and nothing acknowledged, 1,500 answers stop at the connection's 64 KiB. All of them complete,
+    whole, once the client acknowledges what it got."""
+    message = _mlp_request().SerializeToString()
+    body = struct.pack(">BI", 0, len(message)) + message
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.local_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16})
+    client.initiate_connection()
+    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+               (b":authority", b"localhost"), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+    data: dict[int, bytearray] = {}
+    unacked: dict[int, int] = {}
+    status: dict[int, bytes] = {}
+    with socket.create_connection(("127.0.0.1", server.grpc_port or 0), timeout=30) as s:
+
+        def pump(ack: bool, wait_s: float = 30) -> bool:
+            """Reads once (up to ``wait_s``); False when nothing came."""
+            s.sendall(client.data_to_send())
+            s.settimeout(wait_s)
+            try:
+                chunk = s.recv(1 << 20)
+            except TimeoutError:
+                return False
+            for event in client.receive_data(chunk):
+                if isinstance(event, h2.events.DataReceived):
+                    data.setdefault(event.stream_id, bytearray()).extend(event.data)
+                    unacked[event.stream_id] = unacked.get(event.stream_id, 0) + event.flow_controlled_length
+                elif isinstance(event, h2.events.TrailersReceived):
+                    status[event.stream_id] = dict(event.headers)[b"grpc-status"]
+            if ack:
+                ack_all()
+            s.sendall(client.data_to_send())
+            return True
+
+        def ack_all() -> None:
+            for sid, size in unacked.items():
+                if size:
+                    client.acknowledge_received_data(size, sid)
+            unacked.clear()
+
+        def call() -> int:
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, headers)
+            client.send_data(sid, body, end_stream=True)
+            return sid
+
+        first = call()
+        while pump(ack=False, wait_s=0.5):
+            pass
+        assert len(data[first]) == 16 and first not in status  # the answer waits at the stream's window
+
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        ack_all()  # opens the first stream and the connection by its 16 bytes
+        sids = [first]
+        while len(sids) < 1500:  # nothing acknowledged from here
+            sids.append(call())
+            while client.open_outbound_streams >= 256 and pump(ack=False, wait_s=0.5):
+                pass
+            if client.open_outbound_streams >= 256:
+                break  # stalled
+        while pump(ack=False, wait_s=0.5):
+            pass
+        got = sum(len(d) for d in data.values())
+        assert 65535 - 64 < got - 16 <= 65535  # the connection window, filled and not passed
+        assert len(status) < len(sids)
+        ack_all()
+        while len(sids) < 1500:
+            sids.append(call())
+            while client.open_outbound_streams >= 256:
+                pump(ack=True)
+        while len(status) < len(sids):
+            pump(ack=True)
+    assert set(status.values()) == {b"0"}
+    for sid in sids:
+        answer = pb.ModelInferResponse.FromString(bytes(data[sid][5:]))
+        assert answer.model_name == "mlp" and len(answer.raw_output_contents[0]) == 8

@@ -41,6 +41,7 @@ _METHOD = METHOD.encode()
 _WINDOW = forward.WINDOW  # per stream and per connection: a call's message seldom waits for a window update
 _RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc"),
                      (b"grpc-accept-encoding", b"identity,deflate,gzip")]
+_RESPONSE_BLOCK = StatelessEncoder().encode(_RESPONSE_HEADERS)  # static indexes and plain literals only
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _CONFIG = h2.config.H2Configuration(
     client_side=False, header_encoding=None, validate_inbound_headers=False, normalize_inbound_headers=False,
@@ -347,9 +348,10 @@ class FrontProtocol(asyncio.Protocol, forward.Downstream):
             if answer.message is None:
                 conn.send_headers(sid, [*_RESPONSE_HEADERS, *answer.trailers], end_stream=True)
             else:
-                conn.send_headers(sid, _RESPONSE_HEADERS)
-                self._outbox.send(sid, struct.pack(">BI", 0, len(answer.message)) + answer.message,
-                                  trailers=answer.trailers)
+                message = struct.pack(">BI", 0, len(answer.message)) + answer.message
+                if not self._outbox.unary(sid, _RESPONSE_BLOCK, message, answer.trailers):
+                    conn.send_headers(sid, _RESPONSE_HEADERS)
+                    self._outbox.send(sid, message, trailers=answer.trailers)
         self._later()
 
     # ---- forwarding ---------------------------------------------------------------------------

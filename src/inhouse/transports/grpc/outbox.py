@@ -6,11 +6,14 @@ so a slow reader on either side stops the other side by its window rather than b
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections import deque
 from collections.abc import Callable
 
 import h2.connection
 import h2.exceptions
+from h2.connection import ConnectionInputs
+from h2.stream import StreamInputs, StreamState
 
 Headers = list[tuple[bytes, bytes]]
 Sent = Callable[[int], None]
@@ -71,6 +74,43 @@ class Outbox:
         if trailers is not None:
             conn.send_headers(sid, trailers, end_stream=True)
 
+    def unary(self, sid: int, head: bytes, message: bytes, trailers: Headers) -> bool:
+        """A whole unary answer at once: HEADERS (``head``, an HPACK block that leaves the dynamic
+        table alone), one DATA frame with ``message`` and the trailers ending the stream, framed
+        here with h2's stream and connection state moved exactly as its ``send_headers`` /
+        ``send_data`` would. False (nothing sent) unless it fits the windows and one frame each,
+        on a stream whose request has ended and with nothing else waiting for it: then the
+        general path does it. h2 builds every frame as an object and re-checks each header; for
+        the three frames of an answer that was most of the front's sending cost."""
+        conn = self.conn
+        stream = conn.streams.get(sid)
+        n = len(message)
+        if (stream is None or sid in self._pending or stream.state_machine.state is not StreamState.HALF_CLOSED_REMOTE
+                or n > stream.outbound_flow_control_window or n > conn.outbound_flow_control_window):
+            return False
+        encoder = conn.encoder
+        limit = conn.max_outbound_frame_size
+        if encoder.header_table.resized or n > limit or len(head) > limit:
+            return False
+        block = encoder.encode(trailers)
+        if len(block) > limit:
+            return False
+        machine, smachine = conn.state_machine, stream.state_machine
+        machine.process_input(ConnectionInputs.SEND_HEADERS)
+        smachine.process_input(StreamInputs.SEND_HEADERS)
+        machine.process_input(ConnectionInputs.SEND_DATA)
+        smachine.process_input(StreamInputs.SEND_DATA)
+        stream.outbound_flow_control_window -= n
+        conn.outbound_flow_control_window -= n
+        machine.process_input(ConnectionInputs.SEND_HEADERS)
+        smachine.process_input(StreamInputs.SEND_HEADERS)
+        smachine.process_input(StreamInputs.SEND_END_STREAM)
+        conn._data_to_send += b"".join((  # h2's output buffer, so frames keep their order
+            _frame_head(len(head), 0x1, 0x4, sid), head,
+            _frame_head(n, 0x0, 0x0, sid), message,
+            _frame_head(len(block), 0x1, 0x5, sid), block))
+        return True
+
     @property
     def busy(self) -> bool:
         """Whether anything waits for a window."""
@@ -109,3 +149,11 @@ class Outbox:
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 pass
             del self._pending[s]
+
+
+_HEAD = struct.Struct(">IBI")
+
+
+def _frame_head(length: int, kind: int, flags: int, sid: int) -> bytes:
+    """A frame's 9-byte header: 24-bit length, type, flags, stream id (RFC 9113, 4.1)."""
+    return _HEAD.pack(length << 8 | kind, flags, sid)
