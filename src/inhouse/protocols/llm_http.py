@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from inhouse.core.json_doc import json_object
 from inhouse.errors import InvalidRequestError
@@ -64,33 +65,95 @@ def sse_event(name: str, doc: Any) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(doc) + b"\n\n"
 
 
-def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
-    """Starlette cancels ``body`` when the client disconnects, which closes the generation."""
-    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+class Hangup:
+    """``with Hangup(receive):`` a client that disconnects meanwhile cancels the task in the block
+    (a watcher task awaits the ASGI disconnect); ``gone`` then says so and the block's
+    CancelledError is ours to absorb (``absorbed()``). One plain task, where Starlette's
+    StreamingResponse and an ``asyncio.wait`` poll cost ~0.2 ms of CPU a request."""
+
+    __slots__ = ("_armed", "_receive", "_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = False
+        self._armed = False
+
+    def __enter__(self) -> Hangup:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Hangup needs an asyncio task")
+        self._task, self._armed = task, True
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._armed = False  # an answer that is complete reads as a disconnect: not one to act on
+        self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._armed:
+            self.gone = True
+            self._task.cancel()
+
+    def absorbed(self) -> bool:
+        """In ``except CancelledError``: whether it was ours alone (then taken back)."""
+        return self.gone and self._task.uncancel() == 0
 
 
-async def until_disconnected(request: Request, work: Awaitable[T], poll_s: float = 0.2) -> T:
+class StreamedAnswer(Response):
+    """A body sent as ``body`` yields it (server-sent events, NDJSON); a client that hangs up
+    closes ``body``, and with it the generation."""
+
+    def __init__(self, body: AsyncIterator[bytes], media_type: str, headers: dict[str, str]) -> None:
+        self.body_iterator = body
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body_iterator
+        hangup = Hangup(receive)
+        try:
+            with hangup:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not hangup.absorbed():  # cancelled from elsewhere (a shutdown): that one stands
+                raise
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def sse_response(body: AsyncIterator[bytes]) -> StreamedAnswer:
+    """A client that disconnects closes ``body``, which closes the generation."""
+    return StreamedAnswer(body, "text/event-stream", SSE_HEADERS)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` but cancel it (and so abort the generation) if the client hangs up."""
-    task = asyncio.ensure_future(work)
+    hangup = Hangup(request.receive)
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
+        with hangup:
+            return await work
+    except asyncio.CancelledError:
+        if hangup.absorbed():
+            raise asyncio.CancelledError("client disconnected") from None
+        raise
 
 
-async def first_and_rest(gen: AsyncIterator[T], request: Request, poll_s: float = 0.2) -> tuple[T, AsyncIterator[T]]:
+async def first_and_rest(gen: AsyncIterator[T], request: Request) -> tuple[T, AsyncIterator[T]]:
     """The first item (so errors before any output become a proper HTTP status) and an
     iterator over all items, the first included. A client that hangs up before the first item
     cancels the generation: an engine that counts the prompt itself (llama.cpp, vLLM) gives
     nothing until its slot is free and the prompt is read, which can take seconds."""
-    first = await until_disconnected(request, gen.__anext__(), poll_s)
+    first = await until_disconnected(request, gen.__anext__())
 
     async def rest() -> AsyncIterator[T]:
         try:

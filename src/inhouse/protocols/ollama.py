@@ -20,7 +20,7 @@ import orjson
 from fastapi import APIRouter
 from pydantic import Field
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from inhouse import __version__
 from inhouse.core.manager import ModelManager, ModelVersion
@@ -45,6 +45,7 @@ from inhouse.protocols import openai
 from inhouse.protocols.errors import as_inhouse_error, ollama_error_body
 from inhouse.protocols.llm_http import (
     LenientModel,
+    StreamedAnswer,
     first_and_rest,
     json_response,
     parse_json_model,
@@ -341,10 +342,9 @@ async def _ndjson(events: AsyncIterator[Event], model: str, piece: Piece, timing
         yield orjson.dumps(ollama_error_body(as_inhouse_error(exc))) + b"\n"
 
 
-def ndjson_response(body: AsyncIterator[bytes]) -> StreamingResponse:
-    """Starlette cancels ``body`` when the client disconnects, which ends the generation."""
-    return StreamingResponse(body, media_type=NDJSON, headers={"Cache-Control": "no-cache",
-                                                               "X-Accel-Buffering": "no"})
+def ndjson_response(body: AsyncIterator[bytes]) -> StreamedAnswer:
+    """A client that disconnects closes ``body``, which ends the generation."""
+    return StreamedAnswer(body, NDJSON, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---- what the security layer reads: request texts as OpenAI's, and streamed lines ------------
