@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inhouse.backends.child_stream import ChildStream, StreamBroken
+from inhouse.backends.child_stream import ChildStream, StreamBroken, child_post
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -159,5 +159,106 @@ def test_no_child_listening_is_a_clear_error(tmp_path: Path) -> None:
     async def main() -> None:
         with pytest.raises(StreamBroken, match="cannot connect"):
             await collect(str(tmp_path / "absent.sock"))
+
+    asyncio.run(main())
+
+
+async def keep_alive_server(tmp_path: Path, answers: list[bytes | tuple[bytes] | None]
+                            ) -> tuple[asyncio.Server, str, list[int]]:
+    """Answers plain calls on kept-alive connections, in order: bytes are written, ``(bytes,)``
+    written and the connection closed, None closes it with the request read and not answered.
+    ``conns[i]``: the connection (by arrival) that read request i."""
+    path = str(tmp_path / "child.sock")
+    conns: list[int] = []
+    opened = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        me, opened = opened, opened + 1
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            assert b"Connection: keep-alive\r\n" in head
+            conns.append(me)
+            answer = answers[len(conns) - 1]
+            if answer is None:
+                break
+            if isinstance(answer, tuple):
+                writer.write(answer[0])
+                break
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_unix_server(handle, path), path, conns
+
+
+def plain(body: bytes, *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (b"".join(extra), len(body), body)
+
+
+def test_plain_calls_share_one_kept_alive_connection(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, path, conns = await keep_alive_server(tmp_path, [plain(b'{"n": %d}' % i) for i in range(5)])
+        async with server:
+            for i in range(5):
+                assert await child_post(path, "/apply-template", {"i": i}, {}) == (200, b'{"n": %d}' % i)
+        assert conns == [0, 0, 0, 0, 0]
+
+    asyncio.run(main())
+
+
+def test_a_child_that_says_close_gets_a_new_connection(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, path, conns = await keep_alive_server(
+            tmp_path, [plain(b"a", b"Connection: close\r\n"), plain(b"b"), plain(b"c")])
+        async with server:
+            for want in (b"a", b"b", b"c"):
+                assert await child_post(path, "/x", {}, {}) == (200, want)
+        assert conns == [0, 1, 1]
+
+    asyncio.run(main())
+
+
+def test_a_kept_alive_connection_closed_under_a_call_is_retried_on_a_new_one(tmp_path: Path) -> None:
+    """The child may close an idle connection just as a call goes out on it (its keep-alive
+    timeout): the call goes again, once, on a fresh connection; the caller sees only the answer."""
+    async def main() -> None:
+        server, path, conns = await keep_alive_server(tmp_path, [plain(b"a"), None, plain(b"b"), plain(b"c")])
+        async with server:
+            assert await child_post(path, "/x", {}, {}) == (200, b"a")
+            assert await child_post(path, "/x", {}, {}) == (200, b"b")
+            assert await child_post(path, "/x", {}, {}) == (200, b"c")
+        assert conns == [0, 0, 1, 1]
+
+    asyncio.run(main())
+
+
+def test_a_fresh_connection_that_breaks_is_not_retried(tmp_path: Path) -> None:
+    """Only a reused connection is tried again: a child that drops a call on a new one is failing."""
+    async def main() -> None:
+        server, path, conns = await keep_alive_server(tmp_path, [None, plain(b"late")])
+        async with server:
+            with pytest.raises(StreamBroken, match="closed"):
+                await child_post(path, "/x", {}, {})
+        assert conns == [0]
+
+    asyncio.run(main())
+
+
+def test_a_call_cut_short_after_part_of_its_answer_is_not_retried(tmp_path: Path) -> None:
+    """The child read it and began answering: it may have acted on it, so the error stands."""
+    async def main() -> None:
+        server, path, conns = await keep_alive_server(
+            tmp_path, [plain(b"a"), (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab",), plain(b"b")])
+        async with server:
+            assert await child_post(path, "/x", {}, {}) == (200, b"a")
+            with pytest.raises(StreamBroken, match="closed"):
+                await child_post(path, "/x", {}, {})
+        assert conns == [0, 0]
 
     asyncio.run(main())

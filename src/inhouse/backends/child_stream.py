@@ -3,15 +3,18 @@ asyncio protocol with httptools parsing the response. httpx costs ~0.3 ms of CPU
 through its anyio / httpcore / h11 layers; on a 2-core box that time is taken from the engine's
 own threads, which slows every token. Here an event costs one callback and a split.
 
-One connection per stream (``Connection: close``): connecting to a loopback or Unix socket costs
-less than pooling would save, and closing the stream early closes the socket, which makes the
-child cancel the request and free its slot. ``child_post`` makes a plain (not streamed) call the
-same way, on the event loop: no thread hop and none of httpx's ~0.3 ms per call."""
+One connection per stream (``Connection: close``): closing the stream early closes the socket,
+which makes the child cancel the request and free its slot (llama-server closes a connection
+after a stream anyway). ``child_post`` makes a plain (not streamed) call on the event loop, on a
+connection kept alive from the last one when there is one (a chat's ``/apply-template``): no
+thread hop, none of httpx's ~0.3 ms per call, and no connect and accept on either side."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -21,6 +24,8 @@ import orjson
 _MAX_PENDING = 256  # events read ahead of the consumer before the socket stops being read
 _MAX_LINE = 8 << 20  # an event line longer than this is not an engine's token event
 _MAX_BODY = 256 << 20  # a plain answer (a rendered prompt) larger than this is not one
+_IDLE_S = 2.0  # a kept-alive connection idle longer is closed: below cpp-httplib's and uvicorn's 5 s
+_MAX_IDLE = 4  # kept-alive connections per child; each holds one of llama-server's HTTP threads
 
 
 class StreamBroken(ConnectionError):
@@ -40,6 +45,8 @@ class _Response(asyncio.Protocol):
         self.status = 0
         self.head_done = False
         self.complete = False
+        self.answered = False  # any byte came back
+        self.keep_alive = False  # the child keeps the connection open after this answer
         self.error: str | None = None
 
     # -- transport --------------------------------------------------------------------------
@@ -47,6 +54,7 @@ class _Response(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as err:
@@ -90,6 +98,7 @@ class _Response(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        self.keep_alive = self._parser.should_keep_alive()
         if self._whole:
             self.whole_body = bytes(self._partial)
         elif self._partial:
@@ -125,6 +134,55 @@ class _Response(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def release(self, address: str | tuple[str, int]) -> None:
+        """After a plain answer: the connection goes back to the child's idle ones, or is closed."""
+        t = self._transport
+        if t is None or not (self.complete and self.keep_alive and self.error is None) or t.is_closing():
+            self.close()
+            return
+        idle = _idle(address)
+        if len(idle) >= _MAX_IDLE:
+            t.close()
+            return
+        self._transport = None
+        idle.append(_Idle(idle, t))
+
+
+class _Idle(asyncio.Protocol):
+    """A kept-alive connection between plain calls; the child closing it (or sending anything
+    unasked) drops it."""
+
+    def __init__(self, idle: list[_Idle], transport: asyncio.Transport) -> None:
+        self.idle, self.transport, self.since = idle, transport, time.monotonic()
+        transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.idle:
+            self.idle.remove(self)
+
+
+# per event loop (a transport belongs to one), per child address
+_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | tuple[str, int], list[_Idle]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _idle(address: str | tuple[str, int]) -> list[_Idle]:
+    return _IDLE.setdefault(asyncio.get_running_loop(), {}).setdefault(address, [])
+
+
+def _take_idle(address: str | tuple[str, int]) -> asyncio.Transport | None:
+    idle = _idle(address)
+    now = time.monotonic()
+    while idle:
+        conn = idle.pop()  # the most recent: the least likely to have timed out on the child's side
+        if now - conn.since < _IDLE_S and not conn.transport.is_closing():
+            return conn.transport
+        conn.transport.close()
+    return None
+
 
 class ChildStream:
     """``async with ChildStream(...) as s``: ``s.status`` once the head arrived; ``s.events()``
@@ -133,28 +191,36 @@ class ChildStream:
     it came. Leaving the block closes the connection."""
 
     def __init__(self, address: str | tuple[str, int], path: str, body: dict[str, Any],
-                 headers: dict[str, str], connect_timeout_s: float = 10.0, *, whole: bool = False) -> None:
+                 headers: dict[str, str], connect_timeout_s: float = 10.0, *, whole: bool = False,
+                 reuse: asyncio.Transport | None = None) -> None:
         self._address = address
         self._connect_timeout_s = connect_timeout_s
+        self._reuse = reuse  # a kept-alive connection to send on (plain calls only)
         payload = orjson.dumps(body)
         accept = "application/json" if whole else "text/event-stream"
         head = [f"POST {path} HTTP/1.1", "Host: child", "Content-Type: application/json",
-                f"Accept: {accept}", "Connection: close", f"Content-Length: {len(payload)}"]
+                f"Accept: {accept}", f"Connection: {'keep-alive' if whole else 'close'}",
+                f"Content-Length: {len(payload)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         self._request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
         self._response = _Response(whole)
         self.status = 0
 
     async def __aenter__(self) -> ChildStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                if isinstance(self._address, str):
-                    transport, _ = await loop.create_unix_connection(lambda: self._response, self._address)
-                else:
-                    transport, _ = await loop.create_connection(lambda: self._response, *self._address)
-        except (OSError, TimeoutError) as err:
-            raise StreamBroken(f"cannot connect ({type(err).__name__})") from None
+        transport = self._reuse
+        if transport is not None:
+            transport.set_protocol(self._response)
+            self._response.connection_made(transport)
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    if isinstance(self._address, str):
+                        transport, _ = await loop.create_unix_connection(lambda: self._response, self._address)
+                    else:
+                        transport, _ = await loop.create_connection(lambda: self._response, *self._address)
+            except (OSError, TimeoutError) as err:
+                raise StreamBroken(f"cannot connect ({type(err).__name__})") from None
         transport.write(self._request)
         r = self._response
         try:
@@ -168,8 +234,15 @@ class ChildStream:
         self.status = r.status
         return self
 
+    @property
+    def answered(self) -> bool:
+        return self._response.answered
+
     async def __aexit__(self, *exc: object) -> None:
-        self._response.close()
+        if self._response._whole and exc[0] is None:
+            self._response.release(self._address)
+        else:
+            self._response.close()
 
     async def _lines(self) -> AsyncIterator[bytes]:
         r = self._response
@@ -228,5 +301,13 @@ async def child_post(address: str | tuple[str, int], path: str, body: dict[str, 
                      headers: dict[str, str]) -> tuple[int, bytes]:
     """One plain POST to a child: (status, body). Raises ``StreamBroken`` when the child cannot be
     reached or its answer is cut short."""
-    async with ChildStream(address, path, body, headers, whole=True) as s:
-        return s.status, await s.whole()
+    while True:
+        reuse = _take_idle(address)
+        s = ChildStream(address, path, body, headers, whole=True, reuse=reuse)
+        try:
+            async with s:
+                return s.status, await s.whole()
+        except StreamBroken:
+            if reuse is None or s.answered:
+                raise
+            # a kept-alive connection the child closed as this call went out: again, on another one
