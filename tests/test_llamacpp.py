@@ -567,3 +567,65 @@ def test_cached_prefix_tokens_are_reported(gguf_server: RunningServer) -> None:
     details = second.usage.prompt_tokens_details
     assert details is not None and details.cached_tokens is not None
     assert first.usage.prompt_tokens // 2 < details.cached_tokens < second.usage.prompt_tokens
+
+
+CONVERSATIONS: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "what is the weather in Paris today?"}],
+    [{"role": "system", "content": "You answer in one line.\nNever more."},
+     {"role": "user", "content": "first"}, {"role": "assistant", "content": "  reply with spaces  "},
+     {"role": "user", "content": "second\r\nwith CRLF"}, {"role": "assistant", "content": "ok"},
+     {"role": "user", "content": "third: {\"json\": [1, 2]} <tag/> {# not a comment #}"}],
+    [{"role": "user", "content": "Grüße, 東京, 🙂 — and a tab\there"}],
+]
+
+
+def test_plain_chats_are_rendered_in_process_exactly_as_llama_server_does(gguf_server: RunningServer) -> None:
+    """The GGUF's template passed the probes at load, so plain chats skip the child's
+    /apply-template; on conversations beyond the probes the text is still the child's own."""
+    engine = gguf_server.server.manager.resolve(MODEL).model.engine  # type: ignore[union-attr]
+    assert engine.local_template is not None
+    for messages in CONVERSATIONS:
+        here = engine._render_here(messages, None, True, {})
+        assert here is not None
+        assert here == engine._server_render(messages, None, True, {})
+    # other shapes are the child's to render: tools, tool calls and results, names, template arguments,
+    # a last assistant turn
+    tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    called = [{"role": "user", "content": "call f"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+              {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    assert engine._render_here(CONVERSATIONS[0], tool, True, {}) is None
+    assert engine._render_here(called, None, True, {}) is None
+    assert engine._render_here([{"role": "user", "content": "x", "name": "ann"}], None, True, {}) is None
+    assert engine._render_here(CONVERSATIONS[0], None, True, {"enable_thinking": False}) is None
+    prefill = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]  # continued by the child
+    assert engine._render_here(prefill, None, True, {}) is None
+    r = _client(gguf_server).chat.completions.create(model=MODEL, messages=CONVERSATIONS[1], max_tokens=4,
+                                                     temperature=0)
+    assert r.usage is not None and r.usage.prompt_tokens == len(engine.tokenizer.encode(
+        engine._server_render(CONVERSATIONS[1], None, True, {})))
+
+
+NO_SYSTEM_TEMPLATE = (  # Gemma's rule: no system turns; llama-server folds one into the first user turn
+    "{%- for m in messages %}{%- if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{%- endif %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
+    "<end_of_turn>\n{%- endfor %}{%- if add_generation_prompt %}<start_of_turn>model\n{%- endif %}")
+
+
+def test_a_template_llama_server_renders_its_own_way_stays_with_llama_server(
+        tmp_path: Path, tiny_gguf: Path, llama_server: Path) -> None:
+    """Jinja2 refuses the system probe that llama-server's polyfill renders: every chat of this
+    model goes to the child, and a chat with a system prompt is answered as the child renders it."""
+    repo = tmp_path / "models"
+    _write(repo, MODEL, tiny_gguf, chat_template=NO_SYSTEM_TEMPLATE)
+    with run_server(repo, llama_server=llama_server) as srv:
+        engine = srv.server.manager.resolve(MODEL).model.engine  # type: ignore[union-attr]
+        assert engine.local_template is None
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+        assert engine._render_here(messages, None, True, {}) is None
+        rendered = engine._server_render(messages, None, True, {})
+        assert "be brief" in rendered and "<start_of_turn>user" in rendered
+        r = _client(srv).chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage is not None and r.usage.prompt_tokens == len(engine.tokenizer.encode(rendered))

@@ -3,13 +3,15 @@ supervised child per model version (``backends/child_server.py``, relayed by ``b
 
 The child keeps its speed and features (quantised kernels, KV cache, slots); inhouse keeps the
 lifecycle, the public APIs, security and metrics. ``LlamaCppEngine`` is an ``LLMEngine``
-(``llm/types.py``), so ``LLMService`` serves it like the built-in engine: a chat is rendered by
-the child from the GGUF's own Jinja template (``/apply-template``, called on the event loop) and
-the text streamed from ``/completion``, which tokenizes it as llama-server's own chat endpoint
-does. The child's first event (``return_progress``, sent when its slot starts, before the prompt
-is evaluated) gives the prompt's exact token count, on which the service checks the context
-window; a prompt past the child's own context comes back as its ``exceed_context_size_error``,
-answered with the same 2030. JSON output and forced tool calls reach the child as a JSON
+(``llm/types.py``), so ``LLMService`` serves it like the built-in engine: a chat is rendered from
+the GGUF's own Jinja template — in process with Jinja2 for plain text conversations when, at
+load, it rendered the probe conversations exactly as the child does (``chat_template.py``), else
+by the child (``/apply-template``, called on the event loop) — and the text streamed from
+``/completion``, which tokenizes it as llama-server's own chat endpoint does. The child's first
+event (``return_progress``, sent when its slot starts, before the prompt is evaluated) gives the
+prompt's exact token count, on which the service checks the context window; a prompt past the
+child's own context comes back as its ``exceed_context_size_error``, answered with the same
+2030. JSON output and forced tool calls reach the child as a JSON
 schema, which it turns into a grammar."""
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import httpx
 import orjson
 
 from inhouse.backends import LoadContext
+from inhouse.backends.chat_template import LocalTemplate, plain, verified
 from inhouse.backends.child_server import ServerProcess
 from inhouse.backends.child_stream import StreamBroken, child_post
 from inhouse.backends.relay import (
@@ -228,6 +231,14 @@ class LlamaCppEngine(RelayEngine):
         # a projector (llamacpp.mmproj) that reads images; the marker is random per start
         self.accepts_images = bool((props.get("modalities") or {}).get("vision"))
         self._media_marker = str(props.get("media_marker") or "<__media__>")
+        self.local_template: LocalTemplate | None = None  # plain chats rendered in process
+        if spec.llamacpp.chat_template == "gguf" or spec.chat_template is not None:
+            # (a built-in template named in model.yaml is llama-server's own code, not Jinja)
+            self.local_template, why = verified(
+                props.get("chat_template"), str(props.get("bos_token") or ""), str(props.get("eos_token") or ""),
+                lambda messages: self._server_render(messages, None, True, {}))
+            log.info("chat template rendered %s: %s", "in process" if self.local_template else "by llama-server",
+                     why, extra={"model": spec.name})
 
     def _get(self, path: str) -> dict[str, Any]:
         r = self._client.get(path)
@@ -252,10 +263,29 @@ class LlamaCppEngine(RelayEngine):
             body["chat_template_kwargs"] = template_kwargs
         return body
 
+    def _render_here(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+                     add_generation_prompt: bool, template_kwargs: dict[str, Any]) -> str | None:
+        """The prompt from the verified in-process template, for a plain chat; None: the child's."""
+        local = self.local_template
+        if local is None or tools or template_kwargs or not add_generation_prompt or not plain(messages):
+            return None
+        try:
+            return local.render(messages)
+        except Exception:  # the template refuses this chat: llama-server's answer (or error) stands
+            return None
+
+    def _server_render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+                       add_generation_prompt: bool, template_kwargs: dict[str, Any]) -> str:
+        body = self._template_body(messages, tools, add_generation_prompt, template_kwargs)
+        return str(post(self._client, "/apply-template", body, "llama-server")["prompt"])
+
     async def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
                           *, add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
         """The chat as prompt text, for ``GenerationRequest.prompt_text``."""
         self._require_ready()
+        here = self._render_here(messages, tools, add_generation_prompt, template_kwargs)
+        if here is not None:
+            return here
         body = self._template_body(messages, tools, add_generation_prompt, template_kwargs)
         try:
             status, answer = await child_post(self._child.address, "/apply-template", body, self._child.headers)
@@ -273,8 +303,9 @@ class LlamaCppEngine(RelayEngine):
         """The chat's token ids as ``/completion`` counts them from its text (a BOS the template
         leaves out for the tokenizer to add included): blocking, for token counting."""
         self._require_ready()
-        body = self._template_body(messages, tools, add_generation_prompt, template_kwargs)
-        prompt = str(post(self._client, "/apply-template", body, "llama-server")["prompt"])
+        prompt = self._render_here(messages, tools, add_generation_prompt, template_kwargs)
+        if prompt is None:
+            prompt = self._server_render(messages, tools, add_generation_prompt, template_kwargs)
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def complete_blocking(self, prompt: str, max_tokens: int) -> str:
