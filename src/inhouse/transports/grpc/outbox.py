@@ -21,6 +21,10 @@ Sent = Callable[[int], None]
 acknowledge them to the side they came from)."""
 
 
+# HTTP/2 frame types and flags (RFC 9113, section 6) of the frames ``Outbox.unary`` writes itself
+_DATA, _HEADERS = 0x0, 0x1
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+
 _GONE = contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError)
 
 
@@ -106,9 +110,9 @@ class Outbox:
         smachine.process_input(StreamInputs.SEND_HEADERS)
         smachine.process_input(StreamInputs.SEND_END_STREAM)
         conn._data_to_send += b"".join((  # h2's output buffer, so frames keep their order
-            _frame_head(len(head), 0x1, 0x4, sid), head,
-            _frame_head(n, 0x0, 0x0, sid), message,
-            _frame_head(len(block), 0x1, 0x5, sid), block))
+            _frame_head(len(head), _HEADERS, _END_HEADERS, sid), head,
+            _frame_head(n, _DATA, 0, sid), message,
+            _frame_head(len(block), _HEADERS, _END_HEADERS | _END_STREAM, sid), block))
         return True
 
     @property
