@@ -5,7 +5,7 @@ that hangs up (or an error mid-send) unwinds the body, its finally blocks awaite
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ class Client:
 
     def __init__(self, hang_up_after_s: float | None = None, fail_on_send: int | None = None) -> None:
         self.sent: list[tuple[bytes, bool]] = []
-        self.head: dict[str, Any] | None = None
+        self.head: MutableMapping[str, Any] | None = None
         self._hang_up_after_s = hang_up_after_s
         self._fail_on_send = fail_on_send
 
@@ -28,7 +28,7 @@ class Client:
         await asyncio.sleep(self._hang_up_after_s or 0)
         return {"type": "http.disconnect"}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.head = message
             return
@@ -40,6 +40,18 @@ class Client:
 
 async def answer(body: AsyncIterator[bytes], client: Client) -> None:
     await StreamedAnswer(body, "text/event-stream", {})({"type": "http"}, client.receive, client.send)
+
+
+async def unwinding(cleaned: list[str], first: bytes, pause_s: float) -> AsyncIterator[bytes]:
+    """``first``, a wait of ``pause_s``, one more item; its finally awaits before it records
+    "closed", as closing an engine stream does."""
+    try:
+        yield first
+        await asyncio.sleep(pause_s)
+        yield b"later"
+    finally:
+        await asyncio.sleep(0)
+        cleaned.append("closed")
 
 
 def test_what_is_ready_goes_in_one_send_and_the_end_with_it() -> None:
@@ -77,21 +89,11 @@ def test_an_item_the_body_waits_for_does_not_hold_back_the_ones_before() -> None
 
 def test_a_client_that_hangs_up_closes_a_waiting_body_and_its_finally_runs() -> None:
     cleaned: list[str] = []
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield b"token"
-            await asyncio.sleep(30)
-            yield b"never"
-        finally:
-            await asyncio.sleep(0)  # an await in cleanup, as closing an engine stream has
-            cleaned.append("closed")
-
     client = Client(hang_up_after_s=0.05)
 
     async def main() -> float:
         started = asyncio.get_running_loop().time()
-        await answer(body(), client)  # returns normally: the hangup is not an error
+        await answer(unwinding(cleaned, b"token", 30), client)  # returns normally: the hangup is not an error
         return asyncio.get_running_loop().time() - started
 
     assert asyncio.run(main()) < 5
@@ -103,19 +105,9 @@ def test_a_send_that_fails_while_the_body_is_mid_step_unwinds_the_body() -> None
     """The body is suspended inside a step when the send of the items before fails: it gets
     the error there, runs its finally (which awaits), and the error goes on."""
     cleaned: list[str] = []
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield b"a"
-            await asyncio.sleep(0.05)
-            yield b"b"
-        finally:
-            await asyncio.sleep(0)
-            cleaned.append("closed")
-
     client = Client(fail_on_send=0)
     with pytest.raises(OSError, match="broke"):
-        asyncio.run(answer(body(), client))
+        asyncio.run(answer(unwinding(cleaned, b"a", 0.05), client))
     assert cleaned == ["closed"]
     assert client.sent == []
 

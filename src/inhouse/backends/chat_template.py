@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-log = logging.getLogger(__name__)
 
 _ROLES = frozenset(("system", "user", "assistant"))
 _PLAIN_KEYS = frozenset(("role", "content"))

@@ -168,6 +168,11 @@ class StreamedAnswer(Response):
         """Sends ``body`` as it comes, each step taken by hand: an item it yields at once joins
         the ones before; one it must wait for sends those first. Returns what was ready at its end."""
         ready: list[bytes] = []
+
+        async def flush() -> None:
+            await send({"type": "http.response.body", "body": b"".join(ready), "more_body": True})
+            ready.clear()
+
         anext = body.__anext__
         while True:
             step: Any = anext()
@@ -180,18 +185,17 @@ class StreamedAnswer(Response):
                 return ready
             except Exception:
                 if ready:  # what came before the failure still goes out, as it would have one by one
-                    await send({"type": "http.response.body", "body": b"".join(ready), "more_body": True})
+                    await flush()
                 raise
             if ready:
                 try:
-                    await send({"type": "http.response.body", "body": b"".join(ready), "more_body": True})
+                    await flush()
                 except BaseException as err:
                     # ``body`` is inside a step: it gets the error there and unwinds (its finally
                     # blocks may await) before the error goes on
                     with contextlib.suppress(BaseException):
                         await _Rest(step, waiting, err)
                     raise
-                ready.clear()
             try:
                 ready.append(await _Rest(step, waiting))
             except StopAsyncIteration:
