@@ -24,6 +24,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from inhouse.transports.grpc.h2_connection import Connection
 from inhouse.transports.grpc.hpack_codec import CachingDecoder, StatelessEncoder
 from inhouse.transports.grpc.outbox import Headers, Outbox, gone
 
@@ -56,7 +57,7 @@ class InnerLink(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=False,
                                            normalize_inbound_headers=False, validate_outbound_headers=False,
                                            normalize_outbound_headers=False, split_outbound_cookies=False)
-        conn = self.conn = h2.connection.H2Connection(config=config)
+        conn = self.conn = Connection(config=config)
         conn.encoder = StatelessEncoder()
         conn.decoder = CachingDecoder()
         conn.local_settings = h2.settings.Settings(client=True, initial_values={

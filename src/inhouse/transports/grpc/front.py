@@ -23,7 +23,6 @@ from typing import Any, cast
 
 import grpc
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -31,6 +30,7 @@ import h2.settings
 from hyperframe.frame import GoAwayFrame
 
 from inhouse.transports.grpc import forward
+from inhouse.transports.grpc.h2_connection import Connection
 from inhouse.transports.grpc.hpack_codec import CachingDecoder, StatelessEncoder
 from inhouse.transports.grpc.infer_call import METHOD, Answer, InferCall, status_trailers
 from inhouse.transports.grpc.outbox import Headers, Outbox, gone
@@ -88,7 +88,7 @@ class FrontProtocol(asyncio.Protocol, forward.Downstream):
 
     def __init__(self, config: FrontConfig) -> None:
         self._config = config
-        conn = self._h2 = h2.connection.H2Connection(config=_CONFIG)
+        conn = self._h2 = Connection(config=_CONFIG)
         conn.encoder = StatelessEncoder()
         conn.decoder = CachingDecoder()
         self._outbox = Outbox(conn)
