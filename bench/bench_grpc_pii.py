@@ -71,16 +71,17 @@ def latency(stub: pb_grpc.GRPCInferenceServiceStub, model: str, n: int) -> list[
 def micro(n: int) -> float:
     """CPU microseconds per request of redacting the request and restoring the response."""
     from inhouse.core.spec import ModelSpec
+    from inhouse.protocols.kserve_v2.grpc_service import TEXTS
     from inhouse.security.gate import Call
-    from inhouse.transports.grpc.security import PiiExchange
+    from inhouse.security.pipeline import Exchange
 
     spec = ModelSpec.model_validate({"name": "echo-pii", "backend": "onnxruntime",
                                      "pii": {"inputs": True, "outputs": "restore"}})
     t = time.process_time()
     for _ in range(n):
         req = request("echo-pii")
-        exchange = PiiExchange(lambda model: spec)
-        exchange.redact_request(Call(transport="grpc", action="infer", scope="infer"), req)
+        exchange = Exchange(lambda model: spec, TEXTS)
+        exchange.redact_request(Call(transport="grpc", action="infer", scope="infer"), req, "echo-pii")
         resp = pb.ModelInferResponse(model_name="echo-pii", outputs=[pb.ModelInferResponse.InferOutputTensor(
             name="y", datatype="BYTES", shape=[1, 1])], raw_output_contents=list(req.raw_input_contents))
         exchange.render(resp)

@@ -57,7 +57,8 @@ def _finish(g: _Graph, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.Val
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     m.ir_version = 8
     onnx.checker.check_model(m)
-    return m.SerializeToString()
+    data: bytes = m.SerializeToString()
+    return data
 
 
 def encoder_model(layers: int = 6, hidden: int = 384, heads: int = 12, ffn: int = 1536, vocab: int = 8192,
